@@ -1,0 +1,50 @@
+"""sparsetorch: sparse neural networks in PyTorch, from finding the sparsity to cashing it in.
+
+Three lines prune any model and keep it sparse::
+
+    import sparsetorch
+    sparsetorch.prune(model, 0.9)          # 90% global magnitude pruning, in place
+    sparsetorch.save(model, "model.safetensors")
+
+Submodules are imported on first use so that ``import sparsetorch`` stays fast.
+"""
+from __future__ import annotations
+
+import importlib
+
+from .errors import SparsityError, SparsityWarning
+
+__version__ = "0.1.0"
+
+# public name -> "module:attribute"; resolved lazily by __getattr__
+_LAZY = {
+    "prune": "prune:prune",
+    "save": "io:save",
+    "load": "io:load",
+    "report": "report:report",
+    "Sparsifier": "sparsifiers.base:Sparsifier",
+    "set_mask": "masks:set_mask",
+    "get_mask": "masks:get_mask",
+    "iter_masks": "masks:iter_masks",
+    "remove_masks": "masks:remove_masks",
+    "parse_pattern": "patterns:parse_pattern",
+}
+_SUBMODULES = {"masks", "patterns", "distributions", "scores", "schedules", "selection", "formats", "sparsifiers",
+               "oneshot", "kernels", "explain", "integrations", "edge", "cli", "io"}
+
+__all__ = ["SparsityError", "SparsityWarning", "__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module, attr = _LAZY[name].split(":")
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'sparsetorch' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY) | _SUBMODULES)

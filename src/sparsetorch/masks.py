@@ -1,0 +1,190 @@
+"""Masks that live with the model and keep pruned weights exactly zero.
+
+A mask is a non-persistent bool buffer ``<param>_mask`` on the module that owns the
+parameter, so ``model.state_dict()`` stays the plain dense one (pruned weights are zeros in
+place). Pruned weights stay zero through training by two cheap mechanisms:
+
+* a gradient hook on the parameter multiplies its gradient by the mask, and
+* a global optimizer post-step hook re-applies the mask to the weight and zeroes the
+  optimizer state (momentum, Adam moments) of pruned entries the first time an optimizer
+  steps after a mask changed.
+
+Both read the *current* buffer, so sparsifiers change masks by writing the buffer through
+``set_mask`` and nothing needs re-registering.
+"""
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .errors import SparsityError
+
+__all__ = ["set_mask", "get_mask", "has_mask", "iter_masks", "remove_masks", "remove_mask", "MaskedParam", "apply_masks"]
+
+_SUFFIX = "_mask"
+
+
+@dataclass
+class _Entry:
+    module: weakref.ref
+    name: str
+    version: int
+    hook: torch.utils.hooks.RemovableHandle
+
+    def mask(self) -> torch.Tensor | None:
+        module = self.module()
+        return None if module is None else module._buffers.get(self.name + _SUFFIX)
+
+
+# parameter -> its mask entry; weak so that deleting a model frees everything
+_REGISTRY: "WeakIdKeyDictionary[nn.Parameter, _Entry]" = WeakIdKeyDictionary()
+# optimizer -> {parameter: mask version whose pruned state it has already zeroed}
+_SEEN: "weakref.WeakKeyDictionary[torch.optim.Optimizer, weakref.WeakKeyDictionary]" = weakref.WeakKeyDictionary()
+_GLOBAL_HOOK: torch.utils.hooks.RemovableHandle | None = None
+
+
+@dataclass(frozen=True)
+class MaskedParam:
+    """One masked parameter: ``fqn`` is the module's qualified name (``"layers.0"``)."""
+
+    fqn: str
+    module: nn.Module
+    name: str
+    mask: torch.Tensor
+
+    @property
+    def param(self) -> nn.Parameter:
+        return getattr(self.module, self.name)
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.fqn}.{self.name}" if self.fqn else self.name
+
+
+def set_mask(module: nn.Module, mask: torch.Tensor, name: str = "weight") -> torch.Tensor:
+    """Attach (or replace) the keep-mask of ``module.<name>`` and zero the pruned weights in place.
+
+    Returns the mask buffer. Optimizer state of newly pruned entries is zeroed at the next
+    optimizer step (see module docstring).
+    """
+    param = getattr(module, name, None)
+    if not isinstance(param, nn.Parameter):
+        raise SparsityError(f"{type(module).__name__} has no parameter {name!r} to mask", parameter=name)
+    if tuple(mask.shape) != tuple(param.shape):
+        raise SparsityError(
+            f"mask shape {tuple(mask.shape)} does not match {name} shape {tuple(param.shape)}",
+            mask_shape=tuple(mask.shape), param_shape=tuple(param.shape),
+        )
+    mask = mask.to(device=param.device, dtype=torch.bool)
+    buffer_name = name + _SUFFIX
+    if buffer_name in module._buffers and module._buffers[buffer_name] is not None:
+        module._buffers[buffer_name].copy_(mask)
+    else:
+        module.register_buffer(buffer_name, mask.clone(), persistent=False)
+    with torch.no_grad():
+        param.mul_(module._buffers[buffer_name])
+    entry = _REGISTRY.get(param)
+    if entry is None:
+        _install_global_hook()
+        hook = param.register_hook(_grad_masker(module, buffer_name))
+        _REGISTRY[param] = _Entry(weakref.ref(module), name, 1, hook)
+    else:
+        entry.version += 1
+    return module._buffers[buffer_name]
+
+
+def _grad_masker(module: nn.Module, buffer_name: str):
+    ref = weakref.ref(module)
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        owner = ref()
+        mask = None if owner is None else owner._buffers.get(buffer_name)
+        return grad if mask is None else grad * mask
+
+    return hook
+
+
+def get_mask(module: nn.Module, name: str = "weight") -> torch.Tensor | None:
+    """The keep-mask of ``module.<name>``, or None if it is not masked."""
+    return module._buffers.get(name + _SUFFIX)
+
+
+def has_mask(module: nn.Module, name: str = "weight") -> bool:
+    return get_mask(module, name) is not None
+
+
+def iter_masks(model: nn.Module) -> Iterator[MaskedParam]:
+    """Every masked parameter of ``model`` in module order."""
+    for fqn, module in model.named_modules():
+        for buffer_name, buffer in module._buffers.items():
+            if buffer is None or not buffer_name.endswith(_SUFFIX):
+                continue
+            name = buffer_name[: -len(_SUFFIX)]
+            if isinstance(getattr(module, name, None), nn.Parameter) and buffer.dtype == torch.bool:
+                yield MaskedParam(fqn, module, name, buffer)
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module) -> None:
+    """Zero every pruned weight of ``model`` (e.g. after loading dense weights into it)."""
+    for item in iter_masks(model):
+        item.param.mul_(item.mask)
+
+
+def remove_masks(model: nn.Module) -> None:
+    """Make the sparsity permanent: zero pruned weights, drop masks and hooks.
+
+    The weights stay as they are (zeros included); nothing keeps them zero afterwards.
+    """
+    apply_masks(model)
+    for item in list(iter_masks(model)):
+        remove_mask(item.module, item.name)
+
+
+def remove_mask(module: nn.Module, name: str = "weight") -> None:
+    """Drop the mask of ``module.<name>`` and its gradient hook (the weights are left as they are)."""
+    param = getattr(module, name, None)
+    entry = _REGISTRY.pop(param, None) if isinstance(param, nn.Parameter) else None
+    if entry is not None:
+        entry.hook.remove()
+    module._buffers.pop(name + _SUFFIX, None)
+
+
+def _install_global_hook() -> None:
+    global _GLOBAL_HOOK
+    if _GLOBAL_HOOK is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _GLOBAL_HOOK = register_optimizer_step_post_hook(_after_optimizer_step)
+
+
+@torch.no_grad()
+def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    if not _REGISTRY:
+        return
+    seen = _SEEN.setdefault(optimizer, WeakIdKeyDictionary())
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            entry = _REGISTRY.get(param)
+            if entry is None:
+                continue
+            mask = entry.mask()
+            if mask is None:
+                continue
+            param.mul_(mask)
+            if seen.get(param) != entry.version:
+                zero_optimizer_state(optimizer, param, mask)
+                seen[param] = entry.version
+
+
+@torch.no_grad()
+def zero_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, mask: torch.Tensor) -> None:
+    """Zero every per-element optimizer state tensor of ``param`` where ``mask`` is False."""
+    for value in optimizer.state.get(param, {}).values():
+        if isinstance(value, torch.Tensor) and value.shape == param.shape:
+            value.mul_(mask.to(value.dtype) if value.is_floating_point() else mask)
