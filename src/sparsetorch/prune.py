@@ -16,7 +16,14 @@ from .selection import Spec, Target, select_targets
 
 __all__ = ["prune", "compute_masks", "check_finite"]
 
-DEFAULT_SPARSITY = 0.9
+class _DefaultSparsity(float):
+    """0.9, but distinguishable from a 0.9 the user passed (N:M patterns fix their own sparsity)."""
+
+    def __repr__(self) -> str:
+        return "0.9"
+
+
+DEFAULT_SPARSITY = _DefaultSparsity(0.9)
 
 
 def prune(
@@ -73,14 +80,14 @@ def resolve_density(sparsity: float | None, pattern: Pattern) -> float:
     """Target density from the requested sparsity, honouring N:M's fixed density."""
     fixed = pattern.fixed_density
     if fixed is not None:
-        if sparsity is not None and sparsity != DEFAULT_SPARSITY and abs(1 - check_sparsity(sparsity) - fixed) > 1e-9:
+        if sparsity is not None and sparsity is not DEFAULT_SPARSITY and abs(1 - check_sparsity(sparsity) - fixed) > 1e-9:
             raise SparsityError(
                 f"pattern '{pattern}' fixes sparsity at {1 - fixed:g}; got sparsity={sparsity}. "
                 "Pass sparsity=None or a matching value",
                 sparsity=sparsity, pattern=str(pattern),
             )
         return fixed
-    return 1.0 - check_sparsity(DEFAULT_SPARSITY if sparsity is None else sparsity)
+    return 1.0 - check_sparsity(float(DEFAULT_SPARSITY) if sparsity is None else sparsity)
 
 
 def check_finite(targets: Iterable[Target]) -> None:

@@ -1,6 +1,7 @@
 """An MLP and a small CNN sized for scikit-learn's 8x8 digits."""
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -15,7 +16,7 @@ class MLP(nn.Sequential):
         for i, (a, b) in enumerate(zip(sizes[:-2], sizes[1:-1]), start=1):
             layers += [(f"fc{i}", nn.Linear(a, b)), (f"act{i}", nn.ReLU())]
         layers.append(("classifier", nn.Linear(sizes[-2], sizes[-1])))
-        super().__init__(dict(layers))
+        super().__init__(OrderedDict(layers))
         self.in_features = sizes[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, in] or [B, 1, 8, 8]
