@@ -26,11 +26,13 @@ _META_KEY = "sparsetorch"
 _SEP = "::"
 
 
-def save(model: torch.nn.Module, path: str | os.PathLike, *, format: str | None = None) -> Path:
+def save(model: torch.nn.Module, path: str | os.PathLike, *, format: str | None = None,
+         metadata: dict | None = None) -> Path:
     """Write ``model``'s state_dict and masks to ``path`` (safetensors); returns the path.
 
     Masked tensors are stored compressed (``format`` picks one for all, default the
-    smallest lossless), the rest as they are.
+    smallest lossless), the rest as they are. ``metadata`` (JSON-able: e.g. the architecture
+    and a sparsifier's history) is stored in the header; ``read_header(path)[0]["user"]`` returns it.
     """
     masks = {item.qualified_name: item.mask for item in iter_masks(model)}
     tensors: dict[str, torch.Tensor] = {}
@@ -44,7 +46,7 @@ def save(model: torch.nn.Module, path: str | os.PathLike, *, format: str | None 
         entries[key] = meta
         for suffix, part in parts.items():
             tensors[f"{key}{_SEP}{suffix}"] = part.contiguous()
-    header = {"version": FILE_VERSION, "tensors": entries}
+    header = {"version": FILE_VERSION, "tensors": entries, "user": metadata or {}}
     payload = _st_save(tensors, metadata={_META_KEY: json.dumps(header)})
     return atomic_write(Path(path), payload)
 
