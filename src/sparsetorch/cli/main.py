@@ -10,7 +10,7 @@ import sys
 from ..errors import SparsityError
 
 # subcommand modules, in the order --help lists them
-COMMANDS = ["demo"]
+COMMANDS = ["demo", "report"]
 
 
 def build_parser() -> argparse.ArgumentParser:
