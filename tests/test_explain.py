@@ -106,3 +106,25 @@ def test_cost_estimate_matches_report():
     assert est.dense_macs == 64 * 128 + 128 * 10
     assert est.sparse_macs == int(sparsetorch.get_mask(model.fc1).sum()) + 128 * 10
     assert est.energy_ratio > 2 and "Horowitz" in est.source and "estimate" in est.note
+
+
+def test_mask_dynamics_counts_moves_survival_and_stabilisation():
+    a = torch.tensor([1, 1, 0, 0, 0, 0], dtype=torch.bool)
+    b = torch.tensor([1, 0, 1, 0, 0, 0], dtype=torch.bool)  # drop 1, grow 2
+    c = torch.tensor([1, 0, 0, 1, 0, 0], dtype=torch.bool)  # drop 2, grow 3 (2 did not survive)
+    snaps = [{"l": a}, {"l": b}, {"l": c}, {"l": c}, {"l": c}]
+    dyn = explain.mask_dynamics(snaps, [0, 10, 20, 30, 40])
+    assert dyn.dropped == [1, 1, 0, 0] and dyn.grown == [1, 1, 0, 0]
+    assert dyn.grown_surviving == [0, 1, 0, 0] and dyn.survival_rate == 0.5
+    assert dyn.stable_from == 20
+
+
+def test_mask_recorder_snapshots_model_masks():
+    model = _mlp()
+    rec = explain.MaskRecorder(model)
+    sparsetorch.prune(model, 0.5, method="random", generator=torch.Generator().manual_seed(0))
+    rec.record(0)
+    sparsetorch.prune(model, 0.75, method="random", generator=torch.Generator().manual_seed(1))
+    rec.record(1)
+    dyn = explain.mask_dynamics(rec.snapshots, rec.steps)
+    assert dyn.grown == [0] and dyn.dropped[0] > 0
