@@ -110,8 +110,8 @@ def test_cost_estimate_matches_report():
 
 def test_mask_dynamics_counts_moves_survival_and_stabilisation():
     a = torch.tensor([1, 1, 0, 0, 0, 0], dtype=torch.bool)
-    b = torch.tensor([1, 0, 1, 0, 0, 0], dtype=torch.bool)  # drop 1, grow 2
-    c = torch.tensor([1, 0, 0, 1, 0, 0], dtype=torch.bool)  # drop 2, grow 3 (2 did not survive)
+    b = torch.tensor([1, 0, 1, 0, 0, 0], dtype=torch.bool)  # moves one connection: 1 -> 2
+    c = torch.tensor([1, 0, 0, 1, 0, 0], dtype=torch.bool)  # moves it on: 2 -> 3 (the growth at 2 did not survive)
     snaps = [{"l": a}, {"l": b}, {"l": c}, {"l": c}, {"l": c}]
     dyn = explain.mask_dynamics(snaps, [0, 10, 20, 30, 40])
     assert dyn.dropped == [1, 1, 0, 0] and dyn.grown == [1, 1, 0, 0]
