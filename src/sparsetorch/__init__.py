@@ -28,6 +28,8 @@ _LAZY = {
     "iter_masks": "masks:iter_masks",
     "remove_masks": "masks:remove_masks",
     "parse_pattern": "patterns:parse_pattern",
+    "save_training_state": "integrations.state:save_training_state",
+    "load_training_state": "integrations.state:load_training_state",
 }
 _SUBMODULES = {"masks", "patterns", "distributions", "scores", "schedules", "selection", "formats", "sparsifiers",
                "oneshot", "kernels", "explain", "integrations", "edge", "cli", "io"}

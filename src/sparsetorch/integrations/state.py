@@ -1,0 +1,221 @@
+"""Save and resume a sparse training run without pickle: model, masks, optimizer, sparsifier.
+
+A training state is a folder of two safetensors files::
+
+    run/model.safetensors   weights and masks (``sparsetorch.save``; loads alone with ``sparsetorch.load``)
+    run/state.safetensors   optimizer, sparsifier and ``extra`` tensors, with their plain data
+                            (step counts, learning rates, history) as JSON in the file header
+
+Each file is written atomically; ``state.safetensors`` is written last and records the SHA-256
+of the model file, so a save interrupted between the two files is detected at load time
+instead of silently resuming from a mismatched pair.
+
+Resuming from it continues the run bitwise: the same masks and weights as a run that never
+stopped (given the same data order; put RNG states you rely on in ``extra``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as _st_save
+from torch import nn
+
+from ..errors import SparsityError
+from ..io import atomic_write
+from ..io import load as _load_model
+from ..io import save as _save_model
+
+__all__ = ["save_training_state", "load_training_state", "save_sparsifier_state", "load_sparsifier_state",
+           "unwrap_model", "encode_state", "decode_state"]
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.safetensors"
+_META_KEY = "sparsetorch.training_state"
+_VERSION = 1
+
+
+# ---- nested state <-> (JSON, tensors) -------------------------------------------------------
+# Plain values stay as they are; every other node is a tagged JSON object, so a user dict can
+# never be mistaken for a tag: {"t": "tensor"|"tuple"|"dict", ...}.
+
+def encode_state(obj: Any, tensors: dict[str, torch.Tensor], key: str = "") -> Any:
+    """``obj`` as JSON-able data; its tensors go into ``tensors`` under path-like keys."""
+    if isinstance(obj, torch.Tensor):
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"t": "tensor", "key": key}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, list):
+        return [encode_state(v, tensors, f"{key}/{i}") for i, v in enumerate(obj)]
+    if isinstance(obj, tuple):
+        return {"t": "tuple", "items": [encode_state(v, tensors, f"{key}/{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, dict):
+        items = []
+        for k, v in obj.items():
+            if not (k is None or isinstance(k, (bool, int, float, str))):
+                raise SparsityError(f"cannot save a dict key of type {type(k).__name__} at {key or '/'}; "
+                                    "training state keys must be str/int/float/bool")
+            items.append([k, encode_state(v, tensors, f"{key}/{k}")])
+        return {"t": "dict", "items": items}
+    raise SparsityError(
+        f"cannot save a {type(obj).__name__} at {key or '/'}: training state must hold only tensors and "
+        "plain data (None, bool, int, float, str, list, tuple, dict); convert it (e.g. float(x)) first",
+        key=key,
+    )
+
+
+def decode_state(data: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of ``encode_state``."""
+    if isinstance(data, list):
+        return [decode_state(v, tensors) for v in data]
+    if not isinstance(data, dict):
+        return data
+    tag = data.get("t")
+    if tag == "tensor":
+        if data.get("key") not in tensors:
+            raise SparsityError(f"training state refers to a missing tensor {data.get('key')!r}; it is corrupted")
+        return tensors[data["key"]]
+    if tag == "tuple":
+        return tuple(decode_state(v, tensors) for v in data["items"])
+    if tag == "dict":
+        return {k: decode_state(v, tensors) for k, v in data["items"]}
+    raise SparsityError(f"training state holds an unknown entry {data!r}; it is corrupted")
+
+
+def _write(path: Path, sections: dict[str, Any], info: dict[str, Any]) -> Path:
+    tensors: dict[str, torch.Tensor] = {}
+    body = {name: encode_state(value, tensors, name) for name, value in sections.items()}
+    seen: set[int] = set()
+    for key, value in tensors.items():  # safetensors refuses tensors that share memory
+        ptr = value.untyped_storage().data_ptr()
+        if ptr in seen:
+            tensors[key] = value.clone()
+        seen.add(ptr)
+    header = {"version": _VERSION, **info, "sections": body}
+    return atomic_write(path, _st_save(tensors, metadata={_META_KEY: json.dumps(header)}))
+
+
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(header, decoded sections)`` of a state file, or SparsityError."""
+    if not path.is_file():
+        raise SparsityError(f"no training state at {path}; pass the folder save_training_state wrote")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        header = json.loads(meta[_META_KEY])
+    except Exception as exc:  # safetensors/json raise several types for damaged files
+        raise SparsityError(f"{path} is not a readable sparsetorch training state ({exc}); it is corrupted "
+                            "or truncated") from None
+    if not isinstance(header, dict) or not isinstance(header.get("version"), int):
+        raise SparsityError(f"{path} has a corrupted header")
+    if header["version"] > _VERSION:
+        raise SparsityError(f"{path} was written by a newer sparsetorch (state version {header['version']}); "
+                            "upgrade sparsetorch to load it")
+    sections = {name: decode_state(value, tensors) for name, value in header.get("sections", {}).items()}
+    return header, sections
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module inside DDP/DataParallel (``.module``) and torch.compile (``._orig_mod``)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            inner = model.module
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+# ---- the public pair ----------------------------------------------------------------------------
+
+def save_training_state(
+    path: str | os.PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    sparsifier: Any = None,
+    *,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write everything needed to resume sparse training into the folder ``path``; returns it.
+
+    ``extra`` holds anything else to resume with (epoch, LR-scheduler ``state_dict()``,
+    ``torch.get_rng_state()``): tensors and plain data only.
+    """
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise SparsityError(f"{folder} is a file; save_training_state writes a folder")
+    sections: dict[str, Any] = {"extra": dict(extra or {})}
+    if optimizer is not None:
+        sections["optimizer"] = _inner_optimizer(optimizer).state_dict()
+    if sparsifier is not None:
+        sections["sparsifier"] = sparsifier.state_dict()
+    # encode before touching the disk: an unsavable value must not leave a half-written folder
+    encode_state(sections, {})
+    model_path = _save_model(unwrap_model(model), folder / MODEL_FILE)
+    return _write(folder / STATE_FILE, sections, {"model_sha256": _sha256(model_path)}).parent
+
+
+def load_training_state(
+    path: str | os.PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    sparsifier: Any = None,
+) -> dict[str, Any]:
+    """Restore what ``save_training_state`` wrote into fresh objects; returns its ``extra``.
+
+    Build the model and optimizer as for the original run and create the sparsifier with the
+    same arguments; an unattached sparsifier is attached here, before the weights are loaded
+    (attaching installs the initial masks, which would otherwise zero loaded weights).
+    """
+    folder = Path(path)
+    header, sections = _read(folder / STATE_FILE)
+    model_path = folder / MODEL_FILE
+    if not model_path.is_file() or _sha256(model_path) != header.get("model_sha256"):
+        raise SparsityError(f"{model_path} does not belong to {folder / STATE_FILE} (a save was interrupted "
+                            "or the files were mixed); resume from an earlier checkpoint")
+    for name, given in (("optimizer", optimizer), ("sparsifier", sparsifier)):
+        if given is not None and name not in sections:
+            raise SparsityError(f"{folder} holds no {name} state; it was saved without one")
+    model = unwrap_model(model)
+    if sparsifier is not None and sparsifier.model is None:
+        sparsifier.attach(model, optimizer)
+    _load_model(model_path, model)
+    if optimizer is not None:
+        _inner_optimizer(optimizer).load_state_dict(sections["optimizer"])
+    if sparsifier is not None:
+        sparsifier.load_state_dict(sections["sparsifier"])
+    return sections["extra"]
+
+
+def save_sparsifier_state(path: str | os.PathLike, sparsifier: Any) -> Path:
+    """Write only ``sparsifier.state_dict()`` (one safetensors file), e.g. next to a framework checkpoint."""
+    return _write(Path(path), {"sparsifier": sparsifier.state_dict()}, {})
+
+
+def load_sparsifier_state(path: str | os.PathLike) -> dict[str, Any]:
+    """Read what ``save_sparsifier_state`` wrote, as a state dict for ``Sparsifier.load_state_dict``."""
+    _, sections = _read(Path(path))
+    if "sparsifier" not in sections:
+        raise SparsityError(f"{path} holds no sparsifier state")
+    return sections["sparsifier"]
+
+
+def _inner_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer inside wrappers such as accelerate's AcceleratedOptimizer."""
+    inner = getattr(optimizer, "optimizer", None)
+    return inner if isinstance(inner, torch.optim.Optimizer) else optimizer
