@@ -219,3 +219,34 @@ def _inner_optimizer(optimizer: Any) -> Any:
     """The torch optimizer inside wrappers such as accelerate's AcceleratedOptimizer."""
     inner = getattr(optimizer, "optimizer", None)
     return inner if isinstance(inner, torch.optim.Optimizer) else optimizer
+
+
+def resume_sparsifier(sparsifier: Any, model: nn.Module, optimizer: Any, state: dict[str, Any]) -> None:
+    """Load ``state`` into ``sparsifier`` after a framework already restored model and optimizer.
+
+    Attaching installs the method's initial masks, which zeroes weights and optimizer state
+    the framework just loaded; so a not-yet-attached sparsifier is attached with those tensors
+    saved aside and put back once the checkpoint's masks are in place.
+    """
+    optimizer = _inner_optimizer(optimizer)
+    if sparsifier.model is not None:
+        sparsifier.load_state_dict(state)
+        return
+    from ..selection import select_targets
+
+    params = [t.param for t in select_targets(model, sparsifier.include, sparsifier.exclude)]
+    saved = [(p.detach().clone(), {k: v.clone() for k, v in optimizer.state.get(p, {}).items()
+                                   if isinstance(v, torch.Tensor)}) for p in params]
+    sparsifier.attach(model, optimizer)
+    if {id(p) for p in sparsifier.params} - {id(p) for p in params}:
+        raise SparsityError(f"{type(sparsifier).__name__} chose layers other than its include/exclude select; "
+                            "attach it before the framework loads the checkpoint")
+    sparsifier.load_state_dict(state)
+    with torch.no_grad():
+        for p, (weight, opt_state) in zip(params, saved):
+            p.copy_(weight)
+            for key, value in opt_state.items():
+                optimizer.state[p][key].copy_(value)
+    from ..masks import apply_masks
+
+    apply_masks(model)  # a no-op for a consistent checkpoint

@@ -1,0 +1,75 @@
+"""Sparse training with the Hugging Face ``Trainer``: one callback.
+
+    sparsifier = GMP(sparsity=0.9, ...)                     # not attached yet
+    trainer = Trainer(model=model, args=args, train_dataset=ds,
+                      callbacks=[SparsityCallback(sparsifier)])
+    trainer.train()                                          # or train(resume_from_checkpoint=True)
+
+The callback attaches the sparsifier to the trainer's model and optimizer when training
+begins, steps it after every optimizer step (gradient accumulation counts once), writes
+``sparsifier.safetensors`` into every checkpoint folder, and restores it when the Trainer
+resumes from a checkpoint.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from transformers import TrainerCallback
+
+from ..errors import SparsityError
+from .state import _inner_optimizer, load_sparsifier_state, resume_sparsifier, save_sparsifier_state, unwrap_model
+
+__all__ = ["SparsityCallback", "STATE_FILE"]
+
+STATE_FILE = "sparsifier.safetensors"
+
+
+class SparsityCallback(TrainerCallback):
+    """Drive ``sparsifier`` from a ``transformers.Trainer``.
+
+    Args:
+        sparsifier: a ``sparsetorch`` Sparsifier, attached or not.
+        resume_from: the checkpoint folder to restore the sparsifier from when resuming; by
+            default ``<output_dir>/checkpoint-<global step>``, which is what
+            ``trainer.train(resume_from_checkpoint=True)`` or a path in ``output_dir`` loads.
+    """
+
+    def __init__(self, sparsifier: Any, resume_from: str | os.PathLike | None = None):
+        self.sparsifier = sparsifier
+        self.resume_from = resume_from
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if model is None or optimizer is None:
+            raise SparsityError("SparsityCallback needs the Trainer's model and optimizer at on_train_begin")
+        model, optimizer = unwrap_model(model), _inner_optimizer(optimizer)
+        if state.global_step > 0:  # the Trainer restored weights and optimizer from a checkpoint
+            resume_sparsifier(self.sparsifier, model, optimizer, load_sparsifier_state(self._checkpoint_file(args, state)))
+        elif self.sparsifier.model is None:
+            self.sparsifier.attach(model, optimizer)
+        elif self.sparsifier.optimizer is None:
+            self.sparsifier.optimizer = optimizer  # attached before the Trainer built its optimizer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.sparsifier.step()
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            save_sparsifier_state(os.path.join(folder, STATE_FILE), self.sparsifier)
+
+    def _checkpoint_file(self, args, state) -> str:
+        folder = self.resume_from
+        if folder is None and isinstance(args.resume_from_checkpoint, str):
+            folder = args.resume_from_checkpoint
+        if folder is None:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        path = os.path.join(folder, STATE_FILE)
+        if not os.path.isfile(path):
+            raise SparsityError(
+                f"resuming at step {state.global_step} but {path} does not exist; without it the masks would be "
+                "lost. Pass SparsityCallback(sparsifier, resume_from=<checkpoint folder>) or resume from a "
+                "checkpoint saved with the callback",
+                path=path,
+            )
+        return path
