@@ -6,11 +6,14 @@ kept connections with pruned ones, drawing every choice from its generator.
 """
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import os
 import sys
 
 import torch
+import torch.distributed as dist
 
 from sparsetorch.sparsifiers.base import Sparsifier
 
@@ -51,3 +54,105 @@ class SwapSparsifier(Sparsifier):
 
     def load_extra_state(self, state):
         self.swaps = int(state["swaps"])
+
+
+# methods checked by the DDP and resume tests once they exist; keyword arguments a method does
+# not take are left out, so each gets the subset it understands
+METHOD_KWARGS = {
+    "GMP": dict(sparsity=0.8, start=1, end=8, every=2),
+    "RigL": dict(sparsity=0.8, every=2),
+    "SET": dict(sparsity=0.8, every=2),
+}
+
+
+def methods() -> dict:
+    """name -> build(generator): the random-swap check plus every landed method of METHOD_KWARGS."""
+    from sparsetorch import sparsifiers as mod
+
+    found = {"swap": lambda g: SwapSparsifier(sparsity=0.8, every=2, generator=g)}
+    for name, kwargs in METHOD_KWARGS.items():
+        cls = getattr(mod, name, None)
+        if cls is not None:
+            found[name] = lambda g, cls=cls, kwargs=kwargs: _build(cls, kwargs, g)
+    return found
+
+
+def _build(cls, kwargs, generator):
+    accepted = inspect.signature(cls).parameters
+    return cls(**{k: v for k, v in kwargs.items() if k in accepted}, generator=generator)
+
+
+def global_batch(step: int):
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(16, 12, generator=g), torch.randint(0, 3, (16,), generator=g)
+
+
+def make_model():
+    from sparsetorch.models import MLP
+
+    torch.manual_seed(0)
+    return MLP((12, 24, 16, 3))
+
+
+def digest(model) -> str:
+    """One hash of every mask and weight, to compare replicas after each step."""
+    import sparsetorch
+
+    h = hashlib.sha256()
+    for item in sparsetorch.iter_masks(model):
+        h.update(item.mask.numpy().tobytes())
+    for value in model.state_dict().values():
+        h.update(value.detach().numpy().tobytes())
+    return h.hexdigest()
+
+
+def run(name: str, build, steps: int, rank: int, world: int, seed: int, attach_before_wrap: bool):
+    """Train ``steps`` steps under DDP, each rank on its slice of the global batch."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = make_model()
+    sparsifier = build(torch.Generator().manual_seed(seed))
+    if attach_before_wrap:  # masks become DDP buffers; the optimizer is known only later
+        sparsifier.attach(model)
+    ddp = DDP(model)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    if attach_before_wrap:
+        sparsifier.optimizer = optimizer
+    else:
+        sparsifier.attach(ddp.module, optimizer)
+    digests = [digest(model)]
+    for step in range(steps):
+        x, y = global_batch(step)
+        torch.nn.functional.cross_entropy(ddp(x[rank::world]), y[rank::world]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        sparsifier.step()
+        digests.append(digest(model))
+    return model, sparsifier, digests
+
+
+def main(out_dir: str, steps: int) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    from safetensors.torch import save_file
+
+    import sparsetorch
+
+    report, tensors = {}, {}
+    for name, build in methods().items():
+        # swap draws from a different seed on every rank: only the broadcast keeps replicas equal
+        seed = 7 + (rank if name == "swap" else 0)
+        for before in ([False, True] if name == "swap" else [False]):
+            key = f"{name}{'_before_wrap' if before else ''}"
+            model, sparsifier, digests = run(name, build, steps, rank, world, seed, before)
+            report[key] = {"digests": digests, "history": sparsifier.history}
+            for item in sparsetorch.iter_masks(model):
+                tensors[f"{key}/{item.qualified_name}"] = item.mask.clone()
+    save_file(tensors, os.path.join(out_dir, f"rank{rank}.safetensors"))
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+        json.dump(report, fh)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))

@@ -10,7 +10,7 @@ from sparsetorch.errors import SparsityError
 from sparsetorch.integrations import load_training_state, save_training_state
 from sparsetorch.models import MLP
 
-from ddp_worker import SwapSparsifier
+import ddp_worker
 
 OPTIMIZERS = {
     "sgd": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-3),
@@ -21,21 +21,7 @@ OPTIMIZERS = {
 
 def sparsifiers():
     """Every method that has landed, plus the random-swap machinery check."""
-    found = {"swap": lambda g: SwapSparsifier(sparsity=0.8, every=2, generator=g)}
-    from sparsetorch import sparsifiers as mod
-
-    for name, kwargs in [("GMP", dict(sparsity=0.8, start=1, end=8, every=2)),
-                         ("RigL", dict(sparsity=0.8, every=2)), ("SET", dict(sparsity=0.8, every=2))]:
-        if hasattr(mod, name):
-            found[name] = lambda g, cls=getattr(mod, name), kw=kwargs: _build(cls, kw, g)
-    return found
-
-
-def _build(cls, kwargs, generator):
-    import inspect
-
-    accepted = inspect.signature(cls).parameters
-    return cls(**{k: v for k, v in kwargs.items() if k in accepted}, generator=generator)
+    return ddp_worker.methods()
 
 
 def batch(step):
