@@ -112,13 +112,11 @@ def run(name: str, build, steps: int, rank: int, world: int, seed: int, attach_b
 
     model = make_model()
     sparsifier = build(torch.Generator().manual_seed(seed))
-    if attach_before_wrap:  # masks become DDP buffers; the optimizer is known only later
-        sparsifier.attach(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # DDP keeps these parameters
+    if attach_before_wrap:  # the masks become buffers that DDP broadcasts too
+        sparsifier.attach(model, optimizer)
     ddp = DDP(model)
-    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
-    if attach_before_wrap:
-        sparsifier.optimizer = optimizer
-    else:
+    if not attach_before_wrap:
         sparsifier.attach(ddp.module, optimizer)
     digests = [digest(model)]
     for step in range(steps):
