@@ -7,6 +7,7 @@ pytest.importorskip("accelerate")
 
 import sparsetorch  # noqa: E402
 from sparsetorch.errors import SparsityError  # noqa: E402
+from sparsetorch.integrations import load_sparsifier_state  # noqa: E402
 from sparsetorch.integrations.hf import STATE_FILE, SparsityCallback  # noqa: E402
 
 from ddp_worker import SwapSparsifier  # noqa: E402
@@ -31,12 +32,12 @@ def gpt2(seed=0):
     return transformers.GPT2LMHeadModel(config)
 
 
-def trainer(tmp_path, model, sparsifier, steps=6, **kwargs):
+def trainer(tmp_path, model, sparsifier, steps=6, eval_dataset=None, **kwargs):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=steps, per_device_train_batch_size=4,
         learning_rate=5e-3, save_strategy="steps", save_steps=3, logging_strategy="no", disable_tqdm=True, seed=0,
         **kwargs)
-    return transformers.Trainer(model=model, args=args, train_dataset=Tokens(),
+    return transformers.Trainer(model=model, args=args, train_dataset=Tokens(), eval_dataset=eval_dataset,
                                 callbacks=[SparsityCallback(sparsifier)])
 
 
@@ -81,3 +82,27 @@ def test_resume_without_sparsifier_state_is_an_error(tmp_path):
     (tmp_path / "checkpoint-3" / STATE_FILE).unlink()
     with pytest.raises(SparsityError, match="masks would be lost"):
         trainer(tmp_path, gpt2(), swap()).train(resume_from_checkpoint=True)
+
+
+def test_best_checkpoint_at_end_comes_with_its_masks(tmp_path):
+    model, sparsifier = gpt2(), swap()
+    # "best" = highest eval loss, i.e. the first checkpoint: its masks differ from the final ones
+    t = trainer(tmp_path, model, sparsifier, eval_dataset=Tokens(), eval_strategy="steps", eval_steps=3,
+                load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True)
+    t.train()
+    assert t.state.best_model_checkpoint.endswith("checkpoint-3")
+    saved = load_sparsifier_state(tmp_path / "checkpoint-3" / STATE_FILE)
+    final = load_sparsifier_state(tmp_path / "checkpoint-6" / STATE_FILE)
+    assert any(not torch.equal(saved["masks"][k], final["masks"][k]) for k in saved["masks"])
+    for item in sparsetorch.iter_masks(model):
+        assert torch.equal(item.mask, saved["masks"][item.qualified_name]), item.qualified_name
+        assert (item.param[~item.mask] == 0).all()
+
+
+def test_sparsifier_attached_before_the_trainer(tmp_path):
+    model, sparsifier = gpt2(), swap()
+    sparsifier.attach(model)  # no optimizer yet: the callback hands it the Trainer's
+    trainer(tmp_path, model, sparsifier, steps=4).train()
+    assert sparsifier.optimizer is not None and sparsifier.step_count == 4
+    for item in sparsetorch.iter_masks(model):
+        assert (item.param[~item.mask] == 0).all()

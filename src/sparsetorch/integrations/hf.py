@@ -8,7 +8,7 @@
 The callback attaches the sparsifier to the trainer's model and optimizer when training
 begins, steps it after every optimizer step (gradient accumulation counts once), writes
 ``sparsifier.safetensors`` into every checkpoint folder, and restores it when the Trainer
-resumes from a checkpoint.
+resumes from a checkpoint (or loads the best one at the end of training).
 """
 from __future__ import annotations
 
@@ -57,6 +57,16 @@ class SparsityCallback(TrainerCallback):
         if state.is_world_process_zero:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             save_sparsifier_state(os.path.join(folder, STATE_FILE), self.sparsifier)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        best = state.best_model_checkpoint
+        if args.load_best_model_at_end and best is not None and self.sparsifier.model is not None:
+            # the Trainer just loaded the best checkpoint's weights: give them that checkpoint's masks
+            path = os.path.join(best, STATE_FILE)
+            if not os.path.isfile(path):
+                raise SparsityError(f"the Trainer loaded the best checkpoint {best}, which has no {STATE_FILE}; "
+                                    "its masks are unknown", path=path)
+            self.sparsifier.load_state_dict(load_sparsifier_state(path))
 
     def _checkpoint_file(self, args, state) -> str:
         folder = self.resume_from
