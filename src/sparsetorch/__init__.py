@@ -28,6 +28,7 @@ _LAZY = {
     "iter_masks": "masks:iter_masks",
     "remove_masks": "masks:remove_masks",
     "parse_pattern": "patterns:parse_pattern",
+    "to_inference": "inference:to_inference",
     "save_training_state": "integrations.state:save_training_state",
     "load_training_state": "integrations.state:load_training_state",
 }

@@ -1,0 +1,170 @@
+// Runtime ISA choice, threading and the batch transposes around the single-threaded kernels.
+#include "dispatch.h"
+
+#include <algorithm>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace st {
+
+int best_isa() {
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    return ISA_AVX512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return ISA_AVX2;
+#endif
+  return ISA_GENERIC;
+}
+
+namespace {
+
+struct Table {
+  decltype(&generic::csr_gemv) csr_gemv;
+  decltype(&generic::csr_spmm) csr_spmm;
+  decltype(&generic::nm_gemv) nm_gemv;
+  decltype(&generic::nm_spmm) nm_spmm;
+  decltype(&generic::bsr_gemv) bsr_gemv;
+  decltype(&generic::bsr_spmm) bsr_spmm;
+};
+
+const Table kTables[3] = {
+    {generic::csr_gemv, generic::csr_spmm, generic::nm_gemv, generic::nm_spmm, generic::bsr_gemv, generic::bsr_spmm},
+    {avx2::csr_gemv, avx2::csr_spmm, avx2::nm_gemv, avx2::nm_spmm, avx2::bsr_gemv, avx2::bsr_spmm},
+    {avx512::csr_gemv, avx512::csr_spmm, avx512::nm_gemv, avx512::nm_spmm, avx512::bsr_gemv, avx512::bsr_spmm},
+};
+
+// Unit range [u0, u1) of thread t when units are split so each thread gets about the same work;
+// prefix (units+1 entries, e.g. CSR indptr) gives the cumulative work, or null for equal work per unit.
+void split(const int64_t* prefix, int64_t units, int t, int nt, int64_t& u0, int64_t& u1) {
+  if (!prefix) {
+    u0 = units * t / nt;
+    u1 = units * (t + 1) / nt;
+    return;
+  }
+  const int64_t total = prefix[units] - prefix[0];
+  auto at = [&](int tt) -> int64_t {
+    if (tt <= 0) return 0;
+    if (tt >= nt) return units;
+    const int64_t target = prefix[0] + total * tt / nt;
+    return std::lower_bound(prefix, prefix + units + 1, target) - prefix;
+  };
+  u0 = std::min(at(t), units);
+  u1 = std::min(at(t + 1), units);
+}
+
+template <class Body>
+void parallel(int nt, Body body) {
+#ifdef _OPENMP
+  if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+    body(omp_get_thread_num(), omp_get_num_threads());
+    return;
+  }
+#endif
+  body(0, 1);
+}
+
+// The calling thread's scratch for X^T and Y^T (grown, never shrunk; OpenMP workers write through it).
+float* scratch(size_t n) {
+  thread_local std::vector<float> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
+}  // namespace
+
+void linear(const Problem& p, const GemvFn& gemv, const SpmmFn& spmm) {
+  int nt = std::max(1, p.threads);
+  // Tiny problems: a second thread costs more to wake than it saves.
+  if (p.work * std::max<int64_t>(p.batch, 1) < 16384) nt = 1;
+  nt = (int)std::min<int64_t>(nt, std::max<int64_t>(p.units, 1));
+  if (p.batch == 1) {
+    parallel(nt, [&](int t, int n) {
+      int64_t u0, u1;
+      split(p.prefix, p.units, t, n, u0, u1);
+      if (u1 > u0) gemv(p.x, p.y, u0, u1);
+    });
+    return;
+  }
+  // Batched: X is transposed into panels of TW = 16 * tile batch columns, each panel a contiguous
+  // [in, w] block (w = TW, or less for the last panel; the batch is zero-padded to whole 16-lane vectors).
+  // Contiguous panels matter: a row stride of the whole padded batch maps panel rows onto few cache sets.
+  const int64_t B = p.batch, in = p.in, out = p.out;
+  const int64_t ld = (B + 15) / 16 * 16;
+  const int64_t TW = 16 * std::max(1, std::min(4, p.tile_vectors));
+  float* xt = scratch((size_t)(in + out) * ld);
+  float* yt = xt + in * ld;
+  auto width = [&](int64_t b0) { return std::min(TW, ld - b0); };
+  parallel(nt, [&](int t, int n) {
+    const int64_t i0 = in * t / n, i1 = in * (t + 1) / n;  // this thread's rows of X^T
+    for (int64_t ib = i0; ib < i1; ib += 64) {
+      const int64_t ie = std::min(ib + 64, i1);
+      for (int64_t b = 0; b < ld; ++b) {
+        const int64_t b0 = b / TW * TW, w = width(b0);
+        float* dst = xt + b0 * in + (b - b0);
+        if (b < B) {
+          const float* xr = p.x + b * p.x_stride;
+          for (int64_t i = ib; i < ie; ++i) dst[i * w] = xr[i];
+        } else {
+          for (int64_t i = ib; i < ie; ++i) dst[i * w] = 0.f;
+        }
+      }
+    }
+#ifdef _OPENMP
+    if (n > 1) {
+#pragma omp barrier
+    }
+#endif
+    int64_t u0, u1;
+    split(p.prefix, p.units, t, n, u0, u1);
+    if (u1 <= u0) return;
+    for (int64_t b0 = 0; b0 < ld; b0 += TW) {
+      const int64_t w = width(b0);
+      spmm(xt + b0 * in, w, 0, (int)(w / 16), yt + b0 * out, u0, u1);
+    }
+    const int64_t o0 = u0 * p.unit_rows, o1 = std::min(u1 * p.unit_rows, out);  // this thread's rows of Y^T
+    for (int64_t ob = o0; ob < o1; ob += 64) {
+      const int64_t oe = std::min(ob + 64, o1);
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t b0 = b / TW * TW, w = width(b0);
+        const float* src = yt + b0 * out + (b - b0);
+        float* yr = p.y + b * out;
+        for (int64_t o = ob; o < oe; ++o) yr[o] = src[o * w];
+      }
+    }
+  });
+}
+
+void csr_linear(int isa, const Problem& p, const Csr& w, const float* bias) {
+  const Table& T = kTables[isa];
+  linear(
+      p, [&](const float* x, float* y, int64_t u0, int64_t u1) { T.csr_gemv(w, x, bias, y, u0, u1); },
+      [&](const float* xt, int64_t ld, int64_t b0, int nv, float* yt, int64_t u0, int64_t u1) {
+        T.csr_spmm(w, xt, ld, b0, nv, bias, yt, u0, u1);
+      });
+}
+
+void nm_linear(int isa, const Problem& p, const NM& w, const float* bias) {
+  const Table& T = kTables[isa];
+  linear(
+      p, [&](const float* x, float* y, int64_t u0, int64_t u1) { T.nm_gemv(w, x, bias, y, u0, u1); },
+      [&](const float* xt, int64_t ld, int64_t b0, int nv, float* yt, int64_t u0, int64_t u1) {
+        T.nm_spmm(w, xt, ld, b0, nv, bias, yt, u0, u1);
+      });
+}
+
+void bsr_linear(int isa, const Problem& p, const Bsr& w, const float* bias) {
+  const Table& T = kTables[isa];
+  linear(
+      p, [&](const float* x, float* y, int64_t u0, int64_t u1) { T.bsr_gemv(w, x, bias, y, u0, u1); },
+      [&](const float* xt, int64_t ld, int64_t b0, int nv, float* yt, int64_t u0, int64_t u1) {
+        T.bsr_spmm(w, xt, ld, b0, nv, bias, yt, u0, u1);
+      });
+}
+
+}  // namespace st

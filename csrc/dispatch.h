@@ -1,0 +1,34 @@
+// Threaded drivers: Y [B, out] = X [B, in] @ W^T (+ bias) for each sparse format.
+#pragma once
+#include <cstdint>
+#include <functional>
+
+#include "kernels.h"
+
+namespace st {
+
+enum { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+int best_isa();
+
+struct Problem {
+  int64_t out, in, batch;
+  const float* x;    // [batch, in], rows x_stride apart, unit stride inside a row
+  int64_t x_stride;
+  float* y;          // [batch, out], contiguous
+  int threads;       // OpenMP threads for this call (the caller passes torch.get_num_threads())
+  int tile_vectors;  // batched kernels: batch tile = 16 * tile_vectors columns (1..4)
+  // work split: `units` rows (or block rows of unit_rows rows); prefix = cumulative work per unit or null
+  int64_t units, unit_rows;
+  const int64_t* prefix;
+  int64_t work;      // total multiply-adds for batch 1 (nnz), to keep tiny calls single-threaded
+};
+
+using GemvFn = std::function<void(const float*, float*, int64_t, int64_t)>;
+using SpmmFn = std::function<void(const float*, int64_t, int64_t, int, float*, int64_t, int64_t)>;
+
+void linear(const Problem& p, const GemvFn& gemv, const SpmmFn& spmm);
+void csr_linear(int isa, const Problem& p, const Csr& w, const float* bias);
+void nm_linear(int isa, const Problem& p, const NM& w, const float* bias);
+void bsr_linear(int isa, const Problem& p, const Bsr& w, const float* bias);
+
+}  // namespace st

@@ -1,0 +1,337 @@
+"""``to_inference``: turn a pruned model into one whose sparse layers run on the fastest kernel here.
+
+For every Linear (and groups=1 Conv2d, through unfold) whose weight has zeros, the candidates are
+
+* ``dense``: the masked dense layer (torch / MKL),
+* ``csr`` / ``nm`` / ``bsr``: sparsetorch's compiled kernels (when built), N:M and block only if the
+  weight's zeros actually form that pattern,
+* ``torch-csr`` / ``torch-bsr``: torch's sparse kernels with int32 indices,
+
+and the winner is chosen by *timing them on this machine* with the layer's real input (batch size
+included), interleaved, median of several rounds. Choices are cached in memory by
+(shape, sparsity, pattern, batch, threads), so converting a second model of the same shapes is quick.
+Each candidate's output is checked against the dense layer; one that disagrees is never chosen.
+On CUDA the candidates are dense, 2:4 semi-structured (``torch.sparse.to_sparse_semi_structured``)
+and BSR.
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import SparsityError, SparsityWarning
+from .kernels import has_extension, extension_isa
+from .kernels.packed import BSRWeight, CSRWeight, NMWeight, PackedWeight
+from .masks import remove_masks
+
+__all__ = ["to_inference", "SparseLinear", "SparseConv2d", "clear_kernel_cache"]
+
+# candidate block shapes (rows x cols of W) and N:M group sizes worth trying
+BLOCKS = ((16, 16), (8, 8), (4, 4), (1, 16), (1, 8))
+NM_GROUPS = (4, 8, 16, 32)
+# (kind, out, in, density, pattern, batch, threads, isa) -> winning kernel name
+_CACHE: dict[tuple, str] = {}
+
+
+def clear_kernel_cache() -> None:
+    """Forget the measured kernel choices (they are per process anyway)."""
+    _CACHE.clear()
+
+
+class SparseLinear(nn.Module):
+    """``y = x @ W^T + b`` with W stored sparse; ``kernel`` names how it runs (see module docstring)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None, kernel: str,
+                 packed: PackedWeight | None = None, weight: torch.Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.kernel = in_features, out_features, kernel
+        self.packed = packed
+        self._backend = "torch" if kernel.startswith("torch") else "ext"
+        # the 2:4 semi-structured CUDA tensor or the CUDA BSR tensor (not a buffer: not a plain tensor)
+        self.sparse_weight = weight
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in]
+        if self.kernel == "semi-structured":
+            return F.linear(x, self.sparse_weight, self.bias)
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # [B, in]
+        if self.kernel == "cuda-bsr":
+            y = (self.sparse_weight @ x2.t()).t()
+            y = y if self.bias is None else y + self.bias
+        else:
+            y = self.packed.linear(x2, self.bias, self._backend)
+        y = y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, kernel={self.kernel}, bias={self.bias is not None}"
+
+
+class SparseConv2d(nn.Module):
+    """Conv2d (groups=1) as unfold + sparse matmul: each output pixel is W [out, in*kh*kw] @ its patch."""
+
+    def __init__(self, conv: nn.Conv2d, linear: SparseLinear):
+        super().__init__()
+        self.kernel_size, self.stride = conv.kernel_size, conv.stride
+        self.padding, self.dilation = conv.padding, conv.dilation
+        self.out_channels = conv.out_channels
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [N, C, H, W]
+        n, _, h, w = x.shape
+        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # [N, C*kh*kw, L]
+        hout = (h + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
+        wout = (w + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
+        y = self.linear(cols.transpose(1, 2))  # [N, L, out]
+        return y.transpose(1, 2).reshape(n, self.out_channels, hout, wout)
+
+
+# ---------------------------------------------------------------------------------------------- structure
+
+
+def detect_structure(w: torch.Tensor) -> dict:
+    """The patterns w's zeros follow: best N:M (n, m) and the block shapes, each only if it stores at most
+    25% more entries than the nonzeros themselves (so a kernel on it could pay)."""
+    out, inp = w.shape
+    nnz = max(int((w != 0).sum()), 1)
+    found: dict = {"nm": None, "blocks": []}
+    for m in NM_GROUPS:
+        if inp % m == 0:
+            n = max(NMWeight.group_count(w, m), 1)
+            if n < m and out * inp // m * n <= 1.25 * nnz and (found["nm"] is None or n / m < found["nm"][0] / found["nm"][1]):
+                found["nm"] = (n, m)
+    for r, c in BLOCKS:
+        if out % r == 0 and inp % c == 0 and (r, c) != (1, 1):
+            stored = int((BSRWeight.blocks(w, r, c) != 0).any(-1).any(-1).sum()) * r * c
+            if stored <= 1.25 * nnz:
+                found["blocks"].append((r, c))
+    found["blocks"] = found["blocks"][:2]  # the two largest fitting blocks
+    return found
+
+
+def _signature(structure: dict) -> str:
+    parts = [f"{structure['nm'][0]}:{structure['nm'][1]}"] if structure["nm"] else []
+    parts += [f"{r}x{c}" for r, c in structure["blocks"]]
+    return ",".join(parts) or "unstructured"
+
+
+# ---------------------------------------------------------------------------------------------- candidates
+
+
+def _cpu_candidates(w: torch.Tensor, bias: torch.Tensor | None, structure: dict) -> dict[str, Callable[[], SparseLinear | None]]:
+    """name -> builder of the SparseLinear (None = keep the dense layer)."""
+    out, inp = w.shape
+    make = lambda kernel, packed: SparseLinear(inp, out, bias, kernel, packed)  # noqa: E731
+    cands: dict[str, Callable] = {"dense": lambda: None}
+    csr = CSRWeight.from_dense(w)
+    if has_extension():
+        cands["csr"] = lambda: make("csr", csr)
+        if structure["nm"]:
+            n, m = structure["nm"]
+            nm = NMWeight.from_dense(w, n, m)
+            cands[f"nm:{n}:{m}"] = lambda: make("nm", nm)
+        for r, c in structure["blocks"]:
+            bsr = BSRWeight.from_dense(w, r, c)
+            cands[f"bsr:{r}x{c}"] = (lambda b: lambda: make("bsr", b))(bsr)
+    cands["torch-csr"] = lambda: make("torch-csr", csr)
+    for r, c in structure["blocks"][:1]:
+        bsr_t = BSRWeight.from_dense(w, r, c)
+        cands[f"torch-bsr:{r}x{c}"] = lambda: make("torch-bsr", bsr_t)
+    return cands
+
+
+def _cuda_candidates(w: torch.Tensor, bias: torch.Tensor | None, structure: dict) -> dict[str, Callable]:
+    out, inp = w.shape
+    cands: dict[str, Callable] = {"dense": lambda: None}
+    if structure["nm"] and structure["nm"][1] == 4 and structure["nm"][0] <= 2 and w.dtype in (torch.float16, torch.bfloat16):
+        def semi():
+            from torch.sparse import to_sparse_semi_structured
+
+            return SparseLinear(inp, out, bias, "semi-structured", weight=to_sparse_semi_structured(w))
+        cands["semi-structured"] = semi
+    for r, c in structure["blocks"][:1]:
+        cands[f"cuda-bsr:{r}x{c}"] = lambda: SparseLinear(inp, out, bias, "cuda-bsr",
+                                                           weight=w.to_sparse_bsr((r, c)))
+    return cands
+
+
+def _time_candidates(fns: dict[str, Callable[[], torch.Tensor]], budget_s: float, cuda: bool) -> dict[str, float]:
+    """Median seconds per call of each fn, measured in interleaved rounds (fair under shared-CPU noise)."""
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def once(fn) -> float:
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+
+    first = {k: min(once(fn), once(fn)) for k, fn in fns.items()}  # warm-up (caches, lazy setup)
+    rounds = int(max(5, min(40, budget_s / max(sum(first.values()), 1e-6))))
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            samples[k].append(once(fn))
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def _choose(key: tuple, dense: nn.Module, x: torch.Tensor, cands: dict[str, Callable], budget_s: float,
+            cuda: bool) -> tuple[str, nn.Module | None, dict[str, float]]:
+    """Build the candidates, drop any that disagree with dense, time the rest (unless cached)."""
+    with torch.no_grad():
+        ref = dense(x)
+        scale = float(ref.abs().max()) + 1e-6
+        built: dict[str, nn.Module | None] = {}
+        for name, build in cands.items():
+            try:
+                mod = build()
+                if mod is not None:
+                    err = float((mod(x).float() - ref.float()).abs().max())
+                    if not err <= _rtol(x.dtype) * scale + 1e-5 * x.shape[-1] ** 0.5:
+                        warnings.warn(f"kernel {name} disagrees with dense (max error {err:.3g}); not used",
+                                      SparsityWarning, stacklevel=3)
+                        continue
+                built[name] = mod
+            except (RuntimeError, ValueError, TypeError) as exc:  # kernel not supported for this shape/device
+                warnings.warn(f"kernel {name} unavailable here ({exc}); not used", SparsityWarning, stacklevel=3)
+        if key in _CACHE and _CACHE[key] in built:
+            return _CACHE[key], built[_CACHE[key]], {}
+        fns = {name: (lambda m=(mod or dense): m(x)) for name, mod in built.items()}
+        times = _time_candidates(fns, budget_s, cuda) if len(fns) > 1 else {"dense": float("nan")}
+    best = min(times, key=lambda k: times[k]) if len(times) > 1 else "dense"
+    _CACHE[key] = best
+    return best, built.get(best), times
+
+
+# ---------------------------------------------------------------------------------------------- conversion
+
+
+def _as_args(example_inputs) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise SparsityError("example_inputs must be a tensor or a tuple of tensors (the model's forward arguments)",
+                        got=type(example_inputs).__name__)
+
+
+def _capture_inputs(model: nn.Module, args: tuple) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """First input of every Linear / Conv2d for the example, and the model's output."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.Linear, nn.Conv2d)):
+            def hook(m, inp, name=name):
+                seen.setdefault(name, inp[0].detach())
+            handles.append(mod.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            out = model(*args)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen, out
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
+
+
+def _sparse_params(mod: nn.Module) -> bool:
+    return any(p.numel() > 1 and bool((p == 0).any()) for n, p in mod.named_parameters(recurse=False) if n == "weight")
+
+
+def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min_sparsity: float = 0.3,
+                 verbose: bool = False) -> nn.Module:
+    """A copy of ``model`` for inference (eval mode, no grad) in which each sparse Linear / Conv2d runs on
+    the kernel measured fastest for its shape, sparsity, pattern and the batch of ``example_inputs``.
+
+    ``model`` is left untouched. Pruned weights are the zeros of the weights (masks are applied first).
+    Layers sparser than ``min_sparsity`` are timed; others stay dense. Layer types without a sparse
+    kernel stay dense (exact) with a SparsityWarning. ``budget_s`` bounds the timing per layer.
+    The plan (per layer: kernel, ms per candidate) is in ``result.sparsetorch_plan``.
+    """
+    if not isinstance(model, nn.Module):
+        raise SparsityError("to_inference takes an nn.Module", got=type(model).__name__)
+    args = _as_args(example_inputs)
+    inf = copy.deepcopy(model)
+    remove_masks(inf)  # zero pruned weights; drop masks and hooks (in the copy only)
+    inf.eval().requires_grad_(False)
+    seen, ref_out = _capture_inputs(inf, args)
+    threads = torch.get_num_threads()
+    plan = []
+    for name, mod in list(inf.named_modules()):
+        if not _sparse_params(mod):
+            continue
+        supported = isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and mod.groups == 1
+                                                    and mod.padding_mode == "zeros" and not isinstance(mod.padding, str))
+        dtype_ok = mod.weight.dtype == torch.float32 or mod.weight.is_cuda
+        if not supported or not dtype_ok or name not in seen:
+            why = ("no sparse kernel for this layer type" if not supported else
+                   "only float32 runs on the sparse CPU kernels" if not dtype_ok else "not called by the example")
+            warnings.warn(f"{name or type(mod).__name__} ({type(mod).__name__}) stays dense: {why}",
+                          SparsityWarning, stacklevel=2)
+            continue
+        w = mod.weight.detach().reshape(mod.weight.shape[0], -1)  # [out, in(*kh*kw)]
+        density = float((w != 0).float().mean())
+        if density > 1 - min_sparsity:
+            continue
+        x = seen[name]
+        if isinstance(mod, nn.Conv2d):  # the matmul the unfold path runs: [N*L, C*kh*kw]
+            x = F.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride).transpose(1, 2).reshape(-1, w.shape[1])
+            dense_fn = lambda t, m=mod, w=w: F.linear(t, w, m.bias)  # noqa: E731
+        else:
+            x = x.reshape(-1, w.shape[1])
+            dense_fn = mod
+        structure = detect_structure(w)
+        cuda = w.is_cuda
+        key = (type(mod).__name__, *w.shape, round(density, 3), _signature(structure), x.shape[0], threads,
+               str(w.device), extension_isa())
+        cands = (_cuda_candidates if cuda else _cpu_candidates)(w, mod.bias, structure)
+        kernel, new, times = _choose(key, dense_fn, x, cands, budget_s, cuda)
+        plan.append({"layer": name, "type": type(mod).__name__, "shape": list(w.shape), "density": density,
+                     "pattern": _signature(structure), "batch": int(x.shape[0]), "kernel": kernel,
+                     "ms": {k: v * 1e3 for k, v in times.items()}})
+        if verbose:
+            print(f"{name}: {kernel}  " + "  ".join(f"{k}={v * 1e3:.3f}ms" for k, v in times.items()))
+        if new is not None:
+            new = SparseConv2d(mod, new) if isinstance(mod, nn.Conv2d) else new
+            if name:
+                _set_submodule(inf, name, new)
+            else:  # the model is itself one layer
+                inf = new
+    with torch.no_grad():
+        out = inf(*args)
+    _check_same(out, ref_out)
+    inf.sparsetorch_plan = plan
+    return inf
+
+
+def _rtol(dtype: torch.dtype) -> float:
+    """Relative agreement expected between sparse and dense results (summation order differs)."""
+    return 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
+
+
+def _check_same(a, b) -> None:
+    if isinstance(a, torch.Tensor):
+        if not a.is_floating_point():
+            return
+        tol = _rtol(b.dtype) * (float(b.abs().max()) + 1e-6) + 1e-5
+        err = float((a.float() - b.float()).abs().max()) if a.shape == b.shape else float("inf")
+        if not err <= tol:
+            raise SparsityError("the converted model disagrees with the dense one; please report this",
+                                max_error=err)
+    elif isinstance(a, (tuple, list)):
+        for x, y in zip(a, b):
+            _check_same(x, y)
+    elif isinstance(a, dict):
+        for k in a:
+            _check_same(a[k], b[k])

@@ -1,0 +1,123 @@
+"""Loading of the optional compiled kernels (``sparsetorch.kernels._C``, built from csrc/ by setup.py).
+
+The extension takes raw buffer addresses, so this module is the only place that calls it: it checks
+dtypes, shapes and contiguity, allocates the output and keeps every tensor alive during the call.
+``SPARSETORCH_DISABLE_EXT=1`` hides the extension (everything falls back to torch sparse kernels);
+``SPARSETORCH_ISA=generic|avx2|avx512`` caps the instruction set it uses.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+ISAS = ("generic", "avx2", "avx512")
+
+
+@functools.lru_cache(maxsize=1)
+def _load():
+    try:
+        from . import _C  # torch is imported first, so _C shares torch's libgomp (one OpenMP pool)
+    except ImportError:
+        return None
+    return _C
+
+
+def available() -> bool:
+    """Whether the compiled kernels are built and not disabled by SPARSETORCH_DISABLE_EXT=1."""
+    return os.environ.get("SPARSETORCH_DISABLE_EXT", "0") in ("", "0") and _load() is not None
+
+
+def best_isa() -> str | None:
+    """The instruction set the kernels use on this CPU (None without the extension)."""
+    if not available():
+        return None
+    level = _load().best_isa()
+    cap = os.environ.get("SPARSETORCH_ISA")
+    if cap in ISAS:
+        level = min(level, ISAS.index(cap))
+    return ISAS[level]
+
+
+@functools.lru_cache(maxsize=1)
+def _default_level() -> int:
+    return ISAS.index(best_isa() or "generic")
+
+
+def refresh() -> None:
+    """Re-read SPARSETORCH_ISA (the ISA level is cached for speed)."""
+    _default_level.cache_clear()
+
+
+def _isa_level(isa: str | None) -> int:
+    level = _default_level()
+    return level if isa is None else min(level, ISAS.index(isa))
+
+
+@functools.lru_cache(maxsize=256)
+def default_tile(in_features: int) -> int:
+    """Batch tile in 16-column vectors: the widest whose panel of X^T (in x 16*tile fp32) fits in ~768 KB of L2."""
+    for tile in (4, 2):
+        if in_features * 16 * tile * 4 <= 768 * 1024:
+            return tile
+    return 1
+
+
+def call(kind: str, static: tuple, x: torch.Tensor, bias: torch.Tensor | None, *, threads: int | None = None,
+         tile: int | None = None, isa: str | None = None) -> torch.Tensor:
+    """Run kernel ``kind`` ("csr_linear", "nm_linear", "bsr_linear"): static = (out, in, *weight arrays'
+    addresses and sizes) as the kernel takes them; x [B, in] float32 CPU; returns Y [B, out]."""
+    out_features, in_features = static[0], static[1]
+    if x.dim() != 2 or x.shape[1] != in_features:
+        raise ValueError(f"expected x of shape [B, {in_features}], got {tuple(x.shape)}")
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        raise ValueError("compiled kernels take float32 CPU inputs")
+    if x.stride(1) != 1 or x.stride(0) < in_features:
+        x = x.contiguous()
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous() or bias.numel() != out_features):
+        raise ValueError("bias must be a contiguous float32 vector of out_features")
+    y = torch.empty(x.shape[0], out_features, dtype=torch.float32)
+    if x.shape[0]:
+        getattr(_load(), kind)(_isa_level(isa), threads or torch.get_num_threads(), tile or default_tile(in_features),
+                               *static, x.data_ptr(), x.shape[0], x.stride(0), _addr(bias), y.data_ptr())
+    return y
+
+
+def _addr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _bits(indices: torch.Tensor) -> int:
+    return {torch.int16: 16, torch.int32: 32}[indices.dtype]
+
+
+def csr_static(indptr, indices, values, out_features, in_features) -> tuple:
+    return (out_features, in_features, indptr.data_ptr(), indices.data_ptr(), _bits(indices), values.data_ptr(),
+            values.numel())
+
+
+def nm_static(values, offsets, n, m, in_features) -> tuple:
+    return (values.shape[0], in_features, n, m, values.data_ptr(), offsets.data_ptr())
+
+
+def bsr_static(indptr, indices, values, out_features, in_features) -> tuple:
+    nblocks, r, c = values.shape
+    return (out_features, in_features, r, c, indptr.data_ptr(), indices.data_ptr(), _bits(indices),
+            values.data_ptr(), nblocks)
+
+
+# Explicit entry points (tests, benchmarks). The tensors must stay alive and unchanged during the call.
+def csr_linear(x, indptr, indices, values, out_features, bias=None, **kw):
+    """Y [B, out] = x [B, in] @ W^T + bias for W in CSR (indptr int64, indices int16-as-uint16 or int32)."""
+    return call("csr_linear", csr_static(indptr, indices, values, out_features, x.shape[-1]), x, bias, **kw)
+
+
+def nm_linear(x, values, offsets, n, m, bias=None, **kw):
+    """Y = x @ W^T + bias for W packed N:M: values / offsets (uint8) are [out, in/m*n]."""
+    return call("nm_linear", nm_static(values, offsets, n, m, x.shape[-1]), x, bias, **kw)
+
+
+def bsr_linear(x, indptr, indices, values, out_features, bias=None, **kw):
+    """Y = x @ W^T + bias for W in BSR: values [nblocks, R, C], indptr over block rows (int64)."""
+    return call("bsr_linear", bsr_static(indptr, indices, values, out_features, x.shape[-1]), x, bias, **kw)

@@ -1,0 +1,170 @@
+"""to_inference: outputs equal the masked dense model, the original is untouched, kernels are measured."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import sparsetorch
+from sparsetorch import SparsityError, SparsityWarning
+from sparsetorch.inference import SparseConv2d, SparseLinear, clear_kernel_cache, detect_structure
+from sparsetorch.kernels import has_extension
+from sparsetorch.masks import get_mask, set_mask
+from sparsetorch.models import MLP, SmallCNN
+from sparsetorch.patterns import pattern_mask
+
+FAST = {"budget_s": 0.005}
+
+
+def pruned_mlp(sparsity=0.9, sizes=(64, 256, 256, 10)):
+    torch.manual_seed(0)
+    model = MLP(sizes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SparsityWarning)
+        sparsetorch.prune(model, sparsity, generator=torch.Generator().manual_seed(0))
+    return model
+
+
+def assert_same(a, b):
+    assert a.shape == b.shape
+    assert float((a - b).abs().max()) <= 1e-5 * (1 + float(b.abs().max()))
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_mlp_outputs_match_and_original_untouched(batch):
+    model = pruned_mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(batch, 64, generator=torch.Generator().manual_seed(batch))
+    inf = sparsetorch.to_inference(model, x, **FAST)
+    assert inf is not model
+    with torch.no_grad():
+        assert_same(inf(x), model(x))
+        assert_same(inf(x[:1]), model(x[:1]))  # other batch sizes still run (on the same kernels)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert get_mask(model.fc1) is not None and isinstance(model.fc1, nn.Linear)
+    assert not any(p.requires_grad for p in inf.parameters()) and not inf.training
+    plan = {row["layer"]: row for row in inf.sparsetorch_plan}
+    assert set(plan) >= {"fc1", "fc2"}
+    for name, row in plan.items():
+        module = inf.get_submodule(name)
+        assert isinstance(module, nn.Linear) == (row["kernel"] == "dense")
+        if row["ms"]:  # measured (not a cache hit): the chosen kernel is the fastest measured one
+            assert row["kernel"] == min(row["ms"], key=row["ms"].get)
+            assert "torch-csr" in row["ms"] and ("csr" in row["ms"]) == has_extension()
+
+
+def test_choice_cache_hit():
+    clear_kernel_cache()
+    model = pruned_mlp()
+    x = torch.randn(4, 64)
+    first = sparsetorch.to_inference(model, x, **FAST).sparsetorch_plan
+    second = sparsetorch.to_inference(model, x, **FAST).sparsetorch_plan
+    assert all(row["ms"] for row in first)
+    assert [r["kernel"] for r in first] == [r["kernel"] for r in second] and not any(r["ms"] for r in second)
+
+
+def test_fallback_without_extension(monkeypatch):
+    monkeypatch.setenv("SPARSETORCH_DISABLE_EXT", "1")
+    clear_kernel_cache()
+    model = pruned_mlp()
+    x = torch.randn(8, 64)
+    inf = sparsetorch.to_inference(model, x, **FAST)
+    with torch.no_grad():
+        assert_same(inf(x), model(x))
+    for row in inf.sparsetorch_plan:
+        assert set(row["ms"]) <= {"dense", "torch-csr"} and row["kernel"] in {"dense", "torch-csr"}
+    clear_kernel_cache()
+
+
+def test_chosen_kernel_is_used_when_it_wins():
+    # a 99% sparse 512x512 layer at batch 1: some sparse kernel must beat dense on any CPU
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(512, 512))
+    set_mask(model[0], torch.rand(512, 512) < 0.01)
+    x = torch.randn(1, 512)
+    inf = sparsetorch.to_inference(model, x, budget_s=0.05)
+    assert isinstance(inf[0], SparseLinear) and inf[0].kernel != "dense"
+    with torch.no_grad():
+        assert_same(inf(x), model(x))
+
+
+def test_structured_patterns_are_detected_and_correct():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    set_mask(model[0], pattern_mask(model[0].weight.abs(), 0.5, "2:4"))
+    set_mask(model[2], pattern_mask(model[2].weight.abs(), 0.25, "block:8x8"))
+    assert detect_structure(model[0].weight.detach())["nm"] == (2, 4)
+    assert (8, 8) in detect_structure(model[2].weight.detach())["blocks"]
+    x = torch.randn(5, 64)
+    inf = sparsetorch.to_inference(model, x, **FAST)
+    rows = {r["layer"]: r for r in inf.sparsetorch_plan}
+    if has_extension() and rows["0"]["ms"]:
+        assert "nm:2:4" in rows["0"]["ms"] and "bsr:8x8" in rows["2"]["ms"]
+    with torch.no_grad():
+        assert_same(inf(x), model(x))
+
+
+def test_conv_model_and_unsupported_layers(tiny_net):
+    model = SmallCNN(8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SparsityWarning)
+        sparsetorch.prune(model, 0.8, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(3, 1, 8, 8)
+    inf = sparsetorch.to_inference(model, x, **FAST)
+    assert any(isinstance(m, (SparseConv2d, nn.Conv2d)) for m in inf.modules())
+    with torch.no_grad():
+        assert_same(inf(x), model(x))
+    # TinyNet has a Conv1d: no sparse kernel, so it stays dense with a warning, and outputs still match
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SparsityWarning)
+        sparsetorch.prune(tiny_net, 0.7, generator=torch.Generator().manual_seed(0))
+    xb = torch.randn(2, 4, 4, 4)
+    with pytest.warns(SparsityWarning, match="conv1d"):
+        inf = sparsetorch.to_inference(tiny_net, xb, **FAST)
+    assert isinstance(inf.conv1d, nn.Conv1d)
+    with torch.no_grad():
+        assert_same(inf(xb), tiny_net(xb))
+
+
+def test_sparse_conv2d_forces_unfold_path():
+    torch.manual_seed(3)
+    conv = nn.Conv2d(3, 5, 3, stride=2, padding=1, dilation=1)
+    set_mask(conv, torch.rand_like(conv.weight) < 0.3)
+    w = conv.weight.detach().reshape(5, -1)
+    from sparsetorch.kernels import pack
+
+    backend = "csr" if has_extension() else "torch-csr"
+    sc = SparseConv2d(conv, SparseLinear(27, 5, conv.bias, backend, pack(w)))
+    x = torch.randn(2, 3, 9, 7)
+    with torch.no_grad():
+        assert_same(sc(x), conv(x))
+
+
+def test_root_linear_and_bad_input():
+    torch.manual_seed(4)
+    lin = nn.Linear(300, 200)
+    set_mask(lin, torch.rand(200, 300) < 0.02)
+    x = torch.randn(2, 300)
+    inf = sparsetorch.to_inference(lin, x, **FAST)
+    with torch.no_grad():
+        assert_same(inf(x), lin(x))
+    with pytest.raises(SparsityError):
+        sparsetorch.to_inference(lin, "not a tensor")
+    with pytest.raises(SparsityError):
+        sparsetorch.to_inference("not a model", x)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_semi_structured_and_bsr():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 256)).cuda().half()
+    set_mask(model[0], pattern_mask(model[0].weight.abs().float(), 0.5, "2:4"))
+    set_mask(model[2], pattern_mask(model[2].weight.abs().float(), 0.1, "block:16x16"))
+    x = torch.randn(64, 512, device="cuda", dtype=torch.half)
+    inf = sparsetorch.to_inference(model, x, budget_s=0.05)
+    rows = {r["layer"]: r for r in inf.sparsetorch_plan}
+    assert "semi-structured" in rows["0"]["ms"] and "cuda-bsr:16x16" in rows["2"]["ms"]
+    with torch.no_grad():
+        ref = model(x).float()
+        assert float((inf(x).float() - ref).abs().max()) <= 2e-2 * (1 + float(ref.abs().max()))
