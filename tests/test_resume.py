@@ -128,3 +128,36 @@ def test_missing_state_is_a_clear_error(tmp_path):
     save_training_state(tmp_path / "ckpt", model)
     with pytest.raises(SparsityError, match="no sparsifier state"):
         load_training_state(tmp_path / "ckpt", model, None, sparsifier)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_resume_on_cuda(tmp_path):
+    # state_dict() keeps masks on the CPU; loading them into a CUDA model must work
+    def cuda_setup(seed=0):
+        model, _, sparsifier = setup("adam", sparsifiers()["swap"], seed)
+        model = model.cuda()
+        return model, torch.optim.Adam(model.parameters(), lr=1e-2), sparsifier
+
+    def cuda_train(model, optimizer, sparsifier, steps):
+        for step in steps:
+            x, y = batch(step)
+            torch.nn.functional.cross_entropy(model(x.cuda()), y.cuda()).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            sparsifier.step()
+
+    ref = cuda_setup()
+    ref[2].attach(ref[0], ref[1])
+    cuda_train(*ref, range(6))
+    model, optimizer, sparsifier = cuda_setup()
+    sparsifier.attach(model, optimizer)
+    cuda_train(model, optimizer, sparsifier, range(3))
+    save_training_state(tmp_path / "ckpt", model, optimizer, sparsifier)
+    model, optimizer, sparsifier = cuda_setup(seed=5)
+    load_training_state(tmp_path / "ckpt", model, optimizer, sparsifier)
+    cuda_train(model, optimizer, sparsifier, range(3, 6))
+    for item, other in zip(sparsetorch.iter_masks(model), sparsetorch.iter_masks(ref[0])):
+        assert item.mask.is_cuda and torch.equal(item.mask, other.mask)
+        assert (item.param[~item.mask] == 0).all()
+        torch.testing.assert_close(item.param, other.param, rtol=1e-5, atol=1e-6)

@@ -113,6 +113,7 @@ class Sparsifier:
         masks = _agree_across_ranks([m.to(torch.bool) for m in masks])
         moved = kept = total = 0
         for target, mask in zip(self.targets, masks):
+            mask = mask.to(target.param.device)  # masks from state_dict() are on the CPU
             old = get_mask(target.module, target.name)
             if old is not None:
                 moved += int((mask & ~old).sum())  # newly grown == newly dropped at fixed density
