@@ -35,7 +35,9 @@ struct Table {
 const Table kTables[3] = {
     {generic::csr_gemv, generic::csr_spmm, generic::nm_gemv, generic::nm_spmm, generic::bsr_gemv, generic::bsr_spmm},
     {avx2::csr_gemv, avx2::csr_spmm, avx2::nm_gemv, avx2::nm_spmm, avx2::bsr_gemv, avx2::bsr_spmm},
-    {avx512::csr_gemv, avx512::csr_spmm, avx512::nm_gemv, avx512::nm_spmm, avx512::bsr_gemv, avx512::bsr_spmm},
+    // batch-1 CSR: the 8-lane gather loop of the AVX2 build measured ~5% faster than the same loop built for
+    // AVX-512 on Zen 4 (bench: /tmp-free A/B in benchmarks/bench_kernels.py), so AVX-512 CPUs use it too
+    {avx2::csr_gemv, avx512::csr_spmm, avx512::nm_gemv, avx512::nm_spmm, avx512::bsr_gemv, avx512::bsr_spmm},
 };
 
 // Unit range [u0, u1) of thread t when units are split so each thread gets about the same work;

@@ -187,3 +187,13 @@ def test_bad_inputs_raise():
         pack(torch.eye(4), "bsr", r=3, c=3)
     with pytest.raises(ValueError):
         pack(torch.eye(4), "coo")
+
+
+def test_cli_bench_prints_table(capsys):
+    from sparsetorch.cli.main import main
+
+    assert main(["bench", "--shape", "64x256", "--sparsity", "0.5,0.9", "--batch", "1,3"]) == 0
+    out = capsys.readouterr().out
+    assert "torch-csr" in out and "dense (ms)" in out and ("csr" in out.replace("torch-csr", "")) == has_extension()
+    assert main(["bench", "--shape", "64by256"]) == 2
+    assert main(["bench", "--sparsity", "1.5"]) == 2
