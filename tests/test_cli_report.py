@@ -81,3 +81,14 @@ def test_include_exclude_and_default_classifier():
     assert [t.fqn for t in select_targets(model, include=[nn.Linear])] == ["enc", "lm_head"]
     assert [t.fqn for t in select_targets(model, exclude=["d*"])] == ["enc"]
     assert [t.fqn for t in select_targets(model, include="lm_head")] == ["lm_head"]
+
+
+def test_public_functions_survive_submodule_imports():
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(sparsetorch.__path__):
+        if info.name in sparsetorch._LAZY:
+            raise AssertionError(f"module sparsetorch.{info.name} shadows the public function of the same name")
+    for name in ("prune", "report", "save", "load"):
+        assert callable(getattr(sparsetorch, name))

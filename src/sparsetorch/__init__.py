@@ -16,12 +16,13 @@ from .errors import SparsityError, SparsityWarning
 
 __version__ = "0.1.0"
 
-# public name -> "module:attribute"; resolved lazily by __getattr__
+# public name -> "module:attribute"; resolved lazily by __getattr__. No module may share a name
+# with a public function: importing the module would rebind the package attribute to it.
 _LAZY = {
-    "prune": "prune:prune",
+    "prune": "pruning:prune",
     "save": "io:save",
     "load": "io:load",
-    "report": "report:report",
+    "report": "reporting:report",
     "Sparsifier": "sparsifiers.base:Sparsifier",
     "set_mask": "masks:set_mask",
     "get_mask": "masks:get_mask",

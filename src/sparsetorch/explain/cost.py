@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..report import report
+from ..reporting import report
 
 __all__ = ["ENERGY_PJ", "CostEstimate", "cost_estimate"]
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..masks import get_mask
-from ..report import report
+from ..reporting import report
 from ..selection import DEFAULT_TYPES
 from . import plots
 from .connectivity import connectivity, dead_units
