@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import SparsityError, SparsityWarning
-from .kernels import has_extension, extension_isa
+from .kernels import _ext, extension_isa, has_extension
 from .kernels.packed import BSRWeight, CSRWeight, NMWeight, PackedWeight
 from .masks import remove_masks
 
@@ -54,6 +54,7 @@ class SparseLinear(nn.Module):
         self.in_features, self.out_features, self.kernel = in_features, out_features, kernel
         self.packed = packed
         self._backend = "torch" if kernel.startswith("torch") else "ext"
+        self._fast_cache: tuple | None = None
         # the 2:4 semi-structured CUDA tensor or the CUDA BSR tensor (not a buffer: not a plain tensor)
         self.sparse_weight = weight
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
@@ -61,6 +62,10 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in]
         if self.kernel == "semi-structured":
             return F.linear(x, self.sparse_weight, self.bias)
+        if self._backend == "ext" and x.dim() == 2:  # hot path for small layers: skip the general checks
+            y = _ext.call_fast(self._fast(), x, 0 if self.bias is None else self.bias.data_ptr(), self.out_features)
+            if y is not None:
+                return y
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # [B, in]
         if self.kernel == "cuda-bsr":
             y = (self.sparse_weight @ x2.t()).t()
@@ -69,6 +74,16 @@ class SparseLinear(nn.Module):
             y = self.packed.linear(x2, self.bias, self._backend)
         y = y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
         return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def _fast(self) -> tuple:
+        """Kernel, ISA, tile and weight addresses, recomputed only when the weight storage moves."""
+        key = (self.packed.values.data_ptr(), None if self.bias is None else self.bias.data_ptr())
+        if self._fast_cache is None or self._fast_cache[0] != key:
+            if self.bias is not None and (self.bias.dtype != torch.float32 or not self.bias.is_contiguous()):
+                self.bias = self.bias.float().contiguous()
+                key = (key[0], self.bias.data_ptr())
+            self._fast_cache = (key, _ext.fast_path(self.packed.kernel_name, self.packed._static(), self.in_features))
+        return self._fast_cache[1]
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, kernel={self.kernel}, bias={self.bias is not None}"

@@ -84,6 +84,23 @@ def call(kind: str, static: tuple, x: torch.Tensor, bias: torch.Tensor | None, *
     return y
 
 
+def fast_path(kind: str, static: tuple, in_features: int) -> tuple:
+    """(function, isa level, tile, static) for repeated calls with fixed weights: see ``call_fast``."""
+    return getattr(_load(), kind), _isa_level(None), default_tile(in_features), static
+
+
+def call_fast(fast: tuple, x: torch.Tensor, bias_addr: int, out_features: int) -> torch.Tensor | None:
+    """Kernel call with only the per-call checks (None if x needs the general path: not float32 CPU 2-D
+    with unit last stride). bias_addr must point at a live contiguous float32 bias (or be 0)."""
+    fn, level, tile, static = fast
+    if (x.dtype is not torch.float32 or x.dim() != 2 or x.shape[1] != static[1] or x.stride(1) != 1
+            or x.stride(0) < static[1] or x.device.type != "cpu" or x.shape[0] == 0):
+        return None
+    y = torch.empty(x.shape[0], out_features)
+    fn(level, torch.get_num_threads(), tile, *static, x.data_ptr(), x.shape[0], x.stride(0), bias_addr, y.data_ptr())
+    return y
+
+
 def _addr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
