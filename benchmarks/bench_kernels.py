@@ -4,8 +4,9 @@
     .venv/bin/python benchmarks/bench_kernels.py --quick         # a subsample
 
 Shapes 4096x4096, 1024x4096, 11008x4096; sparsity 50-99%; batch 1/8/64/256; 1 and 2 threads. Weights rotate
-across copies totalling >= 128 MB (DRAM-resident, as in a real model). 1-thread times are CPU time of the
-calling thread (robust to other jobs on the machine), 2-thread times are wall time (sensitive to them).
+across copies totalling >= 128 MB (DRAM-resident, as in a real model). 1-thread times are the median CPU time
+of the calling thread (robust to other jobs on the machine); 2-thread times are the fastest wall time of the
+calls (the quietest moment; still sensitive to other jobs).
 Prints the speedup table (dense fp32 F.linear / candidate), achieved GB/s at batch 1 against the measured
 copy bandwidth, and break-even sparsities; writes JSON to benchmarks/results/.
 """

@@ -49,8 +49,11 @@ class SparseLinear(nn.Module):
     """``y = x @ W^T + b`` with W stored sparse; ``kernel`` names how it runs (see module docstring)."""
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None, kernel: str,
-                 packed: PackedWeight | None = None, weight: torch.Tensor | None = None):
+                 packed: PackedWeight | None = None, weight: torch.Tensor | None = None, threads: int | None = None):
         super().__init__()
+        # compiled kernels: None follows torch.get_num_threads(); 1 when measured faster (short calls on a
+        # busy machine, where waiting for a second thread costs more than it saves)
+        self.threads = threads
         self.in_features, self.out_features, self.kernel = in_features, out_features, kernel
         self.packed = packed
         self._backend = "torch" if kernel.startswith("torch") else "ext"
@@ -63,7 +66,8 @@ class SparseLinear(nn.Module):
         if self.kernel == "semi-structured":
             return F.linear(x, self.sparse_weight, self.bias)
         if self._backend == "ext" and x.dim() == 2:  # hot path for small layers: skip the general checks
-            y = _ext.call_fast(self._fast(), x, 0 if self.bias is None else self.bias.data_ptr(), self.out_features)
+            y = _ext.call_fast(self._fast(), x, 0 if self.bias is None else self.bias.data_ptr(), self.out_features,
+                               self.threads)
             if y is not None:
                 return y
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # [B, in]
@@ -71,7 +75,7 @@ class SparseLinear(nn.Module):
             y = (self.sparse_weight @ x2.t()).t()
             y = y if self.bias is None else y + self.bias
         else:
-            y = self.packed.linear(x2, self.bias, self._backend)
+            y = self.packed.linear(x2, self.bias, self._backend, self.threads)
         y = y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
@@ -86,7 +90,8 @@ class SparseLinear(nn.Module):
         return self._fast_cache[1]
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, kernel={self.kernel}, bias={self.bias is not None}"
+        threads = "" if self.threads is None else f", threads={self.threads}"
+        return f"{self.in_features}, {self.out_features}, kernel={self.kernel}, bias={self.bias is not None}{threads}"
 
 
 class SparseConv2d(nn.Module):
@@ -143,22 +148,24 @@ def _signature(structure: dict) -> str:
 def _cpu_candidates(w: torch.Tensor, bias: torch.Tensor | None, structure: dict) -> dict[str, Callable[[], SparseLinear | None]]:
     """name -> builder of the SparseLinear (None = keep the dense layer)."""
     out, inp = w.shape
-    make = lambda kernel, packed: SparseLinear(inp, out, bias, kernel, packed)  # noqa: E731
     cands: dict[str, Callable] = {"dense": lambda: None}
     csr = CSRWeight.from_dense(w)
     if has_extension():
-        cands["csr"] = lambda: make("csr", csr)
+        packed = {"csr": csr}
         if structure["nm"]:
             n, m = structure["nm"]
-            nm = NMWeight.from_dense(w, n, m)
-            cands[f"nm:{n}:{m}"] = lambda: make("nm", nm)
+            packed[f"nm:{n}:{m}"] = NMWeight.from_dense(w, n, m)
         for r, c in structure["blocks"]:
-            bsr = BSRWeight.from_dense(w, r, c)
-            cands[f"bsr:{r}x{c}"] = (lambda b: lambda: make("bsr", b))(bsr)
-    cands["torch-csr"] = lambda: make("torch-csr", csr)
+            packed[f"bsr:{r}x{c}"] = BSRWeight.from_dense(w, r, c)
+        # with several threads also try one: on a shared CPU short calls often lose waiting for the second
+        for threads in (None, 1) if torch.get_num_threads() > 1 else (None,):
+            for name, p in packed.items():
+                cands[name + ("" if threads is None else "/1t")] = (
+                    lambda p=p, t=threads: SparseLinear(inp, out, bias, p.format, p, threads=t))
+    cands["torch-csr"] = lambda: SparseLinear(inp, out, bias, "torch-csr", csr)
     for r, c in structure["blocks"][:1]:
         bsr_t = BSRWeight.from_dense(w, r, c)
-        cands[f"torch-bsr:{r}x{c}"] = lambda: make("torch-bsr", bsr_t)
+        cands[f"torch-bsr:{r}x{c}"] = lambda: SparseLinear(inp, out, bias, "torch-bsr", bsr_t)
     return cands
 
 

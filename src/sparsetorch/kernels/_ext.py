@@ -89,7 +89,8 @@ def fast_path(kind: str, static: tuple, in_features: int) -> tuple:
     return getattr(_load(), kind), _isa_level(None), default_tile(in_features), static
 
 
-def call_fast(fast: tuple, x: torch.Tensor, bias_addr: int, out_features: int) -> torch.Tensor | None:
+def call_fast(fast: tuple, x: torch.Tensor, bias_addr: int, out_features: int,
+              threads: int | None = None) -> torch.Tensor | None:
     """Kernel call with only the per-call checks (None if x needs the general path: not float32 CPU 2-D
     with unit last stride). bias_addr must point at a live contiguous float32 bias (or be 0)."""
     fn, level, tile, static = fast
@@ -97,7 +98,7 @@ def call_fast(fast: tuple, x: torch.Tensor, bias_addr: int, out_features: int) -
             or x.stride(0) < static[1] or x.device.type != "cpu" or x.shape[0] == 0):
         return None
     y = torch.empty(x.shape[0], out_features)
-    fn(level, torch.get_num_threads(), tile, *static, x.data_ptr(), x.shape[0], x.stride(0), bias_addr, y.data_ptr())
+    fn(level, threads or torch.get_num_threads(), tile, *static, x.data_ptr(), x.shape[0], x.stride(0), bias_addr, y.data_ptr())
     return y
 
 

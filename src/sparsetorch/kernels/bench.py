@@ -5,8 +5,9 @@ Method (the CPU is shared, so every choice here is about fairness under noise):
 * candidates run interleaved, call by call, and each reports the median of its calls;
 * weights rotate across copies totalling >= ``min_bytes`` (128 MB by default), so every call reads its
   weights from DRAM as in a multi-layer model, not from a warm L3;
-* with 1 thread the time is the calling thread's CPU time (immune to time-slicing by other jobs);
-  with more threads it is wall time.
+* with 1 thread the time is the median of the calling thread's CPU time (immune to time-slicing by other
+  jobs); with more threads it is the fastest wall time of the calls (the quietest moment; a median of wall
+  times mostly measures the other jobs when the cores are shared).
 """
 from __future__ import annotations
 
@@ -102,7 +103,8 @@ def _call(name: str, w, x: torch.Tensor):
 
 
 def time_interleaved(fns: dict[str, list[Callable]], reps: int, cpu_time: bool) -> dict[str, float]:
-    """Median seconds per call; each rep calls every candidate once, on the next copy of its weights."""
+    """Seconds per call (median of CPU times, or min of wall times); each rep calls every candidate once,
+    on the next copy of its weights."""
     clock = time.thread_time if cpu_time else time.perf_counter
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for name, calls in fns.items():  # warm-up: first touch, lazy setup
@@ -113,7 +115,8 @@ def time_interleaved(fns: dict[str, list[Callable]], reps: int, cpu_time: bool) 
             t0 = clock()
             f()
             samples[name].append(clock() - t0)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    pick = statistics.median if cpu_time else min
+    return {k: pick(v) for k, v in samples.items()}
 
 
 def run(shapes, sparsities, batches, threads_list, names=("csr", "torch-csr", "bsr16", "torch-bsr16", "nm"),

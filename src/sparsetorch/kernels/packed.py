@@ -79,8 +79,9 @@ class PackedWeight(nn.Module):
     def _static(self) -> tuple:
         raise NotImplementedError
 
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None, backend: str = "ext") -> torch.Tensor:
-        """x [B, in] -> [B, out]."""
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None, backend: str = "ext",
+               threads: int | None = None) -> torch.Tensor:
+        """x [B, in] -> [B, out]; threads (compiled kernels only) defaults to torch.get_num_threads()."""
         if backend == "ext":
             # addresses of the weight arrays, recomputed only when the storage moves (.to(), load_state_dict)
             key = self.values.data_ptr()
@@ -90,7 +91,7 @@ class PackedWeight(nn.Module):
                 x = x.float()
             if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
                 bias = bias.float().contiguous()
-            return _ext.call(self.kernel_name, self._ext_cache[1], x, bias)
+            return _ext.call(self.kernel_name, self._ext_cache[1], x, bias, threads=threads)
         y = torch.sparse.mm(self.torch_weight(), x.float().t()).t()  # [B, out]
         return y if bias is None else y + bias
 
