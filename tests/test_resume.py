@@ -161,3 +161,31 @@ def test_resume_on_cuda(tmp_path):
         assert item.mask.is_cuda and torch.equal(item.mask, other.mask)
         assert (item.param[~item.mask] == 0).all()
         torch.testing.assert_close(item.param, other.param, rtol=1e-5, atol=1e-6)
+
+
+def test_pruned_finetuning_resumes_without_a_sparsifier(tmp_path):
+    # one-shot pruning then fine-tuning: the masks travel in model.safetensors
+    def run(model, optimizer, steps):
+        for step in steps:
+            x, y = batch(step)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    def fresh(seed=0):
+        torch.manual_seed(seed)
+        model = sparsetorch.prune(MLP((12, 24, 16, 3)), 0.8)
+        return model, torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    ref = fresh()
+    run(*ref, range(6))
+    model, optimizer = fresh()
+    run(model, optimizer, range(3))
+    save_training_state(tmp_path / "ckpt", model, optimizer)
+    model = MLP((12, 24, 16, 3))  # dense: the masks come from the file
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    load_training_state(tmp_path / "ckpt", model, optimizer)
+    run(model, optimizer, range(3, 6))
+    assert [m.qualified_name for m in sparsetorch.iter_masks(model)] == ["fc1.weight", "fc2.weight"]
+    for (name, value), other in zip(model.state_dict().items(), ref[0].state_dict().values()):
+        assert torch.equal(value, other), name
