@@ -17,6 +17,7 @@ from setuptools.command.build_ext import build_ext
 
 SOURCES = ["csrc/module.cpp", "csrc/dispatch.cpp", "csrc/kernels_generic.cpp", "csrc/kernels_avx2.cpp",
            "csrc/kernels_avx512.cpp"]
+DEPENDS = ["csrc/kernels.h", "csrc/dispatch.h", "csrc/kernels_impl.inc"]  # rebuild when these change
 
 
 class OptionalBuildExt(build_ext):
@@ -56,7 +57,8 @@ def extensions():
         compile_args = ["-O3", "-fopenmp", "-std=c++17", "-Wno-psabi", "-fno-math-errno"]
         link_args = ["-fopenmp"]
     return [Pybind11Extension("sparsetorch.kernels._C", SOURCES, extra_compile_args=compile_args,
-                              extra_link_args=link_args, cxx_std=17, include_dirs=["csrc"])]
+                              extra_link_args=link_args, cxx_std=17, include_dirs=["csrc"],
+                              depends=DEPENDS)]
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})
