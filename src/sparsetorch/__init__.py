@@ -32,6 +32,9 @@ _LAZY = {
     "to_inference": "inference:to_inference",
     "save_training_state": "integrations.state:save_training_state",
     "load_training_state": "integrations.state:load_training_state",
+    "wanda": "oneshot.api:wanda",
+    "sparsegpt": "oneshot.api:sparsegpt",
+    "prune_oneshot": "oneshot.api:prune_oneshot",
 }
 _SUBMODULES = {"masks", "patterns", "distributions", "scores", "schedules", "selection", "formats", "sparsifiers",
                "oneshot", "kernels", "explain", "integrations", "edge", "cli", "io"}

@@ -37,6 +37,7 @@ def save(model: torch.nn.Module, path: str | os.PathLike, *, format: str | None 
     masks = {item.qualified_name: item.mask for item in iter_masks(model)}
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, dict] = {}
+    storages: set[int] = set()  # tied weights (lm_head = embedding) share storage; safetensors needs copies
     for key, value in model.state_dict().items():
         if not isinstance(value, torch.Tensor):
             continue
@@ -45,7 +46,11 @@ def save(model: torch.nn.Module, path: str | os.PathLike, *, format: str | None 
         parts, meta = formats.encode(fmt, value.detach().cpu(), None if mask is None else mask.cpu())
         entries[key] = meta
         for suffix, part in parts.items():
-            tensors[f"{key}{_SEP}{suffix}"] = part.contiguous()
+            part = part.contiguous()
+            if part.numel() and part.untyped_storage().data_ptr() in storages:
+                part = part.clone()
+            storages.add(part.untyped_storage().data_ptr())
+            tensors[f"{key}{_SEP}{suffix}"] = part
     header = {"version": FILE_VERSION, "tensors": entries, "user": metadata or {}}
     payload = _st_save(tensors, metadata={_META_KEY: json.dumps(header)})
     return atomic_write(Path(path), payload)
