@@ -35,6 +35,7 @@ _LAZY = {
     "wanda": "oneshot.api:wanda",
     "sparsegpt": "oneshot.api:sparsegpt",
     "prune_oneshot": "oneshot.api:prune_oneshot",
+    "export_edge": "edge_export:export_edge",
 }
 _SUBMODULES = {"masks", "patterns", "distributions", "scores", "schedules", "selection", "formats", "sparsifiers",
                "oneshot", "kernels", "explain", "integrations", "edge", "cli", "io"}

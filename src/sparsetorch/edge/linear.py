@@ -1,0 +1,111 @@
+"""y = x @ W^T + b for a decoded weight: compiled CSR kernel when present, else numpy (CSR or dense).
+
+The compiled kernels (``sparsetorch/kernels/_C*.so``, pybind11 over raw buffer addresses) are loaded
+straight from their file: importing the ``sparsetorch.kernels`` package would import torch.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.machinery
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .weights import Matrix
+
+BACKENDS = ("auto", "compiled", "numpy", "dense")
+
+
+@functools.lru_cache(maxsize=1)
+def compiled_kernels():
+    """The compiled kernel module, or None (not built, or SPARSETORCH_DISABLE_EXT=1)."""
+    if os.environ.get("SPARSETORCH_DISABLE_EXT", "0") not in ("", "0"):
+        return None
+    folder = Path(__file__).resolve().parent.parent / "kernels"
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = folder / f"_C{suffix}"
+        if path.is_file():
+            try:
+                # the module name's last part must stay "_C" (its init symbol is PyInit__C)
+                spec = importlib.util.spec_from_file_location("sparsetorch.kernels._C", path)
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+            except (ImportError, OSError):
+                return None
+            return module if hasattr(module, "csr_linear") else None
+    return None
+
+
+def _tile(in_features: int) -> int:
+    # the kernels' batch tile: the widest panel of x (in x 16*tile fp32) that fits in ~768 KB of L2
+    for tile in (4, 2):
+        if in_features * 16 * tile * 4 <= 768 * 1024:
+            return tile
+    return 1
+
+
+class Linear:
+    """A fixed sparse or dense weight, prepared once for the chosen backend."""
+
+    def __init__(self, w: Matrix, bias: np.ndarray | None, backend: str = "auto"):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.out_features, self.in_features = w.shape
+        self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+        kernels = compiled_kernels()
+        if w.dense is not None:
+            backend = "dense"  # stored dense: sparse kernels would gain nothing
+        elif backend == "auto" or (backend == "compiled" and kernels is None):
+            backend = "compiled" if kernels is not None else "numpy"
+        self.backend = backend
+        if backend == "dense":
+            self.weight_t = np.ascontiguousarray(w.to_dense().T)  # [in, out]
+            return
+        self.indptr, self.values = w.indptr, w.values
+        self.indices = w.indices if w.indices.dtype in (np.uint16, np.int32) else w.indices.astype(np.int32)
+        if backend == "compiled":
+            self._kernel = kernels
+            self._isa = kernels.best_isa()
+            self._threads = os.cpu_count() or 1
+            self._bits = 16 if self.indices.dtype == np.uint16 else 32
+        else:
+            counts = np.diff(self.indptr)
+            self._rows = np.flatnonzero(counts)  # rows with a nonzero; reduceat would misreport empty ones
+            self._starts = self.indptr[:-1][self._rows]
+            self._gather = self.indices.astype(np.intp)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:  # x: [..., in] -> [..., out]
+        lead = x.shape[:-1]
+        x2 = np.ascontiguousarray(x.reshape(-1, self.in_features), dtype=np.float32)
+        if self.backend == "dense":
+            y = x2 @ self.weight_t
+            if self.bias is not None:
+                y += self.bias
+        elif self.backend == "compiled":
+            y = self._compiled(x2)
+        else:
+            y = self._numpy_csr(x2)
+        return y.reshape(*lead, self.out_features)
+
+    def _compiled(self, x: np.ndarray) -> np.ndarray:
+        y = np.empty((x.shape[0], self.out_features), np.float32)
+        if x.shape[0]:
+            self._kernel.csr_linear(
+                self._isa, self._threads, _tile(self.in_features), self.out_features, self.in_features,
+                self.indptr.ctypes.data, self.indices.ctypes.data, self._bits, self.values.ctypes.data,
+                self.values.size, x.ctypes.data, x.shape[0], x.shape[1],
+                0 if self.bias is None else self.bias.ctypes.data, y.ctypes.data)
+        return y
+
+    def _numpy_csr(self, x: np.ndarray) -> np.ndarray:
+        y = np.zeros((x.shape[0], self.out_features), np.float32)
+        if self._rows.size:
+            # products of every stored weight with its input column, summed per row segment: [B, nnz] -> [B, rows]
+            for lo in range(0, x.shape[0], 256):  # chunks bound the [chunk, nnz] temporary
+                prod = x[lo:lo + 256, self._gather] * self.values
+                y[lo:lo + 256, self._rows] = np.add.reduceat(prod, self._starts, axis=1)
+        if self.bias is not None:
+            y += self.bias
+        return y
