@@ -68,7 +68,7 @@ class Linear:
         if backend == "compiled":
             self._kernel = kernels
             self._isa = kernels.best_isa()
-            self._threads = os.cpu_count() or 1
+            self._cores = os.cpu_count() or 1
             self._bits = 16 if self.indices.dtype == np.uint16 else 32
         else:
             counts = np.diff(self.indptr)
@@ -91,9 +91,11 @@ class Linear:
 
     def _compiled(self, x: np.ndarray) -> np.ndarray:
         y = np.empty((x.shape[0], self.out_features), np.float32)
+        # one thread per ~2M multiply-adds: waking an OpenMP team costs more than small products (batch-1 decoding)
+        threads = max(1, min(self._cores, x.shape[0] * self.values.size // 2_000_000))
         if x.shape[0]:
             self._kernel.csr_linear(
-                self._isa, self._threads, _tile(self.in_features), self.out_features, self.in_features,
+                self._isa, threads, _tile(self.in_features), self.out_features, self.in_features,
                 self.indptr.ctypes.data, self.indices.ctypes.data, self._bits, self.values.ctypes.data,
                 self.values.size, x.ctypes.data, x.shape[0], x.shape[1],
                 0 if self.bias is None else self.bias.ctypes.data, y.ctypes.data)

@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import SparsityError
 from . import ops
 from .linear import BACKENDS, Linear
-from .weights import decode_matrix
+from .weights import Matrix, decode_matrix
 
 FORMAT = "sparsetorch-edge"
 VERSION = 1
@@ -94,13 +94,15 @@ class EdgeModel:
             raise SparsityError(f"the edge file lacks tensor {name!r}; it is corrupted")
         return self._arrays[name].astype(np.float32)
 
-    def linear(self, weight: str, bias: str | None) -> Linear:
-        meta = self._tensors.get(weight)
+    def matrix(self, name: str) -> Matrix:
+        meta = self._tensors.get(name)
         if meta is None:
-            raise SparsityError(f"the edge file lacks weight {weight!r}; it is corrupted")
-        prefix = f"{weight}/"
-        parts = {k[len(prefix):]: v for k, v in self._arrays.items() if k.startswith(prefix)}
-        return Linear(decode_matrix(weight, parts, meta), self.array(bias), self.backend)
+            raise SparsityError(f"the edge file lacks weight {name!r}; it is corrupted")
+        prefix = f"{name}/"
+        return decode_matrix(name, {k[len(prefix):]: v for k, v in self._arrays.items() if k.startswith(prefix)}, meta)
+
+    def linear(self, weight: str, bias: str | None) -> Linear:
+        return Linear(self.matrix(weight), self.array(bias), self.backend)
 
     # -- running ---------------------------------------------------------------------------------------------
     def check_input(self, x) -> np.ndarray:
@@ -123,9 +125,10 @@ class EdgeModel:
         return np.asarray(env[self.output], dtype=np.float32)
 
     def generate(self, prompt: bytes | list[int] | np.ndarray, n: int, *, temperature: float = 0.0,
-                 top_k: int | None = None, seed: int | None = None) -> list[int]:
+                 top_k: int | None = None, seed: int | None = None) -> bytes | list[int]:
         """Append ``n`` tokens to ``prompt`` (bytes or token ids) with the KV cache: greedy when
-        temperature == 0, else sampled with ``np.random.default_rng(seed)``. Returns prompt + new tokens."""
+        temperature == 0, else sampled (optionally from the ``top_k`` likeliest) with
+        ``np.random.default_rng(seed)``. Returns prompt + new tokens, as bytes when given bytes."""
         if self.transformer is None:
             raise SparsityError("generate() needs a model exported from a decoder-only transformer (sparsetorch's "
                                 "GPT); this file holds a feed-forward graph: call the model instead")

@@ -87,14 +87,21 @@ class _Tracer(fx.Tracer):
 def build(model: nn.Module, x: torch.Tensor, values: str) -> tuple[dict, dict[str, np.ndarray]]:
     """(description, arrays) of ``model``; raises SparsityError for what the runtime cannot run."""
     handlers = leaf_handlers()
-    try:
-        graph = _Tracer(tuple(handlers)).trace(model)
-    except Exception as exc:  # fx raises many types for data-dependent control flow
-        raise SparsityError(f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc}); "
-                            "the edge exporter needs a forward without data-dependent Python control flow") from None
-    gm = fx.GraphModule(model, graph)
-    conv = Converter(gm, handlers)
-    g = conv.run()
+    root = next((h for cls, h in handlers.items() if isinstance(model, cls)), None)
+    if root is not None:  # the whole model is one runtime node (a transformer stack): nothing to trace
+        conv = Converter(fx.GraphModule(model, fx.Graph()), handlers)
+        conv.input_name, conv.output = "ids", "model"
+        root(conv, "model", "", "ids", model)
+    else:
+        try:
+            graph = _Tracer(tuple(handlers)).trace(model)
+        except Exception as exc:  # fx raises many types for data-dependent control flow
+            raise SparsityError(f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc}); "
+                                "the edge exporter needs a forward without data-dependent Python control flow"
+                                ) from None
+        conv = Converter(fx.GraphModule(model, graph), handlers)
+        conv.run()
+    g = conv.g
     _split_groups(g)
     arrays: dict[str, np.ndarray] = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in g.raw.items()}
     tensors: dict[str, dict] = {}

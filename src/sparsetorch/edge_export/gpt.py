@@ -1,9 +1,20 @@
-"""Exporting sparsetorch's byte-level GPT as one edge "gpt" node (the runtime runs it with a KV cache)."""
+"""Exporting sparsetorch's byte-level GPT as one edge "gpt" node (the runtime runs it with a KV cache).
+
+The transformer is not traced op by op: its structure (pre-LN blocks of causal attention and a GELU MLP,
+learned positions) is what the runtime implements, so the exporter checks that structure and writes
+the weights under the module's own parameter names.
+"""
 from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import SparsityError
+from .trace import _np, _weight
 
 
 def handlers() -> dict:
-    """{module class: handler(converter, fx_node, module)} for transformer stacks the runtime knows."""
+    """{module class: handler(converter, name, prefix, input_ref, module)} for stacks the runtime knows."""
     try:
         from ..models.gpt import GPT
     except ImportError:
@@ -11,5 +22,49 @@ def handlers() -> dict:
     return {GPT: export_gpt}
 
 
-def export_gpt(conv, node, model) -> None:
-    raise NotImplementedError
+def _ln(conv, prefix: str, ln: nn.Module) -> float:
+    if not isinstance(ln, nn.LayerNorm) or ln.weight is None or ln.bias is None or len(ln.normalized_shape) != 1:
+        raise SparsityError(f"{prefix}: expected a LayerNorm over the last dim with weight and bias")
+    conv.g.add_raw(f"{prefix}.weight", ln.weight)
+    conv.g.add_raw(f"{prefix}.bias", ln.bias)
+    return float(ln.eps)
+
+
+def _lin(conv, prefix: str, lin: nn.Module, bias: bool = True) -> None:
+    if not isinstance(lin, nn.Linear) or (lin.bias is None) == bias:
+        raise SparsityError(f"{prefix}: expected an nn.Linear {'with' if bias else 'without'} bias")
+    conv.g.matrices[f"{prefix}.weight"] = _np(_weight(lin))
+    if bias:
+        conv.g.add_raw(f"{prefix}.bias", lin.bias)
+
+
+def export_gpt(conv, name: str, prefix: str, x: str, gpt: nn.Module) -> None:
+    cfg = gpt.cfg
+    if cfg.width % cfg.heads:
+        raise SparsityError(f"{type(gpt).__name__}: width {cfg.width} is not divisible by heads {cfg.heads}")
+    for emb in ("tok", "pos"):
+        conv.g.matrices[f"{prefix}{emb}.weight"] = _np(_weight(getattr(gpt, emb)))
+    eps = {_ln(conv, f"{prefix}ln_f", gpt.ln_f)}
+    for i, block in enumerate(gpt.blocks):
+        p = f"{prefix}blocks.{i}."
+        eps |= {_ln(conv, f"{p}ln1", block.ln1), _ln(conv, f"{p}ln2", block.ln2)}
+        if block.attn.heads != cfg.heads:
+            raise SparsityError(f"{p}attn has {block.attn.heads} heads but the config says {cfg.heads}")
+        for sub in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"):
+            _lin(conv, p + sub, block.get_submodule(sub))
+    _lin(conv, f"{prefix}lm_head", gpt.lm_head, bias=False)
+    if len(eps) != 1:
+        raise SparsityError(f"{type(gpt).__name__}: LayerNorms with different eps {sorted(eps)} are not supported")
+    conv.g.nodes.append({"op": "gpt", "name": name, "inputs": [x], "prefix": prefix, "layers": len(gpt.blocks),
+                         "width": cfg.width, "heads": cfg.heads, "context": cfg.context, "vocab": cfg.vocab,
+                         "eps": eps.pop()})
+
+
+def torch_generate(model: nn.Module, prompt: bytes, n: int) -> bytes:
+    """Reference greedy decoding with the torch model (no cache; crops to the context like nanoGPT)."""
+    ids = torch.tensor([list(prompt)], dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(ids[:, -model.cfg.context:])
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return bytes(ids[0].tolist())

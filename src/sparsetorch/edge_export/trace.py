@@ -122,7 +122,7 @@ class Converter:
         name, x = node.target, self.ref(node.args[0], node) if node.args else None
         handler = next((h for cls, h in self.leaf_handlers.items() if isinstance(m, cls)), None)
         if handler is not None:
-            handler(self, node, m)
+            handler(self, node.name, f"{name}.", x, m)
         elif isinstance(m, nn.Linear):
             self.g.matrices[f"{name}.weight"] = _np(_weight(m))
             self.emit(node, "linear", [x], weight=f"{name}.weight", bias=self.g.add_raw(f"{name}.bias", m.bias),

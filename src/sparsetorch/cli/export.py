@@ -1,0 +1,78 @@
+"""``sparsetorch export CHECKPOINT --edge OUT.spt [--int8]``: one compact file for the torch-free runtime."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..errors import SparsityError
+
+NAME = "export"
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(NAME, help="export a saved sparse model for the torch-free edge runtime",
+                       description="Write a checkpoint (from sparsetorch.save) as one .spt file that "
+                                   "sparsetorch.edge runs with numpy only: sparse weights compressed (CSR or "
+                                   "bitmask), optionally int8, and the layer graph. Unsupported layers are "
+                                   "reported now, not on the device.")
+    p.add_argument("checkpoint", help="a .safetensors file written by sparsetorch.save")
+    p.add_argument("--edge", metavar="OUT.spt", required=True, help="the edge file to write")
+    p.add_argument("--int8", action="store_true",
+                   help="store weights as int8 with a float32 scale per output row (about 4x smaller values)")
+    p.add_argument("--model", metavar="MODULE:FACTORY",
+                   help="import path of a function returning the (dense) architecture; not needed for files "
+                        "of sparsetorch's built-in models")
+    p.add_argument("--input-shape", metavar="D1,D2,...",
+                   help="one sample's input shape, e.g. 64 or 1,8,8 (default: the file's 'input_shape')")
+    return p
+
+
+def _shape(text: str | None, user: dict) -> list[int]:
+    if text is not None:
+        try:
+            shape = [int(s) for s in text.split(",") if s.strip()]
+        except ValueError:
+            raise SparsityError(f"--input-shape must be comma-separated integers like 1,8,8, got {text!r}") from None
+    else:
+        shape = user.get("input_shape")
+        if not (isinstance(shape, list) and all(isinstance(s, int) for s in shape)):
+            raise SparsityError("the checkpoint does not record its input shape; pass --input-shape (one sample's "
+                                "shape, e.g. 64 or 1,8,8)")
+    if not shape or any(s < 1 for s in shape):
+        raise SparsityError(f"the input shape must be positive integers, got {shape}")
+    return shape
+
+
+def example_input(model, shape_text: str | None, user: dict):
+    """A random example (the exporter checks the edge output against torch on it)."""
+    import torch
+
+    from ..edge_export import leaf_handlers
+
+    g = torch.Generator().manual_seed(0)
+    if any(isinstance(model, cls) for cls in leaf_handlers()):  # token models take ids [1, T]
+        cfg = model.cfg
+        return torch.randint(0, cfg.vocab, (1, min(8, cfg.context)), generator=g)
+    return torch.rand(1, *_shape(shape_text, user), generator=g)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..edge_export import export_edge
+    from ..io import load, read_header
+    from .report import build_model
+
+    header, _ = read_header(args.checkpoint)
+    user = header.get("user") or {}
+    model = build_model(args.model, user)
+    load(args.checkpoint, model)
+    desc = export_edge(model, example_input(model, args.input_shape, user), args.edge,
+                       values="int8" if args.int8 else "fp32")
+    layouts: dict[str, int] = {}
+    for meta in desc["tensors"].values():
+        layouts[meta["layout"]] = layouts.get(meta["layout"], 0) + 1
+    size, before = os.path.getsize(args.edge), os.path.getsize(args.checkpoint)
+    print(f"wrote {args.edge}: {size / 1024:.1f} KiB (checkpoint {before / 1024:.1f} KiB), {len(desc['nodes'])} "
+          f"nodes, weights {', '.join(f'{n} {k}' for k, n in sorted(layouts.items()))}, {desc['values']} values; "
+          f"max |edge - torch| on a random input: {desc['check']['max_abs_error']:.2g} "
+          f"(outputs up to {desc['check']['max_abs_output']:.2g})")
+    return 0

@@ -1,0 +1,109 @@
+"""`sparsetorch export CHECKPOINT --edge OUT.spt [--int8]` and the GPT path of the edge runtime."""
+import numpy as np
+import pytest
+import torch
+
+import sparsetorch
+import sparsetorch.edge as edge
+from sparsetorch.cli.main import main
+from sparsetorch.edge_export import export_edge
+from sparsetorch.errors import SparsityError
+from sparsetorch.models import MLP, SmallCNN
+
+MLP_ARCH = {"factory": "sparsetorch.models:MLP", "kwargs": {"sizes": [64, 32, 10]}}
+
+
+def _checkpoint(tmp_path, model, **meta):
+    torch.manual_seed(0)
+    sparsetorch.prune(model, 0.9)
+    return sparsetorch.save(model, tmp_path / "model.safetensors", metadata=meta)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_cli_exports_a_builtin_checkpoint(tmp_path, capsys, int8):
+    torch.manual_seed(0)
+    model = MLP([64, 32, 10]).eval()
+    ckpt = _checkpoint(tmp_path, model, architecture=MLP_ARCH, input_shape=[64])
+    out = tmp_path / "m.spt"
+    assert main(["export", str(ckpt), "--edge", str(out)] + (["--int8"] if int8 else [])) == 0
+    assert "wrote" in capsys.readouterr().out
+    x = torch.rand(4, 64, generator=torch.Generator().manual_seed(1))
+    got = edge.load(out)(x.numpy())
+    with torch.no_grad():
+        want = model(x).numpy()
+    np.testing.assert_allclose(got, want, atol=2e-2 * np.abs(want).max() if int8 else 1e-5)
+    assert edge.load(out).description["values"] == ("int8" if int8 else "fp32")
+
+
+def test_cli_model_factory_and_input_shape(tmp_path, capsys):
+    torch.manual_seed(0)
+    ckpt = _checkpoint(tmp_path, SmallCNN())
+    out = tmp_path / "cnn.spt"
+    assert main(["export", str(ckpt), "--edge", str(out)]) == 2
+    assert "built-in architecture" in capsys.readouterr().err
+    assert main(["export", str(ckpt), "--edge", str(out), "--model", "sparsetorch.models:SmallCNN"]) == 2
+    assert "--input-shape" in capsys.readouterr().err
+    assert main(["export", str(ckpt), "--edge", str(out), "--model", "sparsetorch.models:SmallCNN",
+                 "--input-shape", "1,8,8"]) == 0
+    assert edge.load(out)(np.zeros((2, 1, 8, 8), np.float32)).shape == (2, 10)
+
+
+def test_cli_reports_unsupported_layers(tmp_path, capsys, monkeypatch):
+    (tmp_path / "edge_lstm_factory.py").write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.rnn = torch.nn.LSTM(4, 4)\n"
+        "    def forward(self, x):\n"
+        "        return self.rnn(x)[0]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from edge_lstm_factory import Net
+
+    ckpt = sparsetorch.save(Net(), tmp_path / "lstm.safetensors")
+    out = tmp_path / "x.spt"
+    assert main(["export", str(ckpt), "--edge", str(out), "--model", "edge_lstm_factory:Net", "--input-shape", "3,4"]) == 2
+    err = capsys.readouterr().err
+    assert "sparsetorch export: error" in err and "'rnn' (LSTM)" in err and "not supported" in err
+    assert not out.exists()
+
+
+# -- GPT with KV cache ----------------------------------------------------------------------------------------
+gpt = pytest.importorskip("sparsetorch.models.gpt")
+
+
+@pytest.fixture(scope="module")
+def small_gpt():
+    torch.manual_seed(0)
+    model = gpt.GPT(gpt.GPTConfig(layers=2, width=64, heads=4, context=16)).eval()
+    sparsetorch.prune(model, 0.7)
+    return model
+
+
+def test_gpt_logits_and_greedy_generation_match_torch(small_gpt, tmp_path):
+    from sparsetorch.edge_export.gpt import torch_generate
+
+    path = tmp_path / "gpt.spt"
+    export_edge(small_gpt, torch.zeros(1, 4, dtype=torch.long), path)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = small_gpt(ids).numpy()
+    for backend in ("numpy", "dense", "auto"):
+        model = edge.load(path, backend=backend)
+        np.testing.assert_allclose(model(ids.numpy()), want, atol=1e-5)
+        # 20 new tokens from a 5-byte prompt: 11 use the KV cache, the rest slide past the 16-token context
+        assert model.generate(b"hello", 20) == torch_generate(small_gpt, b"hello", 20)
+
+
+def test_gpt_sampling_is_seeded_and_inputs_are_checked(small_gpt, tmp_path):
+    path = tmp_path / "gpt.spt"
+    export_edge(small_gpt, torch.zeros(1, 4, dtype=torch.long), path, values="int8")
+    model = edge.load(path)
+    a = model.generate([1, 2, 3], 6, temperature=0.8, top_k=20, seed=7)
+    assert a == model.generate([1, 2, 3], 6, temperature=0.8, top_k=20, seed=7) and len(a) == 9
+    with pytest.raises(SparsityError, match="context"):
+        model(np.zeros((1, 17), np.int64))
+    with pytest.raises(SparsityError, match="token ids"):
+        model(np.full((1, 4), 256))
+    with pytest.raises(SparsityError, match="integer token ids"):
+        model(np.zeros((1, 4), np.float32))
