@@ -35,6 +35,9 @@ _LAZY = {
     "wanda": "oneshot.api:wanda",
     "sparsegpt": "oneshot.api:sparsegpt",
     "prune_oneshot": "oneshot.api:prune_oneshot",
+    "to_sparse_training": "sparse_training.convert:to_sparse_training",
+    "to_dense": "sparse_training.convert:to_dense",
+    "SparseLinear": "sparse_training.layer:SparseLinear",
     "export_edge": "edge_export:export_edge",
 }
 _SUBMODULES = {"masks", "patterns", "distributions", "scores", "schedules", "selection", "formats", "sparsifiers",

@@ -1,0 +1,10 @@
+// AVX-512 (F/BW/VL/DQ) training kernels; only called after __builtin_cpu_supports says the CPU has them.
+#if defined(__x86_64__) || defined(__i386__)
+#define STT_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
+#define STT_VB 64
+#else
+#define STT_TARGET
+#define STT_VB 16
+#endif
+#define STT_NS avx512
+#include "train_impl.inc"

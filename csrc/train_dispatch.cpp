@@ -1,0 +1,149 @@
+// Runtime ISA choice, threading and the batch transposes around the single-threaded training kernels.
+#include "train_dispatch.h"
+
+#include <algorithm>
+#include <atomic>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace stt {
+
+int best_isa() {
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    return ISA_AVX512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return ISA_AVX2;
+#endif
+  return ISA_GENERIC;
+}
+
+namespace {
+
+template <class Body>
+void parallel(int nt, Body body) {
+#ifdef _OPENMP
+  if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+    body();
+    return;
+  }
+#endif
+  body();
+}
+
+// Rows cut into chunks of about equal nnz, 8 per thread, taken from a shared counter: a thread slowed by
+// another job on a shared machine leaves its chunks to the others instead of stalling the call at the end.
+template <class Rows>
+void over_rows(int threads, const int64_t* ptr, int64_t rows, int64_t work, Rows run) {
+  int nt = std::max(1, threads);
+  if (work < 32768) nt = 1;  // waking a second thread costs more than it saves
+  const int64_t K = nt == 1 ? 1 : std::min<int64_t>(8 * nt, std::max<int64_t>(rows, 1));
+  std::vector<int64_t> bounds(K + 1);
+  const int64_t total = ptr[rows] - ptr[0];
+  for (int64_t c = 0; c <= K; ++c)
+    bounds[c] = c == K ? rows : std::lower_bound(ptr, ptr + rows + 1, ptr[0] + total * c / K) - ptr;
+  std::atomic<int64_t> next{0};
+  parallel(nt, [&]() {
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < K;)
+      if (bounds[c + 1] > bounds[c]) run(bounds[c], bounds[c + 1]);
+  });
+}
+
+template <class T>
+void pack_t(int threads, const T* src, int64_t batch, int64_t n, int64_t stride, T* dst, int64_t tw) {
+  const int64_t panels = (batch + tw - 1) / tw;
+  const int nt = batch * n < 65536 ? 1 : std::max(1, threads);
+  parallel(nt, [&]() {
+#ifdef _OPENMP
+    const int t = omp_in_parallel() ? omp_get_thread_num() : 0, m = omp_in_parallel() ? omp_get_num_threads() : 1;
+#else
+    const int t = 0, m = 1;
+#endif
+    const int64_t i0 = n * t / m, i1 = n * (t + 1) / m;
+    for (int64_t p = 0; p < panels; ++p) {
+      T* d = dst + p * n * tw;
+      const int64_t b0 = p * tw, w = std::min(tw, batch - b0);
+      for (int64_t ib = i0; ib < i1; ib += 32) {  // 32 features x tw batch columns per block
+        const int64_t ie = std::min(ib + 32, i1);
+        for (int64_t b = 0; b < w; ++b) {
+          const T* s = src + (b0 + b) * stride;
+          for (int64_t i = ib; i < ie; ++i) d[i * tw + b] = s[i];
+        }
+        for (int64_t i = ib; i < ie; ++i)
+          for (int64_t b = w; b < tw; ++b) d[i * tw + b] = 0;
+      }
+    }
+  });
+}
+
+template <class T>
+void unpack_t(int threads, const T* src, int64_t batch, int64_t n, int64_t tw, T* dst, const T* bias) {
+  const int nt = batch * n < 65536 ? 1 : std::max(1, threads);
+  parallel(nt, [&]() {
+#ifdef _OPENMP
+    const int t = omp_in_parallel() ? omp_get_thread_num() : 0, m = omp_in_parallel() ? omp_get_num_threads() : 1;
+#else
+    const int t = 0, m = 1;
+#endif
+    const int64_t b0 = batch * t / m, b1 = batch * (t + 1) / m;  // this thread's output rows
+    for (int64_t ib = 0; ib < n; ib += 32) {
+      const int64_t ie = std::min(ib + 32, n);
+      for (int64_t b = b0; b < b1; ++b) {
+        const T* s = src + (b / tw) * n * tw + (b % tw);
+        T* d = dst + b * n;
+        if (bias)
+          for (int64_t i = ib; i < ie; ++i) d[i] = s[i * tw] + bias[i];
+        else
+          for (int64_t i = ib; i < ie; ++i) d[i] = s[i * tw];
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void spmm(int isa, int threads, int dtype, const Pattern& w, int64_t rows, const void* val, const void* src,
+          int64_t src_rows, void* dst, int64_t tw, int64_t panels) {
+  const int64_t work = (w.ptr[rows] - w.ptr[0]) * tw * panels + rows * tw * panels;
+  over_rows(threads, w.ptr, rows, work, [&](int64_t r0, int64_t r1) {
+    if (dtype == F32) {
+      auto f = isa == ISA_AVX512 ? avx512::spmm_f32 : isa == ISA_AVX2 ? avx2::spmm_f32 : generic::spmm_f32;
+      f(w, (const float*)val, (const float*)src, src_rows, (float*)dst, rows, tw, panels, r0, r1);
+    } else {
+      auto f = isa == ISA_AVX512 ? avx512::spmm_f64 : isa == ISA_AVX2 ? avx2::spmm_f64 : generic::spmm_f64;
+      f(w, (const double*)val, (const double*)src, src_rows, (double*)dst, rows, tw, panels, r0, r1);
+    }
+  });
+}
+
+void sddmm(int isa, int threads, int dtype, const Pattern& w, int64_t rows, const void* a, const void* b,
+           int64_t b_rows, void* dw, int64_t tw, int64_t panels) {
+  const int64_t work = (w.ptr[rows] - w.ptr[0]) * tw * panels;
+  over_rows(threads, w.ptr, rows, work, [&](int64_t r0, int64_t r1) {
+    if (dtype == F32) {
+      auto f = isa == ISA_AVX512 ? avx512::sddmm_f32 : isa == ISA_AVX2 ? avx2::sddmm_f32 : generic::sddmm_f32;
+      f(w, (const float*)a, rows, (const float*)b, b_rows, (float*)dw, tw, panels, r0, r1);
+    } else {
+      auto f = isa == ISA_AVX512 ? avx512::sddmm_f64 : isa == ISA_AVX2 ? avx2::sddmm_f64 : generic::sddmm_f64;
+      f(w, (const double*)a, rows, (const double*)b, b_rows, (double*)dw, tw, panels, r0, r1);
+    }
+  });
+}
+
+void pack(int threads, int dtype, const void* src, int64_t batch, int64_t n, int64_t stride, void* dst, int64_t tw) {
+  if (dtype == F32) pack_t(threads, (const float*)src, batch, n, stride, (float*)dst, tw);
+  else pack_t(threads, (const double*)src, batch, n, stride, (double*)dst, tw);
+}
+
+void unpack(int threads, int dtype, const void* src, int64_t batch, int64_t n, int64_t tw, void* dst,
+            const void* bias) {
+  if (dtype == F32) unpack_t(threads, (const float*)src, batch, n, tw, (float*)dst, (const float*)bias);
+  else unpack_t(threads, (const double*)src, batch, n, tw, (double*)dst, (const double*)bias);
+}
+
+}  // namespace stt

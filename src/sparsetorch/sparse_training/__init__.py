@@ -1,0 +1,21 @@
+"""Sparse training on compressed weights: the dense weight matrix never exists.
+
+* :class:`SparseLinear` stores W as CSR (values are the parameter, nnz of them) and computes the forward,
+  the input gradient and the weight gradient (at kept positions only) with sparse kernels.
+* :func:`to_sparse_training` / :func:`to_dense` swap a model's Linear layers in and out.
+* :class:`SET` and :class:`RigL` move connections between training steps at fixed nnz, on the compressed
+  layers, carrying Adam/SGD state along.
+"""
+from __future__ import annotations
+
+from .convert import to_dense, to_sparse_training
+from .layer import SparseLinear
+
+__all__ = ["SparseLinear", "to_sparse_training", "to_dense", "has_kernels"]
+
+
+def has_kernels() -> bool:
+    """Whether the compiled training kernels (sparsetorch.kernels._train) are built and enabled."""
+    from . import _kernels
+
+    return _kernels.available()

@@ -1,0 +1,102 @@
+"""Calls into the optional compiled training kernels (``sparsetorch.kernels._train``, csrc/train_*.cpp).
+
+The extension takes raw buffer addresses; this module is the only place that calls it. It checks dtypes
+and contiguity, allocates every output and keeps the tensors alive for the duration of each call.
+``SPARSETORCH_DISABLE_EXT=1`` hides it (SparseLinear then runs on torch sparse CSR ops) and
+``SPARSETORCH_ISA=generic|avx2|avx512`` caps the instruction set, as for the inference kernels.
+
+Dense operands are handed to the kernels as "panels": X [B, n] transposed into ceil(B / tw) contiguous
+[n, tw] blocks (batch zero-padded), so that each nonzero works on tw consecutive batch values.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+
+ISAS = ("generic", "avx2", "avx512")
+DTYPES = {torch.float32: 0, torch.float64: 1}
+
+
+@functools.lru_cache(maxsize=1)
+def _load():
+    try:
+        return importlib.import_module("sparsetorch.kernels._train")
+    except ImportError:
+        return None
+
+
+def available() -> bool:
+    """Whether the compiled training kernels are built and not disabled by SPARSETORCH_DISABLE_EXT=1."""
+    return os.environ.get("SPARSETORCH_DISABLE_EXT", "0") in ("", "0") and _load() is not None
+
+
+def isa_level() -> int:
+    level = _load().best_isa()
+    cap = os.environ.get("SPARSETORCH_ISA")
+    return min(level, ISAS.index(cap)) if cap in ISAS else level
+
+
+def supports(x: torch.Tensor) -> bool:
+    """Whether the kernels can take this input (CPU, float32/float64) in this process."""
+    return x.device.type == "cpu" and x.dtype in DTYPES and available()
+
+
+def panel_width(batch: int) -> int:
+    """Batch columns per panel: the batch rounded up to a power of two in [16, 256]. Wide panels amortise the
+    horizontal sums of the SDDMM and the per-row loop overheads; each nonzero still reads one contiguous
+    run of tw values (measured on a 4096x4096 layer, B=256: tw=256 beat 32/64/128 for fwd+bwd)."""
+    tw = 16
+    while tw < batch and tw < 256:
+        tw *= 2
+    return tw
+
+
+def pack(x: torch.Tensor, tw: int) -> torch.Tensor:
+    """x [B, n] (unit column stride) -> panels [ceil(B/tw), n, tw]."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    b, n = x.shape
+    out = torch.empty((b + tw - 1) // tw, n, tw, dtype=x.dtype)
+    _load().pack(torch.get_num_threads(), DTYPES[x.dtype], x.data_ptr(), b, n, max(x.stride(0), n), out.data_ptr(), tw)
+    return out
+
+
+def unpack(panels: torch.Tensor, batch: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """panels [P, n, tw] -> [batch, n] (+ bias)."""
+    _, n, tw = panels.shape
+    out = torch.empty(batch, n, dtype=panels.dtype)
+    bias_addr = 0
+    if bias is not None:
+        bias = bias.detach().to(panels.dtype).contiguous()
+        bias_addr = bias.data_ptr()
+    _load().unpack(torch.get_num_threads(), DTYPES[panels.dtype], panels.data_ptr(), batch, n, tw, out.data_ptr(),
+                   bias_addr)
+    return out
+
+
+def _bits(indices: torch.Tensor) -> int:
+    return 16 if indices.dtype == torch.int16 else 32
+
+
+def spmm(rows: int, indptr: torch.Tensor, indices: torch.Tensor, vmap: torch.Tensor | None, values: torch.Tensor,
+         src: torch.Tensor) -> torch.Tensor:
+    """dst panels [P, rows, tw] = W @ src panels [P, n, tw], W given by (indptr, indices, values[vmap])."""
+    p, n, tw = src.shape
+    dst = torch.empty(p, rows, tw, dtype=src.dtype)
+    _load().spmm(isa_level(), torch.get_num_threads(), DTYPES[src.dtype], rows, indptr.data_ptr(), indices.data_ptr(),
+                 _bits(indices), 0 if vmap is None else vmap.data_ptr(), values.data_ptr(), src.data_ptr(), n,
+                 dst.data_ptr(), tw, p)
+    return dst
+
+
+def sddmm(indptr: torch.Tensor, indices: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """dw[k] = <a row r_k, b row c_k> over the whole batch for each nonzero k = (r_k, c_k); a, b are panels."""
+    p, rows, tw = a.shape
+    dw = torch.empty(indices.numel(), dtype=a.dtype)
+    if dw.numel():
+        _load().sddmm(isa_level(), torch.get_num_threads(), DTYPES[a.dtype], rows, indptr.data_ptr(),
+                      indices.data_ptr(), _bits(indices), a.data_ptr(), b.data_ptr(), b.shape[1], dw.data_ptr(), tw, p)
+    return dw

@@ -1,0 +1,58 @@
+"""Swap a model's Linear layers for SparseLinear (``to_sparse_training``) and back (``to_dense``)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..distributions import layer_densities
+from ..errors import SparsityError, check_sparsity
+from ..selection import select_targets
+from .layer import SparseLinear
+
+
+def _replace(model: nn.Module, fqn: str, new: nn.Module) -> None:
+    parent_name, _, child = fqn.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def to_sparse_training(model: nn.Module, sparsity: float = 0.9, distribution: str = "erk", *,
+                       include=None, exclude=None, init: str = "random",
+                       generator: torch.Generator | None = None, backend: str = "auto") -> nn.Module:
+    """Replace the eligible nn.Linear layers of ``model`` (in place; returned) by SparseLinear.
+
+    Eligible: what ``select_targets(model, include, exclude)`` picks (by default every Linear except a final
+    classifier / lm_head, including the projections inside attention and MLP blocks built from nn.Linear) that
+    is an nn.Linear with float32/float64 weights. ``distribution`` ("erk", "er", "uniform") splits the overall
+    ``sparsity`` across these layers; ``init`` "random" (sparse training from scratch) or "magnitude" chooses
+    which weights each layer keeps. Create the optimizer (and LR scheduler) after the swap: the layers'
+    parameters are new tensors of nnz values.
+    """
+    sparsity = check_sparsity(sparsity)
+    targets = [t for t in select_targets(model, include, exclude) if type(t.module) is nn.Linear]
+    if not targets:
+        raise SparsityError("no nn.Linear layer to make sparse; pass include=[...] with layer names or types")
+    if any(t.fqn == "" for t in targets):
+        raise SparsityError("the model itself is an nn.Linear: use SparseLinear.from_dense(linear, sparsity)")
+    bad = [t.fqn for t in targets if t.module.weight.dtype not in (torch.float32, torch.float64)]
+    if bad:
+        raise SparsityError(f"SparseLinear supports float32/float64 weights; layers {bad[:3]} are "
+                            f"{targets[0].module.weight.dtype}: call model.float() first", layers=bad)
+    shapes = [tuple(t.module.weight.shape) for t in targets]
+    densities = layer_densities(distribution, shapes, sparsity)
+    new = [SparseLinear.from_dense(t.module, min(1.0, max(0.0, 1.0 - d)), init=init, generator=generator,
+                                   backend=backend) for t, d in zip(targets, densities)]
+    for t, layer in zip(targets, new):  # swap only after every layer was built: nothing half-changed on error
+        _replace(model, t.fqn, layer)
+    return model
+
+
+def to_dense(model: nn.Module) -> nn.Module:
+    """Replace every SparseLinear of ``model`` (in place; returned) by an nn.Linear holding zeros at the
+    pruned positions. Create a new optimizer afterwards."""
+    if isinstance(model, SparseLinear):
+        return model.to_linear()
+    layers = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, SparseLinear)]
+    for fqn, m in layers:
+        _replace(model, fqn, m.to_linear())
+    return model
