@@ -24,6 +24,16 @@ _LAZY = {
     "load": "io:load",
     "report": "reporting:report",
     "Sparsifier": "sparsifiers.base:Sparsifier",
+    "GMP": "sparsifiers:GMP",
+    "Static": "sparsifiers:Static",
+    "SET": "sparsifiers:SET",
+    "RigL": "sparsifiers:RigL",
+    "SRigL": "sparsifiers:SRigL",
+    "SNIP": "sparsifiers:SNIP",
+    "GraSP": "sparsifiers:GraSP",
+    "SynFlow": "sparsifiers:SynFlow",
+    "LotteryTicket": "sparsifiers:LotteryTicket",
+    "lottery_ticket": "sparsifiers:lottery_ticket",
     "set_mask": "masks:set_mask",
     "get_mask": "masks:get_mask",
     "iter_masks": "masks:iter_masks",
@@ -41,7 +51,8 @@ _LAZY = {
     "export_edge": "edge_export:export_edge",
 }
 _SUBMODULES = {"masks", "patterns", "distributions", "scores", "schedules", "selection", "formats", "sparsifiers",
-               "oneshot", "kernels", "explain", "integrations", "edge", "cli", "io"}
+               "oneshot", "kernels", "explain", "integrations", "edge", "cli", "io",
+               "shrink"}  # a callable module: sparsetorch.shrink(model, x) and sparsetorch.shrink.prune_channels
 
 __all__ = ["SparsityError", "SparsityWarning", "__version__", *_LAZY]
 

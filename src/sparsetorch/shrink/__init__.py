@@ -1,0 +1,23 @@
+"""Structured shrinking: remove pruned channels, neurons and heads for a smaller dense model.
+
+``shrink(model, example_inputs)`` returns the smaller copy; ``prune_channels`` chooses what to
+remove (by L1/L2 norm, BatchNorm scale or Taylor importance, honouring residual groups);
+``save_shrunk`` / ``load_shrunk`` store it as tensors plus shapes (no pickle).
+"""
+from .selection import prune_channels
+from .surgery import find_groups, shrink
+
+__all__ = ["shrink", "prune_channels", "find_groups"]
+
+import sys as _sys
+import types as _types
+
+
+class _CallableModule(_types.ModuleType):
+    """``sparsetorch.shrink(model, x)`` calls :func:`shrink`; ``sparsetorch.shrink.prune_channels`` etc. still work."""
+
+    def __call__(self, model, example_inputs, **kwargs):
+        return shrink(model, example_inputs, **kwargs)
+
+
+_sys.modules[__name__].__class__ = _CallableModule
