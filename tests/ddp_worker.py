@@ -62,6 +62,8 @@ METHOD_KWARGS = {
     "GMP": dict(sparsity=0.8, start=1, end=8, every=2),
     "RigL": dict(sparsity=0.8, every=2),
     "SET": dict(sparsity=0.8, every=2),
+    "SRigL": dict(sparsity=0.8, every=2),
+    "Static": dict(sparsity=0.8),
 }
 
 

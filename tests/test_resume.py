@@ -81,7 +81,9 @@ def test_resume_is_bitwise_the_uninterrupted_run(tmp_path, opt_name, method):
     assert extra == {"next_step": 5}
     train(model, optimizer, sparsifier, range(extra["next_step"], 10))
     assert_same_run(reference, (model, optimizer, sparsifier))
-    assert any(row["moved"] > 0 for row in sparsifier.history[1:]), "the masks never moved; the test proves nothing"
+    if method != "Static":  # the masks of every other method change during these 10 steps
+        first = sparsifier.history[0]["density"]
+        assert any(row["moved"] > 0 or row["density"] != first for row in sparsifier.history[1:]), "masks never changed"
     for item in sparsetorch.iter_masks(model):
         assert (item.param[~item.mask] == 0).all()
 
