@@ -1,0 +1,268 @@
+"""Dynamic sparse training: the topology changes during training at constant sparsity.
+
+Every ``every`` steps (until ``end``) each layer drops its ``k`` smallest-magnitude kept
+weights and grows exactly ``k`` new connections, so the total density never changes:
+
+* ``SET`` (Mocanu et al. 2018) grows at random;
+* ``RigL`` (Evci et al. 2020) grows where the dense gradient is largest;
+* ``SRigL`` (Lasby et al. 2023) is RigL with a constant fan-in: each output unit drops and grows
+  within its own row, so every unit keeps the same number of inputs.
+
+``k = round(f_t * kept)`` with ``f_t`` the drop fraction decayed by ``schedules.cosine_decay``.
+Grown weights start at zero and so does their optimizer state (momentum, Adam moments).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .. import schedules
+from ..errors import SparsityError
+from ..patterns import as_2d
+from .base import Sparsifier
+from .common import check_choice, check_target_sparsity, moves, rescale_by_fan_in, rows_cols
+from ..distributions import layer_densities
+from ..masks import zero_optimizer_state
+
+__all__ = ["DynamicSparsifier", "SET", "RigL", "SRigL"]
+
+
+class DynamicSparsifier(Sparsifier):
+    """Drop-and-grow at fixed density; subclasses choose what grows (``grow_scores``).
+
+    Args:
+        sparsity: overall fraction of target weights removed, from step 0 on.
+        distribution: "uniform", "er" or "erk" split of the density across layers.
+        every: steps between topology updates (the paper's delta T).
+        drop_fraction: fraction of each layer's kept weights moved at the first update (alpha).
+        decay: "cosine" (Evci et al. 2020) or "constant" decay of the drop fraction until ``end``.
+        end: last update step (RigL stops at 75% of training). None: update forever with a
+            constant fraction.
+        reinit: sparsity-aware re-initialisation of the kept weights at attach (see ``Static``).
+    """
+
+    def __init__(self, sparsity: float = 0.9, *, distribution: str = "erk", every: int = 100,
+                 drop_fraction: float = 0.3, decay: str = "cosine", end: int | None = None,
+                 reinit: bool = False, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.sparsity = check_target_sparsity(sparsity)
+        self.distribution = check_choice(distribution, ("uniform", "er", "erk"), "distribution")
+        self.every = schedules.check_every(every)
+        self.drop_fraction = schedules.check_fraction(drop_fraction)
+        self.decay = check_choice(decay, ("cosine", "constant"), "decay")
+        if end is not None:
+            schedules.check_window(0, end, f"{type(self).__name__} update schedule")
+        self.end = None if end is None else int(end)
+        self.reinit = bool(reinit)
+
+    # ---- schedule ---------------------------------------------------------------------
+    def is_update_step(self, step: int) -> bool:
+        return step > 0 and step % self.every == 0 and (self.end is None or step < self.end)
+
+    def fraction(self, step: int) -> float:
+        """The drop fraction at ``step``."""
+        if self.end is None or self.decay == "constant":
+            return self.drop_fraction if self.end is None or step < self.end else 0.0
+        return schedules.cosine_decay(step, initial=self.drop_fraction, end=self.end)
+
+    # ---- masks ------------------------------------------------------------------------
+    def initial_masks(self) -> list[torch.Tensor]:
+        densities = layer_densities(self.distribution, [t.param.shape for t in self.targets], self.sparsity)
+        return [self._random_mask(t.param.shape, d) for t, d in zip(self.targets, densities)]
+
+    def _random_mask(self, shape: torch.Size, density: float) -> torch.Tensor:
+        numel = shape.numel()
+        keep = int(round(density * numel))
+        mask = torch.zeros(numel, dtype=torch.bool)
+        mask[torch.randperm(numel, generator=self.generator)[:keep]] = True
+        return mask.view(shape)
+
+    def attach(self, model, optimizer=None) -> "DynamicSparsifier":
+        super().attach(model, optimizer)
+        if self.reinit:
+            rescale_by_fan_in(self.targets)
+        return self
+
+    def grow_scores(self, i: int) -> torch.Tensor:
+        """Scores (higher grows first) over layer ``i``'s positions; only inactive ones are used."""
+        raise NotImplementedError
+
+    def update(self, step: int) -> None:
+        if not self.is_update_step(step):
+            return
+        fraction = self.fraction(step)
+        if fraction <= 0.0:
+            return
+        scores = [self.grow_scores(i) for i in range(len(self.targets))]  # may raise: nothing changed yet
+        old = [self.current_mask(i) for i in range(len(self.targets))]
+        new = [self.drop_and_grow(self.targets[i].param.detach(), old[i], scores[i], fraction)
+               for i in range(len(self.targets))]
+        dropped, grown = moves(old, new)
+        self.set_masks(new, fraction=fraction, dropped=dropped, grown=grown)
+        self._zero_grown(old, new)
+
+    def drop_and_grow(self, weight: torch.Tensor, mask: torch.Tensor, grow: torch.Tensor,
+                      fraction: float) -> torch.Tensor:
+        """New mask: drop the k smallest |w| among kept, grow the k best ``grow`` among the rest.
+
+        Evci et al. 2020, Alg. 1; k = round(fraction * kept), at most the number of inactive.
+        """
+        flat, w = mask.flatten().cpu(), weight.detach().abs().flatten().float().cpu()
+        kept = int(flat.sum())
+        k = min(int(round(fraction * kept)), flat.numel() - kept)
+        if k <= 0:
+            return mask.cpu()
+        drop_score = torch.where(flat, w, torch.full_like(w, float("inf")))
+        dropped = torch.topk(drop_score, k, largest=False).indices
+        after = flat.clone()
+        after[dropped] = False
+        # grow among all inactive positions after the drop (a dropped weight may come back, at zero)
+        g = grow.flatten().float().cpu()
+        grow_score = torch.where(after, torch.full_like(g, -float("inf")), g)
+        after[torch.topk(grow_score, k).indices] = True
+        return after.view(mask.shape)
+
+    @torch.no_grad()
+    def _zero_grown(self, old: list[torch.Tensor], new: list[torch.Tensor]) -> None:
+        for t, a, b in zip(self.targets, old, new):
+            keep_state = ~(b & ~a.to(b.device)).to(t.param.device)  # False where grown
+            t.param.mul_(keep_state)
+            if self.optimizer is not None:
+                zero_optimizer_state(self.optimizer, t.param, keep_state)
+
+
+
+class SET(DynamicSparsifier):
+    """Sparse Evolutionary Training (Mocanu et al. 2018): drop smallest |w|, grow at random.
+
+    Example::
+
+        sparsifier = SET(sparsity=0.9, every=100, drop_fraction=0.3, end=7500).attach(model, optimizer)
+    """
+
+    def grow_scores(self, i: int) -> torch.Tensor:
+        return torch.rand(self.targets[i].param.shape, generator=self.generator)
+
+
+class RigL(DynamicSparsifier):
+    """Rigged Lottery (Evci et al. 2020): drop smallest |w|, grow largest dense |gradient|.
+
+    The dense gradient is captured by a hook only during the backward pass of an update step
+    (the step after which ``step()`` will update), so every other step costs nothing extra.
+    Under DDP the captured gradient (local to a rank, taken before DDP's all-reduce) is
+    averaged across ranks before use, so every rank grows the same connections.
+    Needs one backward pass before each ``step()`` that updates.
+
+    Example::
+
+        sparsifier = RigL(sparsity=0.9, every=100, drop_fraction=0.3, end=7500).attach(model, optimizer)
+    """
+
+    _dense: dict[int, torch.Tensor]  # target index -> dense gradient captured for the next update
+    _hooks: list[torch.utils.hooks.RemovableHandle]
+
+    def attach(self, model, optimizer=None) -> "RigL":
+        super().attach(model, optimizer)
+        self._dense, self._hooks = {}, []
+        # our hook must see the gradient before the mask hook zeroes pruned entries, so the
+        # masks are re-installed after it (hooks on a tensor run in registration order)
+        from ..masks import remove_mask, set_mask
+
+        for i, t in enumerate(self.targets):
+            mask = self.current_mask(i)
+            remove_mask(t.module, t.name)
+            self._hooks.append(t.param.register_hook(self._capture(i)))
+            set_mask(t.module, mask, t.name)
+        return self
+
+    def _capture(self, i: int):
+        def hook(grad: torch.Tensor) -> None:
+            if self.model is not None and self.is_update_step(self.step_count + 1):
+                g = grad.detach()
+                self._dense[i] = self._dense[i] + g if i in self._dense else g.clone()
+        return hook
+
+    def grow_scores(self, i: int) -> torch.Tensor:
+        if i not in self._dense:
+            raise SparsityError(
+                f"RigL found no dense gradient for {self.targets[i].qualified_name} at update step "
+                f"{self.step_count}; run loss.backward() before every optimizer.step()/sparsifier.step()",
+                layer=self.targets[i].qualified_name,
+            )
+        grad = self._dense[i]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            grad = grad.clone()
+            dist.all_reduce(grad)
+            grad /= dist.get_world_size()
+        return grad.abs()
+
+    def update(self, step: int) -> None:
+        try:
+            super().update(step)
+        finally:
+            if self.is_update_step(step):
+                self._dense.clear()
+
+    def remove(self):
+        model = super().remove()
+        for h in self._hooks:
+            h.remove()
+        self._hooks, self._dense = [], {}
+        return model
+
+
+class SRigL(RigL):
+    """Structured RigL with constant fan-in (Lasby et al. 2023, "Dynamic Sparse Training with
+    Structured Sparsity").
+
+    Why this third method: it keeps RigL's gradient-guided growth (better than MEST's
+    magnitude-plus-gradient heuristics at high sparsity, and unlike Top-KAST it needs no dense
+    backward pass every step), and its constant fan-in -- every output unit keeps the same
+    number of inputs -- gives a regular layout (equal nonzeros per row) that condensed/row-wise
+    sparse kernels run fast. Each unit drops its k smallest-magnitude inputs and grows its k
+    largest-gradient inactive inputs. The paper's neuron ablation (removing units with too few
+    salient weights) is not implemented: units here never die.
+    """
+
+    def fan_ins(self) -> list[int]:
+        """One fan-in per layer: the distribution's density rounded to whole inputs per unit,
+        then layers moved up by one input per unit while that brings the total closer to target."""
+        shapes = [t.param.shape for t in self.targets]
+        densities = layer_densities(self.distribution, shapes, self.sparsity)
+        rc = [rows_cols(s) for s in shapes]
+        fan = [min(c, max(1, int(d * c))) for d, (_, c) in zip(densities, rc)]
+        budget = round((1.0 - self.sparsity) * sum(s.numel() for s in shapes))
+        kept = sum(f * r for f, (r, _) in zip(fan, rc))
+        by_remainder = sorted(range(len(fan)), key=lambda i: -(densities[i] * rc[i][1] - fan[i]))
+        for i in by_remainder:
+            rows, cols = rc[i]
+            if fan[i] < cols and abs(kept + rows - budget) < abs(kept - budget):
+                fan[i] += 1
+                kept += rows
+        return fan
+
+    def initial_masks(self) -> list[torch.Tensor]:
+        masks = []
+        for t, fan_in in zip(self.targets, self.fan_ins()):
+            rows, cols = rows_cols(t.param.shape)
+            noise = torch.rand(rows, cols, generator=self.generator)
+            idx = torch.topk(noise, fan_in, dim=1).indices  # [rows, fan_in] random inputs per unit
+            masks.append(torch.zeros(rows, cols, dtype=torch.bool).scatter_(1, idx, True).view(t.param.shape))
+        return masks
+
+    def drop_and_grow(self, weight: torch.Tensor, mask: torch.Tensor, grow: torch.Tensor,
+                      fraction: float) -> torch.Tensor:
+        m2, w2 = as_2d(mask.cpu()), as_2d(weight.detach().abs().float().cpu())  # [rows, cols]
+        g2 = as_2d(grow.float().cpu())
+        fan_in = m2.sum(dim=1)  # constant by construction
+        cols = m2.shape[1]
+        k = min(int(round(fraction * int(fan_in.max()))), cols - int(fan_in.max()))
+        if k <= 0:
+            return mask.cpu()
+        inf = float("inf")
+        dropped = torch.topk(torch.where(m2, w2, torch.full_like(w2, inf)), k, dim=1, largest=False).indices
+        after = m2.clone().scatter_(1, dropped, False)
+        grown = torch.topk(torch.where(after, torch.full_like(g2, -inf), g2), k, dim=1).indices
+        return after.scatter_(1, grown, True).view(mask.shape)

@@ -1,0 +1,53 @@
+"""Every training-time method by name, with small default hyperparameters.
+
+``METHODS[name](**overrides)`` builds an unattached sparsifier; the defaults suit a few dozen
+steps on a small model (tests, the ``sparsetorch train`` command scales them to the run).
+``NEEDS_BATCH`` lists the methods that need ``batch=`` and ``NEEDS_INPUTS`` those that need
+``example_inputs=``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .base import Sparsifier
+from .dst import SET, RigL, SRigL
+from .gmp import GMP
+from .init_pruning import SNIP, GraSP, SynFlow
+from .lottery import LotteryTicket
+from .static import Static
+
+__all__ = ["METHODS", "NEEDS_BATCH", "NEEDS_INPUTS", "make_sparsifier"]
+
+
+def _factory(cls: type[Sparsifier], **defaults: Any) -> Callable[..., Sparsifier]:
+    def make(**overrides: Any) -> Sparsifier:
+        return cls(**{**defaults, **overrides})
+
+    make.__doc__ = f"{cls.__name__} with defaults {defaults}"
+    return make
+
+
+METHODS: dict[str, Callable[..., Sparsifier]] = {
+    "gmp": _factory(GMP, sparsity=0.9, start=0, end=10, every=2),
+    "static": _factory(Static, sparsity=0.9, distribution="erk"),
+    "set": _factory(SET, sparsity=0.9, distribution="erk", every=2, drop_fraction=0.3, end=16),
+    "rigl": _factory(RigL, sparsity=0.9, distribution="erk", every=2, drop_fraction=0.3, end=16),
+    "srigl": _factory(SRigL, sparsity=0.9, distribution="erk", every=2, drop_fraction=0.3, end=16),
+    "snip": _factory(SNIP, sparsity=0.9),
+    "grasp": _factory(GraSP, sparsity=0.9),
+    "synflow": _factory(SynFlow, sparsity=0.9, rounds=10),
+    "lottery": _factory(LotteryTicket, sparsity=0.9, rounds=2, rewind_step=2),
+}
+NEEDS_BATCH = ("snip", "grasp")
+NEEDS_INPUTS = ("synflow",)
+
+
+def make_sparsifier(name: str, **overrides: Any) -> Sparsifier:
+    """Build method ``name`` (case-insensitive) with its defaults updated by ``overrides``."""
+    from ..errors import SparsityError
+
+    key = name.lower()
+    if key not in METHODS:
+        raise SparsityError(f"unknown sparse training method {name!r}; choose one of {sorted(METHODS)}", method=name)
+    return METHODS[key](**overrides)

@@ -1,0 +1,174 @@
+"""Conformance of every training-time method in the registry, and bad input."""
+import pytest
+import torch
+
+import sparsetorch
+from sparsetorch.errors import SparsityError
+from sparsetorch.models import MLP
+from sparsetorch.sparsifiers import METHODS, LotteryTicket, make_sparsifier
+from sparsetorch.sparsifiers.common import rows_cols
+from sparsetorch.sparsifiers.registry import NEEDS_BATCH, NEEDS_INPUTS
+
+OPTIMIZERS = {
+    "adam": lambda params: torch.optim.Adam(params, lr=1e-2),
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
+}
+SIZES = (16, 48, 32, 4)
+
+
+def batch(step):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(16, SIZES[0], generator=g), torch.randint(0, SIZES[-1], (16,), generator=g)
+
+
+def build(name, seed=0, **overrides):
+    kwargs = dict(generator=torch.Generator().manual_seed(seed), **overrides)
+    if name in NEEDS_BATCH:
+        kwargs.setdefault("batch", batch(-1))
+    if name in NEEDS_INPUTS:
+        kwargs.setdefault("example_inputs", batch(-1)[0])
+    return make_sparsifier(name, **kwargs)
+
+
+def setup(name, opt="adam", seed=0, model_seed=0, **overrides):
+    torch.manual_seed(model_seed)
+    model = MLP(SIZES)
+    optimizer = OPTIMIZERS[opt](model.parameters())
+    return model, optimizer, build(name, seed, **overrides).attach(model, optimizer)
+
+
+def train(model, optimizer, sparsifier, steps, check=None):
+    for step in range(steps):
+        x, y = batch(step)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        sparsifier.step()
+        if isinstance(sparsifier, LotteryTicket) and step in (5, 11):  # two rounds inside the run
+            sparsifier.next_round()
+        if check:
+            check(step)
+
+
+def tolerance(sparsifier):
+    """Rounding slack: half a weight per layer, or half a unit's row per layer for constant fan-in."""
+    total = sum(t.param.numel() for t in sparsifier.targets)
+    if type(sparsifier).__name__ == "SRigL":
+        return max(rows_cols(t.param.shape)[0] for t in sparsifier.targets) / total
+    return len(sparsifier.targets) / total
+
+
+@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_target_reached_masks_binary_pruned_stay_zero(name, opt):
+    model, optimizer, sparsifier = setup(name, opt)
+
+    def check(step):
+        for item in sparsetorch.iter_masks(model):
+            assert item.mask.dtype == torch.bool
+            assert torch.count_nonzero(item.param[~item.mask]) == 0, (name, step, item.qualified_name)
+
+    train(model, optimizer, sparsifier, 20, check)
+    assert abs(sparsifier.density() - 0.1) <= tolerance(sparsifier), (name, sparsifier.density())
+    # the optimizer holds no momentum for pruned weights either
+    for t in sparsifier.targets:
+        mask = sparsetorch.get_mask(t.module, t.name)
+        for value in optimizer.state[t.param].values():
+            if isinstance(value, torch.Tensor) and value.shape == mask.shape:
+                assert torch.count_nonzero(value[~mask]) == 0
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_state_dict_round_trip(name):
+    model, optimizer, sparsifier = setup(name)
+    train(model, optimizer, sparsifier, 12)
+    state = sparsifier.state_dict()
+    model2, optimizer2, sparsifier2 = setup(name, model_seed=1, seed=5)
+    sparsifier2.load_state_dict(state)
+    for a, b in zip(sparsetorch.iter_masks(model), sparsetorch.iter_masks(model2)):
+        assert torch.equal(a.mask, b.mask)
+    assert sparsifier2.step_count == sparsifier.step_count and sparsifier2.history == sparsifier.history
+    assert torch.equal(sparsifier2.generator.get_state(), sparsifier.generator.get_state())
+    assert sparsifier2.state_dict()["extra"].keys() == state["extra"].keys()
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_same_seed_same_masks(name):
+    runs = []
+    for _ in range(2):
+        model, optimizer, sparsifier = setup(name, seed=3)
+        train(model, optimizer, sparsifier, 20)
+        runs.append([m.mask.clone() for m in sparsetorch.iter_masks(model)])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("name", ["static", "set", "srigl"])
+def test_other_seed_other_masks(name):
+    a = [m.mask.clone() for m in sparsetorch.iter_masks(setup(name, seed=1)[0])]
+    b = [m.mask.clone() for m in sparsetorch.iter_masks(setup(name, seed=2)[0])]
+    assert not all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_history_rows_count_moves(name):
+    model, optimizer, sparsifier = setup(name)
+    train(model, optimizer, sparsifier, 20)
+    rows = [r for r in sparsifier.history if "dropped" in r]
+    if name in ("static", "snip", "grasp", "synflow"):
+        assert rows == [] and len(sparsifier.history) == 1
+        return
+    assert rows and all(r["dropped"] >= 0 and r["grown"] >= 0 for r in rows)
+    if name in ("set", "rigl", "srigl"):
+        assert all(r["dropped"] == r["grown"] for r in rows)  # fixed density: drop k, grow k
+        assert sum(r["grown"] for r in rows) > 0
+    else:
+        assert all(r["grown"] == 0 for r in rows) and sum(r["dropped"] for r in rows) > 0
+
+
+# ---- bad input: clear error, nothing changed ---------------------------------------------------
+@pytest.mark.parametrize("name,kwargs,match", [
+    ("gmp", dict(start=10, end=10), "ends before it starts"),
+    ("gmp", dict(start=10, end=3), "ends before it starts"),
+    ("gmp", dict(every=0), "positive integer"),
+    ("gmp", dict(sparsity=1.0), "sparsity"),
+    ("gmp", dict(initial_sparsity=0.95, sparsity=0.9), "initial_sparsity"),
+    ("gmp", dict(scope="everywhere"), "scope"),
+    ("set", dict(every=-1), "positive integer"),
+    ("rigl", dict(drop_fraction=0.0), "drop_fraction"),
+    ("rigl", dict(drop_fraction=1.0), "drop_fraction"),
+    ("srigl", dict(end=0), "ends before it starts"),
+    ("set", dict(distribution="pareto"), "distribution"),
+    ("static", dict(sparsity=-0.1), "sparsity"),
+    ("snip", dict(batch=None), "batch"),
+    ("synflow", dict(example_inputs=None), "example_inputs"),
+    ("lottery", dict(rounds=0), "rounds"),
+    ("lottery", dict(rewind_step=-2), "rewind_step"),
+])
+def test_bad_hyperparameters(name, kwargs, match):
+    with pytest.raises(SparsityError, match=match):
+        build(name, **kwargs)
+
+
+def test_unknown_method():
+    with pytest.raises(SparsityError, match="choose one of"):
+        make_sparsifier("magic")
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_attach_twice_step_before_attach_and_missing_params(name):
+    torch.manual_seed(0)
+    model = MLP(SIZES)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sparsifier = build(name)
+    with pytest.raises(SparsityError, match="attach"):
+        sparsifier.step()
+    with pytest.raises(SparsityError, match="not in the optimizer"):
+        sparsifier.attach(model, torch.optim.SGD(model.classifier.parameters(), lr=0.1))
+    assert list(sparsetorch.iter_masks(model)) == []
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparsifier.attach(model, optimizer)
+    masks = [m.mask.clone() for m in sparsetorch.iter_masks(model)]
+    with pytest.raises(SparsityError, match="already attached"):
+        sparsifier.attach(model, optimizer)
+    assert all(torch.equal(a, b.mask) for a, b in zip(masks, sparsetorch.iter_masks(model)))
