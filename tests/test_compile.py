@@ -9,8 +9,8 @@ from ddp_worker import SwapSparsifier
 
 
 @pytest.mark.slow  # inductor compiles C++: ~19 s cold on 2 busy cores, ~4 s with a warm cache
-@pytest.mark.parametrize("opt_name", ["adam", "sgd"])
-def test_compiled_model_keeps_pruned_weights_zero(opt_name):
+@pytest.mark.parametrize("opt_name,method", [("adam", "swap"), ("sgd", "swap"), ("adam", "RigL")])
+def test_compiled_model_keeps_pruned_weights_zero(opt_name, method):
     from torch._dynamo.utils import counters
 
     counters.clear()
@@ -21,8 +21,14 @@ def test_compiled_model_keeps_pruned_weights_zero(opt_name):
             "sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-3)}[opt_name]
     optimizer = make(compiled.parameters())
     # attach to the compiled wrapper: its parameters are the model's, names get an _orig_mod. prefix
-    sparsifier = SwapSparsifier(sparsity=0.75, every=2, generator=torch.Generator().manual_seed(3)).attach(
-        compiled, optimizer)
+    g = torch.Generator().manual_seed(3)
+    if method == "RigL":  # its dense-gradient hook must fire in a compiled backward too
+        rigl = getattr(sparsetorch.sparsifiers, "RigL", None)
+        if rigl is None:
+            pytest.skip("RigL is not available")
+        sparsifier = rigl(sparsity=0.75, distribution="uniform", every=2, generator=g).attach(compiled, optimizer)
+    else:
+        sparsifier = SwapSparsifier(sparsity=0.75, every=2, generator=g).attach(compiled, optimizer)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(16, 12, generator=g), torch.randint(0, 3, (16,), generator=g)
     for _ in range(6):

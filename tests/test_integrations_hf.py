@@ -106,3 +106,21 @@ def test_sparsifier_attached_before_the_trainer(tmp_path):
     assert sparsifier.optimizer is not None and sparsifier.step_count == 4
     for item in sparsetorch.iter_masks(model):
         assert (item.param[~item.mask] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["RigL", "GMP"])
+def test_trainer_with_builtin_methods(tmp_path, name):
+    from sparsetorch import sparsifiers
+
+    if not hasattr(sparsifiers, name):
+        pytest.skip(f"{name} is not available")
+    g = torch.Generator().manual_seed(0)
+    sparsifier = (sparsifiers.RigL(sparsity=0.7, every=2, include=GPT2_LAYERS, generator=g) if name == "RigL" else
+                  sparsifiers.GMP(sparsity=0.7, start=0, end=4, every=2, include=GPT2_LAYERS, generator=g))
+    model = gpt2()
+    trainer(tmp_path, model, sparsifier, gradient_accumulation_steps=2).train()
+    assert sparsifier.density() == pytest.approx(0.3, abs=0.01)
+    if name == "RigL":
+        assert sum(row["moved"] for row in sparsifier.history[1:]) > 0
+    for item in sparsetorch.iter_masks(model):
+        assert (item.param[~item.mask] == 0).all(), item.qualified_name

@@ -71,3 +71,17 @@ def test_lightning_resume_continues_the_run_bitwise(tmp_path):
         assert torch.equal(item.mask, other.mask)
     for (name, value), other in zip(module.state_dict().items(), ref.state_dict().values()):
         assert torch.equal(value, other), name
+
+
+def test_lightning_with_rigl():
+    from sparsetorch import sparsifiers
+
+    if not hasattr(sparsifiers, "RigL"):
+        pytest.skip("RigL is not available")
+    module = Classifier()
+    sparsifier = sparsifiers.RigL(sparsity=0.75, every=2, generator=torch.Generator().manual_seed(0))
+    trainer(sparsifier, max_steps=6, accumulate_grad_batches=2).fit(module, data())
+    assert sparsifier.step_count == 6 and sum(row["moved"] for row in sparsifier.history[1:]) > 0
+    assert sparsifier.density() == pytest.approx(0.25, abs=0.01)
+    for item in sparsetorch.iter_masks(module):
+        assert (item.param[~item.mask] == 0).all()
