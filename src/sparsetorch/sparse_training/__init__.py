@@ -3,15 +3,17 @@
 * :class:`SparseLinear` stores W as CSR (values are the parameter, nnz of them) and computes the forward,
   the input gradient and the weight gradient (at kept positions only) with sparse kernels.
 * :func:`to_sparse_training` / :func:`to_dense` swap a model's Linear layers in and out.
-* :class:`SET` and :class:`RigL` move connections between training steps at fixed nnz, on the compressed
-  layers, carrying Adam/SGD state along.
+* :class:`CompressedSET` and :class:`CompressedRigL` move connections between training steps at fixed nnz,
+  on the compressed layers, carrying Adam/SGD state along.
 """
 from __future__ import annotations
 
 from .convert import to_dense, to_sparse_training
+from .dynamic import CompressedDST, CompressedRigL, CompressedSET
 from .layer import SparseLinear
 
-__all__ = ["SparseLinear", "to_sparse_training", "to_dense", "has_kernels"]
+__all__ = ["SparseLinear", "to_sparse_training", "to_dense", "has_kernels", "CompressedDST", "CompressedSET",
+           "CompressedRigL"]
 
 
 def has_kernels() -> bool:

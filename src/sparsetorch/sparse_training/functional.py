@@ -95,5 +95,7 @@ class SparseLinearFunction(torch.autograd.Function):
             db = dy.sum(0)
         if getattr(layer, "_want_dense_grad", False) and x is not None:
             # RigL's regrowth score on update steps only: the dense dL/dW = dY^T X, freed after the update
-            layer.dense_grad = dy.t() @ x                                        # [out, in]
+            g = dy.t() @ x                                                       # [out, in]
+            prev = getattr(layer, "dense_grad", None)
+            layer.dense_grad = g if prev is None else prev + g  # gradient accumulation: sum the micro-batches
         return dx, dw, db, None, None
