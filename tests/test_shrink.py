@@ -239,3 +239,49 @@ def test_groups_of_a_resnet_follow_the_residuals():
     assert not stage0.blocked
     fc_group = next(g for g in groups if "fc" in g.layers("out"))
     assert fc_group.blocked  # model outputs are never removed
+
+
+def test_save_and_load_shrunk_rebuilds_from_the_factory(tmp_path):
+    from sparsetorch.shrink import load_shrunk, save_shrunk
+
+    torch.manual_seed(0)
+    model = randomize_bn(MobileNet(width=8, blocks=2))
+    x = torch.randn(2, 3, 8, 8)
+    prune_channels(model, 0.5, example_inputs=x)
+    small = shrink(model, x)
+    path = save_shrunk(small, tmp_path / "small.safetensors", metadata={"note": "half"})
+    loaded = load_shrunk(path, lambda: MobileNet(width=8, blocks=2)).eval()
+    assert_same_outputs(small, loaded, x)
+    assert loaded.blocks[0].depthwise[0].groups == small.blocks[0].depthwise[0].groups
+    # a folded bias on a layer built without one is recreated
+    mlp = MLP((8, 16, 4))
+    mlp.classifier.bias = None
+    with torch.no_grad():
+        mlp.fc1.weight[:5] = 0
+    xm = torch.randn(3, 8)
+    small_mlp = shrink(mlp, xm)
+    assert small_mlp.classifier.bias is not None
+
+    def factory():
+        m = MLP((8, 16, 4))
+        m.classifier.bias = None
+        return m
+
+    loaded = load_shrunk(save_shrunk(small_mlp, tmp_path / "mlp.safetensors"), factory)
+    assert_same_outputs(small_mlp, loaded, xm)
+
+
+def test_load_shrunk_rejects_wrong_files_and_factories(tmp_path):
+    from sparsetorch.shrink import load_shrunk, save_shrunk
+
+    path = save_shrunk(MLP((8, 16, 4)), tmp_path / "m.safetensors")
+    with pytest.raises(SparsityError, match="does not match"):
+        load_shrunk(path, lambda: SmallCNN())
+    with pytest.raises(SparsityError, match="no such file"):
+        load_shrunk(tmp_path / "missing.safetensors", lambda: MLP((8, 16, 4)))
+    other = sparsetorch.save(MLP((8, 16, 4)), tmp_path / "plain.safetensors")
+    with pytest.raises(SparsityError, match="not written by sparsetorch.shrink.save_shrunk"):
+        load_shrunk(other, lambda: MLP((8, 16, 4)))
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+    with pytest.raises(SparsityError, match="not a readable"):
+        load_shrunk(tmp_path / "bad.safetensors", lambda: MLP((8, 16, 4)))

@@ -5,9 +5,10 @@ remove (by L1/L2 norm, BatchNorm scale or Taylor importance, honouring residual 
 ``save_shrunk`` / ``load_shrunk`` store it as tensors plus shapes (no pickle).
 """
 from .selection import prune_channels
+from .storage import load_shrunk, save_shrunk
 from .surgery import find_groups, shrink
 
-__all__ = ["shrink", "prune_channels", "find_groups"]
+__all__ = ["shrink", "prune_channels", "find_groups", "save_shrunk", "load_shrunk"]
 
 import sys as _sys
 import types as _types
