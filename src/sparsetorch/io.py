@@ -7,6 +7,7 @@ Loading validates the whole file against the model before changing anything.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -21,19 +22,27 @@ from .masks import iter_masks, remove_mask, set_mask
 
 __all__ = ["save", "load", "read_header", "FILE_VERSION"]
 
-FILE_VERSION = 1
+FILE_VERSION = 2  # 2: csr/gapmask/nm/bsr formats and lossy value codecs
 _META_KEY = "sparsetorch"
 _SEP = "::"
 
 
-def save(model: torch.nn.Module, path: str | os.PathLike, *, format: str | None = None,
+def save(model: torch.nn.Module, path: str | os.PathLike, *, format: str | None = None, values: str = "fp32",
          metadata: dict | None = None) -> Path:
     """Write ``model``'s state_dict and masks to ``path`` (safetensors); returns the path.
 
-    Masked tensors are stored compressed (``format`` picks one for all, default the
-    smallest lossless), the rest as they are. ``metadata`` (JSON-able: e.g. the architecture
-    and a sparsifier's history) is stored in the header; ``read_header(path)[0]["user"]`` returns it.
+    Each tensor is stored in the smallest lossless format (dense, bitmask, narrow CSR, gap-coded
+    mask, N:M, BSR: every candidate is encoded, the smallest kept); ``format`` forces one for all
+    masked tensors. ``values`` picks how weights are stored: "fp32" (default) exactly as they are;
+    "fp16"/"bf16" cast floating tensors (relative error <= 2**-11 / 2**-8); "int8" quantizes each
+    row of floating matrices symmetrically (error <= max|row| / 254; vectors stay exact). Masks are
+    always exact. ``metadata`` (JSON-able: e.g. the architecture and a sparsifier's history) is
+    stored in the header; ``read_header(path)[0]["user"]`` returns it.
     """
+    if values not in formats.VALUE_CODECS:
+        raise SparsityError(f"values must be one of {list(formats.VALUE_CODECS)}, got {values!r}", values=values)
+    if format is not None and format not in formats.FORMATS:
+        raise SparsityError(f"unknown storage format {format!r}; use one of {sorted(formats.FORMATS)}", format=format)
     masks = {item.qualified_name: item.mask for item in iter_masks(model)}
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, dict] = {}
@@ -42,8 +51,11 @@ def save(model: torch.nn.Module, path: str | os.PathLike, *, format: str | None 
         if not isinstance(value, torch.Tensor):
             continue
         mask = masks.get(key)
-        fmt = format or choose_format(value, mask)
-        parts, meta = formats.encode(fmt, value.detach().cpu(), None if mask is None else mask.cpu())
+        value, mask = value.detach().cpu(), None if mask is None else mask.cpu()
+        if format is not None and mask is not None:
+            parts, meta = _encode_exact(key, format, value, mask, values)
+        else:
+            _, parts, meta = encode_smallest(value, mask, values)
         entries[key] = meta
         for suffix, part in parts.items():
             part = part.contiguous()
@@ -56,9 +68,51 @@ def save(model: torch.nn.Module, path: str | os.PathLike, *, format: str | None 
     return atomic_write(Path(path), payload)
 
 
-def choose_format(value: torch.Tensor, mask: torch.Tensor | None) -> str:
-    """Smallest lossless format for ``value``: dense for unmasked tensors, else bitmask."""
-    return "dense" if mask is None else "bitmask"
+# tried in this order; the first of equal size wins
+_SPARSE_FORMATS = ("bitmask", "gapmask", "csr", "nm", "bsr")
+
+
+def _exact_outside(value: torch.Tensor, mask: torch.Tensor) -> bool:
+    """True if every pruned weight is zero, so a sparse format loses nothing (-0.0 reads back as 0.0)."""
+    return not bool(((value != 0) & ~mask.reshape(value.shape)).any())
+
+
+def _encode_exact(key: str, fmt: str, value, mask, values):
+    if fmt != "dense" and not _exact_outside(value, mask):
+        raise SparsityError(f"{key} has nonzero weights outside its mask, so format {fmt!r} would lose them; "
+                            "call sparsetorch.masks.apply_masks(model) first or save without format=", key=key)
+    try:
+        return formats.encode(fmt, value, mask, values)
+    except SparsityError as exc:
+        raise SparsityError(f"{key} cannot be stored as {fmt!r}: {exc}", key=key, format=fmt) from None
+
+
+def encode_smallest(value: torch.Tensor, mask: torch.Tensor | None, values: str = "fp32"):
+    """Encode ``value`` in every format that stores it exactly and keep the smallest: ``(name, parts, meta)``.
+
+    Unmasked tensors are tried sparse only when at least a quarter of them is zero.
+    """
+    names = ["dense"]
+    if value.numel() and (mask is not None and _exact_outside(value, mask)
+                          or mask is None and int(torch.count_nonzero(value)) <= 0.75 * value.numel()):
+        names += _SPARSE_FORMATS
+    best = None
+    for name in names:
+        try:
+            parts, meta = formats.encode(name, value, mask, values)
+        except SparsityError:
+            if name == "dense":
+                raise
+            continue  # e.g. N:M on a width not divisible by M, BSR on an unblocked mask
+        size = formats.stored_bytes(parts) + len(json.dumps(meta))
+        if best is None or size < best[0]:
+            best = (size, name, parts, meta)
+    return best[1], best[2], best[3]
+
+
+def choose_format(value: torch.Tensor, mask: torch.Tensor | None, values: str = "fp32") -> str:
+    """Name of the smallest format that stores ``value`` (and its mask) exactly."""
+    return encode_smallest(value, mask, values)[0]
 
 
 def atomic_write(path: Path, payload: bytes) -> Path:
@@ -111,9 +165,30 @@ def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]
     return header, raw
 
 
-def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Decode every tensor of a sparsetorch file: ``(state_dict, masks)``."""
+def _claimed_bytes(meta: object) -> int:
+    """Bytes a header entry says its decoded tensor takes, from shape and dtype only (nothing decoded yet)."""
+    if not isinstance(meta, dict):
+        raise SparsityError("file has a corrupted tensor entry in its header")
+    shape = formats.registry.parse_shape(meta.get("shape"))
+    return math.prod(shape) * formats.registry.parse_dtype(meta.get("dtype")).itemsize
+
+
+def read_tensors(path: str | os.PathLike, *, max_bytes: int | None = None,
+                 _check=None, _allow_bytes: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Decode every tensor of a sparsetorch file: ``(state_dict, masks)``.
+
+    A sparse code can claim a huge tensor in a few bytes, so before decoding anything the total
+    size the header claims must stay under ``max_bytes`` (default: 1 GiB or 1024x the file size,
+    whichever is larger), else ``SparsityError``.
+    """
     header, raw = read_header(path)
+    claimed = sum(_claimed_bytes(meta) for meta in header["tensors"].values())
+    if _check is not None:
+        _check(header)  # e.g. load: the shapes must be the model's, which bounds the decoded size
+    limit = max_bytes if max_bytes is not None else max(2**30, 1024 * os.path.getsize(path), _allow_bytes)
+    if claimed > limit:
+        raise SparsityError(f"{path} claims {claimed} bytes of decoded tensors, more than the limit of {limit}; it is "
+                            "corrupted or hostile (pass max_bytes= to read_tensors to allow it)")
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in raw.items():
         key, sep, suffix = name.rpartition(_SEP)
@@ -122,7 +197,10 @@ def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         grouped.setdefault(key, {})[suffix] = tensor
     state, masks = {}, {}
     for key, meta in header["tensors"].items():
-        value, mask = formats.decode(grouped.get(key, {}), meta)
+        try:
+            value, mask = formats.decode(grouped.get(key, {}), meta)
+        except SparsityError as exc:
+            raise SparsityError(f"{path}: tensor {key!r}: {exc}", key=key) from None
         state[key] = value
         if mask is not None:
             masks[key] = mask
@@ -132,26 +210,31 @@ def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
 def load(path: str | os.PathLike, model: torch.nn.Module, *, strict: bool = True) -> torch.nn.Module:
     """Load weights and masks from ``path`` into ``model`` (in place) and return it.
 
-    The file is decoded and checked against the model first (names, shapes, dtypes); on any
-    mismatch ``SparsityError`` says what differs and the model is left untouched.
+    The file's header is checked against the model (names, shapes) before anything is decoded,
+    then every tensor is decoded and validated; on any problem ``SparsityError`` says what is
+    wrong and the model is left untouched.
     """
-    state, masks = read_tensors(path)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if strict and (missing or unexpected):
-        raise SparsityError(
-            f"{path} does not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}; build the same architecture "
-            "before loading",
-            missing=missing, unexpected=unexpected,
-        )
-    for key, value in state.items():
-        if key in expected and tuple(expected[key].shape) != tuple(value.shape):
+
+    def check(header: dict) -> None:
+        names = set(header["tensors"])
+        missing = sorted(set(expected) - names)
+        unexpected = sorted(names - set(expected))
+        if strict and (missing or unexpected):
             raise SparsityError(
-                f"{key} has shape {tuple(value.shape)} in {path} but {tuple(expected[key].shape)} in the model",
-                key=key,
+                f"{path} does not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}; build the same architecture "
+                "before loading",
+                missing=missing, unexpected=unexpected,
             )
+        for key, meta in header["tensors"].items():
+            shape = tuple(meta["shape"])
+            if key in expected and tuple(expected[key].shape) != shape:
+                raise SparsityError(f"{key} has shape {shape} in {path} but {tuple(expected[key].shape)} in the model",
+                                    key=key)
+
+    # a file matching the model may decode to as much as the model holds (at up to 8 bytes a value)
+    state, masks = read_tensors(path, _check=check, _allow_bytes=8 * sum(v.numel() for v in expected.values()))
     modules = dict(model.named_modules())
     owners = {}
     for key in masks:

@@ -4,11 +4,20 @@ Each format is a pair of pure functions registered in ``FORMATS``. ``encode`` re
 ``(parts, meta)``: ``parts`` maps a suffix to a tensor, ``meta`` holds what decoding needs
 (shape, dtype, ...). ``decode(parts, meta)`` returns ``(dense_tensor, mask_or_None)``
 and must validate everything it reads (files may be corrupted or hostile).
+
+Formats: ``dense``, ``bitmask`` (1 bit per weight), ``csr`` (narrow chunk-local indices),
+``gapmask`` (gap-coded positions, near the entropy of a random mask), ``nm`` (N:M group codes),
+``bsr`` (block bits). Value codecs (``fp32`` exact, ``fp16``/``bf16``/``int8`` lossy) wrap any format.
 """
 from __future__ import annotations
 
-from .registry import FORMATS, Format, decode, encode, register_format  # noqa: F401
+from .registry import (FORMATS, VALUE_CODECS, Format, decode, encode, register_format,  # noqa: F401
+                       stored_bytes)
 from . import dense as _dense  # noqa: F401  (registers)
 from . import bitmask as _bitmask  # noqa: F401  (registers)
+from . import csr as _csr  # noqa: F401  (registers)
+from . import gapmask as _gapmask  # noqa: F401  (registers)
+from . import nm as _nm  # noqa: F401  (registers)
+from . import bsr as _bsr  # noqa: F401  (registers)
 
-__all__ = ["FORMATS", "Format", "encode", "decode", "register_format"]
+__all__ = ["FORMATS", "VALUE_CODECS", "Format", "encode", "decode", "register_format", "stored_bytes"]

@@ -65,10 +65,57 @@ def need(parts: Parts, key: str, numel: int | None = None, dtype: torch.dtype | 
     return t
 
 
-def encode(fmt: str, tensor: torch.Tensor, mask: torch.Tensor | None) -> tuple[Parts, Meta]:
-    parts, meta = FORMATS[fmt].encode(tensor, mask)
-    meta = {"format": fmt, "shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype), **meta}
-    return parts, meta
+# value codecs: how kept values are stored. "fp32" means exact (whatever the tensor's dtype is);
+# the others are lossy and used only when asked for.
+VALUE_CODECS = ("fp32", "fp16", "bf16", "int8")
+_CAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def lossy_applies(tensor: torch.Tensor, values: str) -> bool:
+    """Lossy codecs touch only floating tensors wider than 16 bits; int8 only matrices (>= 2-D), whose
+    rows get their own scale (a bias or norm vector stays exact: it is tiny and sensitive)."""
+    if values == "fp32" or not tensor.is_floating_point() or tensor.element_size() <= 2:
+        return False
+    return values != "int8" or tensor.dim() >= 2
+
+
+def quantize(tensor: torch.Tensor, values: str) -> tuple[torch.Tensor, Parts]:
+    """``tensor`` as stored by codec ``values``: (stored tensor, extra parts such as int8 row scales)."""
+    if not torch.isfinite(tensor).all():
+        raise SparsityError(f"values={values!r} cannot store inf/nan weights; save with values='fp32'")
+    if values in _CAST:
+        if values == "fp16" and tensor.numel() and float(tensor.abs().max()) > torch.finfo(torch.float16).max:
+            raise SparsityError("weights exceed the fp16 range (65504); save with values='bf16' or 'fp32'")
+        return tensor.to(_CAST[values]), {}
+    # symmetric per-row int8 (LLM.int8()/absmax quantization): scale = max|row| / 127, error <= scale / 2
+    rows = tensor.detach().reshape(tensor.shape[0], -1).float()  # [out, in * k...]
+    scale = rows.abs().amax(dim=1) / 127  # [out]
+    q = torch.where(scale[:, None] > 0, rows / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None],
+                    torch.zeros_like(rows))
+    return q.round().clamp(-127, 127).to(torch.int8).reshape(tensor.shape), {"scales": scale}
+
+
+def _dequantize(dense: torch.Tensor, parts: Parts, meta: Meta, dtype: torch.dtype) -> torch.Tensor:
+    if meta["values"] in _CAST:
+        return dense.to(dtype)
+    rows = dense.shape[0] if dense.dim() else 1
+    scale = need(parts, "scales", rows, torch.float32)
+    if not bool((torch.isfinite(scale) & (scale >= 0)).all()):
+        raise SparsityError("int8 row scales are negative or not finite; the file is corrupted")
+    return (dense.reshape(rows, -1).float() * scale[:, None]).reshape(dense.shape).to(dtype)
+
+
+def encode(fmt: str, tensor: torch.Tensor, mask: torch.Tensor | None, values: str = "fp32") -> tuple[Parts, Meta]:
+    """Encode ``tensor`` (and its mask) in format ``fmt`` with value codec ``values``: ``(parts, meta)``."""
+    meta: Meta = {"format": fmt, "shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype)}
+    extra: Parts = {}
+    if lossy_applies(tensor, values):
+        tensor, extra = quantize(tensor, values)
+        meta["values"] = values
+    parts, fmeta = FORMATS[fmt].encode(tensor, mask)
+    if mask is None and fmt != "dense":
+        fmeta["masked"] = False  # a sparse code of an unmasked tensor: decode gives no mask
+    return {**parts, **extra}, {**meta, **fmeta}
 
 
 def decode(parts: Parts, meta: Meta) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -77,4 +124,22 @@ def decode(parts: Parts, meta: Meta) -> tuple[torch.Tensor, torch.Tensor | None]
         raise SparsityError(
             f"file uses storage format {name!r}, unknown to this sparsetorch; upgrade sparsetorch to read it"
         )
-    return FORMATS[name].decode(parts, meta)
+    codec = meta.get("values", "fp32")
+    if codec not in VALUE_CODECS or codec == "fp32" and "values" in meta:
+        raise SparsityError(f"file uses value codec {codec!r}, unknown to this sparsetorch; upgrade sparsetorch")
+    if codec == "fp32":
+        dense, mask = FORMATS[name].decode(parts, meta)
+    else:
+        dtype = parse_dtype(meta.get("dtype"))
+        if not dtype.is_floating_point:
+            raise SparsityError(f"value codec {codec!r} on a {dtype} tensor; the file is corrupted")
+        stored = _CAST.get(codec, torch.int8)
+        dense, mask = FORMATS[name].decode(parts, {**meta, "dtype": dtype_name(stored)})
+        dense = _dequantize(dense, parts, meta, dtype)
+    if meta.get("masked", True) is False:
+        mask = None
+    return dense, mask
+
+
+def stored_bytes(parts: Parts) -> int:
+    return sum(p.numel() * p.element_size() for p in parts.values())
