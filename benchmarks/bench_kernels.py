@@ -1,7 +1,8 @@
 """Layer-level sparse Linear speed: sparsetorch's compiled kernels vs dense torch fp32 vs torch CSR/BSR.
 
-    nice .venv/bin/python benchmarks/bench_kernels.py            # full table (minutes)
-    .venv/bin/python benchmarks/bench_kernels.py --quick         # a subsample
+    nice .venv/bin/python benchmarks/bench_kernels.py            # full grid (an hour on a busy 2-core VM)
+    .venv/bin/python benchmarks/bench_kernels.py --quick         # a subsample (a minute)
+    ... --shapes 4096x4096 --sparsities 0.7,0.9 --batches 1,64 --threads 2 --out FILE   # any sub-grid
 
 Shapes 4096x4096, 1024x4096, 11008x4096; sparsity 50-99%; batch 1/8/64/256; 1 and 2 threads. Weights rotate
 across copies totalling >= 128 MB (DRAM-resident, as in a real model). 1-thread times are the median CPU time
@@ -29,6 +30,9 @@ ROOT = Path(__file__).resolve().parent
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="4096x4096 and 1024x4096, 4 sparsities, batch 1/64")
+    ap.add_argument("--shapes", default=None, help="comma list of OUTxIN, e.g. 4096x4096,1024x4096")
+    ap.add_argument("--sparsities", default=None, help="comma list, e.g. 0.5,0.9,0.99")
+    ap.add_argument("--batches", default=None, help="comma list, e.g. 1,64")
     ap.add_argument("--threads", default=None, help="comma list, default 1,2 (quick: 1)")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_kernels[_quick].json)")
@@ -38,6 +42,12 @@ def main(argv=None) -> int:
     else:
         shapes = [(4096, 4096), (1024, 4096), (11008, 4096)]
         sps, batches, threads, reps = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99], [1, 8, 64, 256], [1, 2], 7
+    if args.shapes:
+        shapes = [tuple(int(v) for v in sh.lower().split("x")) for sh in args.shapes.split(",")]
+    if args.sparsities:
+        sps = [float(v) for v in args.sparsities.split(",")]
+    if args.batches:
+        batches = [int(v) for v in args.batches.split(",")]
     if args.threads:
         threads = [int(t) for t in args.threads.split(",")]
     reps = args.reps or reps

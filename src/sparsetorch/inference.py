@@ -172,7 +172,8 @@ def _cpu_candidates(w: torch.Tensor, bias: torch.Tensor | None, structure: dict)
 def _cuda_candidates(w: torch.Tensor, bias: torch.Tensor | None, structure: dict) -> dict[str, Callable]:
     out, inp = w.shape
     cands: dict[str, Callable] = {"dense": lambda: None}
-    if structure["nm"] and structure["nm"][1] == 4 and structure["nm"][0] <= 2 and w.dtype in (torch.float16, torch.bfloat16):
+    two_four = w.shape[1] % 4 == 0 and NMWeight.group_count(w, 4) <= 2
+    if two_four and w.dtype in (torch.float16, torch.bfloat16):
         def semi():
             from torch.sparse import to_sparse_semi_structured
 
@@ -205,8 +206,10 @@ def _time_candidates(fns: dict[str, Callable[[], torch.Tensor]], budget_s: float
 
 
 def _choose(key: tuple, dense: nn.Module, x: torch.Tensor, cands: dict[str, Callable], budget_s: float,
-            cuda: bool) -> tuple[str, nn.Module | None, dict[str, float]]:
-    """Build the candidates, drop any that disagree with dense, time the rest (unless cached)."""
+            cuda: bool) -> tuple[str, nn.Module | None, dict[str, float], dict[str, str]]:
+    """Build the candidates, drop any that fail or disagree with dense (-> skipped: name -> why), time the
+    rest (unless cached)."""
+    skipped: dict[str, str] = {}
     with torch.no_grad():
         ref = dense(x)
         scale = float(ref.abs().max()) + 1e-6
@@ -217,19 +220,20 @@ def _choose(key: tuple, dense: nn.Module, x: torch.Tensor, cands: dict[str, Call
                 if mod is not None:
                     err = float((mod(x).float() - ref.float()).abs().max())
                     if not err <= _rtol(x.dtype) * scale + 1e-5 * x.shape[-1] ** 0.5:
-                        warnings.warn(f"kernel {name} disagrees with dense (max error {err:.3g}); not used",
-                                      SparsityWarning, stacklevel=3)
+                        skipped[name] = f"disagrees with dense (max error {err:.3g})"
+                        warnings.warn(f"kernel {name} {skipped[name]}; not used", SparsityWarning, stacklevel=3)
                         continue
                 built[name] = mod
             except (RuntimeError, ValueError, TypeError) as exc:  # kernel not supported for this shape/device
-                warnings.warn(f"kernel {name} unavailable here ({exc}); not used", SparsityWarning, stacklevel=3)
+                skipped[name] = f"unavailable here ({exc})"
+                warnings.warn(f"kernel {name} {skipped[name]}; not used", SparsityWarning, stacklevel=3)
         if key in _CACHE and _CACHE[key] in built:
-            return _CACHE[key], built[_CACHE[key]], {}
+            return _CACHE[key], built[_CACHE[key]], {}, skipped
         fns = {name: (lambda m=(mod or dense): m(x)) for name, mod in built.items()}
         times = _time_candidates(fns, budget_s, cuda) if len(fns) > 1 else {"dense": float("nan")}
     best = min(times, key=lambda k: times[k]) if len(times) > 1 else "dense"
     _CACHE[key] = best
-    return best, built.get(best), times
+    return best, built.get(best), times, skipped
 
 
 # ---------------------------------------------------------------------------------------------- conversion
@@ -279,7 +283,8 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
     ``model`` is left untouched. Pruned weights are the zeros of the weights (masks are applied first).
     Layers sparser than ``min_sparsity`` are timed; others stay dense. Layer types without a sparse
     kernel stay dense (exact) with a SparsityWarning. ``budget_s`` bounds the timing per layer.
-    The plan (per layer: kernel, ms per candidate) is in ``result.sparsetorch_plan``.
+    The plan (per layer: kernel, ms per timed candidate, skipped candidates and why) is in
+    ``result.sparsetorch_plan``.
     """
     if not isinstance(model, nn.Module):
         raise SparsityError("to_inference takes an nn.Module", got=type(model).__name__)
@@ -318,10 +323,10 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
         key = (type(mod).__name__, *w.shape, round(density, 3), _signature(structure), x.shape[0], threads,
                str(w.device), extension_isa())
         cands = (_cuda_candidates if cuda else _cpu_candidates)(w, mod.bias, structure)
-        kernel, new, times = _choose(key, dense_fn, x, cands, budget_s, cuda)
+        kernel, new, times, skipped = _choose(key, dense_fn, x, cands, budget_s, cuda)
         plan.append({"layer": name, "type": type(mod).__name__, "shape": list(w.shape), "density": density,
                      "pattern": _signature(structure), "batch": int(x.shape[0]), "kernel": kernel,
-                     "ms": {k: v * 1e3 for k, v in times.items()}})
+                     "ms": {k: v * 1e3 for k, v in times.items()}, "skipped": skipped})
         if verbose:
             print(f"{name}: {kernel}  " + "  ".join(f"{k}={v * 1e3:.3f}ms" for k, v in times.items()))
         if new is not None:

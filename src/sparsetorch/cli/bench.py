@@ -16,6 +16,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--sparsity", default="0.5,0.9,0.99", help="comma list (default %(default)s)")
     p.add_argument("--batch", default="1,64", help="comma list (default %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="default: torch.get_num_threads()")
+    p.add_argument("--min-mb", type=int, default=64,
+                   help="weights rotate across copies of at least this many MB so calls read DRAM (default %(default)s)")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     return p
 
@@ -47,8 +49,8 @@ def run(args) -> int:
     names = tuple(n for n in ("csr", "torch-csr", "bsr16", "nm")
                   if not (n == "bsr16" and (shape[0] % 16 or shape[1] % 16)) and not (n == "nm" and shape[1] % 128))
     print(f"# sparsetorch bench on {bench.machine()}, {threads} thread(s)")
-    result = bench.run([tuple(shape)], sparsities, batches, [threads], names=names, reps=5, min_bytes=64 << 20,
-                       log=lambda *a: None)
+    result = bench.run([tuple(shape)], sparsities, batches, [threads], names=names, reps=5,
+                       min_bytes=max(args.min_mb, 0) << 20, log=lambda *a: None)
     print(bench.format_table(result))
     print("speedup = dense fp32 time / kernel time; csr/bsr16/nm = sparsetorch's compiled kernels "
           "(block and N:M rows use weights pruned in that pattern), torch-csr = torch.sparse.mm with int32 indices")
