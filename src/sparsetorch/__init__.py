@@ -45,6 +45,7 @@ _LAZY = {
     "wanda": "oneshot.api:wanda",
     "sparsegpt": "oneshot.api:sparsegpt",
     "prune_oneshot": "oneshot.api:prune_oneshot",
+    "export_onnx": "export.onnx_export:export_onnx",
     "to_sparse_training": "sparse_training.convert:to_sparse_training",
     "to_dense": "sparse_training.convert:to_dense",
     "SparseLinear": "sparse_training.layer:SparseLinear",
