@@ -180,3 +180,26 @@ def test_wanda_and_sparsegpt_are_thin_wrappers():
     prune_oneshot(b, calib, method="wanda", pattern="2:4", progress=False)
     assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
     assert math.isclose(1 - get_mask(a.fc1).float().mean().item(), 0.5)
+
+
+def test_byte_gpt_pruned_block_by_block_on_stdlib_text():
+    from sparsetorch.data.text import load_stdlib_text, random_windows
+    from sparsetorch.models.gpt import GPT, GPTConfig
+
+    split = load_stdlib_text(max_bytes=200_000)
+    again = load_stdlib_text(max_bytes=200_000)
+    assert torch.equal(split.train, again.train) and torch.equal(split.val, again.val)  # deterministic split
+    assert split.val.numel() > 0 and split.train.numel() > split.val.numel()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(layers=2, width=32, heads=2, context=32)).eval()
+    calib = list(random_windows(split.train, 8, 32, torch.Generator().manual_seed(0)))
+    _, stats = prune_oneshot(model, calib, method="sparsegpt", pattern="2:4", sparsity=None, return_stats=True,
+                             progress=False)
+    assert stats.mode == "sequential" and stats.blocks == 2 and stats.sparsity == pytest.approx(0.5)
+    assert [m.fqn for m in iter_masks(model)][:4] == ["blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc",
+                                                      "blocks.0.mlp.proj"]
+    assert get_mask(model.lm_head) is None
+    assert torch.isfinite(model.loss(random_windows(split.val, 4, 33, torch.Generator().manual_seed(1)))).all()
+    with pytest.raises(SparsityError):
+        prune_oneshot(GPT(GPTConfig(layers=1, width=32, heads=2, context=32)), [torch.full((4,), 300)],
+                      method="wanda")

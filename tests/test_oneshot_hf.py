@@ -118,3 +118,25 @@ def test_lm_bad_calibration(bad):
         sparsetorch.wanda(model, calib, progress=False)
     assert not list(iter_masks(model))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("model_on_gpu", [False, True])
+def test_gpt2_pruned_on_cuda(model_on_gpu):
+    """The math runs on CUDA; a CPU model gets its blocks moved there one at a time and back."""
+    model = _gpt2()
+    reference = _gpt2()
+    if model_on_gpu:
+        model.cuda()
+    _, stats = sparsetorch.sparsegpt(model, _calib(), pattern="2:4", sparsity=None, device="cuda",
+                                     return_stats=True, progress=False)
+    assert stats.device.startswith("cuda") and stats.memory_kind == "cuda max allocated"
+    assert stats.peak_memory_mb > 0
+    home = "cuda" if model_on_gpu else "cpu"
+    _check_masks(model, "2:4", 0.5, expected_layers=8)
+    for item in iter_masks(model):
+        assert item.mask.device.type == home and item.param.device.type == home
+    prune_oneshot(reference, _calib(), method="sparsegpt", pattern="2:4", sparsity=None, device="cpu", progress=False)
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.allclose(a.cpu(), b, atol=1e-3), name

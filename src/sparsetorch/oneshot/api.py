@@ -9,6 +9,7 @@ Any other module made of Linear layers is processed in one pass with hooks on ev
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import math
 import resource
 import time
@@ -42,6 +43,7 @@ class LayerResult:
     seconds: float
     damp: float | None = None  # SparseGPT: the damping that made H invertible
     rel_error: float | None = None  # SparseGPT: ||(W - W')X||^2 / ||WX||^2 on the calibration inputs
+    numel: int = 0
 
 
 @dataclass
@@ -60,8 +62,9 @@ class OneshotStats:
 
     @property
     def sparsity(self) -> float:
-        """Fraction of zeros over the pruned layers (weighted by size is not tracked; mean per layer)."""
-        return sum(r.sparsity for r in self.layers) / max(len(self.layers), 1)
+        """Fraction of weights removed over all pruned layers."""
+        total = sum(r.numel for r in self.layers)
+        return sum(r.sparsity * r.numel for r in self.layers) / total if total else 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -274,6 +277,10 @@ def _prepare_calibration(model: nn.Module, calibration) -> tuple[list, Any]:
     home = param.device if param is not None else torch.device("cpu")
     emb = _input_embedding(model)
     if emb is not None:  # a language model: token ids, validated up front
+        params = inspect.signature(model.forward).parameters
+        hf_style = "input_ids" in params  # transformers: keyword inputs, no KV cache while calibrating
+        extra = {"use_cache": False} if "use_cache" in params or hf_style and any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) else {}
         prepared = []
         for i, s in enumerate(samples):
             if isinstance(s, Mapping):
@@ -282,10 +289,12 @@ def _prepare_calibration(model: nn.Module, calibration) -> tuple[list, Any]:
                                         item=i)
                 prepared.append({**s, "input_ids": _check_ids(s["input_ids"], emb.num_embeddings, i)})
             else:
-                prepared.append({"input_ids": _check_ids(s, emb.num_embeddings, i)})
+                ids = _check_ids(s, emb.num_embeddings, i)
+                prepared.append({"input_ids": ids} if hf_style else ids)
 
         def run_lm(sample):
-            return model(**to_device(sample, home), use_cache=False)
+            sample = to_device(sample, home)
+            return model(**sample, **extra) if isinstance(sample, Mapping) else model(sample)
 
         return prepared, run_lm
     for i, s in enumerate(samples):
@@ -332,7 +341,7 @@ class _Solver:
         t0 = time.perf_counter()
         density = self.densities[name]
         W = weight_2d(module).detach().to(self.device, torch.float32)  # [out, in]
-        result = LayerResult(name, 0.0, 0.0)
+        result = LayerResult(name, 0.0, 0.0, numel=W.numel())
         if self.method == "magnitude":
             keep, new_w = solvers.magnitude_mask(W, density, self.pat, self.scope or "layer"), None
         elif self.method == "wanda":
