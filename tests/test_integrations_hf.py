@@ -60,13 +60,22 @@ def test_trainer_run_keeps_masks_and_sparsity(tmp_path):
     assert (tmp_path / "checkpoint-3" / STATE_FILE).is_file() and (tmp_path / "checkpoint-6" / STATE_FILE).is_file()
 
 
-def test_trainer_resume_restores_masks_and_continues_the_run(tmp_path):
-    ref_model, ref_sparsifier = gpt2(), swap()
+def rigl():
+    from sparsetorch import sparsifiers
+
+    if not hasattr(sparsifiers, "RigL"):
+        pytest.skip("RigL is not available")
+    return sparsifiers.RigL(sparsity=0.7, every=2, include=GPT2_LAYERS, generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("make", [swap, rigl], ids=["swap", "RigL"])
+def test_trainer_resume_restores_masks_and_continues_the_run(tmp_path, make):
+    ref_model, ref_sparsifier = gpt2(), make()
     trainer(tmp_path / "ref", ref_model, ref_sparsifier).train()
 
     first = gpt2()
-    trainer(tmp_path / "run", first, swap(), steps=6).train()  # saves checkpoint-3 on the way
-    model, sparsifier = gpt2(seed=99), swap()  # a new process: fresh model and sparsifier
+    trainer(tmp_path / "run", first, make(), steps=6).train()  # saves checkpoint-3 on the way
+    model, sparsifier = gpt2(seed=99), make()  # a new process: fresh model and sparsifier
     trainer(tmp_path / "run", model, sparsifier).train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
 
     assert sparsifier.step_count == 6 and sparsifier.history == ref_sparsifier.history

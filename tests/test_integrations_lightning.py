@@ -54,16 +54,25 @@ def test_lightning_run_keeps_masks_and_sparsity():
     assert sparsifier.density() == pytest.approx(0.25, abs=0.01)
 
 
-def test_lightning_resume_continues_the_run_bitwise(tmp_path):
+def rigl():
+    from sparsetorch import sparsifiers
+
+    if not hasattr(sparsifiers, "RigL"):
+        pytest.skip("RigL is not available")
+    return sparsifiers.RigL(sparsity=0.75, every=2, generator=torch.Generator().manual_seed(4))
+
+
+@pytest.mark.parametrize("make", [swap, rigl], ids=["swap", "RigL"])
+def test_lightning_resume_continues_the_run_bitwise(tmp_path, make):
     # whole epochs (3 steps each): Lightning replays data differently when stopped mid-epoch
-    ref, ref_sparsifier = Classifier(), swap()
+    ref, ref_sparsifier = Classifier(), make()
     trainer(ref_sparsifier, max_epochs=2).fit(ref, data())
 
     first = Classifier()
-    t = trainer(swap(), max_epochs=1)
+    t = trainer(make(), max_epochs=1)
     t.fit(first, data())
     t.save_checkpoint(tmp_path / "half.ckpt")
-    module, sparsifier = Classifier(seed=9), swap()  # a new process
+    module, sparsifier = Classifier(seed=9), make()  # a new process
     trainer(sparsifier, max_epochs=2).fit(module, data(), ckpt_path=tmp_path / "half.ckpt", weights_only=True)
 
     assert sparsifier.step_count == 6 and sparsifier.history == ref_sparsifier.history
