@@ -54,9 +54,12 @@ def main(argv=None) -> int:
     command = "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"# {command}\n# {bench.machine()}\n# {when}; load average before: {os.getloadavg()[0]:.2f}")
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads[0])
     bw = bench.copy_bandwidth()
-    print(f"# measured bandwidth (256 MB, {torch.get_num_threads()} threads): copy {bw['copy_gbs']:.1f} GB/s "
-          f"(read+write), read-only sum {bw['read_gbs']:.1f} GB/s")
+    torch.set_num_threads(saved)
+    print(f"# measured bandwidth (256 MB, {threads[0]} thread(s)): copy {bw['copy_gbs']:.1f} GB/s "
+          f"(read+write), read-only sum {bw['read_gbs']:.1f} GB/s (best of 5, shared machine)")
     result = bench.run(shapes, sps, batches, threads, reps=reps)
     load_after = os.getloadavg()[0]
     print(f"\nSpeedup vs dense fp32 F.linear (x); dense rows give its time in ms. Load average after: {load_after:.2f}"

@@ -175,7 +175,7 @@ def format_table(result: dict) -> str:
     rows = result["rows"]
     sps = sorted({r["sparsity"] for r in rows})
     be = {(b["out"], b["in"], b["batch"], b["threads"], b["kernel"]): b["break_even"] for b in result["break_even"]}
-    head = f"{'shape':>11} {'B':>4} {'thr':>3} {'kernel':<12}" + "".join(f"{round(s * 100):>7}%" for s in sps)
+    head = f"{'shape':>11} {'B':>4} {'thr':>3} {'kernel':<12}" + "".join(f"{round(s * 100):>8}%" for s in sps)
     lines = [head + "  break-even", "-" * (len(head) + 12)]
     keys = []
     for r in rows:
@@ -186,10 +186,10 @@ def format_table(result: dict) -> str:
         o, i, b, t, name = k
         cells = {r["sparsity"]: r for r in rows if (r["out"], r["in"], r["batch"], r["threads"], r["kernel"]) == k}
         if name == "dense":
-            vals = "".join(f"{cells[s]['ms']:>6.2f}ms" if s in cells else f"{'':>8}" for s in sps)
+            vals = "".join(f"{cells[s]['ms']:>7.2f}ms" if s in cells else f"{'':>9}" for s in sps)
             lines.append(f"{o:>5}x{i:<5} {b:>4} {t:>3} {'dense (ms)':<12}" + vals)
             continue
-        vals = "".join(f"{cells[s]['speedup']:>7.2f}x" if s in cells else f"{'':>8}" for s in sps)
+        vals = "".join(f"{cells[s]['speedup']:>8.2f}x" if s in cells else f"{'':>9}" for s in sps)
         e = be.get(k)
         lines.append(f"{o:>5}x{i:<5} {b:>4} {t:>3} {name:<12}" + vals + f"  {'never' if e is None else f'{e:.0%}'}")
     return "\n".join(lines)
