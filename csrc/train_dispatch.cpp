@@ -54,6 +54,10 @@ void over_rows(int threads, const int64_t* ptr, int64_t rows, int64_t work, Rows
   });
 }
 
+// Both transposes go through 16 x 16 tiles held in a local array: reads and writes then touch 16 lines each,
+// instead of one line per element on the strided side (rows of X are 4n bytes apart and share cache sets).
+constexpr int64_t TT = 16;
+
 template <class T>
 void pack_t(int threads, const T* src, int64_t batch, int64_t n, int64_t stride, T* dst, int64_t tw) {
   const int64_t panels = (batch + tw - 1) / tw;
@@ -64,18 +68,25 @@ void pack_t(int threads, const T* src, int64_t batch, int64_t n, int64_t stride,
 #else
     const int t = 0, m = 1;
 #endif
-    const int64_t i0 = n * t / m, i1 = n * (t + 1) / m;
+    const int64_t i0 = n * t / m, i1 = n * (t + 1) / m;  // this thread's features
+    T tile[TT][TT];
     for (int64_t p = 0; p < panels; ++p) {
       T* d = dst + p * n * tw;
-      const int64_t b0 = p * tw, w = std::min(tw, batch - b0);
-      for (int64_t ib = i0; ib < i1; ib += 32) {  // 32 features x tw batch columns per block
-        const int64_t ie = std::min(ib + 32, i1);
-        for (int64_t b = 0; b < w; ++b) {
-          const T* s = src + (b0 + b) * stride;
-          for (int64_t i = ib; i < ie; ++i) d[i * tw + b] = s[i];
+      for (int64_t bb = 0; bb < tw; bb += TT) {  // tw is a multiple of 16
+        const int64_t b0 = p * tw + bb;
+        const int64_t nb = std::max<int64_t>(0, std::min(TT, batch - b0));  // real rows in this tile
+        for (int64_t ib = i0; ib < i1; ib += TT) {
+          const int64_t ni = std::min(TT, i1 - ib);
+          for (int64_t b = 0; b < TT; ++b) {
+            const T* s = src + (b0 + b) * stride + ib;
+            if (b < nb && ni == TT)
+              for (int64_t i = 0; i < TT; ++i) tile[i][b] = s[i];
+            else
+              for (int64_t i = 0; i < ni; ++i) tile[i][b] = b < nb ? s[i] : T(0);
+          }
+          for (int64_t i = 0; i < ni; ++i)
+            for (int64_t b = 0; b < TT; ++b) d[(ib + i) * tw + bb + b] = tile[i][b];
         }
-        for (int64_t i = ib; i < ie; ++i)
-          for (int64_t b = w; b < tw; ++b) d[i * tw + b] = 0;
       }
     }
   });
@@ -90,16 +101,22 @@ void unpack_t(int threads, const T* src, int64_t batch, int64_t n, int64_t tw, T
 #else
     const int t = 0, m = 1;
 #endif
-    const int64_t b0 = batch * t / m, b1 = batch * (t + 1) / m;  // this thread's output rows
-    for (int64_t ib = 0; ib < n; ib += 32) {
-      const int64_t ie = std::min(ib + 32, n);
-      for (int64_t b = b0; b < b1; ++b) {
-        const T* s = src + (b / tw) * n * tw + (b % tw);
-        T* d = dst + b * n;
-        if (bias)
-          for (int64_t i = ib; i < ie; ++i) d[i] = s[i * tw] + bias[i];
-        else
-          for (int64_t i = ib; i < ie; ++i) d[i] = s[i * tw];
+    const int64_t i0 = n * t / m, i1 = n * (t + 1) / m;  // this thread's features (output columns)
+    T tile[TT][TT];
+    for (int64_t b0 = 0; b0 < batch; b0 += TT) {
+      const int64_t nb = std::min(TT, batch - b0);
+      const T* s = src + (b0 / tw) * n * tw + (b0 % tw);  // tiles never straddle panels (tw % 16 == 0)
+      for (int64_t ib = i0; ib < i1; ib += TT) {
+        const int64_t ni = std::min(TT, i1 - ib);
+        for (int64_t i = 0; i < ni; ++i)
+          for (int64_t b = 0; b < TT; ++b) tile[b][i] = s[(ib + i) * tw + b];
+        for (int64_t b = 0; b < nb; ++b) {
+          T* d = dst + (b0 + b) * n + ib;
+          if (bias)
+            for (int64_t i = 0; i < ni; ++i) d[i] = tile[b][i] + bias[ib + i];
+          else
+            for (int64_t i = 0; i < ni; ++i) d[i] = tile[b][i];
+        }
       }
     }
   });

@@ -54,12 +54,33 @@ def panel_width(batch: int) -> int:
     return tw
 
 
+# Panels are scratch: a freshly allocated multi-MB tensor costs a page fault per 4 KB on first touch, as much
+# as the whole sparse product at 99% sparsity. Finished panels go back to this pool and are reused.
+_POOL: dict[tuple, list[torch.Tensor]] = {}
+_POOL_PER_SHAPE = 64
+
+
+def scratch(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor, reused from the pool when one of this shape is free."""
+    free = _POOL.get((shape, dtype))
+    return free.pop() if free else torch.empty(shape, dtype=dtype)
+
+
+def release(*tensors: torch.Tensor | None) -> None:
+    """Give scratch tensors back (the caller must not use them afterwards)."""
+    for t in tensors:
+        if t is not None:
+            free = _POOL.setdefault((tuple(t.shape), t.dtype), [])
+            if len(free) < _POOL_PER_SHAPE:
+                free.append(t)
+
+
 def pack(x: torch.Tensor, tw: int) -> torch.Tensor:
-    """x [B, n] (unit column stride) -> panels [ceil(B/tw), n, tw]."""
+    """x [B, n] (unit column stride) -> panels [ceil(B/tw), n, tw] (scratch: ``release`` when done)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     b, n = x.shape
-    out = torch.empty((b + tw - 1) // tw, n, tw, dtype=x.dtype)
+    out = scratch(((b + tw - 1) // tw, n, tw), x.dtype)
     _load().pack(torch.get_num_threads(), DTYPES[x.dtype], x.data_ptr(), b, n, max(x.stride(0), n), out.data_ptr(), tw)
     return out
 
@@ -83,9 +104,10 @@ def _bits(indices: torch.Tensor) -> int:
 
 def spmm(rows: int, indptr: torch.Tensor, indices: torch.Tensor, vmap: torch.Tensor | None, values: torch.Tensor,
          src: torch.Tensor) -> torch.Tensor:
-    """dst panels [P, rows, tw] = W @ src panels [P, n, tw], W given by (indptr, indices, values[vmap])."""
+    """dst panels [P, rows, tw] = W @ src panels [P, n, tw], W given by (indptr, indices, values[vmap])
+    (scratch: ``release`` when done)."""
     p, n, tw = src.shape
-    dst = torch.empty(p, rows, tw, dtype=src.dtype)
+    dst = scratch((p, rows, tw), src.dtype)
     _load().spmm(isa_level(), torch.get_num_threads(), DTYPES[src.dtype], rows, indptr.data_ptr(), indices.data_ptr(),
                  _bits(indices), 0 if vmap is None else vmap.data_ptr(), values.data_ptr(), src.data_ptr(), n,
                  dst.data_ptr(), tw, p)

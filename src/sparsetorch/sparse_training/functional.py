@@ -65,6 +65,10 @@ class SparseLinearFunction(torch.autograd.Function):
             xt = _kernels.pack(x, tw)                                            # [P, in, tw]
             yt = _kernels.spmm(layer.out_features, layer.indptr, layer.indices, None, values, xt)  # [P, out, tw]
             y = _kernels.unpack(yt, x.shape[0], bias)                            # [B, out]
+            _kernels.release(yt)
+            if not any(ctx.needs_input_grad[:3]):  # no backward will come (inference, frozen layer)
+                _kernels.release(xt)
+                xt = None
             ctx.save_for_backward(xt, values, x if dense_grad else None)
         else:
             y = torch_forward(x, values, layer)
@@ -84,8 +88,10 @@ class SparseLinearFunction(torch.autograd.Function):
             if need_x:
                 dxt = _kernels.spmm(layer.in_features, layer.t_indptr, layer.t_indices, layer.t_perm, values, dyt)
                 dx = _kernels.unpack(dxt, dy.shape[0], None)
+                _kernels.release(dxt)
             if need_w:
                 dw = _kernels.sddmm(layer.indptr, layer.indices, dyt, xt)
+            _kernels.release(dyt)  # (xt stays with ctx: backward may run again with retain_graph=True)
         else:
             if need_x:
                 dx = torch_input_grad(dy, values, layer)
