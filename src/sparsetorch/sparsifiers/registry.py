@@ -17,7 +17,7 @@ from .init_pruning import SNIP, GraSP, SynFlow
 from .lottery import LotteryTicket
 from .static import Static
 
-__all__ = ["METHODS", "NEEDS_BATCH", "NEEDS_INPUTS", "make_sparsifier"]
+__all__ = ["METHODS", "NEEDS_BATCH", "NEEDS_INPUTS", "make_sparsifier", "for_run"]
 
 
 def _factory(cls: type[Sparsifier], **defaults: Any) -> Callable[..., Sparsifier]:
@@ -51,3 +51,31 @@ def make_sparsifier(name: str, **overrides: Any) -> Sparsifier:
     if key not in METHODS:
         raise SparsityError(f"unknown sparse training method {name!r}; choose one of {sorted(METHODS)}", method=name)
     return METHODS[key](**overrides)
+
+
+def for_run(name: str, *, sparsity: float, total_steps: int, **overrides: Any) -> dict[str, Any]:
+    """Hyperparameters of method ``name`` scaled to a run of ``total_steps`` optimizer steps.
+
+    The papers' recipes as fractions of the run: GMP prunes from 10% to 70% of training about
+    50 times (Zhu & Gupta 2017); SET/RigL/SRigL update about 25 times (a new connection needs
+    some steps to grow before it is judged) and stop at 75% with an initial drop fraction of
+    0.3, cosine-decayed (Evci et al. 2020); SynFlow runs 100 rounds.
+    ``overrides`` win. The result is what ``make_sparsifier(name, **result)`` takes.
+    """
+    key = name.lower()
+    steps = max(int(total_steps), 2)
+    kwargs: dict[str, Any] = {"sparsity": sparsity}
+    if key == "gmp":
+        start, end = int(0.1 * steps), max(int(0.7 * steps), int(0.1 * steps) + 1)
+        kwargs.update(start=start, end=end, every=max(1, (end - start) // 50))
+    elif key in ("set", "rigl", "srigl"):
+        end = max(int(0.75 * steps), 2)
+        kwargs.update(every=max(1, end // 25), end=end, drop_fraction=0.3, distribution="erk")
+    elif key == "static":
+        kwargs.update(distribution="erk")
+    elif key == "synflow":
+        kwargs.update(rounds=100)
+    elif key == "lottery":
+        kwargs.update(rewind_step=min(steps // 20, 100))
+    kwargs.update(overrides)
+    return kwargs
