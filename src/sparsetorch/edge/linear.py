@@ -16,6 +16,9 @@ import numpy as np
 from .weights import Matrix
 
 BACKENDS = ("auto", "compiled", "numpy", "dense")
+# "auto" keeps weights denser than this dense in memory: CSR (4 B value + 2 B index per nonzero) saves
+# little there, and BLAS beats the sparse kernels (measured on the 50%-sparse GPT: benchmarks/bench_edge.py)
+AUTO_DENSE_ABOVE = 0.35
 
 
 @functools.lru_cache(maxsize=1)
@@ -38,6 +41,13 @@ def compiled_kernels():
     return None
 
 
+def _threads_allowed() -> int:
+    try:  # OMP_NUM_THREADS caps the kernels' threads as it caps numpy's BLAS
+        return max(1, int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
+    except ValueError:
+        return os.cpu_count() or 1
+
+
 def _tile(in_features: int) -> int:
     # the kernels' batch tile: the widest panel of x (in x 16*tile fp32) that fits in ~768 KB of L2
     for tile in (4, 2):
@@ -57,6 +67,8 @@ class Linear:
         kernels = compiled_kernels()
         if w.dense is not None:
             backend = "dense"  # stored dense: sparse kernels would gain nothing
+        elif backend == "auto" and w.density > AUTO_DENSE_ABOVE:
+            backend = "dense"
         elif backend == "auto" or (backend == "compiled" and kernels is None):
             backend = "compiled" if kernels is not None else "numpy"
         self.backend = backend
@@ -68,13 +80,16 @@ class Linear:
         if backend == "compiled":
             self._kernel = kernels
             self._isa = kernels.best_isa()
-            self._cores = os.cpu_count() or 1
+            self._cores = _threads_allowed()
             self._bits = 16 if self.indices.dtype == np.uint16 else 32
         else:
             counts = np.diff(self.indptr)
             self._rows = np.flatnonzero(counts)  # rows with a nonzero; reduceat would misreport empty ones
             self._starts = self.indptr[:-1][self._rows]
             self._gather = self.indices.astype(np.intp)
+            rows = np.repeat(np.arange(self.out_features), counts)
+            flat = rows * self.in_features + self._gather
+            self._flat = flat.astype(np.int32) if self.out_features * self.in_features < 2**31 else flat
 
     def __call__(self, x: np.ndarray) -> np.ndarray:  # x: [..., in] -> [..., out]
         lead = x.shape[:-1]
@@ -102,12 +117,17 @@ class Linear:
         return y
 
     def _numpy_csr(self, x: np.ndarray) -> np.ndarray:
-        y = np.zeros((x.shape[0], self.out_features), np.float32)
-        if self._rows.size:
-            # products of every stored weight with its input column, summed per row segment: [B, nnz] -> [B, rows]
-            for lo in range(0, x.shape[0], 256):  # chunks bound the [chunk, nnz] temporary
-                prod = x[lo:lo + 256, self._gather] * self.values
-                y[lo:lo + 256, self._rows] = np.add.reduceat(prod, self._starts, axis=1)
+        if x.shape[0] > 2:
+            # numpy has no batched sparse product that beats BLAS: scatter this weight into a temporary dense
+            # matrix (one layer at a time, so peak memory holds one dense layer) and multiply
+            w = np.zeros(self.out_features * self.in_features, np.float32)
+            w[self._flat] = self.values
+            y = x @ w.reshape(self.out_features, self.in_features).T
+        else:
+            y = np.zeros((x.shape[0], self.out_features), np.float32)
+            for b in range(x.shape[0] if self._rows.size else 0):
+                # one product per stored weight, summed per row segment: [nnz] -> [rows with a nonzero]
+                y[b, self._rows] = np.add.reduceat(x[b, self._gather] * self.values, self._starts)
         if self.bias is not None:
             y += self.bias
         return y

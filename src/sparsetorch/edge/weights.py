@@ -76,7 +76,7 @@ class Matrix:
 
     @property
     def density(self) -> float:
-        return self.values.size / max(1, self.shape[0] * self.shape[1]) if self.dense is None else 1.0
+        return 1.0 if self.dense is not None else self.values.size / max(1, self.shape[0] * self.shape[1])
 
     def to_dense(self) -> np.ndarray:
         if self.dense is not None:
