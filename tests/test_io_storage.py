@@ -233,3 +233,41 @@ def test_random_bytes_never_decode_out_of_bounds(data, name, nnz, extra):
         return
     assert dense.shape == (8, 16) and mask.shape == (8, 16) and int(mask.sum()) == int((dense != 0).sum()) + \
         int(((dense == 0) & mask).sum())
+
+
+def test_squeezed_parts_round_trip_and_shrink():
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        w = (torch.randn(256, 64, generator=g) * 0.02).to(dtype)
+        parts, meta = formats.encode("dense", w, None)
+        small, zmeta = formats.squeeze(parts, meta)
+        assert "values" in zmeta["z"] and formats.stored_bytes(small) < 0.9 * formats.stored_bytes(parts)
+        assert torch.equal(formats.decode(small, zmeta)[0], w)
+    noise = torch.randint(0, 256, (4096,), generator=g, dtype=torch.uint8)
+    parts, meta = formats.encode("dense", noise, None)
+    assert formats.squeeze(parts, meta)[1] is meta  # incompressible: kept as it is
+
+
+@pytest.mark.parametrize("how", ["bomb", "short", "lengths", "numel", "garbage", "table"])
+def test_tampered_compressed_parts_fail_cleanly(how):
+    import zlib
+
+    w = torch.randn(64, 64) * 0.02
+    parts, meta = formats.squeeze(*formats.encode("dense", w, None))
+    z = meta["z"]["values"]
+    if how == "bomb":  # a plane that inflates far beyond what the table says
+        blob = zlib.compress(bytes(10**7))
+        z["planes"] = [len(blob), 0, 0, 0]
+        parts = {"values": torch.frombuffer(bytearray(blob), dtype=torch.uint8)}
+    elif how == "short":
+        z["numel"] += 1
+    elif how == "lengths":
+        z["planes"][0] += 1
+    elif how == "numel":
+        z["numel"] = 2**40
+    elif how == "garbage":
+        parts = {"values": torch.full_like(parts["values"], 7)}
+    elif how == "table":
+        meta["z"] = ["values"]
+    with pytest.raises(SparsityError):
+        formats.decode(parts, meta)

@@ -32,7 +32,8 @@ def save(model: torch.nn.Module, path: str | os.PathLike, *, format: str | None 
     """Write ``model``'s state_dict and masks to ``path`` (safetensors); returns the path.
 
     Each tensor is stored in the smallest lossless format (dense, bitmask, narrow CSR, gap-coded
-    mask, N:M, BSR: every candidate is encoded, the smallest kept); ``format`` forces one for all
+    mask, N:M, BSR: every candidate is encoded, the smallest kept), then each part is split into
+    byte planes and Huffman-coded (zlib) where that is smaller; ``format`` forces one format for all
     masked tensors. ``values`` picks how weights are stored: "fp32" (default) exactly as they are;
     "fp16"/"bf16" cast floating tensors (relative error <= 2**-11 / 2**-8); "int8" quantizes each
     row of floating matrices symmetrically (error <= max|row| / 254; vectors stay exact). Masks are
@@ -82,7 +83,7 @@ def _encode_exact(key: str, fmt: str, value, mask, values):
         raise SparsityError(f"{key} has nonzero weights outside its mask, so format {fmt!r} would lose them; "
                             "call sparsetorch.masks.apply_masks(model) first or save without format=", key=key)
     try:
-        return formats.encode(fmt, value, mask, values)
+        return formats.squeeze(*formats.encode(fmt, value, mask, values))
     except SparsityError as exc:
         raise SparsityError(f"{key} cannot be stored as {fmt!r}: {exc}", key=key, format=fmt) from None
 
@@ -107,7 +108,8 @@ def encode_smallest(value: torch.Tensor, mask: torch.Tensor | None, values: str 
         size = formats.stored_bytes(parts) + len(json.dumps(meta))
         if best is None or size < best[0]:
             best = (size, name, parts, meta)
-    return best[1], best[2], best[3]
+    parts, meta = formats.squeeze(best[2], best[3])  # same gain for every format: done once, on the winner
+    return best[1], parts, meta
 
 
 def choose_format(value: torch.Tensor, mask: torch.Tensor | None, values: str = "fp32") -> str:

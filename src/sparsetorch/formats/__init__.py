@@ -12,7 +12,7 @@ Formats: ``dense``, ``bitmask`` (1 bit per weight), ``csr`` (narrow chunk-local 
 from __future__ import annotations
 
 from .registry import (FORMATS, VALUE_CODECS, Format, decode, encode, register_format,  # noqa: F401
-                       stored_bytes)
+                       squeeze, stored_bytes)
 from . import dense as _dense  # noqa: F401  (registers)
 from . import bitmask as _bitmask  # noqa: F401  (registers)
 from . import csr as _csr  # noqa: F401  (registers)
@@ -20,4 +20,4 @@ from . import gapmask as _gapmask  # noqa: F401  (registers)
 from . import nm as _nm  # noqa: F401  (registers)
 from . import bsr as _bsr  # noqa: F401  (registers)
 
-__all__ = ["FORMATS", "VALUE_CODECS", "Format", "encode", "decode", "register_format", "stored_bytes"]
+__all__ = ["FORMATS", "VALUE_CODECS", "Format", "encode", "decode", "register_format", "squeeze", "stored_bytes"]
