@@ -58,10 +58,15 @@ void over_rows(int threads, const int64_t* ptr, int64_t rows, int64_t work, Rows
 // instead of one line per element on the strided side (rows of X are 4n bytes apart and share cache sets).
 constexpr int64_t TT = 16;
 
+// Transposes are memory-bound and short (a [256, 4096] fp32 batch: ~0.7 ms): below TRANSPOSE_PARALLEL
+// elements one thread does them. With two threads a statically split transpose waits for the slower one, and
+// on a shared machine (measured: 2 cores, load ~15) that made a 99%-sparse training step 1.7x slower.
+constexpr int64_t TRANSPOSE_PARALLEL = int64_t(1) << 22;
+
 template <class T>
 void pack_t(int threads, const T* src, int64_t batch, int64_t n, int64_t stride, T* dst, int64_t tw) {
   const int64_t panels = (batch + tw - 1) / tw;
-  const int nt = batch * n < 65536 ? 1 : std::max(1, threads);
+  const int nt = batch * n < TRANSPOSE_PARALLEL ? 1 : std::max(1, threads);
   parallel(nt, [&]() {
 #ifdef _OPENMP
     const int t = omp_in_parallel() ? omp_get_thread_num() : 0, m = omp_in_parallel() ? omp_get_num_threads() : 1;
@@ -94,7 +99,7 @@ void pack_t(int threads, const T* src, int64_t batch, int64_t n, int64_t stride,
 
 template <class T>
 void unpack_t(int threads, const T* src, int64_t batch, int64_t n, int64_t tw, T* dst, const T* bias) {
-  const int nt = batch * n < 65536 ? 1 : std::max(1, threads);
+  const int nt = batch * n < TRANSPOSE_PARALLEL ? 1 : std::max(1, threads);
   parallel(nt, [&]() {
 #ifdef _OPENMP
     const int t = omp_in_parallel() ? omp_get_thread_num() : 0, m = omp_in_parallel() ? omp_get_num_threads() : 1;
