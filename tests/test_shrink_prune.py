@@ -42,7 +42,7 @@ def test_l1_removes_the_weakest_channels_in_layer_scope():
 
 def test_taylor_uses_gradients_and_is_deterministic():
     g = torch.Generator().manual_seed(0)
-    batch = (torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g))
+    batch = (torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g))
     a, b = resnet(), resnet()
     prune_channels(a, 0.5, criterion="taylor", example_inputs=X, batch=batch)
     prune_channels(b, 0.5, criterion="taylor", example_inputs=X, batch=batch)
@@ -94,3 +94,12 @@ def test_bad_arguments_change_nothing():
 def test_bn_scale_without_batchnorm_is_an_error():
     with pytest.warns(SparsityWarning, match="no BatchNorm"), pytest.raises(SparsityError, match="bn_scale"):
         prune_channels(MLP((8, 16, 4)), 0.5, criterion="bn_scale", example_inputs=torch.randn(2, 8))
+
+
+def test_looking_at_a_training_model_leaves_batchnorm_statistics_alone():
+    model = resnet().train()
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    prune_channels(model, 0.3, example_inputs=X)
+    shrink(model, X)
+    assert model.training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in stats.items())

@@ -17,8 +17,7 @@ import types as _types
 class _CallableModule(_types.ModuleType):
     """``sparsetorch.shrink(model, x)`` calls :func:`shrink`; ``sparsetorch.shrink.prune_channels`` etc. still work."""
 
-    def __call__(self, model, example_inputs, **kwargs):
-        return shrink(model, example_inputs, **kwargs)
+    __call__ = staticmethod(shrink)  # no wrapper frame: warnings point at the caller
 
 
 _sys.modules[__name__].__class__ = _CallableModule

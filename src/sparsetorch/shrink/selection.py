@@ -64,7 +64,12 @@ def prune_channels(
             raise SparsityError(f"{name} must be a positive fraction (<= 1) or count (> 1), got {value!r}")
     if criterion == "taylor" and batch is None:
         raise SparsityError("criterion='taylor' needs batch=(inputs, targets) (and loss_fn for non-classifiers)")
-    run_model(model, args)  # bad inputs fail here, before anything changes
+    was_training = model.training
+    try:
+        model.eval()  # BatchNorm statistics must not move while we look
+        run_model(model, args)  # bad inputs fail here, before anything changes
+    finally:
+        model.train(was_training)
     modules = dict(model.named_modules())
     groups = prunable_groups(model, args)
     grads = _gradients(model, batch, loss_fn) if criterion == "taylor" else None

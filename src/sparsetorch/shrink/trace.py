@@ -68,11 +68,15 @@ def trace_groups(model: nn.Module, args: tuple) -> list[Group]:
         gm = fx.symbolic_trace(model)
     except Exception as exc:  # fx raises many types for dynamic control flow
         raise TraceFailed(f"torch.fx.symbolic_trace failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    was_training = model.training
+    model.eval()  # BatchNorm statistics must not move while we look
     try:
         with torch.no_grad():
             ShapeProp(gm).propagate(*args)
     except Exception as exc:
         raise TraceFailed(f"running the traced graph on example_inputs failed: {type(exc).__name__}: {exc}") from None
+    finally:
+        model.train(was_training)
     walker = _Walker(gm)
     for node in gm.graph.nodes:
         walker.visit(node)
