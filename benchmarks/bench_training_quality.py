@@ -123,7 +123,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: small models, busy machine)")
     parser.add_argument("--quick", action="store_true", help="1 seed, 5 epochs, MLP only: a smoke run")
     parser.add_argument("--out", default=str(RESULTS / "bench_training_quality.json"))
+    parser.add_argument("--render", metavar="JSON", help="only print/plot a saved (maybe partial) results file")
     args = parser.parse_args()
+    if args.render:
+        return render_saved(args.render)
     if args.quick:
         args.seeds, args.epochs, args.models = 1, 5, "mlp"
         args.out = str(RESULTS / "bench_training_quality_quick.json")
@@ -151,26 +154,39 @@ def main() -> None:
                       f"({time.perf_counter() - start:.0f} s)", flush=True)
                 out.write_text(json.dumps({"meta": meta, "results": table}, indent=2))  # partial results survive
     meta["seconds"] = round(time.perf_counter() - start)
+    render(table, meta, out)
+
+
+def render(table: dict, meta: dict, out: Path) -> None:
+    """Print the table and the literature checks, write the JSON with them and the PNG plot."""
     verdicts = checks(table)
     out.write_text(json.dumps({"meta": meta, "results": table,
                                "checks": [{"claim": c, "passed": p, "measured": m} for c, p, m in verdicts]},
                               indent=2))
-    print(f"\n{command}\n{meta['machine']}, torch {meta['torch']}, {args.threads} thread(s), {meta['date']}; "
-          f"{meta['data']}, Adam lr {args.lr}, {args.epochs} epochs, batch {args.batch_size}, {args.seeds} seed(s)\n")
+    print(f"\n{meta['command']}\n{meta['machine']}, torch {meta['torch']}, {meta['threads']} thread(s), "
+          f"{meta['date']}; {meta['data']}, Adam lr {meta['lr']}, {meta['epochs']} epochs, batch "
+          f"{meta['batch_size']}, {meta['seeds']} seed(s)\n")
     for model_name, rows in table.items():
         sparsities = MODELS[model_name][1]
         dense = rows["dense"]["0.0"]
         print(f"{model_name}: test accuracy %, mean +- std over seeds (dense {dense['mean']:.2%} +- {dense['std']:.2%})")
         print(f"{'method':12s}" + "".join(f"{s:>16.0%}" for s in sparsities))
         for method in METHODS[1:]:
-            cells = [rows[method][str(s)] for s in sparsities]
-            print(f"{method:12s}" + "".join(f"{c['mean'] * 100:>10.2f} +-{c['std'] * 100:4.2f}" for c in cells))
+            cells = [rows.get(method, {}).get(str(s)) for s in sparsities]
+            print(f"{method:12s}" + "".join(f"{c['mean'] * 100:>10.2f} +-{c['std'] * 100:4.2f}" if c else
+                                            f"{'not run':>16s}" for c in cells))
         print()
     for claim, passed, measured in verdicts:
         print(f"[{'pass' if passed else 'MISS'}] {claim}: {measured}")
     png = out.with_suffix(".png")
     if plot(table, png):
         print(f"\nwrote {out} and {png}")
+
+
+def render_saved(path: str) -> None:
+    """Re-render a (possibly partial) results file written by a run."""
+    saved = json.loads(Path(path).read_text())
+    render(saved["results"], saved["meta"], Path(path))
 
 
 if __name__ == "__main__":

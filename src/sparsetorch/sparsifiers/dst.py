@@ -118,7 +118,8 @@ class DynamicSparsifier(Sparsifier):
         dropped = torch.topk(drop_score, k, largest=False).indices
         after = flat.clone()
         after[dropped] = False
-        # grow among all inactive positions after the drop (a dropped weight may come back, at zero)
+        # grow among all inactive positions after the drop; a just-dropped weight grown back keeps its
+        # value (as in the RigL reference code): only truly new connections start at zero
         g = grow.flatten().float().cpu()
         grow_score = torch.where(after, torch.full_like(g, -float("inf")), g)
         after[torch.topk(grow_score, k).indices] = True
@@ -131,7 +132,6 @@ class DynamicSparsifier(Sparsifier):
             t.param.mul_(keep_state)
             if self.optimizer is not None:
                 zero_optimizer_state(self.optimizer, t.param, keep_state)
-
 
 
 class SET(DynamicSparsifier):
