@@ -29,13 +29,16 @@ def test_subcommand_help(capsys):
 
 def test_demo_runs_and_reports(tmp_path):
     out = _run("demo", "--epochs", "3", "--finetune-epochs", "1", "--sparsities", "0.5,0.9", "--json",
-               str(tmp_path / "d.json"))
+               str(tmp_path / "d.json"), "--report", str(tmp_path / "r.html"))
     assert out.returncode == 0, out.stderr
-    assert "90%" in out.stdout and "file size" in out.stdout
+    assert "90%" in out.stdout and "file size" in out.stdout and "RigL" in out.stdout
+    assert "Mask dynamics" in (tmp_path / "r.html").read_text()
     rows = json.loads((tmp_path / "d.json").read_text())
-    assert [r["sparsity"] for r in rows] == [0.0, 0.5, 0.9]
+    assert [(r["method"], r["sparsity"]) for r in rows] == [
+        ("dense", 0.0), ("one-shot magnitude", 0.5), ("one-shot magnitude", 0.9), ("GMP", 0.9), ("RigL", 0.9)]
     assert rows[2]["file_bytes"] < 0.3 * rows[0]["file_bytes"]
     assert rows[2]["params_kept"] < rows[1]["params_kept"] < rows[0]["params_kept"]
+    assert rows[3]["params_kept"] == rows[4]["params_kept"] == rows[2]["params_kept"]  # same target, exactly
 
 
 def test_error_is_one_line_and_nonzero():
