@@ -169,3 +169,18 @@ def test_cuda_semi_structured_and_bsr():
     with torch.no_grad():
         ref = model(x).float()
         assert float((inf(x).float() - ref).abs().max()) <= 2e-2 * (1 + float(ref.abs().max()))
+
+
+def test_sequence_inputs_and_non_contiguous():
+    # [B, T, C] activations (transformer-style): the batch the kernels see is B*T
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(96, 200), nn.GELU(), nn.Linear(200, 96))
+    for layer in (model[0], model[2]):
+        set_mask(layer, torch.rand_like(layer.weight) < 0.05)
+    x = torch.randn(3, 7, 96)
+    inf = sparsetorch.to_inference(model, x, **FAST)
+    assert {r["batch"] for r in inf.sparsetorch_plan} == {21}
+    with torch.no_grad():
+        assert_same(inf(x), model(x))
+        xt = torch.randn(96, 5).t()  # non-contiguous 2-D input
+        assert_same(inf(xt), model(xt))
