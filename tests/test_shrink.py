@@ -285,3 +285,35 @@ def test_load_shrunk_rejects_wrong_files_and_factories(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"garbage")
     with pytest.raises(SparsityError, match="not a readable"):
         load_shrunk(tmp_path / "bad.safetensors", lambda: MLP((8, 16, 4)))
+
+
+class HardCoded(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.fc = nn.Linear(4 * 9, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).view(-1, 36))  # 36 = 4 channels x 3 x 3, written out
+
+
+def test_reshape_that_hard_codes_the_channel_count_blocks_it():
+    model = HardCoded()
+    with torch.no_grad():
+        model.conv.weight[:2] = 0
+    with pytest.warns(SparsityWarning, match="hard-codes"):
+        small = shrink(model, torch.randn(2, 3, 3, 3))
+    assert small.conv.out_channels == 4
+
+
+def test_channel_pattern_pruned_resnet_shrinks_what_is_exact():
+    torch.manual_seed(0)
+    model = randomize_bn(ResNet(widths=(8, 16), blocks=1))
+    sparsetorch.prune(model, 0.5, pattern="channel", scope="layer")
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        small = shrink(model, x)
+    # BatchNorm shifts of zeroed filters feed zero-padded convs: those channels stay, and we say so
+    assert any("cannot be folded" in str(w.message) for w in record)
+    assert_same_outputs(model, small, x)
