@@ -197,3 +197,20 @@ def test_cli_bench_prints_table(capsys):
     assert "torch-csr" in out and "dense (ms)" in out and ("csr" in out.replace("torch-csr", "")) == has_extension()
     assert main(["bench", "--shape", "64by256"]) == 2
     assert main(["bench", "--sparsity", "1.5"]) == 2
+
+
+def test_caches_follow_buffer_changes():
+    # load_state_dict copies in place (same addresses): cached kernel arguments / torch tensors must follow
+    g = torch.Generator().manual_seed(6)
+    w1 = torch.zeros(8, 16)
+    w1[:, :2] = torch.randn(8, 2, generator=g)
+    w2 = torch.zeros(8, 16)
+    w2[:, -2:] = torch.randn(8, 2, generator=g)  # same nnz per row, other columns
+    p1, p2 = pack(w1), pack(w2)
+    x = torch.randn(3, 16, generator=g)
+    for backend in (["ext"] if has_extension() else []) + ["torch"]:
+        p = pack(w1)
+        assert close(p.linear(x, None, backend), x @ w1.t(), 16)
+        p.load_state_dict(p2.state_dict())
+        assert close(p.linear(x, None, backend), x @ w2.t(), 16), backend
+    assert p1.storage_key() != p2.storage_key()

@@ -80,12 +80,11 @@ class SparseLinear(nn.Module):
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def _fast(self) -> tuple:
-        """Kernel, ISA, tile and weight addresses, recomputed only when the weight storage moves."""
-        key = (self.packed.values.data_ptr(), None if self.bias is None else self.bias.data_ptr())
+        """Kernel, ISA, tile and weight addresses, recomputed only when the weight buffers change."""
+        if self.bias is not None and (self.bias.dtype != torch.float32 or not self.bias.is_contiguous()):
+            self.bias = self.bias.float().contiguous()
+        key = (self.packed.storage_key(), None if self.bias is None else self.bias.data_ptr())
         if self._fast_cache is None or self._fast_cache[0] != key:
-            if self.bias is not None and (self.bias.dtype != torch.float32 or not self.bias.is_contiguous()):
-                self.bias = self.bias.float().contiguous()
-                key = (key[0], self.bias.data_ptr())
             self._fast_cache = (key, _ext.fast_path(self.packed.kernel_name, self.packed._static(), self.in_features))
         return self._fast_cache[1]
 

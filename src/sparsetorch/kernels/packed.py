@@ -49,8 +49,13 @@ class PackedWeight(nn.Module):
     def __init__(self, out_features: int, in_features: int):
         super().__init__()
         self.out_features, self.in_features = int(out_features), int(in_features)
-        self._torch_cache: tuple[int, torch.Tensor] | None = None
-        self._ext_cache: tuple[int, tuple] | None = None
+        self._torch_cache: tuple[tuple, torch.Tensor] | None = None
+        self._ext_cache: tuple[tuple, tuple] | None = None
+
+    def storage_key(self) -> tuple:
+        """Identity of the arrays' current contents: addresses and in-place versions of every buffer, so
+        caches built from them are rebuilt after .to(), load_state_dict or any in-place change."""
+        return tuple((b.data_ptr(), b._version) for b in self.buffers())
 
     @property
     def nnz(self) -> int:
@@ -68,8 +73,8 @@ class PackedWeight(nn.Module):
         raise NotImplementedError
 
     def torch_weight(self) -> torch.Tensor:
-        """torch sparse tensor (int32 indices) for the fallback, built once per storage."""
-        key = self.values.data_ptr()
+        """torch sparse tensor (int32 indices) for the fallback, rebuilt only when the buffers change."""
+        key = self.storage_key()
         if self._torch_cache is None or self._torch_cache[0] != key:
             with warnings.catch_warnings():  # "sparse CSR/BSR support is in beta" and invariant-check notes
                 warnings.simplefilter("ignore", UserWarning)
@@ -83,8 +88,8 @@ class PackedWeight(nn.Module):
                threads: int | None = None) -> torch.Tensor:
         """x [B, in] -> [B, out]; threads (compiled kernels only) defaults to torch.get_num_threads()."""
         if backend == "ext":
-            # addresses of the weight arrays, recomputed only when the storage moves (.to(), load_state_dict)
-            key = self.values.data_ptr()
+            # addresses of the weight arrays, recomputed only when the buffers change (see storage_key)
+            key = self.storage_key()
             if self._ext_cache is None or self._ext_cache[0] != key:
                 self._ext_cache = (key, self._static())
             if x.dtype != torch.float32:
