@@ -317,3 +317,22 @@ def test_channel_pattern_pruned_resnet_shrinks_what_is_exact():
     # BatchNorm shifts of zeroed filters feed zero-padded convs: those channels stay, and we say so
     assert any("cannot be folded" in str(w.message) for w in record)
     assert_same_outputs(model, small, x)
+
+
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.out(self.fc(torch.relu(self.fc(x))))
+
+
+def test_a_layer_called_twice_is_named_and_kept():
+    model = Shared()
+    with torch.no_grad():
+        model.fc.weight[:2] = 0
+    with pytest.warns(SparsityWarning, match="layer fc is called 2 times"):
+        small = shrink(model, torch.randn(2, 6))
+    assert small.fc.out_features == 6

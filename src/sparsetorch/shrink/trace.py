@@ -84,7 +84,29 @@ def trace_groups(model: nn.Module, args: tuple) -> list[Group]:
     for g in walker.groups:
         r = g.find()
         roots.setdefault(id(r), r)
-    return list(roots.values())
+    groups = list(roots.values())
+    _block_shared(gm, groups)
+    return groups
+
+
+def _block_shared(gm: fx.GraphModule, groups: list[Group]) -> None:
+    """A layer called twice, or sharing a weight with another, cannot be resized for one use only."""
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    owners: dict[int, list[str]] = {}
+    for name, module in gm.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(name)
+    shared = {n: f"layer {n} is called {c} times" for n, c in calls.items() if c > 1}
+    for names in owners.values():
+        if len(set(names)) > 1:
+            shared.update({n: f"layers {' and '.join(sorted(set(names)))} share a weight" for n in names})
+    for g in groups:
+        for m in g.members:
+            if m.module in shared:
+                g.block(shared[m.module])
 
 
 def _shape(node) -> tuple[int, ...] | None:
