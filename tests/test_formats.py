@@ -179,3 +179,13 @@ def test_forced_format(tmp_path):
         layer.weight[~get_mask(layer)] = 1.0  # bypass the mask
     with pytest.raises(SparsityError, match="outside its mask"):
         sparsetorch.save(layer, tmp_path / "c.safetensors", format="csr")
+
+
+def test_int8_keeps_the_mask_of_weights_that_round_to_zero(tmp_path):
+    layer = _layer(32, 0.5)
+    with torch.no_grad():
+        kept = get_mask(layer).nonzero()[0]
+        layer.weight[kept[0], kept[1]] = 1e-9  # far below the row's int8 step
+    fresh = nn.Linear(32, 32, bias=False)
+    sparsetorch.load(sparsetorch.save(layer, tmp_path / "q.safetensors", values="int8"), fresh)
+    assert torch.equal(get_mask(fresh), get_mask(layer)) and fresh.weight[kept[0], kept[1]] == 0

@@ -76,7 +76,7 @@ _CAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 def lossy_applies(tensor: torch.Tensor, values: str) -> bool:
     """Lossy codecs touch only floating tensors wider than 16 bits; int8 only matrices (>= 2-D), whose
     rows get their own scale (a bias or norm vector stays exact: it is tiny and sensitive)."""
-    if values == "fp32" or not tensor.is_floating_point() or tensor.element_size() <= 2:
+    if values == "fp32" or not tensor.is_floating_point() or tensor.element_size() <= 2 or not tensor.numel():
         return False
     return values != "int8" or tensor.dim() >= 2
 
