@@ -47,7 +47,8 @@ def run_one(model_name: str, method: str, sparsity: float, seed: int, data, args
         train_epochs(model, optimizer, None, data[0], data[1], epochs=args.epochs - dense_epochs,
                      batch_size=args.batch_size, generator=torch.Generator().manual_seed(seed + 1))
     else:
-        build_and_train(method, sparsity, model, data, epochs=args.epochs, **common)
+        overrides = {"reinit": True} if args.reinit and method in ("static", "set", "rigl", "srigl") else None
+        build_and_train(method, sparsity, model, data, epochs=args.epochs, overrides=overrides, **common)
     return accuracy(model, data[2], data[3])
 
 
@@ -120,6 +121,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3, help="chosen over 1e-3 by one probe (seed 0, dense/Static/RigL/GMP all better)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--models", default="mlp,cnn")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset (default: all)")
+    parser.add_argument("--reinit", action="store_true",
+                        help="Static/SET/RigL with sparsity-aware re-initialisation (scale by kept fan-in)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: small models, busy machine)")
     parser.add_argument("--quick", action="store_true", help="1 seed, 5 epochs, MLP only: a smoke run")
     parser.add_argument("--out", default=str(RESULTS / "bench_training_quality.json"))
@@ -135,18 +139,20 @@ def main() -> None:
     data = (split.x_train, split.y_train, split.x_test, split.y_test)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/bench_training_quality.py" + (" --quick" if args.quick else "")
+    command = "python benchmarks/bench_training_quality.py" + (" --quick" if args.quick else "") + (
+        f" --models {args.models} --methods {args.methods}" + (" --reinit" if args.reinit else "") +
+        f" --out {args.out}" if args.methods != ",".join(METHODS) or args.reinit else "")
     meta = {"command": command, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "python": platform.python_version(), "torch": torch.__version__, "threads": args.threads,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "seeds": args.seeds,
+            "reinit": args.reinit, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "seeds": args.seeds,
             "data": f"digits {len(split.x_train)} train / {len(split.x_test)} test"}
     table: dict = {}
     start = time.perf_counter()
     for model_name in args.models.split(","):
         sparsities = MODELS[model_name][1]
         rows = table.setdefault(model_name, {})
-        for method in METHODS:
+        for method in args.methods.split(","):
             for s in [0.0] if method == "dense" else sparsities:
                 accs = [run_one(model_name, method, s, seed, data, args) for seed in range(args.seeds)]
                 rows.setdefault(method, {})[str(s)] = summary(accs)
@@ -168,8 +174,9 @@ def render(table: dict, meta: dict, out: Path) -> None:
           f"{meta['batch_size']}, {meta['seeds']} seed(s)\n")
     for model_name, rows in table.items():
         sparsities = MODELS[model_name][1]
-        dense = rows["dense"]["0.0"]
-        print(f"{model_name}: test accuracy %, mean +- std over seeds (dense {dense['mean']:.2%} +- {dense['std']:.2%})")
+        dense = rows.get("dense", {}).get("0.0")
+        print(f"{model_name}: test accuracy %, mean +- std over seeds" +
+              (f" (dense {dense['mean']:.2%} +- {dense['std']:.2%})" if dense else ""))
         print(f"{'method':12s}" + "".join(f"{s:>16.0%}" for s in sparsities))
         for method in METHODS[1:]:
             cells = [rows.get(method, {}).get(str(s)) for s in sparsities]

@@ -214,3 +214,22 @@ def test_snip_prefers_salient_inputs():
     SNIP(sparsity=0.9, batch=(x, y)).attach(model)
     per_input = model.fc1.weight_mask.sum(dim=0).float()
     assert per_input[:8].mean() > 3 * per_input[8:].mean()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["gmp", "set", "rigl", "srigl", "static"])
+def test_methods_on_cuda(name):
+    from test_sparsifiers import build
+
+    torch.manual_seed(0)
+    model = MLP((16, 48, 32, 4)).cuda()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sp = build(name).attach(model, optimizer)
+    for step in range(12):
+        x, y = batch(step)
+        torch.nn.functional.cross_entropy(model(x.cuda()), y.cuda()).backward()
+        optimizer.step(); optimizer.zero_grad(); sp.step()
+    assert sp.density() == pytest.approx(0.1, abs=0.02)
+    for item in sparsetorch.iter_masks(model):
+        assert item.mask.is_cuda and torch.count_nonzero(item.param[~item.mask]) == 0
