@@ -107,3 +107,34 @@ def test_gpt_sampling_is_seeded_and_inputs_are_checked(small_gpt, tmp_path):
         model(np.full((1, 4), 256))
     with pytest.raises(SparsityError, match="integer token ids"):
         model(np.zeros((1, 4), np.float32))
+
+
+def test_cli_exports_the_gpt_and_the_runtime_generates_without_torch(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from sparsetorch.edge_export.gpt import torch_generate
+
+    torch.manual_seed(0)
+    model = gpt.GPT(gpt.GPTConfig(layers=1, width=32, heads=2, context=32)).eval()
+    sparsetorch.prune(model, 0.8)
+    ckpt = sparsetorch.save(model, tmp_path / "gpt.safetensors")
+    out = tmp_path / "gpt.spt"
+    # the default GPTConfig differs: the checkpoint does not fit it, and the CLI says so
+    assert main(["export", str(ckpt), "--edge", str(out), "--model", "sparsetorch.models.gpt:GPT"]) == 2
+    assert "does not match the model" in capsys.readouterr().err
+    (tmp_path / "edge_gpt_factory.py").write_text(
+        "from sparsetorch.models.gpt import GPT, GPTConfig\n"
+        "def small():\n"
+        "    return GPT(GPTConfig(layers=1, width=32, heads=2, context=32))\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        assert main(["export", str(ckpt), "--edge", str(out), "--model", "edge_gpt_factory:small"]) == 0
+    finally:
+        sys.path.remove(str(tmp_path))
+    code = ("import sys, sparsetorch.edge as edge\n"
+            f"text = edge.load({str(out)!r}).generate(b'abc', 8)\n"
+            "assert 'torch' not in sys.modules\n"
+            "sys.stdout.write(text.hex())\n")
+    text = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120).stdout
+    assert bytes.fromhex(text) == torch_generate(model, b"abc", 8)

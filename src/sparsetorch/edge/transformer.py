@@ -11,8 +11,7 @@ from . import ops
 
 
 class _Block:
-    def __init__(self, model, prefix: str, eps: float):
-        self.eps = eps
+    def __init__(self, model, prefix: str):
         self.ln1 = (model.array(f"{prefix}ln1.weight"), model.array(f"{prefix}ln1.bias"))
         self.ln2 = (model.array(f"{prefix}ln2.weight"), model.array(f"{prefix}ln2.bias"))
         self.qkv = model.linear(f"{prefix}attn.qkv.weight", f"{prefix}attn.qkv.bias")
@@ -30,7 +29,7 @@ class Transformer:
         self.eps = float(node["eps"])
         self.tok = model.matrix(f"{p}tok.weight").to_dense()  # [V, C] embedding tables are looked up, not multiplied
         self.pos = model.matrix(f"{p}pos.weight").to_dense()  # [context, C]
-        self.blocks = [_Block(model, f"{p}blocks.{i}.", self.eps) for i in range(node["layers"])]
+        self.blocks = [_Block(model, f"{p}blocks.{i}.") for i in range(node["layers"])]
         self.ln_f = (model.array(f"{p}ln_f.weight"), model.array(f"{p}ln_f.bias"))
         self.lm_head = model.linear(f"{p}lm_head.weight", node.get("lm_head_bias"))
 

@@ -119,7 +119,10 @@ class Converter:
         return self.g
 
     def call_module(self, node: fx.Node, m: nn.Module) -> None:
-        name, x = node.target, self.ref(node.args[0], node) if node.args else None
+        if len(node.args) != 1 or node.kwargs:
+            raise _unsupported(f"module {node.target!r} called with {len(node.args)} positional and "
+                               f"{len(node.kwargs)} keyword arguments", node, "call modules with one tensor")
+        name, x = node.target, self.ref(node.args[0], node)
         handler = next((h for cls, h in self.leaf_handlers.items() if isinstance(m, cls)), None)
         if handler is not None:
             handler(self, node.name, f"{name}.", x, m)
