@@ -15,6 +15,15 @@ from sparsetorch.models import MLP, ResNet  # noqa: E402
 from sparsetorch.shrink import prune_channels, shrink  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny convolutions on a shared 2-core machine: extra threads only spin-wait (20x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run_onnx(path, *inputs):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)}

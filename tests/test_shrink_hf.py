@@ -13,6 +13,15 @@ from sparsetorch.shrink import load_shrunk, prune_channels, save_shrunk, shrink 
 IDS = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny convolutions on a shared 2-core machine: extra threads only spin-wait (20x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def gpt2_config():
     return GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50, n_positions=32, bos_token_id=0, eos_token_id=0)
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from .groups import Group, Member, is_depthwise, is_plain_conv
 
@@ -72,7 +71,7 @@ def trace_groups(model: nn.Module, args: tuple) -> list[Group]:
     model.eval()  # BatchNorm statistics must not move while we look
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*args)
+            _Shapes(gm).run(*args)
     except Exception as exc:
         raise TraceFailed(f"running the traced graph on example_inputs failed: {type(exc).__name__}: {exc}") from None
     finally:
@@ -109,9 +108,18 @@ def _block_shared(gm: fx.GraphModule, groups: list[Group]) -> None:
                 g.block(shared[m.module])
 
 
+class _Shapes(fx.Interpreter):
+    """Runs the graph once and records every tensor's shape (torch's ShapeProp imports sympy: slow)."""
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            n.meta["sparsetorch_shape"] = tuple(result.shape)
+        return result
+
+
 def _shape(node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+    return node.meta.get("sparsetorch_shape") if isinstance(node, fx.Node) else None
 
 
 class _Walker:
