@@ -40,8 +40,9 @@ def export_edge(model: nn.Module, example_inputs, path: str | os.PathLike, value
     model.eval()
     try:
         desc, arrays = build(model, x, values)
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
         with torch.no_grad():
-            expected = model(x)
+            expected = model(x.to(device))
     finally:
         for m, flag in flags.items():
             m.training = flag
