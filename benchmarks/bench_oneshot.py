@@ -163,7 +163,10 @@ def main() -> int:
     p.add_argument("--eval-windows", type=int, default=256)
     p.add_argument("--gpt2-small", action="store_true", help="instead: time SparseGPT on a 124M GPT-2 on CPU")
     p.add_argument("--gpt2-nsamples", type=int, default=128)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)  # on a crowded machine 1 thread avoids OpenMP spin-waiting
     meta = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": platform.platform(),
             "processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}

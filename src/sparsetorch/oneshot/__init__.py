@@ -1,5 +1,14 @@
 """One-shot pruning of trained models from calibration data: SparseGPT, Wanda and magnitude,
-unstructured or N:M, block by block for transformers. See ``prune_oneshot``."""
+unstructured or N:M, block by block for transformers. See ``prune_oneshot``.
+
+    import sparsetorch
+    calib = [ids[i : i + 512][None] for i in range(0, 128 * 512, 512)]    # token-id tensors
+    sparsetorch.sparsegpt(model, calib, sparsity=0.5)                    # or pattern="2:4"
+    sparsetorch.wanda(model, calib, pattern="4:8")
+    model.save_pretrained("pruned")                                      # an ordinary model
+
+or from the shell: ``sparsetorch prune-lm MODEL_DIR --method sparsegpt --pattern 2:4 --calibration FILE --out DIR``.
+"""
 from .api import METHODS, LayerResult, OneshotStats, prune_oneshot, sparsegpt, wanda
 from .solvers import magnitude_mask, sparsegpt_solve, wanda_mask
 
