@@ -345,3 +345,15 @@ def test_a_layer_called_twice_is_named_and_kept():
     with pytest.warns(SparsityWarning, match="layer fc is called 2 times"):
         small = shrink(model, torch.randn(2, 6))
     assert small.fc.out_features == 6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_shrink_a_cuda_model():
+    torch.manual_seed(0)
+    model = randomize_bn(ResNet(widths=(8, 16), blocks=1)).cuda()
+    x = torch.randn(2, 3, 8, 8, device="cuda")
+    prune_channels(model, 0.5, example_inputs=x, scope="layer")
+    small = shrink(model, x)
+    assert small.stem.weight.is_cuda and small.stem.out_channels == 4
+    assert_same_outputs(model, small, x)

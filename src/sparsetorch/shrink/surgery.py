@@ -125,7 +125,7 @@ def _removable(g: Group, modules: dict[str, nn.Module]) -> torch.Tensor:
     per = []
     for m in deciders:
         zero = _out_rows(modules[m.module], m, with_bias=g.zero_rule == "any")
-        per.append(zero[m.indices(units)].reshape(g.size, m.inner).all(1))
+        per.append(zero.cpu()[m.indices(units)].reshape(g.size, m.inner).all(1))
     stacked = torch.stack(per)
     removable = stacked.all(0) if g.zero_rule == "all" else stacked.any(0)
     found = removable.nonzero().flatten()
@@ -167,7 +167,7 @@ def _capture_inputs(model: nn.Module, args: tuple, names: set[str]) -> dict[str,
 
 def _unit_values(module: nn.Module, x: torch.Tensor, member: Member, units: torch.Tensor) -> torch.Tensor:
     """[positions, units, inner] values of the units' input features at every position."""
-    idx = member.indices(units)
+    idx = member.indices(units).to(x.device)
     if isinstance(module, nn.modules.conv._ConvNd):  # channels on dim 1
         v = x.index_select(1, idx).movedim(1, -1)
     else:
@@ -235,7 +235,7 @@ def _apply(model: nn.Module, modules: dict[str, nn.Module], plan: list[tuple[Gro
             for pname, dim in adapter_for(module).dims.get(m.role, []):
                 removed.setdefault((m.module, pname, dim), set()).update(m.indices(units).tolist())
     for module, idx, value in folds:  # before slicing: folds read the full weights
-        adapter_for(module).fold(module, idx, value)
+        adapter_for(module).fold(module, idx.to(module.weight.device), value.to(module.weight.device))
     touched = set()
     with torch.no_grad():
         for (name, pname, dim), gone in removed.items():
