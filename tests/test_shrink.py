@@ -357,3 +357,24 @@ def test_shrink_a_cuda_model():
     small = shrink(model, x)
     assert small.stem.weight.is_cuda and small.stem.out_channels == 4
     assert_same_outputs(model, small, x)
+
+
+class ShapeReads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 1)
+        self.fc = nn.Linear(6 * 4, 2)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.fc(y.view(y.shape[0], -1) * 2)
+
+
+def test_reading_shapes_does_not_block():
+    model = ShapeReads()
+    with torch.no_grad():
+        model.conv.weight[:3] = 0
+    x = torch.randn(2, 3, 2, 2)
+    small = shrink(model, x)
+    assert small.conv.out_channels == 3 and small.fc.in_features == 12
+    assert_same_outputs(model, small, x)

@@ -162,8 +162,8 @@ class _Walker:
             return
         ins = self.tensor_inputs(node)
         if _shape(node) is None:  # sizes, shapes, tuples: no channel values flow on
-            if node.op == "call_method" and node.target in ("size", "dim"):
-                return
+            if node.op == "call_method" and node.target in ("size", "dim") or node.target is getattr:
+                return  # x.size(0), x.shape: metadata, not channel values
             if not any(self.layouts.get(n) for n in ins):
                 return
         handler = self.handler(node)
