@@ -90,6 +90,22 @@ def test_noncontiguous_and_3d_inputs(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_broadcast_upstream_gradient(backend):
+    # (y * c).sum() hands backward dY = c expanded over the batch: row stride 0, unit column stride
+    g = torch.Generator().manual_seed(8)
+    layer = SparseLinear(20, 12, 0.5, generator=g, backend=backend)
+    c = torch.randn(12, generator=g)
+    x = torch.randn(6, 20, generator=g)
+    dy = c.expand(6, 12)
+    assert dy.stride() == (0, 1)
+    x1 = x.clone().requires_grad_(True)
+    (layer(x1) * c).sum().backward()
+    _, rdx, rdw = _reference(layer, x, dy.contiguous())
+    torch.testing.assert_close(x1.grad, rdx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.values.grad, rdw, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_rows_and_columns_allowed(backend):
     g = torch.Generator().manual_seed(3)
     layer = SparseLinear(40, 30, 0.99, generator=g, backend=backend)  # 12 nonzeros: most rows/columns empty

@@ -77,7 +77,7 @@ def release(*tensors: torch.Tensor | None) -> None:
 
 def pack(x: torch.Tensor, tw: int) -> torch.Tensor:
     """x [B, n] (unit column stride) -> panels [ceil(B/tw), n, tw] (scratch: ``release`` when done)."""
-    if x.stride(-1) != 1:
+    if x.stride(-1) != 1 or (x.shape[0] > 1 and x.stride(0) < x.shape[1]):  # e.g. a broadcast (expanded) grad
         x = x.contiguous()
     b, n = x.shape
     out = scratch(((b + tw - 1) // tw, n, tw), x.dtype)
