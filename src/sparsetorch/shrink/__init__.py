@@ -3,6 +3,14 @@
 ``shrink(model, example_inputs)`` returns the smaller copy; ``prune_channels`` chooses what to
 remove (by L1/L2 norm, BatchNorm scale or Taylor importance, honouring residual groups);
 ``save_shrunk`` / ``load_shrunk`` store it as tensors plus shapes (no pickle).
+
+Example::
+
+    x = torch.randn(1, 3, 32, 32)
+    sparsetorch.shrink.prune_channels(model, 0.5, example_inputs=x)   # or target_flops=0.5
+    small = sparsetorch.shrink(model, x)                             # a smaller nn.Module, same outputs
+    sparsetorch.shrink.save_shrunk(small, "small.safetensors")
+    small = sparsetorch.shrink.load_shrunk("small.safetensors", lambda: ResNet())
 """
 from .selection import prune_channels
 from .storage import load_shrunk, save_shrunk
