@@ -98,9 +98,19 @@ def encode_smallest(value: torch.Tensor, mask: torch.Tensor | None, values: str 
                           or mask is None and int(torch.count_nonzero(value)) <= 0.75 * value.numel()):
         names += _SPARSE_FORMATS
     best = None
+    prepared = formats.registry.prepare(value, values)
+    nnz = int(mask.sum()) if mask is not None else int(torch.count_nonzero(value))
+    isz = value.element_size()
+    if formats.registry.lossy_applies(value, values):
+        isz = 1 if values == "int8" else 2
     for name in names:
+        # skip a candidate whose smallest possible size already loses: CSR spends >= 1 byte per kept
+        # weight on its index, gap codes >= 2 bits
+        floor = {"csr": nnz * (isz + 1), "gapmask": nnz * isz + nnz // 4}.get(name, 0)
+        if best is not None and floor >= best[0]:
+            continue
         try:
-            parts, meta = formats.encode(name, value, mask, values)
+            parts, meta = formats.encode(name, value, mask, values, prepared)
         except SparsityError:
             if name == "dense":
                 raise

@@ -107,13 +107,21 @@ def _dequantize(dense: torch.Tensor, parts: Parts, meta: Meta, dtype: torch.dtyp
     return (dense.reshape(rows, -1).float() * scale[:, None]).reshape(dense.shape).to(dtype)
 
 
-def encode(fmt: str, tensor: torch.Tensor, mask: torch.Tensor | None, values: str = "fp32") -> tuple[Parts, Meta]:
-    """Encode ``tensor`` (and its mask) in format ``fmt`` with value codec ``values``: ``(parts, meta)``."""
-    meta: Meta = {"format": fmt, "shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype)}
-    extra: Parts = {}
+def prepare(tensor: torch.Tensor, values: str) -> tuple[torch.Tensor, Parts, str | None]:
+    """What the formats encode for codec ``values``: (stored tensor, extra parts, lossy codec or None)."""
     if lossy_applies(tensor, values):
-        tensor, extra = quantize(tensor, values)
-        meta["values"] = values
+        return (*quantize(tensor, values), values)
+    return tensor, {}, None
+
+
+def encode(fmt: str, tensor: torch.Tensor, mask: torch.Tensor | None, values: str = "fp32",
+           prepared: tuple | None = None) -> tuple[Parts, Meta]:
+    """Encode ``tensor`` (and its mask) in format ``fmt`` with value codec ``values``: ``(parts, meta)``.
+    ``prepared`` is ``prepare(tensor, values)`` when trying several formats (quantize once)."""
+    meta: Meta = {"format": fmt, "shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype)}
+    tensor, extra, codec = prepared or prepare(tensor, values)
+    if codec is not None:
+        meta["values"] = codec
     parts, fmeta = FORMATS[fmt].encode(tensor, mask)
     if mask is None and fmt != "dense":
         fmeta["masked"] = False  # a sparse code of an unmasked tensor: decode gives no mask
