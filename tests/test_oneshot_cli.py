@@ -41,3 +41,20 @@ def test_prune_lm_bad_input_exits_2(model_dir, extra, capsys):
     assert main(args + extra) == 2
     assert "error" in capsys.readouterr().err
     assert not (model_dir / "o").exists()
+
+
+def test_prune_lm_uses_the_folders_tokenizer(model_dir):
+    tokenizers = pytest.importorskip("tokenizers")
+    words = ["[UNK]", "def", "f(x):", "return", "x", "+", "1"]
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(model_dir / "tiny")
+    from sparsetorch.cli.prune_lm import calibration_ids
+
+    ids = calibration_ids(model_dir / "tiny", model_dir / "calib.txt", 4, 8, 0, 256)
+    assert len(ids) == 4 and all(t.shape == (1, 8) for t in ids)
+    assert max(int(t.max()) for t in ids) < len(words)  # word ids, not bytes
+    out = model_dir / "pruned"
+    assert main(["prune-lm", str(model_dir / "tiny"), "--method", "wanda", "--calibration", str(model_dir / "calib.txt"),
+                 "--out", str(out), "--nsamples", "4", "--seqlen", "8"]) == 0
+    assert (out / "tokenizer.json").is_file()
