@@ -1,6 +1,6 @@
 """File size and speed of sparsetorch's storage formats: a 4096x4096 layer and a whole 90%-sparse digits MLP.
 
-    nice .venv/bin/python benchmarks/bench_storage.py            # ~5 min on 2 busy cores
+    nice .venv/bin/python benchmarks/bench_storage.py            # ~8 min on 2 cores shared with other jobs
     .venv/bin/python benchmarks/bench_storage.py --size 1024     # quick look
 
 Every number is a real file written by ``sparsetorch.save`` (its size on disk, header included) divided
