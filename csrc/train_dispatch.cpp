@@ -41,7 +41,9 @@ void parallel(int nt, Body body) {
 template <class Rows>
 void over_rows(int threads, const int64_t* ptr, int64_t rows, int64_t work, Rows run) {
   int nt = std::max(1, threads);
-  if (work < 32768) nt = 1;  // waking a second thread costs more than it saves
+  // Below ~1M multiply-adds (~0.1 ms) waking a second thread costs more than it saves, and much more when
+  // the machine is shared (the wake-up waits for a time slice).
+  if (work < (int64_t(1) << 20)) nt = 1;
   const int64_t K = nt == 1 ? 1 : std::min<int64_t>(8 * nt, std::max<int64_t>(rows, 1));
   std::vector<int64_t> bounds(K + 1);
   const int64_t total = ptr[rows] - ptr[0];

@@ -49,8 +49,8 @@ def test_matches_masked_dense(backend, dtype, shape):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_float64(backend):
     g = torch.Generator().manual_seed(0)
-    layer = SparseLinear(12, 9, 0.6, generator=g, dtype=torch.float64, backend=backend)
-    x = torch.randn(5, 12, dtype=torch.float64, generator=g, requires_grad=True)
+    layer = SparseLinear(10, 7, 0.6, generator=g, dtype=torch.float64, backend=backend)
+    x = torch.randn(4, 10, dtype=torch.float64, generator=g, requires_grad=True)
     fn = SparseLinearFunction.apply
     use = backend == "kernels"
     assert torch.autograd.gradcheck(lambda x, v, b: fn(x, v, b, layer, use), (x, layer.values, layer.bias))
@@ -194,18 +194,19 @@ def test_transformer_swap_train_and_back():
     sparse = [n for n, m in model.named_modules() if isinstance(m, SparseLinear)]
     assert len(sparse) == 12 and isinstance(model.lm_head, nn.Linear)  # every projection, not the head
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    sched = torch.optim.lr_scheduler.StepLR(opt, 5, 0.5)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 4, 0.5)
     assert sum(p.numel() for p in model.parameters()) < 0.5 * dense_params
     ids = torch.randint(0, 50, (8, 12), generator=torch.Generator().manual_seed(1))
     losses = []
-    for _ in range(15):
+    for _ in range(8):
         loss = nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
         losses.append(loss.item())
-    assert losses[-1] < losses[0] - 0.5
+    assert losses[-1] < losses[0] - 0.3
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.25)  # the scheduler drives the new parameters
     layer = model.blocks[0].fc1
     assert opt.state[layer.values]["exp_avg"].shape == (layer.nnz,)  # optimizer state sized by nnz
     assert layer.values.grad.shape == (layer.nnz,)
