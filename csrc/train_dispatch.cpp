@@ -1,6 +1,8 @@
 // Runtime ISA choice, threading and the batch transposes around the single-threaded training kernels.
 #include "train_dispatch.h"
 
+#include "isa.h"
+
 #include <algorithm>
 #include <atomic>
 #include <vector>
@@ -11,16 +13,7 @@
 
 namespace stt {
 
-int best_isa() {
-#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-    return ISA_AVX512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return ISA_AVX2;
-#endif
-  return ISA_GENERIC;
-}
+int best_isa() { return st_isa::detect(); }  // same values as the ISA_* enum
 
 namespace {
 

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import SparsityError
+from .selection import Target
 
 __all__ = ["set_mask", "get_mask", "has_mask", "iter_masks", "remove_masks", "remove_mask", "MaskedParam", "apply_masks"]
 
@@ -49,21 +50,10 @@ _GLOBAL_HOOK: torch.utils.hooks.RemovableHandle | None = None
 
 
 @dataclass(frozen=True)
-class MaskedParam:
-    """One masked parameter: ``fqn`` is the module's qualified name (``"layers.0"``)."""
+class MaskedParam(Target):
+    """One masked parameter: a ``Target`` (``fqn`` names the module) plus its current mask."""
 
-    fqn: str
-    module: nn.Module
-    name: str
-    mask: torch.Tensor
-
-    @property
-    def param(self) -> nn.Parameter:
-        return getattr(self.module, self.name)
-
-    @property
-    def qualified_name(self) -> str:
-        return f"{self.fqn}.{self.name}" if self.fqn else self.name
+    mask: torch.Tensor | None = None
 
 
 def set_mask(module: nn.Module, mask: torch.Tensor, name: str = "weight") -> torch.Tensor:
@@ -126,7 +116,7 @@ def iter_masks(model: nn.Module) -> Iterator[MaskedParam]:
                 continue
             name = buffer_name[: -len(_SUFFIX)]
             if isinstance(getattr(module, name, None), nn.Parameter) and buffer.dtype == torch.bool:
-                yield MaskedParam(fqn, module, name, buffer)
+                yield MaskedParam(fqn, module, name, mask=buffer)
 
 
 @torch.no_grad()
