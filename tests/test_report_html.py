@@ -26,8 +26,10 @@ def html_report(tmp_path_factory):
         "input_shape": [64], "image_shape": [8, 8],
         "history": [{"step": 10 * i, "moved": 50 - i, "density": 0.1} for i in range(6)]})
     out = tmp / "report.html"
+    bench = tmp / "bench.json"  # the training-quality benchmark's layout
+    bench.write_text('{"results": {"mlp": {"gmp": {"0.9": {"mean": 0.98, "std": 0.01}, "0.95": {"mean": 0.97}}}}}')
     run = subprocess.run([sys.executable, "-m", "sparsetorch.cli", "report", str(ckpt), "--data", "digits",
-                          "--out", str(out)], capture_output=True, text=True, timeout=300)
+                          "--bench", str(bench), "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     return out
 
@@ -39,7 +41,7 @@ def test_page_is_self_contained(html_report):
     assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
     assert not re.search(r'(href|src)="(https?:)?//', text)
     for section in ("Layers", "Which connections survive", "Which input features matter", "Mask dynamics",
-                    "Cost per inference (estimate)", "file on disk"):
+                    "Cost per inference (estimate)", "file on disk", "Accuracy vs sparsity"):
         assert section in text
 
 

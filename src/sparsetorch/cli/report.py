@@ -64,15 +64,31 @@ def load_data(spec: str | None):
 
 
 def load_curves(paths: list[str]) -> dict:
-    """Benchmark JSON rows {method, sparsity, mean, std} -> {method: {sparsity: (mean, std)}}."""
+    """Benchmark results -> ``{label: {sparsity: (mean, std)}}`` for the accuracy-vs-sparsity plot.
+
+    Reads the training-quality benchmark's ``{"results": {model: {method: {sparsity: {mean, std}}}}}``
+    (labels "model/method") and flat lists of rows ``{method, sparsity, mean[, std]}``.
+    """
     curves: dict = {}
     for path in paths:
         with open(path) as fh:
             doc = json.load(fh)
-        rows = doc.get("rows", doc) if isinstance(doc, dict) else doc
+        nested = doc.get("results") if isinstance(doc, dict) else None
+        if isinstance(nested, dict):
+            for model, methods in nested.items():
+                for method, points in methods.items():
+                    curves[f"{model}/{method}"] = {float(k): (float(v["mean"]), float(v.get("std", 0)))
+                                                   for k, v in points.items()}
+            continue
+        rows = doc.get("rows", []) if isinstance(doc, dict) else doc
         for row in rows:
-            if {"method", "sparsity", "mean"} <= set(row):
+            if isinstance(row, dict) and {"method", "sparsity", "mean"} <= set(row):
                 curves.setdefault(row["method"], {})[float(row["sparsity"])] = (float(row["mean"]), float(row.get("std", 0)))
+    if paths and not curves:
+        from ..errors import SparsityError
+
+        raise SparsityError(f"no accuracy-vs-sparsity results found in {paths}; pass the training-quality "
+                            "benchmark's JSON (benchmarks/results/bench_training_quality.json)")
     return curves
 
 
