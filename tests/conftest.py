@@ -40,3 +40,12 @@ def tiny_net():
 def tiny_batch():
     g = torch.Generator().manual_seed(1)
     return torch.randn(16, 4, 4, 4, generator=g), torch.randint(0, 5, (16,), generator=g)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny convolutions on a shared 2-core machine: extra threads only spin-wait (20x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -15,13 +15,7 @@ from sparsetorch.models import MLP, ResNet  # noqa: E402
 from sparsetorch.shrink import prune_channels, shrink  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions on a shared 2-core machine: extra threads only spin-wait (20x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_onnx(path, *inputs):

@@ -13,13 +13,7 @@ from sparsetorch.shrink import load_shrunk, prune_channels, save_shrunk, shrink 
 IDS = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions on a shared 2-core machine: extra threads only spin-wait (20x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gpt2_config():
