@@ -10,8 +10,7 @@ Submodules are imported on first use so that ``import sparsetorch`` stays fast.
 """
 from __future__ import annotations
 
-import importlib
-
+from ._lazy import lazy_attributes
 from .errors import SparsityError, SparsityWarning
 
 __version__ = "0.1.0"
@@ -58,16 +57,4 @@ _SUBMODULES = {"masks", "patterns", "distributions", "scores", "schedules", "sel
 __all__ = ["SparsityError", "SparsityWarning", "__version__", *_LAZY]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        module, attr = _LAZY[name].split(":")
-        value = getattr(importlib.import_module(f".{module}", __name__), attr)
-        globals()[name] = value
-        return value
-    if name in _SUBMODULES:
-        return importlib.import_module(f".{name}", __name__)
-    raise AttributeError(f"module 'sparsetorch' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY) | _SUBMODULES)
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, _SUBMODULES)

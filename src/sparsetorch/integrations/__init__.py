@@ -9,7 +9,7 @@ The framework modules import transformers / lightning only when used.
 """
 from __future__ import annotations
 
-import importlib
+from .._lazy import lazy_attributes
 
 _LAZY = {
     "save_training_state": "state",
@@ -23,15 +23,4 @@ _SUBMODULES = {"state", "hf", "lightning"}
 __all__ = [*_LAZY]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    if name in _SUBMODULES:
-        return importlib.import_module(f".{name}", __name__)
-    raise AttributeError(f"module 'sparsetorch.integrations' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY) | _SUBMODULES)
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, _SUBMODULES)
