@@ -150,31 +150,26 @@ void linear(const Problem& p, const GemvFn& gemv, const SpmmFn& spmm) {
   });
 }
 
-void csr_linear(int isa, const Problem& p, const Csr& w, const float* bias) {
-  const Table& T = kTables[isa];
+// One sparse format's pair of kernels (batch-1 gemv, transposed-batch spmm) run through `linear`.
+template <class W, class Gemv, class Spmm>
+void format_linear(const Problem& p, const W& w, const float* bias, Gemv gemv, Spmm spmm) {
   linear(
-      p, [&](const float* x, float* y, int64_t u0, int64_t u1) { T.csr_gemv(w, x, bias, y, u0, u1); },
+      p, [&](const float* x, float* y, int64_t u0, int64_t u1) { gemv(w, x, bias, y, u0, u1); },
       [&](const float* xt, int64_t ld, int64_t b0, int nv, float* yt, int64_t u0, int64_t u1) {
-        T.csr_spmm(w, xt, ld, b0, nv, bias, yt, u0, u1);
+        spmm(w, xt, ld, b0, nv, bias, yt, u0, u1);
       });
+}
+
+void csr_linear(int isa, const Problem& p, const Csr& w, const float* bias) {
+  format_linear(p, w, bias, kTables[isa].csr_gemv, kTables[isa].csr_spmm);
 }
 
 void nm_linear(int isa, const Problem& p, const NM& w, const float* bias) {
-  const Table& T = kTables[isa];
-  linear(
-      p, [&](const float* x, float* y, int64_t u0, int64_t u1) { T.nm_gemv(w, x, bias, y, u0, u1); },
-      [&](const float* xt, int64_t ld, int64_t b0, int nv, float* yt, int64_t u0, int64_t u1) {
-        T.nm_spmm(w, xt, ld, b0, nv, bias, yt, u0, u1);
-      });
+  format_linear(p, w, bias, kTables[isa].nm_gemv, kTables[isa].nm_spmm);
 }
 
 void bsr_linear(int isa, const Problem& p, const Bsr& w, const float* bias) {
-  const Table& T = kTables[isa];
-  linear(
-      p, [&](const float* x, float* y, int64_t u0, int64_t u1) { T.bsr_gemv(w, x, bias, y, u0, u1); },
-      [&](const float* xt, int64_t ld, int64_t b0, int nv, float* yt, int64_t u0, int64_t u1) {
-        T.bsr_spmm(w, xt, ld, b0, nv, bias, yt, u0, u1);
-      });
+  format_linear(p, w, bias, kTables[isa].bsr_gemv, kTables[isa].bsr_spmm);
 }
 
 }  // namespace st

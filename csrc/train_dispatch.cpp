@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <utility>
 #include <vector>
 
 #ifdef _OPENMP
@@ -56,6 +57,14 @@ constexpr int64_t TT = 16;
 // Transposes are memory-bound and short (a [256, 4096] fp32 batch: ~0.7 ms): below TRANSPOSE_PARALLEL
 // elements one thread does them. With two threads a statically split transpose waits for the slower one, and
 // on a shared machine (measured: 2 cores, load ~15) that made a 99%-sparse training step 1.7x slower.
+// (this thread's index, number of threads) inside `parallel`, (0, 1) outside it.
+inline std::pair<int, int> thread_slot() {
+#ifdef _OPENMP
+  if (omp_in_parallel()) return {omp_get_thread_num(), omp_get_num_threads()};
+#endif
+  return {0, 1};
+}
+
 constexpr int64_t TRANSPOSE_PARALLEL = int64_t(1) << 22;
 
 template <class T>
@@ -63,11 +72,7 @@ void pack_t(int threads, const T* src, int64_t batch, int64_t n, int64_t stride,
   const int64_t panels = (batch + tw - 1) / tw;
   const int nt = batch * n < TRANSPOSE_PARALLEL ? 1 : std::max(1, threads);
   parallel(nt, [&]() {
-#ifdef _OPENMP
-    const int t = omp_in_parallel() ? omp_get_thread_num() : 0, m = omp_in_parallel() ? omp_get_num_threads() : 1;
-#else
-    const int t = 0, m = 1;
-#endif
+    const auto [t, m] = thread_slot();
     const int64_t i0 = n * t / m, i1 = n * (t + 1) / m;  // this thread's features
     T tile[TT][TT];
     for (int64_t p = 0; p < panels; ++p) {
@@ -96,11 +101,7 @@ template <class T>
 void unpack_t(int threads, const T* src, int64_t batch, int64_t n, int64_t tw, T* dst, const T* bias) {
   const int nt = batch * n < TRANSPOSE_PARALLEL ? 1 : std::max(1, threads);
   parallel(nt, [&]() {
-#ifdef _OPENMP
-    const int t = omp_in_parallel() ? omp_get_thread_num() : 0, m = omp_in_parallel() ? omp_get_num_threads() : 1;
-#else
-    const int t = 0, m = 1;
-#endif
+    const auto [t, m] = thread_slot();
     const int64_t i0 = n * t / m, i1 = n * (t + 1) / m;  // this thread's features (output columns)
     T tile[TT][TT];
     for (int64_t b0 = 0; b0 < batch; b0 += TT) {
