@@ -131,23 +131,19 @@ def compute_masks(
     if scores is None:
         scores = _scores(targets, method, generator, model, batch, loss_fn)
     # weights already pruned go first: pruning is monotone
-    scores = [_demote_pruned(t, s) for t, s in zip(targets, scores)]
+    olds = [get_mask(t.module, t.name) for t in targets]
+    olds = [None if old is None else old.cpu() for old in olds]
+    scores = [_demote_pruned(s, old) for s, old in zip(scores, olds)]
     densities = _densities(targets, scores, density, pat, scope, distribution, min_density)
     masks = [pattern_mask(s, d, pat) for s, d in zip(scores, densities)]
     if pat.kind in ("unstructured", "nm"):  # structured patterns keep whole units, zeros included
-        masks = [_and_old(t, m) for t, m in zip(targets, masks)]
+        masks = [m if old is None else m & old for m, old in zip(masks, olds)]
     return masks
 
 
-def _and_old(target: Target, mask: torch.Tensor) -> torch.Tensor:
-    old = get_mask(target.module, target.name)
-    return mask if old is None else mask & old.cpu()
-
-
-def _demote_pruned(target: Target, score: torch.Tensor) -> torch.Tensor:
-    old = get_mask(target.module, target.name)
+def _demote_pruned(score: torch.Tensor, old: torch.Tensor | None) -> torch.Tensor:
     score = score.detach().float().cpu()
-    return score if old is None else torch.where(old.cpu(), score, torch.full_like(score, -1.0))
+    return score if old is None else torch.where(old, score, torch.full_like(score, -1.0))
 
 
 def _densities(targets, scores, density, pat, scope, distribution, min_density) -> list[float]:

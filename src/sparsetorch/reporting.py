@@ -110,9 +110,8 @@ def report(model: nn.Module, example_inputs: object = None) -> Report:
         w = m.weight.detach()
         mask = get_mask(m)
         nonzeros = int(mask.sum()) if mask is not None else int((w != 0).sum())
-        groups_div = 1
         pos = positions.get(name)
-        dense_flops = None if pos is None else 2 * w.numel() * pos // groups_div
+        dense_flops = None if pos is None else 2 * w.numel() * pos
         sparse_flops = None if pos is None else 2 * nonzeros * pos
         item = w.element_size()
         sparse_bytes = min(w.numel() * item, nonzeros * item + (w.numel() + 7) // 8)
