@@ -7,32 +7,26 @@
 #include <atomic>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 namespace st {
 
 int best_isa() { return st_isa::detect(); }  // same values as the ISA_* enum
 
 namespace {
 
-struct Table {
-  decltype(&generic::csr_gemv) csr_gemv;
-  decltype(&generic::csr_spmm) csr_spmm;
-  decltype(&generic::nm_gemv) nm_gemv;
-  decltype(&generic::nm_spmm) nm_spmm;
-  decltype(&generic::bsr_gemv) bsr_gemv;
-  decltype(&generic::bsr_spmm) bsr_spmm;
-};
-
 const Table kTables[3] = {
-    {generic::csr_gemv, generic::csr_spmm, generic::nm_gemv, generic::nm_spmm, generic::bsr_gemv, generic::bsr_spmm},
-    {avx2::csr_gemv, avx2::csr_spmm, avx2::nm_gemv, avx2::nm_spmm, avx2::bsr_gemv, avx2::bsr_spmm},
+    {generic::csr_gemv, generic::csr_spmm, generic::nm_gemv, generic::nm_spmm, generic::bsr_gemv, generic::bsr_spmm,
+     generic::dense_gemv, generic::dense_spmm, generic::activate},
+    {avx2::csr_gemv, avx2::csr_spmm, avx2::nm_gemv, avx2::nm_spmm, avx2::bsr_gemv, avx2::bsr_spmm, avx2::dense_gemv,
+     avx2::dense_spmm, avx2::activate},
     // batch-1 CSR: the 8-lane gather loop of the AVX2 build measured ~5% faster than the same loop built for
     // AVX-512 on Zen 4 (bench: /tmp-free A/B in benchmarks/bench_kernels.py), so AVX-512 CPUs use it too
-    {avx2::csr_gemv, avx512::csr_spmm, avx512::nm_gemv, avx512::nm_spmm, avx512::bsr_gemv, avx512::bsr_spmm},
+    {avx2::csr_gemv, avx512::csr_spmm, avx512::nm_gemv, avx512::nm_spmm, avx512::bsr_gemv, avx512::bsr_spmm,
+     avx512::dense_gemv, avx512::dense_spmm, avx512::activate},
 };
+
+}  // namespace
+
+const Table& table(int isa) { return kTables[isa]; }
 
 // Unit range [u0, u1) of thread t when units are split so each thread gets about the same work;
 // prefix (units+1 entries, e.g. CSR indptr) gives the cumulative work, or null for equal work per unit.
@@ -53,17 +47,7 @@ void split(const int64_t* prefix, int64_t units, int t, int nt, int64_t& u0, int
   u1 = std::min(at(t + 1), units);
 }
 
-template <class Body>
-void parallel(int nt, Body body) {
-#ifdef _OPENMP
-  if (nt > 1) {
-#pragma omp parallel num_threads(nt)
-    body(omp_get_thread_num(), omp_get_num_threads());
-    return;
-  }
-#endif
-  body(0, 1);
-}
+namespace {
 
 // The calling thread's scratch for X^T and Y^T (grown, never shrunk; OpenMP workers write through it).
 float* scratch(size_t n) {

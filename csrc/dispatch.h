@@ -3,12 +3,46 @@
 #include <cstdint>
 #include <functional>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "kernels.h"
 
 namespace st {
 
 enum { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 int best_isa();
+
+// One ISA's kernels (the batch-1 CSR kernel of AVX-512 CPUs is the AVX2 one: see dispatch.cpp).
+struct Table {
+  decltype(&generic::csr_gemv) csr_gemv;
+  decltype(&generic::csr_spmm) csr_spmm;
+  decltype(&generic::nm_gemv) nm_gemv;
+  decltype(&generic::nm_spmm) nm_spmm;
+  decltype(&generic::bsr_gemv) bsr_gemv;
+  decltype(&generic::bsr_spmm) bsr_spmm;
+  decltype(&generic::dense_gemv) dense_gemv;
+  decltype(&generic::dense_spmm) dense_spmm;
+  decltype(&generic::activate) activate;
+};
+const Table& table(int isa);
+
+// Unit range [u0, u1) of part t of nt, equal work by prefix (units+1 cumulative entries) or equal units.
+void split(const int64_t* prefix, int64_t units, int t, int nt, int64_t& u0, int64_t& u1);
+
+// body(thread, threads) on nt OpenMP threads (or inline when nt == 1 / no OpenMP).
+template <class Body>
+void parallel(int nt, Body body) {
+#ifdef _OPENMP
+  if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+    body(omp_get_thread_num(), omp_get_num_threads());
+    return;
+  }
+#endif
+  body(0, 1);
+}
 
 struct Problem {
   int64_t out, in, batch;

@@ -29,6 +29,12 @@ struct Bsr {
   int R, C;
 };
 
+// Dense rows (used inside fused chains, where a weak-sparsity layer runs faster unindexed): values [out, in].
+struct Dense {
+  const float* values;
+  int64_t in;
+};
+
 #define ST_DECLARE_KERNELS(NS)                                                                              \
   namespace NS {                                                                                           \
   /* y[o] = W[o,:] . x + bias[o] for rows o in [r0, r1) */                                                 \
@@ -43,6 +49,11 @@ struct Bsr {
   void bsr_gemv(const Bsr& w, const float* x, const float* bias, float* y, int64_t br0, int64_t br1);     \
   void bsr_spmm(const Bsr& w, const float* xt, int64_t ld, int64_t b0, int nv, const float* bias,        \
                 float* yt, int64_t br0, int64_t br1);                                                      \
+  void dense_gemv(const Dense& w, const float* x, const float* bias, float* y, int64_t r0, int64_t r1);     \
+  void dense_spmm(const Dense& w, const float* xt, int64_t ld, int64_t b0, int nv, const float* bias,    \
+                  float* yt, int64_t r0, int64_t r1);                                                      \
+  /* p[0:n] = act(p[0:n]): 0 none, 1 relu, 2 gelu (erf), 3 gelu (tanh), 4 tanh, 5 sigmoid */             \
+  void activate(int act, float* p, int64_t n);                                                             \
   }
 
 ST_DECLARE_KERNELS(generic)

@@ -4,7 +4,9 @@
 #include <pybind11/pybind11.h>
 
 #include <stdexcept>
+#include <vector>
 
+#include "chain.h"
 #include "dispatch.h"
 
 namespace py = pybind11;
@@ -26,6 +28,56 @@ st::Problem problem(int64_t out, int64_t in, int64_t batch, u64 x, int64_t x_str
   return st::Problem{out, in, batch, ptr<const float>(x), x_stride, ptr<float>(y), threads, tile,
                      units, unit_rows, prefix, work};
 }
+
+// One layer of a fused chain from (kind, act, bias, *static): static as the matching *_linear function takes it
+// (csr: out, in, indptr, indices, bits, values, nnz; nm: out, in, n, m, values, offsets;
+//  bsr: out, in, R, C, indptr, indices, bits, values, nblocks; dense: out, in, values [out, in]).
+st::ChainLayer chain_layer(const py::tuple& t) {
+  st::ChainLayer L{};
+  L.kind = t[0].cast<int>();
+  L.act = t[1].cast<int>();
+  L.bias = ptr<const float>(t[2].cast<u64>());
+  L.out = t[3].cast<int64_t>();
+  L.in = t[4].cast<int64_t>();
+  if (L.out < 1 || L.in < 1 || L.act < st::ACT_NONE || L.act > st::ACT_SIGMOID)
+    throw std::invalid_argument("bad chain layer shape or activation");
+  auto need = [&](size_t n) {
+    if (t.size() != n) throw std::invalid_argument("wrong number of fields for this chain layer kind");
+  };
+  if (L.kind == st::LAYER_CSR) {
+    need(10);
+    const int bits = t[7].cast<int>();
+    if (bits != 16 && bits != 32) throw std::invalid_argument("bits must be 16 or 32");
+    L.csr = st::Csr{ptr<const int64_t>(t[5].cast<u64>()), ptr<const void>(t[6].cast<u64>()), bits,
+                    ptr<const float>(t[8].cast<u64>())};
+    L.units = L.out, L.unit_rows = 1, L.prefix = L.csr.indptr, L.work = t[9].cast<int64_t>();
+  } else if (L.kind == st::LAYER_NM) {
+    need(9);
+    const int n = t[5].cast<int>(), mm = t[6].cast<int>();
+    if (n < 1 || mm < n || mm > 256 || L.in % mm != 0) throw std::invalid_argument("bad N:M parameters");
+    L.nm = st::NM{ptr<const float>(t[7].cast<u64>()), ptr<const uint8_t>(t[8].cast<u64>()), n, mm, L.in / mm};
+    L.units = L.out, L.unit_rows = 1, L.prefix = nullptr, L.work = L.out * (L.in / mm) * n;
+  } else if (L.kind == st::LAYER_BSR) {
+    need(12);
+    const int R = t[5].cast<int>(), C = t[6].cast<int>(), bits = t[9].cast<int>();
+    if (R < 1 || C < 1 || L.out % R != 0 || L.in % C != 0) throw std::invalid_argument("bad block shape");
+    if (bits != 16 && bits != 32) throw std::invalid_argument("bits must be 16 or 32");
+    L.bsr = st::Bsr{ptr<const int64_t>(t[7].cast<u64>()), ptr<const void>(t[8].cast<u64>()), bits,
+                    ptr<const float>(t[10].cast<u64>()), R, C};
+    L.units = L.out / R, L.unit_rows = R, L.prefix = L.bsr.indptr, L.work = t[11].cast<int64_t>() * R * C;
+  } else if (L.kind == st::LAYER_DENSE) {
+    need(6);
+    L.dense = st::Dense{ptr<const float>(t[5].cast<u64>()), L.in};
+    L.units = L.out, L.unit_rows = 1, L.prefix = nullptr, L.work = L.out * L.in;
+  } else {
+    throw std::invalid_argument("chain layer kind must be 0 (csr), 1 (nm), 2 (bsr) or 3 (dense)");
+  }
+  return L;
+}
+
+struct Chain {
+  std::vector<st::ChainLayer> layers;
+};
 
 }  // namespace
 
@@ -76,5 +128,26 @@ PYBIND11_MODULE(_C, m) {
         isa = checked_isa(isa);
         py::gil_scoped_release nogil;
         st::bsr_linear(isa, p, w, ptr<const float>(bias));
+      });
+  py::class_<Chain>(m, "Chain", "Consecutive sparse layers (+ bias, activation) run by one call; see csrc/chain.h")
+      .def(py::init([](const py::list& specs) {
+        Chain c;
+        for (const auto& item : specs) {
+          c.layers.push_back(chain_layer(item.cast<py::tuple>()));
+          const size_t n = c.layers.size();
+          if (n > 1 && c.layers[n - 1].in != c.layers[n - 2].out)
+            throw std::invalid_argument("chain layers do not connect (in != previous out)");
+        }
+        if (c.layers.empty()) throw std::invalid_argument("empty chain");
+        return c;
+      }))
+      .def_property_readonly("in_features", [](const Chain& c) { return c.layers.front().in; })
+      .def_property_readonly("out_features", [](const Chain& c) { return c.layers.back().out; })
+      .def("run", [](const Chain& c, int isa, int threads, int tile, u64 x, int64_t batch, int64_t x_stride, u64 y) {
+        if (batch < 0 || x_stride < c.layers.front().in) throw std::invalid_argument("bad input shape");
+        if (batch == 0) return;
+        isa = checked_isa(isa);
+        py::gil_scoped_release nogil;
+        st::chain_forward(isa, c.layers, ptr<const float>(x), batch, x_stride, ptr<float>(y), threads, tile);
       });
 }

@@ -7,6 +7,7 @@ from torch import nn
 
 import sparsetorch
 from sparsetorch import SparsityError, SparsityWarning
+from sparsetorch.fused import FusedChain
 from sparsetorch.inference import SparseConv2d, SparseLinear, clear_kernel_cache, detect_structure
 from sparsetorch.kernels import has_extension
 from sparsetorch.masks import get_mask, set_mask
@@ -46,7 +47,18 @@ def test_mlp_outputs_match_and_original_untouched(batch):
     plan = {row["layer"]: row for row in inf.sparsetorch_plan}
     assert set(plan) >= {"fc1", "fc2"}
     for name, row in plan.items():
-        module = inf.get_submodule(name)
+        if row.get("fused_into"):  # the layer now runs inside a FusedChain
+            assert isinstance(inf.get_submodule(row["fused_into"]), FusedChain)
+            assert not hasattr(inf, name)
+            continue
+        module = inf.get_submodule(name) if row["type"] != "FusedChain" or row["kernel"] != "per-layer" else None
+        if row["type"] == "FusedChain":
+            assert module is None or isinstance(module, FusedChain)
+            assert row["layers"][0] in plan
+            if row["ms"]:
+                assert set(row["ms"]) >= {"per-layer", "fused"}
+                assert row["kernel"] == min(row["ms"], key=row["ms"].get)
+            continue
         assert isinstance(module, nn.Linear) == (row["kernel"] == "dense")
         if row["ms"]:  # measured (not a cache hit): the chosen kernel is the fastest measured one
             assert row["kernel"] == min(row["ms"], key=row["ms"].get)

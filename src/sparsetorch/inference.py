@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import SparsityError, SparsityWarning
+from .fused import fuse_chains
 from .kernels import _ext, extension_isa, has_extension
 from .kernels.packed import BSRWeight, CSRWeight, NMWeight, PackedWeight
 from .masks import remove_masks
@@ -65,11 +66,12 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in]
         if self.kernel == "semi-structured":
             return F.linear(x, self.sparse_weight, self.bias)
-        if self._backend == "ext" and x.dim() == 2:  # hot path for small layers: skip the general checks
-            y = _ext.call_fast(self._fast(), x, 0 if self.bias is None else self.bias.data_ptr(), self.out_features,
+        if self._backend == "ext":  # hot path for small layers: skip the general checks
+            x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # [B(*T), in]
+            y = _ext.call_fast(self._fast(), x2, 0 if self.bias is None else self.bias.data_ptr(), self.out_features,
                                self.threads)
             if y is not None:
-                return y
+                return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # [B, in]
         if self.kernel == "cuda-bsr":
             y = (self.sparse_weight @ x2.t()).t()
@@ -275,14 +277,21 @@ def _sparse_params(mod: nn.Module) -> bool:
 
 
 def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min_sparsity: float = 0.3,
-                 verbose: bool = False) -> nn.Module:
+                 fuse: bool | str = True, verbose: bool = False) -> nn.Module:
     """A copy of ``model`` for inference (eval mode, no grad) in which each sparse Linear / Conv2d runs on
     the kernel measured fastest for its shape, sparsity, pattern and the batch of ``example_inputs``.
 
     ``model`` is left untouched. Pruned weights are the zeros of the weights (masks are applied first).
     Layers sparser than ``min_sparsity`` are timed; others stay dense. Layer types without a sparse
     kernel stay dense (exact) with a SparsityWarning. ``budget_s`` bounds the timing per layer.
-    The plan (per layer: kernel, ms per timed candidate, skipped candidates and why) is in
+
+    With ``fuse`` (and the compiled kernels), runs of Linear layers joined by ReLU / GELU / tanh / sigmoid
+    (in ``nn.Sequential`` children, or in a forward that torch.fx can trace) are then timed as one
+    :class:`~sparsetorch.fused.FusedChain` against the layers as converted, and the faster is kept: for
+    small layers the per-call overhead, not the arithmetic, is what a chain saves. ``fuse="always"``
+    keeps every chain that reproduces the outputs without timing it; ``fuse=False`` never fuses.
+    The plan (per layer: kernel, ms per timed candidate, skipped candidates and why; per chain a
+    ``FusedChain`` row, and ``fused_into`` on its layers when the fused version won) is in
     ``result.sparsetorch_plan``.
     """
     if not isinstance(model, nn.Module):
@@ -334,6 +343,8 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
                 _set_submodule(inf, name, new)
             else:  # the model is itself one layer
                 inf = new
+    if fuse and plan:
+        inf = fuse_chains(inf, args, plan, budget_s, min_sparsity, verbose, always=fuse == "always")
     with torch.no_grad():
         out = inf(*args)
     _check_same(out, ref_out)
@@ -346,18 +357,26 @@ def _rtol(dtype: torch.dtype) -> float:
     return 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
 
 
-def _check_same(a, b) -> None:
+def _max_error(a, b) -> float:
+    """Largest error of a against b beyond the float tolerance (0 when they agree), over nested outputs."""
     if isinstance(a, torch.Tensor):
         if not a.is_floating_point():
-            return
+            return 0.0
         tol = _rtol(b.dtype) * (float(b.abs().max()) + 1e-6) + 1e-5
         err = float((a.float() - b.float()).abs().max()) if a.shape == b.shape else float("inf")
-        if not err <= tol:
-            raise SparsityError("the converted model disagrees with the dense one; please report this",
-                                max_error=err)
-    elif isinstance(a, (tuple, list)):
-        for x, y in zip(a, b):
-            _check_same(x, y)
-    elif isinstance(a, dict):
-        for k in a:
-            _check_same(a[k], b[k])
+        return 0.0 if err <= tol else err
+    if isinstance(a, (tuple, list)):
+        return max([_max_error(x, y) for x, y in zip(a, b)], default=0.0)
+    if isinstance(a, dict):
+        return max([_max_error(a[k], b[k]) for k in a], default=0.0)
+    return 0.0
+
+
+def _close(a, b) -> bool:
+    return _max_error(a, b) == 0.0
+
+
+def _check_same(a, b) -> None:
+    err = _max_error(a, b)
+    if err:
+        raise SparsityError("the converted model disagrees with the dense one; please report this", max_error=err)

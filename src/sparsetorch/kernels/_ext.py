@@ -64,6 +64,27 @@ def default_tile(in_features: int) -> int:
     return 1
 
 
+def isa_level() -> int:
+    """The ISA level the kernels run at (best here, capped by SPARSETORCH_ISA)."""
+    return _default_level()
+
+
+@functools.lru_cache(maxsize=256)
+def chain_tile(widest: int) -> int:
+    """Batch panel of a fused chain in 16-column vectors: the widest whose two ping-pong panels
+    (widest x 16*tile fp32 each) fit in ~768 KB of L2."""
+    for tile in (4, 2):
+        if 2 * widest * 16 * tile * 4 <= 768 * 1024:
+            return tile
+    return 1
+
+
+def make_chain(specs: list[tuple]):
+    """Native fused chain from per-layer (kind, activation code, bias address, *static) tuples; the caller
+    keeps every buffer alive and unchanged while the chain is used (see sparsetorch.fused.FusedChain)."""
+    return _load().Chain(list(specs))
+
+
 def call(kind: str, static: tuple, x: torch.Tensor, bias: torch.Tensor | None, *, threads: int | None = None,
          tile: int | None = None, isa: str | None = None) -> torch.Tensor:
     """Run kernel ``kind`` ("csr_linear", "nm_linear", "bsr_linear"): static = (out, in, *weight arrays'

@@ -52,6 +52,11 @@ class PackedWeight(nn.Module):
         self._torch_cache: tuple[tuple, torch.Tensor] | None = None
         self._ext_cache: tuple[tuple, tuple] | None = None
 
+    def __getstate__(self):  # copies and pickles drop the caches (a torch sparse tensor cannot be deep-copied)
+        state = dict(super().__getstate__())
+        state["_torch_cache"] = state["_ext_cache"] = None
+        return state
+
     def storage_key(self) -> tuple:
         """Identity of the arrays' current contents: addresses and in-place versions of every buffer, so
         caches built from them are rebuilt after .to(), load_state_dict or any in-place change."""
@@ -242,6 +247,33 @@ class BSRWeight(PackedWeight):
     def extra_repr(self) -> str:
         r, c = self.block
         return f"{super().extra_repr()}, block={r}x{c}"
+
+
+class DenseWeight(PackedWeight):
+    """Every entry stored: for layers inside a fused chain that are too dense to gain from an index."""
+
+    format = "dense"
+
+    def __init__(self, values: torch.Tensor):
+        super().__init__(*values.shape)
+        self.register_buffer("values", values.detach().to("cpu", torch.float32).contiguous())  # [out, in]
+
+    @classmethod
+    def from_dense(cls, w: torch.Tensor) -> "DenseWeight":
+        return cls(w)
+
+    @property
+    def nnz(self) -> int:
+        return int((self.values != 0).sum())
+
+    def to_dense(self) -> torch.Tensor:
+        return self.values.clone()
+
+    def _static(self):
+        return (self.out_features, self.in_features, self.values.data_ptr())
+
+    def linear(self, x, bias=None, backend="ext", threads=None):
+        return torch.nn.functional.linear(x.float(), self.values, bias)
 
 
 def pack(w: torch.Tensor, fmt: str = "csr", **kw) -> PackedWeight:
