@@ -48,6 +48,8 @@ _LAZY = {
     "to_sparse_training": "sparse_training.convert:to_sparse_training",
     "to_dense": "sparse_training.convert:to_dense",
     "SparseLinear": "sparse_training.layer:SparseLinear",
+    "CompressedSET": "sparse_training.dynamic:CompressedSET",
+    "CompressedRigL": "sparse_training.dynamic:CompressedRigL",
     "export_edge": "edge_export:export_edge",
 }
 _SUBMODULES = {"masks", "patterns", "distributions", "scores", "schedules", "selection", "formats", "sparsifiers",

@@ -3,7 +3,7 @@
 * :class:`SparseLinear` stores W as CSR (values are the parameter, nnz of them) and computes the forward,
   the input gradient and the weight gradient (at kept positions only) with sparse kernels.
 * :func:`to_sparse_training` / :func:`to_dense` swap a model's Linear layers in and out.
-* :class:`CompressedSET` and :class:`CompressedRigL` move connections between training steps at fixed nnz,
+* :class:`CompressedSET` and :class:`CompressedRigL` (Sparsifiers, like SET/RigL) move connections at fixed nnz,
   on the compressed layers, carrying Adam/SGD state along.
 """
 from __future__ import annotations

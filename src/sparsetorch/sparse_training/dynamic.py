@@ -1,107 +1,187 @@
 """SET and RigL on compressed layers: connections move between steps, nnz stays fixed, W is never dense.
 
-Every ``update_every`` optimizer steps each SparseLinear drops the k = f_t * nnz kept weights of smallest
-magnitude and regrows k positions that were inactive: uniformly at random (SET, Mocanu et al. 2018) or
-with the largest dense-gradient magnitude (RigL, Evci et al. 2020). f_t decays as
-``drop_fraction * (1 + cos(pi * t / end_step)) / 2`` (RigL's cosine schedule; constant without end_step).
-Regrown weights start at 0 and so does their optimizer state (Adam moments, SGD momentum); kept weights keep
-their values and state, which are permuted along with the CSR order.
+``CompressedSET`` / ``CompressedRigL`` are ``Sparsifier``s with the hyperparameters, schedule and drop-and-grow
+rule of ``sparsetorch.SET`` / ``sparsetorch.RigL`` (sparsifiers/dst.py), but they act on the SparseLinear
+layers made by ``to_sparse_training`` instead of on masks over dense weights. Every ``every`` steps (until
+``end``) each layer drops its k = round(f_t * nnz) smallest-magnitude kept weights and grows k positions that
+are inactive after the drop: uniformly at random (SET, Mocanu et al. 2018) or with the largest dense-gradient
+magnitude (RigL, Evci et al. 2020); f_t is ``drop_fraction`` decayed by ``schedules.cosine_decay`` (or constant).
+Newly grown weights start at 0 and so does their optimizer state (Adam moments, SGD momentum); kept weights (and
+a just-dropped weight that is grown back) keep their values and state, which are permuted along with the CSR order.
 
 RigL needs dL/dW at every position, but only on update steps: the step before an update arms the layers,
 their backward then also forms the dense dY^T X once (a dense [out, in] matrix for that step only), and the
 update frees it.
 
-Usage (call ``step()`` after every ``optimizer.step()``)::
+Usage (call ``step()`` after every ``optimizer.step()``, as for every sparsifier)::
 
-    model = sparsetorch.to_sparse_training(model, 0.9)
-    opt = torch.optim.Adam(model.parameters())
-    dst = CompressedRigL(model, opt, update_every=100, end_step=total_steps)
+    model = sparsetorch.to_sparse_training(model, sparsity=0.9)        # the layers hold the sparsity
+    optimizer = torch.optim.Adam(model.parameters())
+    dst = CompressedRigL(every=100, drop_fraction=0.3, end=int(0.75 * total_steps)).attach(model, optimizer)
     for batch in data:
-        loss(model, batch).backward(); opt.step(); opt.zero_grad(); dst.step()
+        loss(model, batch).backward(); optimizer.step(); optimizer.zero_grad(); dst.step()
+
+Checkpoints: the connectivity lives in ``model.state_dict()`` (indptr/indices/values); ``dst.state_dict()``
+holds the step, history and generator. Save and load both (``sparsetorch.integrations.save_training_state``).
 """
 from __future__ import annotations
 
-import math
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from ..errors import SparsityError
+from .. import schedules
+from ..distributions import layer_densities
+from ..errors import SparsityError, check_sparsity
+from ..selection import Spec, Target, _as_list, _matches
+from ..sparsifiers.base import Sparsifier, check_in_optimizer
+from ..sparsifiers.common import check_choice
 from .layer import SparseLinear, sample_positions
 
+__all__ = ["CompressedDST", "CompressedSET", "CompressedRigL", "compressed_targets"]
 
-class CompressedDST:
-    """Base class: magnitude drop at fixed nnz; subclasses choose the regrown positions (``grow``)."""
+
+def compressed_targets(model: nn.Module, include: Spec = None, exclude: Spec = None) -> list[Target]:
+    """The SparseLinear layers of ``model`` as targets (parameter ``values``), filtered like ``select_targets``:
+    ``include`` (types or name globs) replaces the default of every SparseLinear, ``exclude`` removes matches."""
+    if not isinstance(model, nn.Module):
+        raise SparsityError(f"expected an nn.Module, got {type(model).__name__}")
+    layers = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, SparseLinear)]
+    if not layers:
+        raise SparsityError("the model has no SparseLinear layer: call sparsetorch.to_sparse_training(model, "
+                            "sparsity=...) first, or use sparsetorch.SET / sparsetorch.RigL on dense layers")
+    includes = _as_list(include)
+    for spec in includes:
+        if not any(_matches(fqn, m, [spec]) for fqn, m in layers):
+            raise SparsityError(f"include pattern {spec!r} matches no SparseLinear layer; names look like "
+                                f"{[fqn for fqn, _ in layers[:5]]}", include=spec)
+    chosen = [(fqn, m) for fqn, m in layers if not includes or _matches(fqn, m, includes)]
+    chosen = [(fqn, m) for fqn, m in chosen if not _matches(fqn, m, _as_list(exclude))]
+    if not chosen:
+        raise SparsityError("no SparseLinear layer left after include/exclude")
+    return [Target(fqn, m, "values") for fqn, m in chosen]
+
+
+class CompressedDST(Sparsifier):
+    """Drop-and-grow on SparseLinear layers at fixed nnz; subclasses choose the grown positions (``grow``).
+
+    Args (the names and meaning of ``sparsetorch.SET`` / ``RigL``):
+        every: steps between topology updates (the paper's delta T).
+        drop_fraction: fraction of each layer's kept weights moved at the first update (alpha), in (0, 1).
+        decay: "cosine" (Evci et al. 2020) or "constant" decay of the drop fraction until ``end``.
+        end: last update step (RigL stops at 75% of training). None: update forever with a constant fraction.
+        sparsity / distribution: optional. The layers already hold their sparsity (``to_sparse_training``
+            sets it); when given, ``attach`` checks the layers match them, so the keyword arguments of
+            ``registry.for_run("rigl", ...)`` can be passed unchanged.
+        include / exclude: which SparseLinear layers move (default: all); generator: every random choice.
+    """
 
     needs_dense_grad = False
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, update_every: int = 100,
-                 drop_fraction: float = 0.3, end_step: int | None = None,
-                 generator: torch.Generator | None = None) -> None:
-        self.layers = [(n, m) for n, m in model.named_modules() if isinstance(m, SparseLinear)]
-        if not self.layers:
-            raise SparsityError("the model has no SparseLinear layer: call sparsetorch.to_sparse_training first")
-        if update_every < 1:
-            raise SparsityError(f"update_every must be >= 1, got {update_every}")
-        if not 0.0 <= drop_fraction <= 1.0:
-            raise SparsityError(f"drop_fraction must lie in [0, 1], got {drop_fraction}")
-        self.optimizer, self.update_every, self.drop_fraction, self.end_step = (optimizer, update_every,
-                                                                                drop_fraction, end_step)
-        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
-        self.t = 0
-        self.history: list[dict] = []
-        self._arm(self._due(1))
+    def __init__(self, sparsity: float | None = None, *, distribution: str | None = None, every: int = 100,
+                 drop_fraction: float = 0.3, decay: str = "cosine", end: int | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.sparsity = None if sparsity is None else check_sparsity(sparsity)
+        self.distribution = (None if distribution is None
+                             else check_choice(distribution, ("uniform", "er", "erk"), "distribution"))
+        self.every = schedules.check_every(every)
+        self.drop_fraction = schedules.check_fraction(drop_fraction)
+        self.decay = check_choice(decay, ("cosine", "constant"), "decay")
+        if end is not None:
+            schedules.check_window(0, end, f"{type(self).__name__} update schedule")
+        self.end = None if end is None else int(end)
 
-    # ------------------------------------------------------------------ schedule
-    def _due(self, t: int) -> bool:
-        return t % self.update_every == 0 and (self.end_step is None or t < self.end_step)
+    # ---- schedule (the same as DynamicSparsifier's) ------------------------------------------
+    def is_update_step(self, step: int) -> bool:
+        return step > 0 and step % self.every == 0 and (self.end is None or step < self.end)
 
-    def fraction(self, t: int) -> float:
-        if self.end_step is None:
-            return self.drop_fraction
-        return self.drop_fraction * 0.5 * (1.0 + math.cos(math.pi * min(t, self.end_step) / self.end_step))
+    def fraction(self, step: int) -> float:
+        """The drop fraction at ``step``."""
+        if self.end is None or self.decay == "constant":
+            return self.drop_fraction if self.end is None or step < self.end else 0.0
+        return schedules.cosine_decay(step, initial=self.drop_fraction, end=self.end)
 
-    def _arm(self, on: bool) -> None:
-        if self.needs_dense_grad:
-            for _, m in self.layers:
-                m._want_dense_grad = on
+    # ---- the Sparsifier interface ----------------------------------------------------------
+    @property
+    def layers(self) -> list[SparseLinear]:
+        return [t.module for t in self.targets]
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> "CompressedDST":
+        """Take the SparseLinear layers of ``model`` (their connectivity is the initial one) and return self."""
+        self._check_detached()
+        targets = compressed_targets(model, self.include, self.exclude)
+        check_in_optimizer(optimizer, targets)
+        self._check_layout(targets)
+        self.model, self.optimizer, self.targets = model, optimizer, targets
+        self.history.append({"step": self.step_count, "density": self.density(), "moved": 0})
+        self._arm(self.is_update_step(self.step_count + 1))
+        return self
 
     def step(self) -> None:
-        """Call after each optimizer step: updates the connectivity when one is due."""
-        self.t += 1
-        if self._due(self.t):
-            self.update()
-        self._arm(self._due(self.t + 1))
+        """Advance one training step; call after every ``optimizer.step()``."""
+        super().step()
+        self._arm(self.is_update_step(self.step_count + 1))
 
-    # ------------------------------------------------------------------ update
-    @torch.no_grad()
-    def update(self) -> int:
-        """Move connections in every layer now; returns how many moved in total."""
-        frac, moved = self.fraction(self.t), 0
-        if self.needs_dense_grad and any(getattr(m, "dense_grad", None) is None for _, m in self.layers):
-            raise SparsityError("RigL update without a dense gradient: call step() after every optimizer step "
-                                "(and run backward between them) so the update step's gradient is recorded")
-        for name, layer in self.layers:
-            k = int(round(frac * layer.nnz))
-            k = min(k, layer.in_features * layer.out_features - layer.nnz)  # no free position: nothing moves
-            if k > 0:
-                self._move(layer, k)
-                moved += k
+    def remove(self) -> nn.Module:
+        """Stop moving connections and detach; the layers stay SparseLinear (``sparsetorch.to_dense`` for nn.Linear)."""
+        model = self._check_attached("remove")
+        self._arm(False)
+        for layer in self.layers:
             layer.dense_grad = None
-        self.history.append({"step": self.t, "moved": moved, "fraction": frac})
-        return moved
+        self.model, self.optimizer, self.targets = None, None, []
+        return model
 
-    def grow(self, layer: SparseLinear, k: int, active: torch.Tensor) -> torch.Tensor:
-        """k flat positions (row * in + col) not in ``active`` (sorted int64) to regrow."""
+    def density(self) -> float:
+        total = sum(m.in_features * m.out_features for m in self.layers)
+        return sum(m.nnz for m in self.layers) / max(total, 1)
+
+    def set_masks(self, masks, record: bool = True, **info: Any) -> None:
+        raise SparsityError(f"{type(self).__name__} moves connections inside the SparseLinear layers, not through "
+                            "masks; use the masked sparsetorch.SET / RigL on dense layers to set masks")
+
+    def current_mask(self, i: int) -> torch.Tensor:
+        raise SparsityError(f"{type(self).__name__} keeps no dense masks; SparseLinear.flat_positions() gives the "
+                            "kept positions of a layer")
+
+    # ---- update ------------------------------------------------------------------------
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        if not self.is_update_step(step):
+            return
+        fraction = self.fraction(step)
+        try:
+            if fraction <= 0.0:
+                return
+            if self.needs_dense_grad:
+                self._check_dense_grads()  # before anything moves: nothing half-changed on error
+            moved = 0
+            for layer in self.layers:
+                k = min(int(round(fraction * layer.nnz)), layer.in_features * layer.out_features - layer.nnz)
+                if k > 0:
+                    moved += self._move(layer, k)
+            self.history.append({"step": step, "density": self.density(), "moved": moved, "fraction": fraction,
+                                 "dropped": moved, "grown": moved})  # at fixed nnz, as many dropped as grown
+        finally:
+            for layer in self.layers:
+                layer.dense_grad = None
+
+    def grow(self, layer: SparseLinear, k: int, kept: torch.Tensor) -> torch.Tensor:
+        """k flat positions (row * in + col) not in ``kept`` (sorted int64, after the drop) to grow."""
         raise NotImplementedError
 
-    def _move(self, layer: SparseLinear, k: int) -> None:
+    def _move(self, layer: SparseLinear, k: int) -> int:
+        """Drop the k smallest |w| of ``layer``, grow k, carry values and optimizer state; returns how many
+        positions are new (a dropped position grown back keeps its weight, as in dst.py)."""
         flat = layer.flat_positions()                                        # [nnz] sorted
-        vals = layer.values.detach()
-        keep = torch.argsort(vals.abs(), stable=True)[k:]                   # storage slots that stay
-        grown = self.grow(layer, k, flat).to(flat.device)
-        new_flat, order = torch.sort(torch.cat([flat[keep], grown]))
-        src = torch.cat([keep, torch.full((k,), -1, dtype=torch.int64, device=flat.device)])[order]
+        keep = torch.argsort(layer.values.detach().abs(), stable=True)[k:]  # storage slots that stay
+        kept = flat[keep].sort().values
+        grown = self.grow(layer, k, kept).to(flat.device)
+        new_flat = torch.cat([kept, grown]).sort().values
+        # where each new position was stored before (-1: new connection, starts at 0)
+        slot = torch.searchsorted(flat, new_flat).clamp(max=flat.numel() - 1)
+        src = torch.where(flat[slot] == new_flat, slot, torch.full_like(slot, -1))
         tensors = [layer.values.data]
         if self.optimizer is not None:  # Adam moments, SGD momentum...: follow their weights, 0 for new ones
             state = self.optimizer.state.get(layer.values, {})
@@ -113,34 +193,99 @@ class CompressedDST:
             t.copy_(moved)
         layer.values.grad = None
         layer.set_connectivity(new_flat)
+        return int((~live).sum())
 
-    # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict:
-        return {"t": self.t, "history": list(self.history), "generator": self.generator.get_state()}
+    # ---- RigL's dense gradient ------------------------------------------------------------
+    def _arm(self, on: bool) -> None:
+        if self.needs_dense_grad:
+            for layer in self.layers:
+                layer._want_dense_grad = on
 
-    def load_state_dict(self, state: dict) -> None:
-        self.t, self.history = int(state["t"]), list(state["history"])
+    def _check_dense_grads(self) -> None:
+        for t in self.targets:
+            if getattr(t.module, "dense_grad", None) is None:
+                raise SparsityError(
+                    f"{type(self).__name__} found no dense gradient for {t.fqn} at update step {self.step_count}; "
+                    "run loss.backward() before every optimizer.step()/sparsifier.step()", layer=t.fqn)
+
+    def _check_layout(self, targets: list[Target]) -> None:
+        """With ``sparsity`` (and ``distribution``) given, the layers must hold them (one weight of rounding)."""
+        if self.sparsity is None:
+            return
+        shapes = [(t.module.out_features, t.module.in_features) for t in targets]
+        numel = [o * i for o, i in shapes]
+        have = sum(t.module.nnz for t in targets) / sum(numel)
+        bad = []
+        if self.distribution is not None:
+            wanted = layer_densities(self.distribution, shapes, self.sparsity)
+            bad = [t.fqn for t, d, n in zip(targets, wanted, numel) if abs(t.module.nnz - d * n) > 1.0]
+        if abs((1.0 - have) - self.sparsity) > len(targets) / sum(numel) or bad:
+            raise SparsityError(
+                f"the SparseLinear layers are {1.0 - have:.4g} sparse"
+                + (f" and layers {bad[:3]} do not follow distribution {self.distribution!r}" if bad else "")
+                + f", not sparsity={self.sparsity} as asked: the layers hold their sparsity; convert with "
+                "to_sparse_training(model, sparsity, distribution) and pass the same values (or leave them out)",
+                sparsity=self.sparsity)
+
+    # ---- checkpointing ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Step, history and generator; the connectivity itself is in ``model.state_dict()``."""
+        self._check_attached("state_dict")
+        return {
+            "step": self.step_count,
+            "layers": {t.fqn: [t.module.out_features, t.module.in_features, t.module.nnz] for t in self.targets},
+            "history": [dict(row) for row in self.history],
+            "generator": self.generator.get_state(),
+            "extra": self.extra_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned; load the model's own state_dict too (it holds the connectivity)."""
+        self._check_attached("load_state_dict")
+        have = {t.fqn: [t.module.out_features, t.module.in_features, t.module.nnz] for t in self.targets}
+        saved = {name: [int(v) for v in shape] for name, shape in state.get("layers", {}).items()}
+        if saved != have:
+            raise SparsityError(
+                "sparsifier state does not match the attached model's SparseLinear layers (name: [out, in, nnz]): "
+                f"saved {dict(list(saved.items())[:3])}, model {dict(list(have.items())[:3])}")
+        self.step_count = int(state["step"])
+        self.history = [dict(row) for row in state.get("history", [])]
         self.generator.set_state(state["generator"])
-        self._arm(self._due(self.t + 1))
+        self.load_extra_state(state.get("extra", {}))
+        for layer in self.layers:
+            layer.dense_grad = None
+        self._arm(self.is_update_step(self.step_count + 1))
 
 
 class CompressedSET(CompressedDST):
-    """SET: regrow uniformly at random among the inactive positions (rejection sampling, no dense buffer)."""
+    """SET on SparseLinear: drop smallest |w|, grow uniformly at random among the inactive positions
+    (rejection sampling, no dense buffer).
 
-    def grow(self, layer, k, active):
-        return sample_positions(layer.in_features * layer.out_features, k, active.cpu(), self.generator)
+    Example::
+
+        dst = CompressedSET(every=100, drop_fraction=0.3, end=7500).attach(model, optimizer)
+    """
+
+    def grow(self, layer, k, kept):
+        return sample_positions(layer.in_features * layer.out_features, k, kept.cpu(), self.generator)
 
 
 class CompressedRigL(CompressedDST):
-    """RigL: regrow the inactive positions with the largest |dL/dW| of the step before the update."""
+    """RigL on SparseLinear: drop smallest |w|, grow the inactive positions with the largest |dL/dW| of the
+    update step's backward (formed densely for that step only; averaged across ranks under DDP).
+
+    Example::
+
+        dst = CompressedRigL(every=100, drop_fraction=0.3, end=7500).attach(model, optimizer)
+    """
 
     needs_dense_grad = True
 
-    def grow(self, layer, k, active):
-        g = getattr(layer, "dense_grad", None)
-        if g is None:
-            raise SparsityError("RigL update without a dense gradient: call step() after every optimizer step "
-                                "(and run backward between them) so the update step's gradient is recorded")
-        score = g.abs().flatten().clone()                                    # [out * in], this step only
-        score[active] = -1.0
+    def grow(self, layer, k, kept):
+        g = layer.dense_grad
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            g = g.clone()
+            dist.all_reduce(g)  # the sum ranks like the mean: every rank grows the same positions
+        score = g.abs().flatten()                                            # [out * in], this step only
+        score[kept] = -1.0
         return torch.topk(score, k, sorted=False).indices

@@ -63,18 +63,9 @@ class Sparsifier:
     # ---- the optimizer-like interface ------------------------------------------------------
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> "Sparsifier":
         """Choose the target layers of ``model``, install the initial masks, and return self."""
-        if self.model is not None:
-            raise SparsityError(f"{type(self).__name__} is already attached; create a new one per model")
+        self._check_detached()
         targets = select_targets(model, self.include, self.exclude)
-        if optimizer is not None:
-            in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            missing = [t.qualified_name for t in targets if id(t.param) not in in_optimizer]
-            if missing:
-                raise SparsityError(
-                    f"parameters {missing[:5]} are not in the optimizer; create the optimizer from "
-                    "model.parameters() before attaching (or exclude those layers)",
-                    missing=missing,
-                )
+        check_in_optimizer(optimizer, targets)
         self.model, self.optimizer, self.targets = model, optimizer, targets
         try:
             masks = self.initial_masks()
@@ -129,6 +120,10 @@ class Sparsifier:
         masks = [self.current_mask(i) for i in range(len(self.targets))]
         return sum(int(m.sum()) for m in masks) / max(sum(m.numel() for m in masks), 1)
 
+    def _check_detached(self) -> None:
+        if self.model is not None:
+            raise SparsityError(f"{type(self).__name__} is already attached; create a new one per model")
+
     def _check_attached(self, what: str) -> nn.Module:
         if self.model is None:
             raise SparsityError(f"call attach(model, optimizer) before {what}()")
@@ -169,6 +164,20 @@ class Sparsifier:
     def __repr__(self) -> str:
         where = f"attached to {len(self.targets)} layers" if self.model is not None else "not attached"
         return f"{type(self).__name__}(step={self.step_count}, {where})"
+
+
+def check_in_optimizer(optimizer: torch.optim.Optimizer | None, targets: Sequence[Target]) -> None:
+    """Every target parameter must be in ``optimizer`` (when one is given), else its state could not follow."""
+    if optimizer is None:
+        return
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [t.qualified_name for t in targets if id(t.param) not in in_optimizer]
+    if missing:
+        raise SparsityError(
+            f"parameters {missing[:5]} are not in the optimizer; create the optimizer from "
+            "model.parameters() before attaching (or exclude those layers)",
+            missing=missing,
+        )
 
 
 def _agree_across_ranks(masks: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -43,11 +43,24 @@ NEEDS_BATCH = ("snip", "grasp")
 NEEDS_INPUTS = ("synflow",)
 
 
-def make_sparsifier(name: str, **overrides: Any) -> Sparsifier:
-    """Build method ``name`` (case-insensitive) with its defaults updated by ``overrides``."""
+def make_sparsifier(name: str, *, compressed: bool = False, **overrides: Any) -> Sparsifier:
+    """Build method ``name`` (case-insensitive) with its defaults updated by ``overrides``.
+
+    ``compressed=True``: "set"/"rigl" for a model converted by ``sparsetorch.to_sparse_training`` (SparseLinear
+    layers, no dense weights or masks): ``sparse_training.CompressedSET`` / ``CompressedRigL``, same
+    hyperparameters (``sparsity``/``distribution`` are then checked against the layers, not applied).
+    """
     from ..errors import SparsityError
 
     key = name.lower()
+    if compressed:
+        from ..sparse_training import CompressedRigL, CompressedSET
+
+        classes = {"set": CompressedSET, "rigl": CompressedRigL}
+        if key not in classes:
+            raise SparsityError(f"no compressed variant of {name!r}; choose one of {sorted(classes)} or use "
+                                "compressed=False on a dense model", method=name)
+        return classes[key](**{"every": 2, "drop_fraction": 0.3, "end": 16, **overrides})
     if key not in METHODS:
         raise SparsityError(f"unknown sparse training method {name!r}; choose one of {sorted(METHODS)}", method=name)
     return METHODS[key](**overrides)
