@@ -29,10 +29,11 @@ struct Bsr {
   int R, C;
 };
 
-// Dense rows (used inside fused chains, where a weak-sparsity layer runs faster unindexed): values [out, in].
+// Dense layer inside a fused chain (a weakly sparse layer runs faster unindexed), stored transposed:
+// values_t [in, ldw], ldw = out rounded up to 16 with zero padding, so batch-1 rows are whole vectors.
 struct Dense {
-  const float* values;
-  int64_t in;
+  const float* values_t;
+  int64_t in, out, ldw;
 };
 
 #define ST_DECLARE_KERNELS(NS)                                                                              \

@@ -31,7 +31,7 @@ st::Problem problem(int64_t out, int64_t in, int64_t batch, u64 x, int64_t x_str
 
 // One layer of a fused chain from (kind, act, bias, *static): static as the matching *_linear function takes it
 // (csr: out, in, indptr, indices, bits, values, nnz; nm: out, in, n, m, values, offsets;
-//  bsr: out, in, R, C, indptr, indices, bits, values, nblocks; dense: out, in, values [out, in]).
+//  bsr: out, in, R, C, indptr, indices, bits, values, nblocks; dense: out, in, values_t [in, ldw], ldw).
 st::ChainLayer chain_layer(const py::tuple& t) {
   st::ChainLayer L{};
   L.kind = t[0].cast<int>();
@@ -66,8 +66,10 @@ st::ChainLayer chain_layer(const py::tuple& t) {
                     ptr<const float>(t[10].cast<u64>()), R, C};
     L.units = L.out / R, L.unit_rows = R, L.prefix = L.bsr.indptr, L.work = t[11].cast<int64_t>() * R * C;
   } else if (L.kind == st::LAYER_DENSE) {
-    need(6);
-    L.dense = st::Dense{ptr<const float>(t[5].cast<u64>()), L.in};
+    need(7);
+    const int64_t ldw = t[6].cast<int64_t>();
+    if (ldw < L.out || ldw % 16 != 0) throw std::invalid_argument("dense ldw must be out rounded up to 16");
+    L.dense = st::Dense{ptr<const float>(t[5].cast<u64>()), L.in, L.out, ldw};
     L.units = L.out, L.unit_rows = 1, L.prefix = nullptr, L.work = L.out * L.in;
   } else {
     throw std::invalid_argument("chain layer kind must be 0 (csr), 1 (nm), 2 (bsr) or 3 (dense)");

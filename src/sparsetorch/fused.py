@@ -328,17 +328,20 @@ def _linear_predicate(min_sparsity: float) -> Callable[[nn.Module], bool]:
     return is_linear
 
 
-# Inside a chain a layer denser than this runs faster unindexed (gathers cost about ten contiguous multiply-adds
-# at batch 1; batched, each nonzero costs one multiply-add either way). Measured on 256x256 chains with
-# /tmp-free `FusedChain` timings (AMD EPYC Zen 4): CSR = dense near 10% density at batch 1, 90% at batch 64.
-DENSE_ABOVE = {"gemv": 0.15, "batched": 0.9}
+# Batch 1 inside a chain: a cache-resident layer denser than this runs faster unindexed (a gather costs about
+# as much as 13 contiguous multiply-adds); a layer streamed from memory only above the bandwidth break-even.
+# Measured with 3-layer 256x256 FusedChain calls, one thread, AMD EPYC Zen 4 (AVX-512): CSR = dense at about
+# 7.5% density. Batched, the CSR panel kernel costs the same per nonzero as the dense one per entry, so
+# batched chains always use a sparse format (a fully dense layer as CSR).
+DENSE_ABOVE_CACHED, DENSE_ABOVE_STREAMED, CACHED_BYTES = 0.08, 0.5, 1 << 20
 
 
 def _format_for(row: dict | None, w: torch.Tensor, batch: int) -> str:
-    """Format of one chain layer: dense above DENSE_ABOVE, else the fastest compiled sparse format measured
-    for this layer (csr when none was measured)."""
+    """Format of one chain layer: dense when that is faster at batch 1 (see DENSE_ABOVE_*), else the fastest
+    compiled sparse format measured for this layer (csr when none was measured)."""
     density = float((w != 0).float().mean())
-    if density > DENSE_ABOVE["gemv" if batch == 1 else "batched"]:
+    limit = DENSE_ABOVE_CACHED if w.numel() * 4 <= CACHED_BYTES else DENSE_ABOVE_STREAMED
+    if batch == 1 and density > limit:
         return "dense"
     if not row:
         return "csr"

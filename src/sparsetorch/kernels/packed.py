@@ -250,30 +250,35 @@ class BSRWeight(PackedWeight):
 
 
 class DenseWeight(PackedWeight):
-    """Every entry stored: for layers inside a fused chain that are too dense to gain from an index."""
+    """Every entry stored, transposed: for layers inside a fused chain that are too dense to gain from an
+    index. ``values`` is W^T [in, out rounded up to 16] (zero columns pad each row to whole vectors)."""
 
     format = "dense"
 
-    def __init__(self, values: torch.Tensor):
-        super().__init__(*values.shape)
-        self.register_buffer("values", values.detach().to("cpu", torch.float32).contiguous())  # [out, in]
+    def __init__(self, values: torch.Tensor, out_features: int):
+        super().__init__(out_features, values.shape[0])
+        self.register_buffer("values", values.detach().to("cpu", torch.float32).contiguous())  # [in, ldw]
 
     @classmethod
     def from_dense(cls, w: torch.Tensor) -> "DenseWeight":
-        return cls(w)
+        out, inp = w.shape
+        wt = torch.zeros(inp, (out + 15) // 16 * 16)
+        wt[:, :out] = w.detach().to("cpu", torch.float32).t()
+        return cls(wt, out)
 
     @property
     def nnz(self) -> int:
         return int((self.values != 0).sum())
 
     def to_dense(self) -> torch.Tensor:
-        return self.values.clone()
+        return self.values[:, :self.out_features].t().contiguous()
 
     def _static(self):
-        return (self.out_features, self.in_features, self.values.data_ptr())
+        return (self.out_features, self.in_features, self.values.data_ptr(), self.values.shape[1])
 
     def linear(self, x, bias=None, backend="ext", threads=None):
-        return torch.nn.functional.linear(x.float(), self.values, bias)
+        y = x.float() @ self.values[:, :self.out_features]
+        return y if bias is None else y + bias
 
 
 def pack(w: torch.Tensor, fmt: str = "csr", **kw) -> PackedWeight:
