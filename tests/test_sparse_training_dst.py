@@ -3,6 +3,8 @@ values and optimizer state follow their weights, RigL grows where the dense grad
 decisions as the masked RigL, and a resumed run is bitwise the uninterrupted one."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -11,7 +13,7 @@ from sparsetorch import RigL, SparsityError
 from sparsetorch.integrations import load_training_state, save_training_state
 from sparsetorch.masks import get_mask
 from sparsetorch.models import MLP
-from sparsetorch.sparse_training import CompressedRigL, CompressedSET, SparseLinear, to_sparse_training
+from sparsetorch.sparse_training import CompressedRigL, CompressedSET, SparseLinear, to_dense, to_sparse_training
 from sparsetorch.sparsifiers.registry import for_run, make_sparsifier
 
 CLASSES = [CompressedSET, CompressedRigL]
@@ -48,9 +50,14 @@ def test_update_moves_connections_and_state(cls):
     if cls is CompressedRigL:
         assert layer._want_dense_grad  # armed: the next backward forms the dense gradient
     x = torch.randn(16, 30, generator=torch.Generator().manual_seed(9))
+    reference = to_dense(copy.deepcopy(model))
+    reference(x).pow(2).mean().backward()
+    score = reference.fc1.weight.grad.abs().flatten()  # dL/dW at every position
     opt.zero_grad()
     model(x).pow(2).mean().backward()
-    score = layer.dense_grad.abs().flatten().clone() if cls is CompressedRigL else None
+    if cls is CompressedRigL:  # only k candidates and the kept positions' |g| are recorded, not [out, in]
+        assert layer.grow_candidates[0].numel() == int(round(0.25 * nnz)) and layer.active_grad.shape == (nnz,)
+        torch.testing.assert_close(layer.active_grad, score[flat_before])
     opt.step()
     w_step = layer.dense_weight().flatten()
     m_step = torch.zeros_like(w_step)
@@ -66,7 +73,7 @@ def test_update_moves_connections_and_state(cls):
     if cls is CompressedRigL:  # what RigL grows: top |dL/dW| among positions inactive after the drop
         score[torch.tensor(sorted(kept))] = -1
         assert set(flat_after.tolist()) == kept | set(torch.topk(score, k).indices.tolist())
-        assert layer.dense_grad is None and not layer._want_dense_grad  # freed, disarmed until the next update
+        assert layer.grow_candidates is None and not layer._want_dense_grad  # freed, disarmed until the next update
     old, new = set(flat_before.tolist()), set(flat_after.tolist())
     row = dst.history[-1]
     fc2_new = len(set(model.fc2.flat_positions().tolist()) - fc2_before)
@@ -220,3 +227,40 @@ def test_registry_builds_the_compressed_variants():
     assert type(make_sparsifier("SET", compressed=True)) is CompressedSET
     with pytest.raises(SparsityError, match="no compressed variant"):
         make_sparsifier("gmp", compressed=True)
+
+
+def test_rigl_gradient_accumulation():
+    """grad_accumulation=n keeps the dense gradient summed over the micro-batches; the default (k candidates
+    per layer) makes the same decisions with one backward pass and refuses a second one."""
+    def run(accumulation, passes):
+        model = _model(4)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        dst = CompressedRigL(every=2, drop_fraction=0.3, grad_accumulation=accumulation).attach(model, opt)
+        for step in range(4):
+            for p in range(passes):
+                x = torch.randn(8, 30, generator=torch.Generator().manual_seed(10 * step + p))
+                model(x).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            dst.step()
+        return [m.flat_positions() for m in (model.fc1, model.fc2)], dst
+
+    (top_k, dst), (dense, _) = run(1, 1), run(3, 1)
+    assert all(torch.equal(a, b) for a, b in zip(top_k, dense)) and dst.history[-1]["moved"] > 0
+    accumulated, dst = run(2, 2)
+    assert dst.history[-1]["moved"] > 0 and not all(torch.equal(a, b) for a, b in zip(top_k, accumulated))
+    with pytest.raises(SparsityError, match="grad_accumulation"):
+        run(1, 2)
+
+
+def test_rigl_same_decisions_without_the_compiled_kernels(monkeypatch):
+    def run():
+        model = _model(5, torch.float64)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        dst = CompressedRigL(every=2, drop_fraction=0.3).attach(model, opt)
+        _train(model, opt, dst, range(4), dtype=torch.float64)
+        return [m.flat_positions() for m in (model.fc1, model.fc2)]
+
+    with_kernels = run()
+    monkeypatch.setenv("SPARSETORCH_DISABLE_EXT", "1")  # torch sparse ops and the torch growth path
+    assert all(torch.equal(a, b) for a, b in zip(with_kernels, run()))

@@ -10,8 +10,9 @@ Newly grown weights start at 0 and so does their optimizer state (Adam moments, 
 a just-dropped weight that is grown back) keep their values and state, which are permuted along with the CSR order.
 
 RigL needs dL/dW at every position, but only on update steps: the step before an update arms the layers,
-their backward then also forms the dense dY^T X once (a dense [out, in] matrix for that step only), and the
-update frees it.
+their backward then also forms dY^T X a block of rows at a time and keeps only the k best inactive positions
+and |dL/dW| at the kept ones (growth.py); with gradient accumulation (``grad_accumulation=n``) or under DDP
+the dense [out, in] gradient is kept for that step instead. The update frees it.
 
 Usage (call ``step()`` after every ``optimizer.step()``, as for every sparsifier)::
 
@@ -38,6 +39,7 @@ from ..errors import SparsityError, check_sparsity
 from ..selection import Spec, Target, _as_list, _matches
 from ..sparsifiers.base import Sparsifier, check_in_optimizer
 from ..sparsifiers.common import check_choice
+from . import growth
 from .layer import SparseLinear, sample_positions
 
 __all__ = ["CompressedDST", "CompressedSET", "CompressedRigL", "compressed_targets"]
@@ -129,7 +131,7 @@ class CompressedDST(Sparsifier):
         model = self._check_attached("remove")
         self._arm(False)
         for layer in self.layers:
-            layer.dense_grad = None
+            growth.clear(layer)
         self.model, self.optimizer, self.targets = None, None, []
         return model
 
@@ -165,7 +167,7 @@ class CompressedDST(Sparsifier):
                                  "dropped": moved, "grown": moved})  # at fixed nnz, as many dropped as grown
         finally:
             for layer in self.layers:
-                layer.dense_grad = None
+                growth.clear(layer)
 
     def grow(self, layer: SparseLinear, k: int, kept: torch.Tensor) -> torch.Tensor:
         """k flat positions (row * in + col) not in ``kept`` (sorted int64, after the drop) to grow."""
@@ -197,13 +199,21 @@ class CompressedDST(Sparsifier):
 
     # ---- RigL's dense gradient ------------------------------------------------------------
     def _arm(self, on: bool) -> None:
-        if self.needs_dense_grad:
-            for layer in self.layers:
-                layer._want_dense_grad = on
+        """Ask the layers' next backward for regrowth scores (RigL), for the update at step_count + 1."""
+        if not self.needs_dense_grad:
+            return
+        fraction = self.fraction(self.step_count + 1) if on else 0.0
+        for layer in self.layers:
+            layer._want_dense_grad = on and fraction > 0.0
+            numel = layer.in_features * layer.out_features
+            layer._grow_k = None if self._keep_dense() else min(int(round(fraction * layer.nnz)), numel - layer.nnz)
+
+    def _keep_dense(self) -> bool:
+        return False
 
     def _check_dense_grads(self) -> None:
         for t in self.targets:
-            if getattr(t.module, "dense_grad", None) is None:
+            if not growth.has_record(t.module):
                 raise SparsityError(
                     f"{type(self).__name__} found no dense gradient for {t.fqn} at update step {self.step_count}; "
                     "run loss.backward() before every optimizer.step()/sparsifier.step()", layer=t.fqn)
@@ -253,7 +263,7 @@ class CompressedDST(Sparsifier):
         self.generator.set_state(state["generator"])
         self.load_extra_state(state.get("extra", {}))
         for layer in self.layers:
-            layer.dense_grad = None
+            growth.clear(layer)
         self._arm(self.is_update_step(self.step_count + 1))
 
 
@@ -272,7 +282,11 @@ class CompressedSET(CompressedDST):
 
 class CompressedRigL(CompressedDST):
     """RigL on SparseLinear: drop smallest |w|, grow the inactive positions with the largest |dL/dW| of the
-    update step's backward (formed densely for that step only; averaged across ranks under DDP).
+    update step's backward.
+
+    The backward before an update keeps only each layer's k best inactive positions (growth.py), never the
+    whole dense gradient; ``grad_accumulation=n`` (n backward passes per optimizer step) and DDP keep the dense
+    gradient of that step instead (summed over the micro-batches, averaged across ranks).
 
     Example::
 
@@ -281,11 +295,16 @@ class CompressedRigL(CompressedDST):
 
     needs_dense_grad = True
 
+    def __init__(self, sparsity: float | None = None, *, grad_accumulation: int = 1, **kwargs: Any):
+        super().__init__(sparsity, **kwargs)
+        self.grad_accumulation = schedules.check_every(grad_accumulation, "grad_accumulation")
+
+    def _keep_dense(self) -> bool:
+        ddp = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        return self.grad_accumulation > 1 or ddp
+
     def grow(self, layer, k, kept):
-        g = layer.dense_grad
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            g = g.clone()
-            dist.all_reduce(g)  # the sum ranks like the mean: every rank grows the same positions
-        score = g.abs().flatten()                                            # [out * in], this step only
-        score[kept] = -1.0
-        return torch.topk(score, k, sorted=False).indices
+        if getattr(layer, "dense_grad", None) is not None and dist.is_available() and dist.is_initialized() \
+                and dist.get_world_size() > 1:
+            dist.all_reduce(layer.dense_grad)  # the sum ranks like the mean: every rank grows the same positions
+        return growth.best_grown(layer, k, kept)

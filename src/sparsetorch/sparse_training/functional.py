@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from . import _kernels
+from . import _kernels, growth
 
 # fallback SDDMM: at most this many [B, chunk] products alive at once
 _GATHER_ELEMENTS = 1 << 22
@@ -59,7 +59,6 @@ class SparseLinearFunction(torch.autograd.Function):
         # x: [B, in] (any row stride), values: [nnz], bias: [out] or None
         ctx.layer, ctx.use_kernels = layer, use_kernels
         ctx.has_bias = bias is not None
-        dense_grad = getattr(layer, "_want_dense_grad", False)
         if use_kernels and x.shape[0] > 0:
             tw = _kernels.panel_width(x.shape[0])
             xt = _kernels.pack(x, tw)                                            # [P, in, tw]
@@ -69,7 +68,7 @@ class SparseLinearFunction(torch.autograd.Function):
             if not any(ctx.needs_input_grad[:3]):  # no backward will come (inference, frozen layer)
                 _kernels.release(xt)
                 xt = None
-            ctx.save_for_backward(xt, values, x if dense_grad else None)
+            ctx.save_for_backward(xt, values, None)
         else:
             y = torch_forward(x, values, layer)
             if bias is not None:
@@ -91,17 +90,16 @@ class SparseLinearFunction(torch.autograd.Function):
                 _kernels.release(dxt)
             if need_w:
                 dw = _kernels.sddmm(layer.indptr, layer.indices, dyt, xt)
+            if getattr(layer, "_want_dense_grad", False):  # RigL update step: regrowth scores from the panels
+                growth.record(layer, dy, None, dyt, xt)
             _kernels.release(dyt)  # (xt stays with ctx: backward may run again with retain_graph=True)
         else:
             if need_x:
                 dx = torch_input_grad(dy, values, layer)
             if need_w:
                 dw = torch_weight_grad(dy, x, layer)
+            if getattr(layer, "_want_dense_grad", False):
+                growth.record(layer, dy, x, None, None)
         if need_b and ctx.has_bias:
             db = dy.sum(0)
-        if getattr(layer, "_want_dense_grad", False) and x is not None:
-            # RigL's regrowth score on update steps only: the dense dL/dW = dY^T X, freed after the update
-            g = dy.t() @ x                                                       # [out, in]
-            prev = getattr(layer, "dense_grad", None)
-            layer.dense_grad = g if prev is None else prev + g  # gradient accumulation: sum the micro-batches
         return dx, dw, db, None, None
