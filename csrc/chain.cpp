@@ -127,53 +127,38 @@ void chain_forward(int isa, const std::vector<ChainLayer>& layers, const float* 
   if (nt > 1) tv = (int)std::min<int64_t>(tv, std::max<int64_t>(1, ld / 16 / nt));  // a panel per thread if possible
   const int64_t TW = 16 * tv;
   const int P = (int)((ld + TW - 1) / TW);
-  float* bufs[2];
-  bufs[0] = chain_scratch((size_t)(2 * ld * maxw));
-  bufs[1] = bufs[0] + ld * maxw;
-  // layer l reads bufs[l % 2] and writes bufs[(l + 1) % 2]; panel p ([dim, w]) starts at b0 * maxw in either, so
-  // the panels of different threads never overlap whatever the layer widths
+  // Whole panels per thread (P >= nt): each thread has its own two panel buffers [maxw, TW], reused for every
+  // panel it takes, so they stay in L2. Otherwise (layer mode) all panels live in two shared buffers
+  // [maxw, ld]. Either way layer l reads buffer l % 2 and writes (l + 1) % 2 at the panel's offset.
+  const bool panel_mode = P >= nt;
+  const int64_t region = panel_mode ? maxw * TW : ld * maxw;  // one buffer of one thread (panel mode) or all
+  float* base = chain_scratch((size_t)(2 * region * (panel_mode ? nt : 1)));
+  auto buf = [&](int which, int p, int thread) -> float* {
+    return panel_mode ? base + (2 * thread + which) * region : base + which * region + p * TW * maxw;
+  };
   auto width = [&](int p) { return std::min<int64_t>(TW, ld - p * TW); };
-  auto to_panel = [&](int p) {
-    const int64_t b0 = p * TW, w = width(p), in = layers[0].in;
-    float* dst = bufs[0] + b0 * maxw;
-    for (int64_t ib = 0; ib < in; ib += 64) {
-      const int64_t ie = std::min(ib + 64, in);
-      for (int64_t b = b0; b < b0 + w; ++b) {
-        float* d = dst + (b - b0);
-        if (b < B) {
-          const float* xr = x + b * xs;
-          for (int64_t i = ib; i < ie; ++i) d[i * w] = xr[i];
-        } else {
-          for (int64_t i = ib; i < ie; ++i) d[i * w] = 0.f;
-        }
-      }
-    }
+  auto to_panel = [&](int p, int thread) {  // X rows b0.. -> panel [in, w], zero columns past the batch
+    const int64_t b0 = p * TW, w = width(p), in = layers[0].in, nb = std::min(w, B - b0);
+    float* dst = buf(0, p, thread);
+    T.transpose(x + b0 * xs, xs, dst, w, nb, in);
+    if (nb < w)
+      for (int64_t i = 0; i < in; ++i) std::fill(dst + i * w + nb, dst + (i + 1) * w, 0.f);
   };
-  auto from_panel = [&](int p) {
-    const int64_t b0 = p * TW, w = width(p), out = layers[nl - 1].out;
-    const float* src = bufs[nl % 2] + b0 * maxw;
-    for (int64_t ob = 0; ob < out; ob += 64) {
-      const int64_t oe = std::min(ob + 64, out);
-      for (int64_t b = b0; b < std::min(b0 + w, B); ++b) {
-        const float* s = src + (b - b0);
-        float* yr = y + b * out;
-        for (int64_t o = ob; o < oe; ++o) yr[o] = s[o * w];
-      }
-    }
+  auto from_panel = [&](int p, int thread) {  // panel [out, w] -> Y rows b0..
+    const int64_t b0 = p * TW, w = width(p), out = layers[nl - 1].out, nb = std::min(w, B - b0);
+    T.transpose(buf(nl % 2, p, thread), w, y + b0 * out, out, out, nb);
   };
-  auto layer_panel = [&](int l, int p, int64_t u0, int64_t u1) {
-    const ChainLayer& L = layers[l];
-    const int64_t b0 = p * TW;
-    panel_rows(T, L, bufs[l % 2] + b0 * maxw, width(p), bufs[(l + 1) % 2] + b0 * maxw, u0, u1);
+  auto layer_panel = [&](int l, int p, int thread, int64_t u0, int64_t u1) {
+    panel_rows(T, layers[l], buf(l % 2, p, thread), width(p), buf((l + 1) % 2, p, thread), u0, u1);
   };
 
-  if (P >= nt) {  // whole panels per thread: no barriers
+  if (panel_mode) {  // whole panels per thread: no barriers
     std::atomic<int> next{0};
-    parallel(nt, [&](int, int) {
+    parallel(nt, [&](int t, int) {
       for (int p; (p = next.fetch_add(1, std::memory_order_relaxed)) < P;) {
-        to_panel(p);
-        for (int l = 0; l < nl; ++l) layer_panel(l, p, 0, layers[l].units);
-        from_panel(p);
+        to_panel(p, t);
+        for (int l = 0; l < nl; ++l) layer_panel(l, p, t, 0, layers[l].units);
+        from_panel(p, t);
       }
     });
     return;
@@ -184,18 +169,18 @@ void chain_forward(int isa, const std::vector<ChainLayer>& layers, const float* 
   std::unique_ptr<std::atomic<int>[]> next(new std::atomic<int>[nl + 2]);
   for (int l = 0; l < nl + 2; ++l) next[l].store(0);
   parallel(nt, [&](int, int n) {
-    for (int p; (p = next[0].fetch_add(1, std::memory_order_relaxed)) < P;) to_panel(p);
+    for (int p; (p = next[0].fetch_add(1, std::memory_order_relaxed)) < P;) to_panel(p, 0);
     barrier(n);
     for (int l = 0; l < nl; ++l) {
       const std::vector<int64_t>& bd = bounds[l];
       const int K = (int)bd.size() - 1;
       for (int item; (item = next[l + 1].fetch_add(1, std::memory_order_relaxed)) < P * K;) {
         const int c = item % K;
-        layer_panel(l, item / K, bd[c], bd[c + 1]);
+        layer_panel(l, item / K, 0, bd[c], bd[c + 1]);
       }
       barrier(n);
     }
-    for (int p; (p = next[nl + 1].fetch_add(1, std::memory_order_relaxed)) < P;) from_panel(p);
+    for (int p; (p = next[nl + 1].fetch_add(1, std::memory_order_relaxed)) < P;) from_panel(p, 0);
   });
 }
 

@@ -15,13 +15,14 @@ namespace {
 
 const Table kTables[3] = {
     {generic::csr_gemv, generic::csr_spmm, generic::nm_gemv, generic::nm_spmm, generic::bsr_gemv, generic::bsr_spmm,
-     generic::dense_gemv, generic::dense_spmm, generic::activate},
+     generic::dense_gemv, generic::dense_spmm, generic::transpose, generic::activate},
     {avx2::csr_gemv, avx2::csr_spmm, avx2::nm_gemv, avx2::nm_spmm, avx2::bsr_gemv, avx2::bsr_spmm, avx2::dense_gemv,
-     avx2::dense_spmm, avx2::activate},
+     avx2::dense_spmm, avx2::transpose, avx2::activate},
     // batch-1 CSR: the 8-lane gather loop of the AVX2 build measured ~5% faster than the same loop built for
     // AVX-512 on Zen 4 (bench: /tmp-free A/B in benchmarks/bench_kernels.py), so AVX-512 CPUs use it too
     {avx2::csr_gemv, avx512::csr_spmm, avx512::nm_gemv, avx512::nm_spmm, avx512::bsr_gemv, avx512::bsr_spmm,
-     avx512::dense_gemv, avx512::dense_spmm, avx512::activate},
+     avx512::dense_gemv, avx512::dense_spmm, avx512::transpose,
+     avx512::activate},
 };
 
 }  // namespace
@@ -63,7 +64,7 @@ float* scratch(size_t n) {
 // chunks instead of waiting for it at the end (static halves made 2-thread calls up to 2x slower then).
 constexpr int CHUNKS_PER_THREAD = 8;
 
-void linear(const Problem& p, const GemvFn& gemv, const SpmmFn& spmm) {
+void linear(const Problem& p, const GemvFn& gemv, const SpmmFn& spmm, TransposeFn transpose) {
   int nt = std::max(1, p.threads);
   // Tiny problems: a second thread costs more to wake than it saves.
   if (p.work * std::max<int64_t>(p.batch, 1) < 16384) nt = 1;
@@ -96,18 +97,12 @@ void linear(const Problem& p, const GemvFn& gemv, const SpmmFn& spmm) {
   auto width = [&](int64_t b0) { return std::min(TW, ld - b0); };
   parallel(nt, [&](int t, int n) {
     const int64_t i0 = in * t / n, i1 = in * (t + 1) / n;  // this thread's rows of X^T
-    for (int64_t ib = i0; ib < i1; ib += 64) {
-      const int64_t ie = std::min(ib + 64, i1);
-      for (int64_t b = 0; b < ld; ++b) {
-        const int64_t b0 = b / TW * TW, w = width(b0);
-        float* dst = xt + b0 * in + (b - b0);
-        if (b < B) {
-          const float* xr = p.x + b * p.x_stride;
-          for (int64_t i = ib; i < ie; ++i) dst[i * w] = xr[i];
-        } else {
-          for (int64_t i = ib; i < ie; ++i) dst[i * w] = 0.f;
-        }
-      }
+    for (int64_t b0 = 0; b0 < ld; b0 += TW) {
+      const int64_t w = width(b0), nb = std::min(w, B - b0);
+      float* dst = xt + b0 * in;
+      transpose(p.x + b0 * p.x_stride + i0, p.x_stride, dst + i0 * w, w, nb, i1 - i0);
+      if (nb < w)  // zero batch padding
+        for (int64_t i = i0; i < i1; ++i) std::fill(dst + i * w + nb, dst + (i + 1) * w, 0.f);
     }
 #ifdef _OPENMP
     if (n > 1) {
@@ -122,38 +117,32 @@ void linear(const Problem& p, const GemvFn& gemv, const SpmmFn& spmm) {
       if (u1 <= u0) continue;
       spmm(xt + b0 * in, w, 0, (int)(w / 16), yt + b0 * out, u0, u1);
       const int64_t o0 = u0 * p.unit_rows, o1 = std::min(u1 * p.unit_rows, out);  // Y^T block -> Y
-      for (int64_t ob = o0; ob < o1; ob += 64) {
-        const int64_t oe = std::min(ob + 64, o1);
-        for (int64_t b = b0; b < std::min(b0 + w, B); ++b) {
-          const float* src = yt + b0 * out + (b - b0);
-          float* yr = p.y + b * out;
-          for (int64_t o = ob; o < oe; ++o) yr[o] = src[o * w];
-        }
-      }
+      transpose(yt + b0 * out + o0 * w, w, p.y + b0 * out + o0, out, o1 - o0, std::min(w, B - b0));
     }
   });
 }
 
 // One sparse format's pair of kernels (batch-1 gemv, transposed-batch spmm) run through `linear`.
 template <class W, class Gemv, class Spmm>
-void format_linear(const Problem& p, const W& w, const float* bias, Gemv gemv, Spmm spmm) {
+void format_linear(int isa, const Problem& p, const W& w, const float* bias, Gemv gemv, Spmm spmm) {
   linear(
       p, [&](const float* x, float* y, int64_t u0, int64_t u1) { gemv(w, x, bias, y, u0, u1); },
       [&](const float* xt, int64_t ld, int64_t b0, int nv, float* yt, int64_t u0, int64_t u1) {
         spmm(w, xt, ld, b0, nv, bias, yt, u0, u1);
-      });
+      },
+      kTables[isa].transpose);
 }
 
 void csr_linear(int isa, const Problem& p, const Csr& w, const float* bias) {
-  format_linear(p, w, bias, kTables[isa].csr_gemv, kTables[isa].csr_spmm);
+  format_linear(isa, p, w, bias, kTables[isa].csr_gemv, kTables[isa].csr_spmm);
 }
 
 void nm_linear(int isa, const Problem& p, const NM& w, const float* bias) {
-  format_linear(p, w, bias, kTables[isa].nm_gemv, kTables[isa].nm_spmm);
+  format_linear(isa, p, w, bias, kTables[isa].nm_gemv, kTables[isa].nm_spmm);
 }
 
 void bsr_linear(int isa, const Problem& p, const Bsr& w, const float* bias) {
-  format_linear(p, w, bias, kTables[isa].bsr_gemv, kTables[isa].bsr_spmm);
+  format_linear(isa, p, w, bias, kTables[isa].bsr_gemv, kTables[isa].bsr_spmm);
 }
 
 }  // namespace st

@@ -24,6 +24,7 @@ struct Table {
   decltype(&generic::bsr_spmm) bsr_spmm;
   decltype(&generic::dense_gemv) dense_gemv;
   decltype(&generic::dense_spmm) dense_spmm;
+  decltype(&generic::transpose) transpose;
   decltype(&generic::activate) activate;
 };
 const Table& table(int isa);
@@ -60,7 +61,9 @@ struct Problem {
 using GemvFn = std::function<void(const float*, float*, int64_t, int64_t)>;
 using SpmmFn = std::function<void(const float*, int64_t, int64_t, int, float*, int64_t, int64_t)>;
 
-void linear(const Problem& p, const GemvFn& gemv, const SpmmFn& spmm);
+using TransposeFn = void (*)(const float*, int64_t, float*, int64_t, int64_t, int64_t);
+
+void linear(const Problem& p, const GemvFn& gemv, const SpmmFn& spmm, TransposeFn transpose);
 void csr_linear(int isa, const Problem& p, const Csr& w, const float* bias);
 void nm_linear(int isa, const Problem& p, const NM& w, const float* bias);
 void bsr_linear(int isa, const Problem& p, const Bsr& w, const float* bias);

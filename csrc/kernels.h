@@ -53,6 +53,8 @@ struct Dense {
   void dense_gemv(const Dense& w, const float* x, const float* bias, float* y, int64_t r0, int64_t r1);     \
   void dense_spmm(const Dense& w, const float* xt, int64_t ld, int64_t b0, int nv, const float* bias,    \
                   float* yt, int64_t r0, int64_t r1);                                                      \
+  /* dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols */                                         \
+  void transpose(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols);    \
   /* p[0:n] = act(p[0:n]): 0 none, 1 relu, 2 gelu (erf), 3 gelu (tanh), 4 tanh, 5 sigmoid */             \
   void activate(int act, float* p, int64_t n);                                                             \
   }
