@@ -80,7 +80,9 @@ def methods() -> dict:
 
 
 def _build(cls, kwargs, generator):
-    accepted = inspect.signature(cls).parameters
+    # a subclass's __init__(..., **kwargs) forwards to its bases: accept what any of them names
+    accepted = {name for klass in cls.__mro__ if "__init__" in vars(klass)
+                for name in inspect.signature(vars(klass)["__init__"]).parameters}
     return cls(**{k: v for k, v in kwargs.items() if k in accepted}, generator=generator)
 
 

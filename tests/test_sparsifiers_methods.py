@@ -4,6 +4,7 @@ import torch
 
 import sparsetorch
 from sparsetorch import schedules
+from sparsetorch.errors import SparsityError
 from sparsetorch.models import MLP, SmallCNN
 from sparsetorch.patterns import as_2d, is_valid_mask
 from sparsetorch.sparsifiers import GMP, SET, SNIP, LotteryTicket, RigL, SRigL, Static, SynFlow, lottery_ticket
@@ -100,19 +101,58 @@ def _dense_grad(model, target, x, y):
     return g
 
 
-def test_srigl_keeps_constant_fan_in():
-    torch.manual_seed(0)
-    model = SmallCNN(8)
-    optimizer = torch.optim.Adam(model.parameters(), 1e-2)
-    sp = SRigL(sparsity=0.9, every=2, drop_fraction=0.5, end=100).attach(model, optimizer)
-    for step in range(6):
+def _srigl_steps(sp, model, optimizer, steps, check=lambda: None):
+    for _ in range(steps):
         x = torch.randn(8, 64)
         torch.nn.functional.cross_entropy(model(x), torch.randint(0, 10, (8,))).backward()
         optimizer.step(); optimizer.zero_grad(); sp.step()
+        check()
+
+
+def test_srigl_without_ablation_keeps_constant_fan_in():
+    torch.manual_seed(0)
+    model = SmallCNN(8)
+    optimizer = torch.optim.Adam(model.parameters(), 1e-2)
+    sp = SRigL(sparsity=0.9, every=2, drop_fraction=0.5, end=100, ablation=0.0).attach(model, optimizer)
+
+    def check():
         for item in sparsetorch.iter_masks(model):
             fan_in = as_2d(item.mask).sum(dim=1)
             assert (fan_in == fan_in[0]).all() and fan_in[0] >= 1
+
+    _srigl_steps(sp, model, optimizer, 6, check)
     assert sum(r["grown"] for r in sp.history[1:]) > 0
+
+
+def test_srigl_ablation_moves_inputs_to_live_units_at_constant_total():
+    torch.manual_seed(0)
+    model = MLP((64, 128, 128, 10))
+    optimizer = torch.optim.Adam(model.parameters(), 1e-2)
+    sp = SRigL(sparsity=0.95, every=2, drop_fraction=0.5, end=100).attach(model, optimizer)
+    total = sum(int(item.mask.sum()) for item in sparsetorch.iter_masks(model))
+
+    def check():
+        assert sum(int(item.mask.sum()) for item in sparsetorch.iter_masks(model)) == total
+        for item in sparsetorch.iter_masks(model):
+            fan_in = as_2d(item.mask).sum(dim=1)
+            live = fan_in[fan_in > 0]
+            assert int(live.max() - live.min()) <= 1  # constant fan-in, up to the remainder
+
+    _srigl_steps(sp, model, optimizer, 12, check)
+    live_rows = [int((as_2d(item.mask).sum(dim=1) > 0).sum()) for item in sparsetorch.iter_masks(model)]
+    assert min(live_rows) < 128  # some units were ablated on random labels
+
+
+def test_srigl_ablates_the_unit_without_salient_weights():
+    sp = SRigL(sparsity=0.5, ablation=0.3)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    weight = torch.tensor([[1.0, 2.0, 0, 0], [3.0, 4.0, 0, 0], [1e-4, 1e-4, 1e-4, 1e-4]]) * mask
+    grad = torch.tensor([[0, 0, 5.0, 6.0], [0, 0, 7.0, 8.0], [0.0, 0.0, 0.0, 0.0]])
+    new = sp.drop_and_grow(weight, mask, grad, fraction=0.5)
+    assert int(new.sum()) == 6 and not new[2].any()  # unit 2 gone, its two inputs went to the others
+    assert new[:2].sum(dim=1).tolist() == [3, 3]
+    with pytest.raises(SparsityError, match="ablation"):
+        SRigL(ablation=1.0)
 
 
 def test_set_fraction_decays_and_stops():

@@ -23,6 +23,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=30, help="epochs (per round for lottery) (default %(default)s)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                   help="constant, or cosine annealing to zero over the run (default %(default)s)")
     p.add_argument("--rounds", type=int, default=3, help="lottery: prune-and-rewind rounds (default %(default)s)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a method hyperparameter, e.g. --set every=50 --set drop_fraction=0.5")
@@ -101,10 +103,24 @@ def _parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def train_epochs(model, optimizer, sparsifier, x, y, *, epochs: int, batch_size: int, generator) -> None:
-    """Plain minibatch training; the sparsifier steps after every optimizer step."""
+def train_epochs(model, optimizer, sparsifier, x, y, *, epochs: int, batch_size: int, generator,
+                 lr_schedule: str = "constant") -> None:
+    """Plain minibatch training; the sparsifier steps after every optimizer step.
+
+    ``lr_schedule="cosine"`` anneals the learning rate to zero over the run (Loshchilov & Hutter 2017).
+    """
+    import math
+
     import torch
 
+    from ..errors import SparsityError
+
+    if lr_schedule not in ("constant", "cosine"):
+        raise SparsityError(f"unknown lr schedule {lr_schedule!r}; choose 'constant' or 'cosine'")
+    total = epochs * -(-len(x) // batch_size)
+    scheduler = None
+    if lr_schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / total)))
     model.train()
     for _ in range(epochs):
         order = torch.randperm(len(x), generator=generator)
@@ -114,13 +130,15 @@ def train_epochs(model, optimizer, sparsifier, x, y, *, epochs: int, batch_size:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             if sparsifier is not None:
                 sparsifier.step()
     model.eval()
 
 
 def build_and_train(method: str, sparsity: float, model, data, *, epochs: int, lr: float, batch_size: int,
-                    seed: int, rounds: int = 3, overrides: dict | None = None):
+                    seed: int, rounds: int = 3, overrides: dict | None = None, lr_schedule: str = "constant"):
     """Train ``model`` sparse with ``method`` ('dense' for none); returns the sparsifier (or None)."""
     import torch
 
@@ -139,7 +157,7 @@ def build_and_train(method: str, sparsity: float, model, data, *, epochs: int, l
     make_opt = lambda m: torch.optim.Adam(m.parameters(), lr=lr)  # noqa: E731
     if name == "dense":
         train_epochs(model, make_opt(model), None, x_train, y_train, epochs=epochs, batch_size=batch_size,
-                     generator=shuffle)
+                     generator=shuffle, lr_schedule=lr_schedule)
         return None
     kwargs = for_run(name, sparsity=sparsity, total_steps=steps, **(overrides or {}))
     kwargs["generator"] = torch.Generator().manual_seed(seed)
@@ -150,7 +168,7 @@ def build_and_train(method: str, sparsity: float, model, data, *, epochs: int, l
 
     def one_round(model, optimizer, sparsifier):
         train_epochs(model, optimizer, sparsifier, x_train, y_train, epochs=epochs, batch_size=batch_size,
-                     generator=shuffle)
+                     generator=shuffle, lr_schedule=lr_schedule)
 
     if name == "lottery":
         kwargs.pop("sparsity")
@@ -180,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     sparsifier = build_and_train(args.method, sparsity, model, data, epochs=args.epochs, lr=args.lr,
                                  batch_size=args.batch_size, seed=args.seed, rounds=args.rounds,
-                                 overrides=_parse_overrides(args.overrides))
+                                 overrides=_parse_overrides(args.overrides), lr_schedule=args.lr_schedule)
     seconds = time.perf_counter() - start
     acc = accuracy(model, data[2], data[3])
     result = {

@@ -222,9 +222,22 @@ class SRigL(RigL):
     backward pass every step), and its constant fan-in -- every output unit keeps the same
     number of inputs -- gives a regular layout (equal nonzeros per row) that condensed/row-wise
     sparse kernels run fast. Each unit drops its k smallest-magnitude inputs and grows its k
-    largest-gradient inactive inputs. The paper's neuron ablation (removing units with too few
-    salient weights) is not implemented: units here never die.
+    largest-gradient inactive inputs.
+
+    Neuron ablation (the paper's Sec. 3.3): at an update, a unit with fewer than
+    ``ablation * fan_in`` salient weights -- weights that unstructured RigL would keep (largest
+    magnitude) or grow (largest gradient) in this layer -- is removed, and its inputs go to the
+    remaining units, whose fan-in grows so that the layer's total stays exactly the same (when
+    it does not divide evenly, some units get one input more). Removed units never come back.
+    ``ablation=0`` turns it off.
     """
+
+    def __init__(self, sparsity: float = 0.9, *, ablation: float = 0.3, **kwargs: Any):
+        super().__init__(sparsity, **kwargs)
+        if not 0.0 <= ablation < 1.0:
+            raise SparsityError(f"ablation (gamma_sal) must lie in [0, 1), got {ablation}; 0 turns ablation off",
+                                ablation=ablation)
+        self.ablation = float(ablation)
 
     def fan_ins(self) -> list[int]:
         """One fan-in per layer: the distribution's density rounded to whole inputs per unit,
@@ -256,13 +269,51 @@ class SRigL(RigL):
                       fraction: float) -> torch.Tensor:
         m2, w2 = as_2d(mask.cpu()), as_2d(weight.detach().abs().float().cpu())  # [rows, cols]
         g2 = as_2d(grow.float().cpu())
-        fan_in = m2.sum(dim=1)  # constant by construction
-        cols = m2.shape[1]
-        k = min(int(round(fraction * int(fan_in.max()))), cols - int(fan_in.max()))
-        if k <= 0:
+        fan = m2.sum(dim=1)  # [rows]: K (or K+1) for live units, 0 for ablated ones
+        live = fan > 0
+        k = int(round(fraction * int(fan[live].min())))
+        if self.ablation > 0:
+            live = live & ~self._ablated(m2, w2, g2, live, k)
+        target = _split_evenly(int(fan.sum()), live, w2.shape[1])  # [rows] new fan-in
+        if k <= 0 and torch.equal(target, fan):
             return mask.cpu()
         inf = float("inf")
-        dropped = torch.topk(torch.where(m2, w2, torch.full_like(w2, inf)), k, dim=1, largest=False).indices
-        after = m2.clone().scatter_(1, dropped, False)
-        grown = torch.topk(torch.where(after, torch.full_like(g2, -inf), g2), k, dim=1).indices
-        return after.scatter_(1, grown, True).view(mask.shape)
+        drop = torch.where(live, torch.full_like(fan, k).clamp(max=fan), fan)  # ablated units drop all
+        after = m2 & ~_top_per_row(torch.where(m2, -w2, torch.full_like(w2, -inf)), drop)
+        grow_n = (target - (fan - drop)).clamp(min=0)
+        return (after | _top_per_row(torch.where(after, torch.full_like(g2, -inf), g2), grow_n)).view(mask.shape)
+
+    def _ablated(self, m2: torch.Tensor, w2: torch.Tensor, g2: torch.Tensor, live: torch.Tensor,
+                 k: int) -> torch.Tensor:
+        """Units with fewer than ``ablation * fan_in`` salient weights (never all of them)."""
+        nnz, n_live = int(m2.sum()), int(live.sum())
+        k_layer = k * n_live
+        salient = torch.zeros_like(m2)
+        keep = torch.topk(torch.where(m2, w2, torch.full_like(w2, -1.0)).flatten(), nnz - k_layer).indices
+        salient.view(-1)[keep] = True
+        if k_layer > 0:
+            candidates = torch.where(~m2 & live[:, None], g2, torch.full_like(g2, -1.0)).flatten()
+            salient.view(-1)[torch.topk(candidates, k_layer).indices] = True
+        count = (salient & live[:, None]).sum(dim=1)
+        ablate = live & (count < self.ablation * m2.sum(dim=1))
+        if bool(ablate.sum() == n_live):  # keep the most salient unit rather than empty the layer
+            ablate[torch.argmax(torch.where(live, count, torch.full_like(count, -1)))] = False
+        return ablate
+
+
+def _split_evenly(total: int, live: torch.Tensor, cols: int) -> torch.Tensor:
+    """Per-row counts summing to ``total`` over the ``live`` rows, as equal as possible (<= cols)."""
+    n = int(live.sum())
+    base, extra = divmod(total, n)
+    if base >= cols:  # a full layer: every live row takes all its inputs
+        return torch.where(live, torch.full(live.shape, cols), torch.zeros(live.shape, dtype=torch.long))
+    counts = torch.where(live, torch.full(live.shape, base), torch.zeros(live.shape, dtype=torch.long))
+    rank = torch.cumsum(live.long(), 0) - 1  # 0.. among live rows; the first `extra` take one more
+    return counts + (live & (rank < extra)).long()
+
+
+def _top_per_row(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Bool [rows, cols]: the ``counts[r]`` highest scores of each row r."""
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(scores.shape[1]).expand_as(order))
+    return ranks < counts[:, None]
