@@ -77,7 +77,7 @@ def test_interleaved_training_reports_every_variant(bench, text, one_thread):
     val = random_windows(text.val, 8, CFG.context + 1, torch.Generator().manual_seed(0))
     runs, curves = bench.train_interleaved(["dense", "rigl", "rigl-mask"], CFG, text.train, val, steps=6, batch=8,
                                            lr=3e-3, seed=0, checkpoints={3, 6}, every=2, log_every=6)
-    res = bench.summarize(runs, curves, 6)
+    res = bench.summarize(runs, curves)
     assert set(res) == {"dense", "rigl", "rigl-mask"}
     for name, r in res.items():
         assert r["val_curve"][6] < r["val_curve"][3] and len(r["step_ms"]) == 6
