@@ -1,17 +1,25 @@
-"""End-to-end inference speed of a 90%-pruned digits MLP: ``sparsetorch.to_inference`` vs the dense model.
+"""End-to-end inference speed of 90%-pruned models: ``sparsetorch.to_inference`` vs the dense model.
 
-    nice .venv/bin/python benchmarks/bench_inference_model.py
+    flock /work/notes/bench.lock nice .venv/bin/python benchmarks/bench_inference_model.py --threads 1,2
 
-Models: the digits MLP (models.MLP 64-256-256-10, trained, globally magnitude-pruned to 90%, fine-tuned with
-its masks) and a wide MLP (64-4096-4096-10, random weights pruned to 90%) to show where the kernels pay.
-For each batch size the model is converted with example inputs of that batch (so to_inference measures
-its kernels at that batch), then dense and converted models run interleaved, call by call; median per call.
-1 thread: CPU time of the calling thread (robust to other jobs); 2 threads: wall time.
-Prints latency (batch 1) and throughput (batch 64/256) ratios; writes JSON to benchmarks/results/.
+Models:
+* the digits MLP (models.MLP 64-256-256-10, trained, globally magnitude-pruned to 90%, fine-tuned with its
+  masks); its three layers are one chain fc1 -> relu -> fc2 -> relu -> classifier;
+* a wide MLP (64-4096-4096-10, random weights pruned to 90%), where the kernels themselves pay;
+* the byte-level GPT (models.gpt, GPTConfig defaults: 4 layers, width 128; the one-shot benchmark's cached
+  checkpoint when present, else random weights), attention and MLP Linears magnitude-pruned to 90%
+  unstructured (lm_head dense), on prompts of 64 tokens (batch 1 = latency of a 64-token forward).
+
+For each batch the model is converted twice with example inputs of that batch: ``fuse=False`` (every layer
+on its own measured kernel) and the default (runs of layers fused into one native call where that measured
+faster). Dense, per-layer and fused models then run interleaved, call by call; median per call.
+1 thread: CPU time of the calling thread (robust to other jobs on a shared machine); 2 threads: wall time.
+Prints the table with ratios and writes JSON + TXT to benchmarks/results/.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import datetime
 import json
@@ -28,9 +36,18 @@ import sparsetorch
 from sparsetorch.data.digits import load_digits_split
 from sparsetorch.kernels import bench
 from sparsetorch.models import MLP
+from sparsetorch.models.gpt import GPT, GPTConfig
 from sparsetorch.training import accuracy, fit
 
 ROOT = Path(__file__).resolve().parent
+TOKENS = 64
+
+
+def prune90(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sparsetorch.prune(model, 0.9, generator=torch.Generator().manual_seed(0))
+    return model
 
 
 def digits_model() -> tuple[torch.nn.Module, float, float]:
@@ -38,47 +55,96 @@ def digits_model() -> tuple[torch.nn.Module, float, float]:
     torch.manual_seed(0)
     model = fit(MLP((64, 256, 256, 10)), data.x_train, data.y_train, epochs=20)
     dense_acc = accuracy(model, data.x_test, data.y_test)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sparsetorch.prune(model, 0.9, generator=torch.Generator().manual_seed(0))
+    prune90(model)
     fit(model, data.x_train, data.y_train, epochs=10)  # masks keep pruned weights at zero while fine-tuning
     return model, dense_acc, accuracy(model, data.x_test, data.y_test)
 
 
 def wide_model() -> torch.nn.Module:
     torch.manual_seed(0)
-    model = MLP((64, 4096, 4096, 10))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sparsetorch.prune(model, 0.9, generator=torch.Generator().manual_seed(0))
-    return model
+    return prune90(MLP((64, 4096, 4096, 10)))
 
 
-def time_pair(dense, sparse, x, reps: int, cpu_time: bool) -> tuple[float, float]:
+def gpt_model() -> tuple[torch.nn.Module, str]:
+    cfg = GPTConfig()
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    path = ROOT / "cache" / f"gpt_byte_{cfg.layers}x{cfg.width}_steps500_seed0.pt"
+    source = "random weights"
+    if path.is_file():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        source = f"trained checkpoint {path.relative_to(ROOT.parent)}"
+    return prune90(model.eval()), source
+
+
+def time_models(models: dict, x, reps: int, cpu_time: bool) -> dict[str, float]:
+    """Median seconds per call of each model, interleaved call by call."""
     clock = time.thread_time if cpu_time else time.perf_counter
-    td, ts = [], []
+    samples: dict[str, list[float]] = {k: [] for k in models}
     with torch.no_grad():
         for _ in range(3):
-            dense(x), sparse(x)
+            for m in models.values():
+                m(x)
         for _ in range(reps):
-            for model, acc in ((dense, td), (sparse, ts)):
+            for k, m in models.items():
                 t0 = clock()
-                model(x)
-                acc.append(clock() - t0)
-    return statistics.median(td), statistics.median(ts)
+                m(x)
+                samples[k].append(clock() - t0)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def kernels_of(plan: list[dict]) -> str:
+    """Compact per-layer choice: each layer's kernel (or the chain it runs in) and each chain's verdict."""
+    layers = [r for r in plan if r["type"] != "FusedChain"]
+    chains = [r for r in plan if r["type"] == "FusedChain"]
+    if len(layers) > 6:  # the GPT: counts
+        count = collections.Counter("in chain" if r.get("fused_into") else r["kernel"] for r in layers)
+        text = ", ".join(f"{k} x{v}" for k, v in count.items())
+    else:
+        text = ",".join(f"{r['layer']}={r['kernel']}" for r in layers if not r.get("fused_into"))
+    verdicts = collections.Counter(
+        f"{r['kernel']}[{'+'.join(r['formats'])}]" if r["kernel"] != "per-layer" else "per-layer" for r in chains)
+    return text + ("; chains: " + ", ".join(f"{k} x{v}" if v > 1 else k for k, v in verdicts.items())
+                   if chains else "")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--reps", type=int, default=200, help="calls per model at batch 1 (fewer for larger batches)")
     ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--models", default="digits,wide,gpt")
+    ap.add_argument("--out", default="bench_inference_model", help="results/<out>.json and .txt")
     args = ap.parse_args(argv)
     command = "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    print(f"# {command}\n# {bench.machine()}\n# {when}; load average before: {os.getloadavg()[0]:.2f}")
-    digits, acc_dense, acc_sparse = digits_model()
+    lines: list[str] = []
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+        lines.append(text)
+
+    say(f"# {command}\n# {bench.machine()}\n# {when}; load average before: {os.getloadavg()[0]:.2f}")
+    wanted = args.models.split(",")
     data = load_digits_split(seed=0)
-    models = {"digits MLP 64-256-256-10": digits, "wide MLP 64-4096-4096-10": wide_model()}
+    models, accuracies, inputs = {}, None, {}
+    if "digits" in wanted:
+        digits, acc_dense, acc_sparse = digits_model()
+        models["digits MLP 64-256-256-10"] = digits
+        accuracies = (digits, acc_dense, acc_sparse)
+    if "wide" in wanted:
+        models["wide MLP 64-4096-4096-10"] = wide_model()
+    if "gpt" in wanted:
+        gpt, source = gpt_model()
+        models[f"byte GPT 4x128, {TOKENS} tokens"] = gpt
+        say(f"# GPT weights: {source}, 90% unstructured on attention + MLP Linears")
+    for name in models:
+        if name.startswith("byte GPT"):
+            g = torch.Generator().manual_seed(0)
+            inputs[name] = {b: torch.randint(0, 256, (b, TOKENS), generator=g) for b in (1, 16, 64)}
+        else:
+            inputs[name] = {b: data.x_test[:b] if b <= len(data.x_test) else torch.rand(b, 64) for b in (1, 64, 256)}
+    say(f"{'model':<28} {'thr':>3} {'batch':>5} {'dense ms':>10} {'layers ms':>10} {'fused ms':>10} "
+        f"{'layers':>7} {'fused':>7} {'samples/s':>10}  kernels")
     rows = []
     saved = torch.get_num_threads()
     for threads in [int(t) for t in args.threads.split(",")]:
@@ -87,27 +153,37 @@ def main(argv=None) -> int:
             dense = copy.deepcopy(model)
             sparsetorch.remove_masks(dense)
             dense.eval()
-            for batch in (1, 64, 256):
-                x = data.x_test[:batch] if batch <= len(data.x_test) else torch.rand(batch, 64)
-                inf = sparsetorch.to_inference(model, x)
-                kernels = ",".join(f"{r['layer']}={r['kernel']}" for r in inf.sparsetorch_plan)
-                reps = args.reps if batch == 1 else max(20, args.reps // 5)
-                td, ts = time_pair(dense, inf, x, reps, cpu_time=threads == 1)
-                row = {"model": name, "threads": threads, "batch": batch, "dense_ms": td * 1e3,
-                       "sparse_ms": ts * 1e3, "speedup": td / ts, "samples_per_s": batch / ts, "kernels": kernels}
+            for batch, x in inputs[name].items():
+                per_layer = sparsetorch.to_inference(model, x, fuse=False)
+                fused = sparsetorch.to_inference(model, x)
+                reps = args.reps if batch == 1 and not name.startswith("byte GPT") else max(20, args.reps // 5)
+                t = time_models({"dense": dense, "layers": per_layer, "fused": fused}, x, reps, cpu_time=threads == 1)
+                kernels = kernels_of(fused.sparsetorch_plan)
+                row = {"model": name, "threads": threads, "batch": batch, "dense_ms": t["dense"] * 1e3,
+                       "per_layer_ms": t["layers"] * 1e3, "fused_ms": t["fused"] * 1e3,
+                       "speedup_per_layer": t["dense"] / t["layers"], "speedup": t["dense"] / t["fused"],
+                       "samples_per_s": batch / t["fused"], "kernels": kernels,
+                       "plan": [{k: v for k, v in r.items() if k != "skipped"} for r in fused.sparsetorch_plan]}
                 rows.append(row)
-                print(f"  {name:<26} t={threads} B={batch:<4} dense {td * 1e3:8.3f} ms  sparse {ts * 1e3:8.3f} ms"
-                      f"  {td / ts:5.2f}x  {batch / ts:10.0f} samples/s  [{kernels}]", flush=True)
+                say(f"{name:<28} {threads:>3} {batch:>5} {t['dense'] * 1e3:>10.3f} {t['layers'] * 1e3:>10.3f} "
+                    f"{t['fused'] * 1e3:>10.3f} {row['speedup_per_layer']:>6.2f}x {row['speedup']:>6.2f}x "
+                    f"{row['samples_per_s']:>10.0f}  {kernels}")
     torch.set_num_threads(saved)
-    with torch.no_grad():
-        same = sparsetorch.to_inference(digits, data.x_test)(data.x_test).argmax(1).eq(data.y_test).float().mean().item()
-    print(f"\ndigits test accuracy: dense {acc_dense:.4f}, 90% pruned + fine-tuned {acc_sparse:.4f}, "
-          f"converted {same:.4f}; load average after: {os.getloadavg()[0]:.2f} (shared CPU)")
-    out = ROOT / "results" / "bench_inference_model.json"
+    result = {"command": command, "machine": bench.machine(), "date": when, "rows": rows}
+    if accuracies:
+        digits, acc_dense, acc_sparse = accuracies
+        with torch.no_grad():
+            conv = sparsetorch.to_inference(digits, data.x_test)(data.x_test).argmax(1).eq(data.y_test).float().mean()
+        result["accuracy"] = {"dense": acc_dense, "pruned": acc_sparse, "converted": float(conv)}
+        say(f"\ndigits test accuracy: dense {acc_dense:.4f}, 90% pruned + fine-tuned {acc_sparse:.4f}, "
+            f"converted {float(conv):.4f}")
+    say(f"load average after: {os.getloadavg()[0]:.2f} (shared CPU); 'layers' = to_inference(fuse=False), "
+        f"'fused' = to_inference() default; ratios are dense / sparse time")
+    out = ROOT / "results" / f"{args.out}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": command, "machine": bench.machine(), "date": when, "rows": rows,
-                               "accuracy": {"dense": acc_dense, "pruned": acc_sparse, "converted": same}}, indent=1))
-    print(f"wrote {out}")
+    out.write_text(json.dumps(result, indent=1))
+    out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out} and {out.with_suffix('.txt').name}")
     return 0
 
 
