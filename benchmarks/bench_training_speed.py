@@ -3,7 +3,7 @@ vs dense torch nn.Linear, side by side with the peer package sparselab.
 
     nice .venv/bin/python benchmarks/bench_training_speed.py                 # 4096x4096, B=256, 90/95/99%
     .venv/bin/python benchmarks/bench_training_speed.py --rounds 5 --no-peer # quicker, sparsetorch only
-    .venv/bin/python benchmarks/bench_training_speed.py --transformer       # ~40M-param LM: step time, memory
+    .venv/bin/python benchmarks/bench_training_speed.py --transformer --checkpoint  # ~38M GPT: step time, memory
 
 One step = forward + backward (dX and the weight gradient) of one layer, input [256, 4096] with
 requires_grad, a fixed upstream gradient. All candidates of one process are timed interleaved (one step of
@@ -12,9 +12,11 @@ shared machine hits every candidate alike. sparselab runs in its own virtualenv 
 version) in a subprocess after ours, with its own interleaved dense baseline; each speedup is against the
 dense layer measured in the same process. Writes benchmarks/results/bench_training_speed.json.
 
---transformer: a GPT-style LM (d=512, 10 blocks, vocab 8192, ~40M parameters dense) whose attention
-projections and MLPs are SparseLinear at 90% (built sparse, never dense), against the same model dense:
-median Adam step time and peak RSS during training, each variant in fresh processes, alternating.
+--transformer: the repo's byte-level GPT (sparsetorch.models.GPT) at 12 blocks of width 512, ~38M parameters,
+dense against the same model with every attention and MLP Linear a 90%-sparse SparseLinear trained with
+CompressedRigL (one RigL update inside the measured steps): median AdamW step time and training memory (peak
+RSS during training minus RSS before the model is built; raw peak RSS too), at two batch sizes (and with
+activation checkpointing, --checkpoint), each variant in fresh processes, alternating.
 Writes benchmarks/results/bench_training_transformer.json.
 """
 from __future__ import annotations
@@ -74,107 +76,176 @@ def worker(kind: str, size: int, batch: int, sparsities: list[float], threads: i
 
 
 # ---------------------------------------------------------------- whole transformer (--transformer)
-def _transformer(d: int, layers: int, vocab: int, sparsity: float | None):
-    """A GPT-style LM built from nn.Linear (dense) or SparseLinear built directly, so the sparse model
-    never holds a dense weight: q/k/v/o and the 4x MLP of every block are sparse, embeddings and head dense."""
-    import torch
-    from torch import nn
-
-    def linear(i, o):
-        if sparsity is None:
-            return nn.Linear(i, o)
-        from sparsetorch.sparse_training import SparseLinear
-
-        return SparseLinear(i, o, sparsity, generator=torch.Generator().manual_seed(i * 7 + o))
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-            self.q, self.k, self.v, self.o = (linear(d, d) for _ in range(4))
-            self.fc1, self.fc2 = linear(d, 4 * d), linear(4 * d, d)
-
-        def forward(self, x):  # [B, T, d]
-            b, t, _ = x.shape
-            h = self.ln1(x)
-            q, k, v = (f(h).view(b, t, 8, d // 8).transpose(1, 2) for f in (self.q, self.k, self.v))
-            a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-            x = x + self.o(a.transpose(1, 2).reshape(b, t, d))
-            return x + self.fc2(nn.functional.gelu(self.fc1(self.ln2(x))))
-
-    class LM(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(vocab, d)
-            self.blocks = nn.Sequential(*(Block() for _ in range(layers)))
-            self.ln = nn.LayerNorm(d)
-            self.head = nn.Linear(d, vocab)
-
-        def forward(self, ids):
-            return self.head(self.ln(self.blocks(self.emb(ids))))
-
-    return LM()
+GPT_SHAPE = dict(layers=12, width=512, heads=8, context=256)  # the repo's byte-level GPT scaled to ~38M parameters
+SEQ = 256
 
 
-def _rss_mb(field: str) -> float:
+def _rss_mb(field: str = "VmRSS:") -> float:
     for line in open("/proc/self/status"):
         if line.startswith(field):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
-def transformer_worker(kind: str, threads: int, steps: int, d: int, layers: int, batch: int, seq: int) -> dict:
-    import torch
+def _reset_peak() -> None:
+    """Set the peak RSS (VmHWM) to the current RSS (Linux: 5 > /proc/self/clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
-    torch.manual_seed(0)
-    torch.set_num_threads(threads)
-    base = _rss_mb("VmRSS:")  # torch and libraries loaded, no model yet
-    model = _transformer(d, layers, 8192, None if kind == "dense" else 0.9)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    params = sum(p.numel() for p in model.parameters())
-    dense_equiv = sum(getattr(m, "in_features", 0) * getattr(m, "out_features", 0)
-                      for m in model.modules() if type(m).__name__ == "SparseLinear")
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 8192, (batch, seq + 1), generator=g)
-    try:  # reset the peak RSS so it covers the training steps only (Linux: 5 > clear_refs)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+
+def _release_free_heap() -> None:
+    """Give free heap pages back to the OS (glibc malloc_trim), so what the model construction freed (the
+    dense weights the sparse model was converted from) does not count as training memory."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
         pass
-    times = []
+
+
+def _build(kind: str, shape: dict, checkpoint: bool, every: int):
+    """(model, optimizer, sparsifier or None) for one variant."""
+    import torch
+    from torch import nn
+    from torch.utils.checkpoint import checkpoint as ckpt
+
+    from sparsetorch.models.gpt import GPT, GPTConfig
+    from sparsetorch.sparse_training import CompressedRigL, to_sparse_training
+
+    model = GPT(GPTConfig(**shape))
+    if kind == "sparse":
+        to_sparse_training(model, 0.9, "uniform", generator=torch.Generator().manual_seed(0))
+    if checkpoint:  # activation checkpointing per block (both variants): keep block inputs, recompute the rest
+        class Checkpointed(nn.Module):
+            def __init__(self, block):
+                super().__init__()
+                self.block = block
+
+            def forward(self, x):
+                return ckpt(self.block, x, use_reentrant=False)
+
+        model.blocks = nn.ModuleList(Checkpointed(b) for b in model.blocks)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    dst = None
+    if kind == "sparse":
+        dst = CompressedRigL(every=every, drop_fraction=0.3, generator=torch.Generator().manual_seed(0))
+        dst.attach(model, opt)
+    return model, opt, dst
+
+
+def _train_step(model, opt, dst, ids) -> float:
+    loss = model.loss(ids)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if dst is not None:
+        dst.step()
+    return loss.item()
+
+
+def transformer_worker(kind: str, threads: int, steps: int, batch: int, checkpoint: bool, every: int) -> dict:
+    """One training run in this process: build, one warm-up step (Adam allocates its state), then ``steps``
+    measured steps (the sparse run's RigL updates at every ``every``-th step), the peak RSS read per step."""
+    import gc
+
+    import torch
+
+    torch.set_num_threads(threads)
+    # the libraries' own memory (lazy imports of the optimizer, autograd, checkpoint, our extension) is not
+    # training memory: a tiny model of the same kind trains two steps before the baseline is read
+    tiny = _build(kind, dict(layers=1, width=64, heads=2, context=16), checkpoint, 1)
+    for _ in range(2):
+        _train_step(*tiny, torch.randint(0, 256, (2, 17)))
+    del tiny
+    gc.collect()
+    _release_free_heap()
+    torch.manual_seed(0)
+    base = _rss_mb()  # libraries loaded and warm, no model yet
+    model, opt, dst = _build(kind, GPT_SHAPE, checkpoint, every)
+    params = sum(p.numel() for p in model.parameters())
+    sparse_dense_params = sum(m.in_features * m.out_features for m in model.modules()
+                              if type(m).__name__ == "SparseLinear")
+    ids = torch.randint(0, 256, (batch, SEQ + 1), generator=torch.Generator().manual_seed(1))
+    _release_free_heap()  # what building freed (the dense weights the sparse model came from) is not training
+    built = _rss_mb()
+    _reset_peak()
+    times, updates, peaks, update_peaks = [], [], [], []
     for i in range(steps + 1):
         t0 = time.perf_counter()
-        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if i:  # the first step allocates Adam's state
-            times.append(time.perf_counter() - t0)
-    return {"kind": kind, "params": params, "sparse_layers_dense_params": dense_equiv,
-            "step_ms": 1e3 * statistics.median(times), "peak_mb": _rss_mb("VmHWM:") - base,
-            "baseline_mb": base, "loss": loss.item()}
+        loss = _train_step(model, opt, dst, ids)
+        dt = time.perf_counter() - t0
+        update = dst is not None and dst.is_update_step(dst.step_count)
+        if i:  # step 0 allocates Adam's state (its peak still counts below)
+            (updates if update else times).append(dt)
+        (update_peaks if update else peaks).append(_rss_mb("VmHWM:"))
+        _reset_peak()
+    peak = max(peaks + update_peaks)
+    return {"kind": kind, "batch": batch, "checkpoint": checkpoint, "params": params,
+            "sparse_layers_dense_params": sparse_dense_params, "step_ms": 1e3 * statistics.median(times),
+            "update_step_ms": 1e3 * statistics.median(updates) if updates else None,
+            "rigl_updates": 0 if dst is None else len(dst.history) - 1,
+            "baseline_mb": base, "built_mb": built, "peak_rss_mb": peak, "train_mb": peak - base,
+            "train_mb_without_update": max(peaks) - base,
+            "train_mb_update_step": max(update_peaks) - base if update_peaks else None, "loss": loss}
 
 
 def transformer_main(args) -> dict:
-    cmd = [sys.executable, __file__, "--transformer", "--threads", str(args.threads), "--tsteps", str(args.tsteps)]
-    runs = {"dense": [], "sparse": []}
-    for _ in range(2):  # dense, sparse, dense, sparse: each in a fresh process (clean peak memory)
-        for kind in ("dense", "sparse"):
-            proc = subprocess.run(cmd + ["--worker", kind], capture_output=True, text=True)
-            if proc.returncode:
-                raise RuntimeError(proc.stderr[-2000:])
-            runs[kind].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    best = {k: min(v, key=lambda r: r["step_ms"]) for k, v in runs.items()}
-    peak = {k: min(r["peak_mb"] for r in v) for k, v in runs.items()}
-    print(f"# transformer: d=512, 10 blocks (q/k/v/o + 4x MLP at 90% sparsity, SparseLinear), vocab 8192, "
-          f"batch 4 x 64 tokens, Adam; {args.tsteps} steps per process, 2 processes each")
-    print(f"{'model':<8} {'params':>10} {'step ms':>9} {'peak MB':>9}")
-    for k in ("dense", "sparse"):
-        print(f"{k:<8} {best[k]['params']:>10,} {best[k]['step_ms']:>9.0f} {peak[k]:>9.0f}")
-    print(f"sparse/dense: step time {best['sparse']['step_ms'] / best['dense']['step_ms']:.2f}, "
-          f"peak memory {peak['sparse'] / peak['dense']:.2f} (peak RSS during training minus RSS before the model)")
-    return {"runs": runs, "step_ratio": best["sparse"]["step_ms"] / best["dense"]["step_ms"],
-            "memory_ratio": peak["sparse"] / peak["dense"]}
+    batches = [int(b) for b in args.tbatches.split(",")]
+    settings = [(b, False) for b in batches] + ([(batches[0], True)] if args.checkpoint else [])
+    settings = [(b, c, m) for m in (("default", "fixed") if args.fixed_malloc else ("default",)) for b, c in settings]
+    runs = []
+    for batch, checkpoint, malloc in settings:
+        env = dict(os.environ)
+        if malloc == "fixed":  # glibc: every block >= 128 KB is mmapped and unmapped on free
+            env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+        for _ in range(args.repeats):  # dense, sparse, dense, sparse: each in a fresh process (clean peak memory)
+            for kind in ("dense", "sparse"):
+                cmd = [sys.executable, __file__, "--transformer", "--worker", kind, "--threads", str(args.threads),
+                       "--tsteps", str(args.tsteps), "--tbatches", str(batch)] + (["--checkpoint"] if checkpoint else [])
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if proc.returncode:
+                    raise RuntimeError(proc.stderr[-2000:])
+                runs.append({**json.loads(proc.stdout.strip().splitlines()[-1]), "malloc": malloc})
+    p = runs[0]["params"]
+    print(f"# model: sparsetorch.models.GPT(layers=12, width=512, heads=8, context=256), byte vocabulary 256: "
+          f"{p / 1e6:.1f}M parameters dense; sparse: to_sparse_training(0.9, 'uniform') makes every attention "
+          f"(qkv, proj) and MLP (fc, proj) Linear a 90%-sparse SparseLinear (embeddings, LayerNorms, lm_head dense), "
+          f"trained with CompressedRigL (update every {args.tsteps // 2 + 1} steps, inside the measured window)")
+    print(f"# AdamW, sequence {SEQ}, {args.tsteps} measured steps per process after one warm-up step, "
+          f"{args.repeats} process(es) per variant; train MB = peak RSS during training minus RSS before the model "
+          f"was built (libraries loaded and warmed up by a tiny model); no-upd MB: the same over steps without a "
+          f"RigL update; raw peak RSS alongside"
+          + ("; malloc 'fixed': MALLOC_MMAP_THRESHOLD_=131072, so freed tensors go back to the OS at once and RSS "
+             "follows live memory (glibc's default raises the threshold as large blocks are freed and keeps "
+             "freed heap)" if args.fixed_malloc else ""))
+    print(f"{'malloc':<8} {'batch':>11} {'ckpt':>5} {'model':<7} {'params':>11} {'step ms':>8} {'upd. ms':>8} "
+          f"{'train MB':>9} {'no-upd MB':>9} {'peak RSS':>9}")
+    rows = []
+    for batch, checkpoint, malloc in settings:
+        sel = {k: [r for r in runs if (r["batch"], r["checkpoint"], r["malloc"], r["kind"]) ==
+                   (batch, checkpoint, malloc, k)] for k in ("dense", "sparse")}
+        best = {k: min(v, key=lambda r: r["step_ms"]) for k, v in sel.items()}
+        mem = {k: min(r["train_mb"] for r in v) for k, v in sel.items()}
+        plain = {k: min(r["train_mb_without_update"] for r in v) for k, v in sel.items()}
+        raw = {k: min(r["peak_rss_mb"] for r in v) for k, v in sel.items()}
+        for k in ("dense", "sparse"):
+            upd = best[k]["update_step_ms"]
+            print(f"{malloc:<8} {batch:>4} x {SEQ:<4} {'yes' if checkpoint else 'no':>5} {k:<7} {best[k]['params']:>11,} "
+                  f"{best[k]['step_ms']:>8.0f} {'-' if upd is None else str(round(upd)):>8} {mem[k]:>9.0f} "
+                  f"{plain[k]:>9.0f} {raw[k]:>9.0f}")
+        row = {"batch": batch, "seq": SEQ, "checkpoint": checkpoint, "malloc": malloc,
+               "step_ratio": best["sparse"]["step_ms"] / best["dense"]["step_ms"],
+               "memory_ratio": mem["sparse"] / mem["dense"],
+               "memory_ratio_without_update": plain["sparse"] / plain["dense"],
+               "raw_rss_ratio": raw["sparse"] / raw["dense"], "train_mb": mem, "train_mb_without_update": plain,
+               "peak_rss_mb": raw}
+        rows.append(row)
+        print(f"{'':>20} sparse/dense: step time {row['step_ratio']:.2f}, training memory {row['memory_ratio']:.2f} "
+              f"(steps without a RigL update {row['memory_ratio_without_update']:.2f}; raw peak RSS "
+              f"{row['raw_rss_ratio']:.2f})")
+    return {"model": {**GPT_SHAPE, "vocab": 256, "params": p, "sparsity": 0.9, "seq": SEQ}, "rows": rows,
+            "runs": runs}
 
 
 def _cpu_model() -> str:
@@ -196,13 +267,20 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--no-peer", action="store_true", help="skip sparselab")
     ap.add_argument("--transformer", action="store_true", help="whole-model step time and peak memory instead")
-    ap.add_argument("--tsteps", type=int, default=3, help="--transformer: timed steps per process")
+    ap.add_argument("--tsteps", type=int, default=4, help="--transformer: measured steps per process")
+    ap.add_argument("--tbatches", default="8,2", help="--transformer: batch sizes (sequences of 256 bytes)")
+    ap.add_argument("--checkpoint", action="store_true",
+                    help="--transformer: also the first batch size with activation checkpointing per block")
+    ap.add_argument("--fixed-malloc", action="store_true",
+                    help="--transformer: repeat every setting with MALLOC_MMAP_THRESHOLD_=131072 (RSS = live memory)")
+    ap.add_argument("--repeats", type=int, default=1, help="--transformer: processes per variant and setting")
     ap.add_argument("--worker", choices=["sparsetorch", "sparselab", "dense", "sparse"], help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "results" / "bench_training_speed.json"))
     args = ap.parse_args(argv)
     sparsities = [float(s) for s in args.sparsities.split(",")]
     if args.transformer and args.worker:
-        print(json.dumps(transformer_worker(args.worker, args.threads, args.tsteps, 512, 10, 4, 64)))
+        print(json.dumps(transformer_worker(args.worker, args.threads, args.tsteps, int(args.tbatches),
+                                            args.checkpoint, args.tsteps // 2 + 1)))
         return 0
     if args.transformer:
         command = "python benchmarks/bench_training_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -169,17 +169,20 @@ class CompressedDST(Sparsifier):
             for layer in self.layers:
                 growth.clear(layer)
 
-    def grow(self, layer: SparseLinear, k: int, kept: torch.Tensor) -> torch.Tensor:
-        """k flat positions (row * in + col) not in ``kept`` (sorted int64, after the drop) to grow."""
+    def grow(self, layer: SparseLinear, k: int, kept: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+        """k flat positions (row * in + col) not in ``kept`` (sorted int64, after the drop) to grow;
+        ``dropped``: the storage slots of the k weights just dropped (they may be grown back)."""
         raise NotImplementedError
 
     def _move(self, layer: SparseLinear, k: int) -> int:
         """Drop the k smallest |w| of ``layer``, grow k, carry values and optimizer state; returns how many
         positions are new (a dropped position grown back keeps its weight, as in dst.py)."""
         flat = layer.flat_positions()                                        # [nnz] sorted
-        keep = torch.argsort(layer.values.detach().abs(), stable=True)[k:]  # storage slots that stay
-        kept = flat[keep].sort().values
-        grown = self.grow(layer, k, kept).to(flat.device)
+        dropped = torch.argsort(layer.values.detach().abs(), stable=True)[:k]  # storage slots of the k smallest
+        is_kept = torch.ones_like(flat, dtype=torch.bool)
+        is_kept[dropped] = False
+        kept = flat[is_kept]                                                 # sorted, as flat is
+        grown = self.grow(layer, k, kept, dropped).to(flat.device)
         new_flat = torch.cat([kept, grown]).sort().values
         # where each new position was stored before (-1: new connection, starts at 0)
         slot = torch.searchsorted(flat, new_flat).clamp(max=flat.numel() - 1)
@@ -276,7 +279,7 @@ class CompressedSET(CompressedDST):
         dst = CompressedSET(every=100, drop_fraction=0.3, end=7500).attach(model, optimizer)
     """
 
-    def grow(self, layer, k, kept):
+    def grow(self, layer, k, kept, dropped):
         return sample_positions(layer.in_features * layer.out_features, k, kept.cpu(), self.generator)
 
 
@@ -303,8 +306,8 @@ class CompressedRigL(CompressedDST):
         ddp = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         return self.grad_accumulation > 1 or ddp
 
-    def grow(self, layer, k, kept):
+    def grow(self, layer, k, kept, dropped):
         if getattr(layer, "dense_grad", None) is not None and dist.is_available() and dist.is_initialized() \
                 and dist.get_world_size() > 1:
             dist.all_reduce(layer.dense_grad)  # the sum ranks like the mean: every rank grows the same positions
-        return growth.best_grown(layer, k, kept)
+        return growth.best_grown(layer, k, kept, dropped)

@@ -65,16 +65,16 @@ def record(layer, dy, x, dyt, xt) -> None:
     layer.grow_candidates, layer.active_grad = (best_pos, best_score), active
 
 
-def best_grown(layer, k: int, kept: torch.Tensor) -> torch.Tensor:
-    """The k positions not in ``kept`` (sorted flat, after the drop) with the largest recorded |g|."""
+def best_grown(layer, k: int, kept: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+    """The k positions not in ``kept`` (sorted flat, after the drop) with the largest recorded |g|;
+    ``dropped``: storage slots (in the connectivity the scores were recorded with) of the dropped weights."""
     if getattr(layer, "dense_grad", None) is not None:
         score = layer.dense_grad.abs().flatten()                          # [out * in], this step only
         score[kept] = -1.0
         return torch.topk(score, k, sorted=False).indices
     pos, score = layer.grow_candidates
-    flat = layer.flat_positions()
-    dropped = ~torch.isin(flat, kept)
-    pos, score = torch.cat([pos, flat[dropped]]), torch.cat([score, layer.active_grad[dropped]])
+    pos = torch.cat([pos, layer.flat_positions()[dropped]])
+    score = torch.cat([score, layer.active_grad[dropped]])
     valid = score >= 0  # the -1 placeholders of kept positions, if any
     pos, score = pos[valid], score[valid]
     return pos[torch.topk(score, k, sorted=False).indices]
