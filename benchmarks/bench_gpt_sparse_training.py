@@ -9,8 +9,10 @@ AdamW + warm-up + cosine LR schedule, gradient clipping and threads:
                same in*out and in+out) and CompressedRigL moving connections every steps/20 steps with
                drop fraction 0.3, cosine decay, no update after 75% of the steps; the dense dL/dW is formed
                only on update steps
-    rigl-mask  the same RigL (sparsetorch.RigL) as masks over the dense FFN weights: the sanity check that
-               the compressed path reaches the quality of the mask path (its step costs a dense step)
+    rigl-mask  the same RigL (sparsetorch.RigL) as masks over the dense FFN weights, started from rigl's
+               initial connectivity: the sanity check that the compressed path reaches the quality of the
+               mask path (its step costs a dense step). The two make the same decisions up to float rounding
+               of the dense gradient at the top-k boundary, after which their trajectories drift apart.
 
 The variants train interleaved in one process, one step of each in turn (order alternating), so a burst of
 load from other jobs on the shared machine hits them alike. A variant's training wall time is the sum of its
@@ -25,6 +27,7 @@ Writes benchmarks/results/bench_gpt_sparse_training.json (with --out, elsewhere)
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import json
 import math
@@ -47,6 +50,30 @@ HERE = Path(__file__).resolve().parent
 FFN = ["blocks.*.mlp.fc", "blocks.*.mlp.proj"]  # the MLP Linear layers of every block
 VARIANTS = ("dense", "rigl", "rigl-mask")
 GAP_TARGET = 0.1  # nats/byte, issue #7
+
+
+class _RigLFrom(RigL):
+    """Masked RigL whose initial masks are given (rigl's connectivity), for a paired compressed-vs-mask check."""
+
+    def __init__(self, masks: list[torch.Tensor], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._start = masks
+
+    def initial_masks(self) -> list[torch.Tensor]:
+        return self._start
+
+
+def _ffn_layout(model: GPT, sparsity: float, seed: int) -> list[torch.Tensor]:
+    """The FFN masks ``to_sparse_training`` would give ``model`` with this seed (on a copy)."""
+    twin = to_sparse_training(copy.deepcopy(model), sparsity=sparsity, distribution="erk", include=FFN,
+                              generator=torch.Generator().manual_seed(seed))
+    masks = []
+    for block in twin.blocks:
+        for layer in (block.mlp.fc, block.mlp.proj):
+            mask = torch.zeros(layer.out_features * layer.in_features, dtype=torch.bool)
+            mask[layer.flat_positions()] = True
+            masks.append(mask.view(layer.out_features, layer.in_features))
+    return masks
 
 
 @dataclass
@@ -90,8 +117,9 @@ def build(name: str, cfg: GPTConfig, *, steps: int, lr: float, seed: int, sparsi
         sparsifier = CompressedRigL(every=every, drop_fraction=drop_fraction, end=end,
                                     generator=torch.Generator().manual_seed(seed + 2)).attach(model, opt)
     elif name == "rigl-mask":
-        sparsifier = RigL(sparsity, distribution="erk", every=every, drop_fraction=drop_fraction, end=end,
-                          include=FFN, generator=torch.Generator().manual_seed(seed + 1)).attach(model, opt)
+        sparsifier = _RigLFrom(_ffn_layout(model, sparsity, seed + 1), sparsity=sparsity, distribution="erk",
+                               every=every, drop_fraction=drop_fraction, end=end, include=FFN,
+                               generator=torch.Generator().manual_seed(seed + 2)).attach(model, opt)
     return Run(name, model.train(), opt, sched, sparsifier, torch.Generator().manual_seed(seed))
 
 

@@ -85,3 +85,12 @@ def test_interleaved_training_reports_every_variant(bench, text, one_thread):
     assert res["rigl"]["ffn_density"] == pytest.approx(0.1, abs=1e-3)
     assert res["rigl-mask"]["ffn_density"] == pytest.approx(0.1, abs=1e-3)
     assert res["rigl"]["moved"] > 0 and res["rigl-mask"]["moved"] > 0
+
+
+def test_mask_rigl_starts_from_the_compressed_connectivity(bench):
+    comp = bench.build("rigl", CFG, steps=20, lr=3e-3, seed=3)
+    mask = bench.build("rigl-mask", CFG, steps=20, lr=3e-3, seed=3)
+    for k, layer in _ffn(comp.model).items():
+        dense = _ffn(mask.model)[k]
+        assert torch.equal(dense.weight.detach().flatten().nonzero().flatten(), layer.flat_positions())
+        assert torch.equal(dense.weight.detach().flatten()[layer.flat_positions()], layer.values.detach())
