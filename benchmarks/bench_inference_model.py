@@ -1,6 +1,8 @@
 """End-to-end inference speed of 90%-pruned models: ``sparsetorch.to_inference`` vs the dense model.
 
-    flock /work/notes/bench.lock nice .venv/bin/python benchmarks/bench_inference_model.py --threads 1,2
+    flock /work/notes/bench.lock nice .venv/bin/python benchmarks/bench_inference_model.py --threads 1
+    flock /work/notes/bench.lock nice .venv/bin/python benchmarks/bench_inference_model.py --threads 2 \
+        --gpt-batches 1,16 --out bench_inference_model_2threads
 
 Models:
 * the digits MLP (models.MLP 64-256-256-10, trained, globally magnitude-pruned to 90%, fine-tuned with its
@@ -14,6 +16,8 @@ For each batch the model is converted twice with example inputs of that batch: `
 on its own measured kernel) and the default (runs of layers fused into one native call where that measured
 faster). Dense, per-layer and fused models then run interleaved, call by call; median per call.
 1 thread: CPU time of the calling thread (robust to other jobs on a shared machine); 2 threads: wall time.
+For the GPT, "rest" is the time of the dense model with its pruned Linears replaced by free stand-ins:
+what no sparse kernel can speed up (attention, LayerNorms, embeddings, lm_head).
 Prints the table with ratios and writes JSON + TXT to benchmarks/results/.
 """
 from __future__ import annotations
@@ -77,6 +81,27 @@ def gpt_model() -> tuple[torch.nn.Module, str]:
     return prune90(model.eval()), source
 
 
+class _Skip(torch.nn.Module):
+    """Stands in for a pruned Linear at (almost) no cost: zeros of the right shape."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x):
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def without_sparse_linears(dense: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:
+    """dense with every pruned Linear of model replaced by _Skip: what stays dense costs this much (Amdahl)."""
+    rest = copy.deepcopy(dense)
+    for masked in sparsetorch.iter_masks(model):
+        parent, _, attr = masked.fqn.rpartition(".")
+        target = rest.get_submodule(parent) if parent else rest
+        setattr(target, attr, _Skip(getattr(target, attr).out_features))
+    return rest
+
+
 def time_models(models: dict, x, reps: int, cpu_time: bool) -> dict[str, float]:
     """Median seconds per call of each model, interleaved call by call."""
     clock = time.thread_time if cpu_time else time.perf_counter
@@ -113,6 +138,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=200, help="calls per model at batch 1 (fewer for larger batches)")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--models", default="digits,wide,gpt")
+    ap.add_argument("--gpt-batches", default="1,16,64", help="GPT batches (prompts of 64 tokens each)")
     ap.add_argument("--out", default="bench_inference_model", help="results/<out>.json and .txt")
     args = ap.parse_args(argv)
     command = "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
@@ -140,12 +166,21 @@ def main(argv=None) -> int:
     for name in models:
         if name.startswith("byte GPT"):
             g = torch.Generator().manual_seed(0)
-            inputs[name] = {b: torch.randint(0, 256, (b, TOKENS), generator=g) for b in (1, 16, 64)}
+            inputs[name] = {b: torch.randint(0, 256, (b, TOKENS), generator=g)
+                            for b in map(int, args.gpt_batches.split(","))}
         else:
             inputs[name] = {b: data.x_test[:b] if b <= len(data.x_test) else torch.rand(b, 64) for b in (1, 64, 256)}
     say(f"{'model':<28} {'thr':>3} {'batch':>5} {'dense ms':>10} {'layers ms':>10} {'fused ms':>10} "
         f"{'layers':>7} {'fused':>7} {'samples/s':>10}  kernels")
     rows = []
+    result = {"command": command, "machine": bench.machine(), "date": when, "rows": rows}
+    out = ROOT / "results" / f"{args.out}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write() -> None:  # after every row, so an interrupted run keeps what it measured
+        out.write_text(json.dumps(result, indent=1))
+        out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+
     saved = torch.get_num_threads()
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)
@@ -157,19 +192,25 @@ def main(argv=None) -> int:
                 per_layer = sparsetorch.to_inference(model, x, fuse=False)
                 fused = sparsetorch.to_inference(model, x)
                 reps = args.reps if batch == 1 and not name.startswith("byte GPT") else max(20, args.reps // 5)
-                t = time_models({"dense": dense, "layers": per_layer, "fused": fused}, x, reps, cpu_time=threads == 1)
+                candidates = {"dense": dense, "layers": per_layer, "fused": fused}
+                if name.startswith("byte GPT"):
+                    candidates["rest"] = without_sparse_linears(dense, model)
+                t = time_models(candidates, x, reps, cpu_time=threads == 1)
                 kernels = kernels_of(fused.sparsetorch_plan)
                 row = {"model": name, "threads": threads, "batch": batch, "dense_ms": t["dense"] * 1e3,
                        "per_layer_ms": t["layers"] * 1e3, "fused_ms": t["fused"] * 1e3,
                        "speedup_per_layer": t["dense"] / t["layers"], "speedup": t["dense"] / t["fused"],
                        "samples_per_s": batch / t["fused"], "kernels": kernels,
                        "plan": [{k: v for k, v in r.items() if k != "skipped"} for r in fused.sparsetorch_plan]}
+                if "rest" in t:  # time of attention, LayerNorms, embeddings, lm_head: dense in both models
+                    row["dense_rest_ms"] = t["rest"] * 1e3
+                    kernels += f"; rest (not pruned) {t['rest'] * 1e3:.3f} ms"
                 rows.append(row)
                 say(f"{name:<28} {threads:>3} {batch:>5} {t['dense'] * 1e3:>10.3f} {t['layers'] * 1e3:>10.3f} "
                     f"{t['fused'] * 1e3:>10.3f} {row['speedup_per_layer']:>6.2f}x {row['speedup']:>6.2f}x "
                     f"{row['samples_per_s']:>10.0f}  {kernels}")
+                write()
     torch.set_num_threads(saved)
-    result = {"command": command, "machine": bench.machine(), "date": when, "rows": rows}
     if accuracies:
         digits, acc_dense, acc_sparse = accuracies
         with torch.no_grad():
@@ -179,10 +220,7 @@ def main(argv=None) -> int:
             f"converted {float(conv):.4f}")
     say(f"load average after: {os.getloadavg()[0]:.2f} (shared CPU); 'layers' = to_inference(fuse=False), "
         f"'fused' = to_inference() default; ratios are dense / sparse time")
-    out = ROOT / "results" / f"{args.out}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    out.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+    write()
     print(f"wrote {out} and {out.with_suffix('.txt').name}")
     return 0
 
