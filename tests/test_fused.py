@@ -215,3 +215,20 @@ def test_no_fusion_without_extension(monkeypatch):
     chain = FusedChain([pack_for_chain(w, "csr") for w in ws], bs, ["relu", "none"])
     assert close(chain(x), reference(x, ws, bs, ["relu", "none"])) and chain._native is False
     clear_kernel_cache()
+
+
+@needs_ext
+def test_chain_every_isa(monkeypatch):
+    """Portable, AVX2 and AVX-512 builds of the chain kernels (activations, transposes, dense rows) agree."""
+    from sparsetorch.kernels import _ext
+
+    ws, bs = sparse_weights((40, 72, 24, 9), density=0.3)
+    acts = ["gelu", "sigmoid", "tanh"]
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(b, 40, generator=g) * 2 for b in (1, 19, 70)]
+    for level in range(_ext.ISAS.index(_ext.best_isa()) + 1):
+        monkeypatch.setattr(_ext, "isa_level", lambda level=level: level)
+        for fmt in ("csr", "dense"):
+            chain = FusedChain([pack_for_chain(w, fmt) for w in ws], bs, acts, threads=1)
+            for x in xs:
+                assert close(chain(x), reference(x, ws, bs, acts)), (level, fmt, x.shape)
