@@ -37,7 +37,7 @@ void gemv_rows(const Table& T, const ChainLayer& L, const float* x, float* y, in
   switch (L.kind) {
     case LAYER_CSR: T.csr_gemv(L.csr, x, L.bias, y, u0, u1); break;
     case LAYER_NM: T.nm_gemv(L.nm, x, L.bias, y, u0, u1); break;
-    case LAYER_DENSE: T.dense_gemv(L.dense, x, L.bias, y, u0, u1); break;
+    case LAYER_DENSE: T.dense_gemv(L.dense, x, L.bias, y, u0 * 16, std::min(u1 * 16, L.out)); break;
     default: T.bsr_gemv(L.bsr, x, L.bias, y, u0, u1); break;
   }
   finish_rows(T, L, y, 1, u0, u1);
@@ -49,7 +49,7 @@ void panel_rows(const Table& T, const ChainLayer& L, const float* xt, int64_t w,
   switch (L.kind) {
     case LAYER_CSR: T.csr_spmm(L.csr, xt, w, 0, nv, L.bias, yt, u0, u1); break;
     case LAYER_NM: T.nm_spmm(L.nm, xt, w, 0, nv, L.bias, yt, u0, u1); break;
-    case LAYER_DENSE: T.dense_spmm(L.dense, xt, w, 0, nv, L.bias, yt, u0, u1); break;
+    case LAYER_DENSE: T.dense_spmm(L.dense, xt, w, 0, nv, L.bias, yt, u0 * 16, std::min(u1 * 16, L.out)); break;
     default: T.bsr_spmm(L.bsr, xt, w, 0, nv, L.bias, yt, u0, u1); break;
   }
   finish_rows(T, L, yt, w, u0, u1);

@@ -30,7 +30,8 @@ struct Bsr {
 };
 
 // Dense layer inside a fused chain (a weakly sparse layer runs faster unindexed), stored transposed:
-// values_t [in, ldw], ldw = out rounded up to 16 with zero padding, so batch-1 rows are whole vectors.
+// values_t [in, ldw], ldw = out rounded up to 16 with zero padding, so batch-1 rows are whole vectors
+// (callers start row ranges at multiples of 16: the batch-1 kernel reads whole vectors from there).
 struct Dense {
   const float* values_t;
   int64_t in, out, ldw;

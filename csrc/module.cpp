@@ -70,7 +70,8 @@ st::ChainLayer chain_layer(const py::tuple& t) {
     const int64_t ldw = t[6].cast<int64_t>();
     if (ldw < L.out || ldw % 16 != 0) throw std::invalid_argument("dense ldw must be out rounded up to 16");
     L.dense = st::Dense{ptr<const float>(t[5].cast<u64>()), L.in, L.out, ldw};
-    L.units = L.out, L.unit_rows = 1, L.prefix = nullptr, L.work = L.out * L.in;
+    // split in 16-row units so every thread's rows start on a whole vector of the padded Wt rows
+    L.units = (L.out + 15) / 16, L.unit_rows = 16, L.prefix = nullptr, L.work = L.out * L.in;
   } else {
     throw std::invalid_argument("chain layer kind must be 0 (csr), 1 (nm), 2 (bsr) or 3 (dense)");
   }

@@ -232,3 +232,27 @@ def test_chain_every_isa(monkeypatch):
             chain = FusedChain([pack_for_chain(w, fmt) for w in ws], bs, acts, threads=1)
             for x in xs:
                 assert close(chain(x), reference(x, ws, bs, acts)), (level, fmt, x.shape)
+
+
+@needs_ext
+def test_chain_threaded_schedules():
+    """Two threads: batch-1 and small-batch chains big enough to share every layer's rows (barrier between
+    layers), and whole panels per thread at larger batches, for CSR, BSR and dense layers."""
+    ws, bs = sparse_weights((256, 512, 384, 64), density=0.3, seed=4)
+    acts = ["relu", "gelu", "none"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(5)
+        for fmts in (["csr", "csr", "csr"], ["dense", "csr", "dense"]):
+            chain = FusedChain([pack_for_chain(w, f) for w, f in zip(ws, fmts)], bs, acts)
+            for batch in (1, 5, 16, 33, 128):
+                x = torch.randn(batch, 256, generator=g)
+                assert close(chain(x), reference(x, ws, bs, acts)), (fmts, batch)
+        wb, bb = sparse_weights((256, 512, 128), pattern="block8", seed=6)
+        chain = FusedChain([pack_for_chain(w, "bsr:8x8") for w in wb], bb, ["tanh", "none"])
+        for batch in (1, 7, 64):
+            x = torch.randn(batch, 256, generator=g)
+            assert close(chain(x), reference(x, wb, bb, ["tanh", "none"])), batch
+    finally:
+        torch.set_num_threads(threads)
