@@ -151,8 +151,13 @@ def test_to_inference_fuses_the_digits_mlp(batch):
             xb = torch.randn(b, 1, 8, 8)
             assert close(inf(xb), dense(xb))
     measured = sparsetorch.to_inference(model, x, **FAST)  # fused or not as timed; same outputs either way
+    unfused = sparsetorch.to_inference(model, x, fuse=False, **FAST)
+    assert not any(isinstance(m, FusedChain) for m in unfused.modules())
     with torch.no_grad():
-        assert close(measured(x), dense(x))
+        xs = torch.randn(batch, 80)[:, 8:72]  # non-contiguous rows
+        for m in (measured, unfused):
+            assert close(m(x), dense(x)) and close(m(xs), dense(xs))
+        assert close(inf(xs), unfused(xs))
 
 
 class Functional(nn.Module):
