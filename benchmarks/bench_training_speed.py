@@ -193,7 +193,7 @@ def transformer_worker(kind: str, threads: int, steps: int, batch: int, checkpoi
 def transformer_main(args) -> dict:
     batches = [int(b) for b in args.tbatches.split(",")]
     settings = [(b, False) for b in batches] + ([(batches[0], True)] if args.checkpoint else [])
-    settings = [(b, c, m) for m in (("default", "fixed") if args.fixed_malloc else ("default",)) for b, c in settings]
+    settings = [(b, c, "fixed" if args.fixed_malloc else "default") for b, c in settings]
     runs = []
     for batch, checkpoint, malloc in settings:
         env = dict(os.environ)
@@ -272,7 +272,8 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", action="store_true",
                     help="--transformer: also the first batch size with activation checkpointing per block")
     ap.add_argument("--fixed-malloc", action="store_true",
-                    help="--transformer: repeat every setting with MALLOC_MMAP_THRESHOLD_=131072 (RSS = live memory)")
+                    help="--transformer: run with MALLOC_MMAP_THRESHOLD_=131072 (RSS = live memory); writes "
+                         "bench_training_transformer_fixed_malloc.json")
     ap.add_argument("--repeats", type=int, default=1, help="--transformer: processes per variant and setting")
     ap.add_argument("--worker", choices=["sparsetorch", "sparselab", "dense", "sparse"], help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "results" / "bench_training_speed.json"))
@@ -289,7 +290,8 @@ def main(argv=None) -> int:
         load = os.getloadavg()[0]
         print(f"# command: {command.strip()}\n# machine: {machine}\n# date: {date}\n# load average: {load:.1f}")
         result = {"command": command.strip(), "machine": machine, "date": date, "load": load, **transformer_main(args)}
-        out = Path(args.out).with_name("bench_training_transformer.json")
+        out = Path(args.out).with_name("bench_training_transformer" + ("_fixed_malloc" if args.fixed_malloc else "")
+                                       + ".json")
         out.write_text(json.dumps(result, indent=1))
         print(f"# wrote {out}")
         return 0
