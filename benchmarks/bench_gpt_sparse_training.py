@@ -11,8 +11,9 @@ AdamW + warm-up + cosine LR schedule, gradient clipping and threads:
                only on update steps
     rigl-mask  the same RigL (sparsetorch.RigL) as masks over the dense FFN weights, started from rigl's
                initial connectivity: the sanity check that the compressed path reaches the quality of the
-               mask path (its step costs a dense step). The two make the same decisions up to float rounding
-               of the dense gradient at the top-k boundary, after which their trajectories drift apart.
+               mask path (its step costs a dense step). Given the same gradients both make the same
+               decisions; small float differences between the paths can flip positions at the top-k
+               boundary of an update, after which the two trajectories drift apart.
 
 The variants train interleaved in one process, one step of each in turn (order alternating), so a burst of
 load from other jobs on the shared machine hits them alike. A variant's training wall time is the sum of its
@@ -99,8 +100,17 @@ def optimizer_and_schedule(model: GPT, steps: int, lr: float):
     return opt, sched
 
 
+@torch.no_grad()
+def rescale_rows(layer: SparseLinear) -> None:
+    """Sparsity-aware init (Evci et al. 2022): scale each row by sqrt(in / kept fan-in), as RigL(reinit=True)."""
+    kept = (layer.indptr[1:] - layer.indptr[:-1]).clamp(min=1).to(layer.values.dtype)  # [out]
+    scale = torch.sqrt(layer.in_features / kept)
+    layer.values.mul_(torch.repeat_interleave(scale, layer.indptr[1:] - layer.indptr[:-1]))
+
+
 def build(name: str, cfg: GPTConfig, *, steps: int, lr: float, seed: int, sparsity: float = 0.9,
-          every: int | None = None, drop_fraction: float = 0.3, end_fraction: float = 0.75) -> Run:
+          every: int | None = None, drop_fraction: float = 0.3, end_fraction: float = 0.75,
+          reinit: bool = False) -> Run:
     """A fresh variant; the dense init (global seed), sparse layout and batch stream all follow ``seed``."""
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
@@ -111,6 +121,9 @@ def build(name: str, cfg: GPTConfig, *, steps: int, lr: float, seed: int, sparsi
     if name == "rigl":  # compressed weights from step 0: the dense FFN weight never exists again
         to_sparse_training(model, sparsity=sparsity, distribution="erk", include=FFN,
                            generator=torch.Generator().manual_seed(seed + 1))
+        for m in model.modules():
+            if reinit and isinstance(m, SparseLinear):
+                rescale_rows(m)
     opt, sched = optimizer_and_schedule(model, steps, lr)
     sparsifier = None
     if name == "rigl":
@@ -118,7 +131,7 @@ def build(name: str, cfg: GPTConfig, *, steps: int, lr: float, seed: int, sparsi
                                     generator=torch.Generator().manual_seed(seed + 2)).attach(model, opt)
     elif name == "rigl-mask":
         sparsifier = _RigLFrom(_ffn_layout(model, sparsity, seed + 1), sparsity=sparsity, distribution="erk",
-                               every=every, drop_fraction=drop_fraction, end=end, include=FFN,
+                               every=every, drop_fraction=drop_fraction, end=end, include=FFN, reinit=reinit,
                                generator=torch.Generator().manual_seed(seed + 2)).attach(model, opt)
     return Run(name, model.train(), opt, sched, sparsifier, torch.Generator().manual_seed(seed))
 
@@ -242,6 +255,8 @@ def main() -> int:
     p.add_argument("--sparsity", type=float, default=0.9, help="FFN sparsity of the RigL variants")
     p.add_argument("--every", type=int, default=None, help="steps between RigL updates (default steps/20)")
     p.add_argument("--drop-fraction", type=float, default=0.3)
+    p.add_argument("--reinit", action="store_true",
+                   help="sparsity-aware init of the sparse FFN weights (rows scaled by sqrt(in / kept fan-in))")
     p.add_argument("--stop-after", type=int, default=None,
                    help="timing sample: train only the first N steps of the --steps schedule")
     p.add_argument("--seed", type=int, default=0)
@@ -266,7 +281,7 @@ def main() -> int:
     setup = {"config": vars(cfg), "steps": args.steps, "batch": args.batch,
              "lr": args.lr, "seed": args.seed, "sparsity": args.sparsity, "ffn_layers": FFN, "distribution": "erk",
              "every": every, "drop_fraction": args.drop_fraction, "end": max(every + 1, int(0.75 * args.steps)),
-             "stop_after": args.stop_after, "train_bytes": split.train.numel(), "val_bytes": split.val.numel(),
+             "stop_after": args.stop_after, "reinit": args.reinit, "train_bytes": split.train.numel(), "val_bytes": split.val.numel(),
              "eval_windows": args.eval_windows}
     print(f"{cfg}; {args.steps} steps x {args.batch} x {cfg.context} bytes, lr {args.lr}; RigL every {every} steps, "
           f"drop {args.drop_fraction} cosine, end {setup['end']}; variants {names}")
@@ -274,7 +289,7 @@ def main() -> int:
     t0 = time.perf_counter()
     runs, curves = train_interleaved(names, cfg, split.train, val, steps=args.steps, batch=args.batch, lr=args.lr,
                                      seed=args.seed, checkpoints=checkpoints, every=every, stop=args.stop_after,
-                                     sparsity=args.sparsity, drop_fraction=args.drop_fraction)
+                                     sparsity=args.sparsity, drop_fraction=args.drop_fraction, reinit=args.reinit)
     res = summarize(runs, curves)
     checks = report(res, args.steps, args.stop_after or args.steps)
     meta.update(load_after=os.getloadavg(), total_seconds=time.perf_counter() - t0)

@@ -94,3 +94,12 @@ def test_mask_rigl_starts_from_the_compressed_connectivity(bench):
         dense = _ffn(mask.model)[k]
         assert torch.equal(dense.weight.detach().flatten().nonzero().flatten(), layer.flat_positions())
         assert torch.equal(dense.weight.detach().flatten()[layer.flat_positions()], layer.values.detach())
+
+
+def test_reinit_scales_each_row_like_the_masked_reinit(bench):
+    comp = bench.build("rigl", CFG, steps=20, lr=3e-3, seed=4, reinit=True)
+    mask = bench.build("rigl-mask", CFG, steps=20, lr=3e-3, seed=4, reinit=True)
+    plain = bench.build("rigl", CFG, steps=20, lr=3e-3, seed=4)
+    for k, layer in _ffn(comp.model).items():
+        torch.testing.assert_close(layer.dense_weight(), _ffn(mask.model)[k].weight.detach())
+        assert layer.values.abs().mean() > 2.5 * _ffn(plain.model)[k].values.abs().mean()  # ~sqrt(10)x
