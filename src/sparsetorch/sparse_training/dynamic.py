@@ -38,7 +38,7 @@ from ..distributions import layer_densities
 from ..errors import SparsityError, check_sparsity
 from ..selection import Spec, Target, _as_list, _matches
 from ..sparsifiers.base import Sparsifier, check_in_optimizer
-from ..sparsifiers.common import check_choice
+from ..sparsifiers.common import DropGrowSchedule, check_choice
 from . import growth
 from .layer import SparseLinear, sample_positions
 
@@ -66,7 +66,7 @@ def compressed_targets(model: nn.Module, include: Spec = None, exclude: Spec = N
     return [Target(fqn, m, "values") for fqn, m in chosen]
 
 
-class CompressedDST(Sparsifier):
+class CompressedDST(DropGrowSchedule, Sparsifier):
     """Drop-and-grow on SparseLinear layers at fixed nnz; subclasses choose the grown positions (``grow``).
 
     Args (the names and meaning of ``sparsetorch.SET`` / ``RigL``):
@@ -88,22 +88,7 @@ class CompressedDST(Sparsifier):
         self.sparsity = None if sparsity is None else check_sparsity(sparsity)
         self.distribution = (None if distribution is None
                              else check_choice(distribution, ("uniform", "er", "erk"), "distribution"))
-        self.every = schedules.check_every(every)
-        self.drop_fraction = schedules.check_fraction(drop_fraction)
-        self.decay = check_choice(decay, ("cosine", "constant"), "decay")
-        if end is not None:
-            schedules.check_window(0, end, f"{type(self).__name__} update schedule")
-        self.end = None if end is None else int(end)
-
-    # ---- schedule (the same as DynamicSparsifier's) ------------------------------------------
-    def is_update_step(self, step: int) -> bool:
-        return step > 0 and step % self.every == 0 and (self.end is None or step < self.end)
-
-    def fraction(self, step: int) -> float:
-        """The drop fraction at ``step``."""
-        if self.end is None or self.decay == "constant":
-            return self.drop_fraction if self.end is None or step < self.end else 0.0
-        return schedules.cosine_decay(step, initial=self.drop_fraction, end=self.end)
+        self.set_schedule(every, drop_fraction, decay, end)
 
     # ---- the Sparsifier interface ----------------------------------------------------------
     @property

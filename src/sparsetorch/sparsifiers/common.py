@@ -6,12 +6,13 @@ from collections.abc import Sequence
 
 import torch
 
+from .. import schedules
 from ..errors import SparsityError, check_sparsity
 from ..masks import get_mask
 from ..patterns import as_2d
 from ..selection import Target
 
-__all__ = ["moves", "rescale_by_fan_in", "check_target_sparsity", "check_choice"]
+__all__ = ["moves", "rescale_by_fan_in", "check_target_sparsity", "check_choice", "DropGrowSchedule"]
 
 
 def moves(old: Sequence[torch.Tensor], new: Sequence[torch.Tensor]) -> tuple[int, int]:
@@ -57,3 +58,31 @@ def check_choice(value: str, choices: Sequence[str], what: str) -> str:
 def rows_cols(shape: torch.Size) -> tuple[int, int]:
     """``[out, fan_in]`` of the 2-D view every pattern works on."""
     return (shape[0], math.prod(shape[1:])) if len(shape) > 1 else (1, shape[0])
+
+
+class DropGrowSchedule:
+    """When drop-and-grow updates happen and what fraction they move (SET/RigL, Evci et al. 2020):
+    every ``every`` steps before ``end``, the fraction cosine-decayed (or constant) to 0 at ``end``.
+    Mixed into the masked (``sparsifiers.dst``) and compressed (``sparse_training.dynamic``) methods."""
+
+    every: int
+    drop_fraction: float
+    decay: str
+    end: int | None
+
+    def set_schedule(self, every: int, drop_fraction: float, decay: str, end: int | None) -> None:
+        self.every = schedules.check_every(every)
+        self.drop_fraction = schedules.check_fraction(drop_fraction)
+        self.decay = check_choice(decay, ("cosine", "constant"), "decay")
+        if end is not None:
+            schedules.check_window(0, end, f"{type(self).__name__} update schedule")
+        self.end = None if end is None else int(end)
+
+    def is_update_step(self, step: int) -> bool:
+        return step > 0 and step % self.every == 0 and (self.end is None or step < self.end)
+
+    def fraction(self, step: int) -> float:
+        """The drop fraction at ``step``."""
+        if self.end is None or self.decay == "constant":
+            return self.drop_fraction if self.end is None or step < self.end else 0.0
+        return schedules.cosine_decay(step, initial=self.drop_fraction, end=self.end)

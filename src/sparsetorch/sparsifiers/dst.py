@@ -18,18 +18,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .. import schedules
 from ..errors import SparsityError
 from ..patterns import as_2d
 from .base import Sparsifier
-from .common import check_choice, check_target_sparsity, moves, rescale_by_fan_in, rows_cols
+from .common import DropGrowSchedule, check_choice, check_target_sparsity, moves, rescale_by_fan_in, rows_cols
 from ..distributions import layer_densities
 from ..masks import zero_optimizer_state
 
 __all__ = ["DynamicSparsifier", "SET", "RigL", "SRigL"]
 
 
-class DynamicSparsifier(Sparsifier):
+class DynamicSparsifier(DropGrowSchedule, Sparsifier):
     """Drop-and-grow at fixed density; subclasses choose what grows (``grow_scores``).
 
     Args:
@@ -49,23 +48,8 @@ class DynamicSparsifier(Sparsifier):
         super().__init__(**kwargs)
         self.sparsity = check_target_sparsity(sparsity)
         self.distribution = check_choice(distribution, ("uniform", "er", "erk"), "distribution")
-        self.every = schedules.check_every(every)
-        self.drop_fraction = schedules.check_fraction(drop_fraction)
-        self.decay = check_choice(decay, ("cosine", "constant"), "decay")
-        if end is not None:
-            schedules.check_window(0, end, f"{type(self).__name__} update schedule")
-        self.end = None if end is None else int(end)
+        self.set_schedule(every, drop_fraction, decay, end)
         self.reinit = bool(reinit)
-
-    # ---- schedule ---------------------------------------------------------------------
-    def is_update_step(self, step: int) -> bool:
-        return step > 0 and step % self.every == 0 and (self.end is None or step < self.end)
-
-    def fraction(self, step: int) -> float:
-        """The drop fraction at ``step``."""
-        if self.end is None or self.decay == "constant":
-            return self.drop_fraction if self.end is None or step < self.end else 0.0
-        return schedules.cosine_decay(step, initial=self.drop_fraction, end=self.end)
 
     # ---- masks ------------------------------------------------------------------------
     def initial_masks(self) -> list[torch.Tensor]:
