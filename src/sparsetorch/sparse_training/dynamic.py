@@ -37,7 +37,7 @@ from .. import schedules
 from ..distributions import layer_densities
 from ..errors import SparsityError, check_sparsity
 from ..selection import Spec, Target, _as_list, _matches
-from ..sparsifiers.base import Sparsifier, check_in_optimizer
+from ..sparsifiers.base import Sparsifier, check_in_optimizer, is_distributed
 from ..sparsifiers.common import DropGrowSchedule, check_choice
 from . import growth
 from .layer import SparseLinear, sample_positions
@@ -288,11 +288,9 @@ class CompressedRigL(CompressedDST):
         self.grad_accumulation = schedules.check_every(grad_accumulation, "grad_accumulation")
 
     def _keep_dense(self) -> bool:
-        ddp = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        return self.grad_accumulation > 1 or ddp
+        return self.grad_accumulation > 1 or is_distributed()
 
     def grow(self, layer, k, kept, dropped):
-        if getattr(layer, "dense_grad", None) is not None and dist.is_available() and dist.is_initialized() \
-                and dist.get_world_size() > 1:
+        if getattr(layer, "dense_grad", None) is not None and is_distributed():
             dist.all_reduce(layer.dense_grad)  # the sum ranks like the mean: every rank grows the same positions
         return growth.best_grown(layer, k, kept, dropped)

@@ -180,9 +180,14 @@ def check_in_optimizer(optimizer: torch.optim.Optimizer | None, targets: Sequenc
         )
 
 
+def is_distributed() -> bool:
+    """True inside a torch.distributed run of more than one process (DDP): ranks must agree."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _agree_across_ranks(masks: list[torch.Tensor]) -> list[torch.Tensor]:
     """Under torch.distributed, every rank takes rank 0's masks so replicas never diverge."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not is_distributed():
         return masks
     out = []
     for mask in masks:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from ..errors import SparsityError
 from ..patterns import as_2d
-from .base import Sparsifier
+from .base import Sparsifier, is_distributed
 from .common import DropGrowSchedule, check_choice, check_target_sparsity, moves, rescale_by_fan_in, rows_cols
 from ..distributions import layer_densities
 from ..masks import zero_optimizer_state
@@ -176,7 +176,7 @@ class RigL(DynamicSparsifier):
                 layer=self.targets[i].qualified_name,
             )
         grad = self._dense[i]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if is_distributed():
             grad = grad.clone()
             dist.all_reduce(grad)
             grad /= dist.get_world_size()
