@@ -267,11 +267,6 @@ def _capture_inputs(model: nn.Module, args: tuple) -> tuple[dict[str, torch.Tens
     return seen, out
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, new)
-
-
 def _sparse_params(mod: nn.Module) -> bool:
     return any(p.numel() > 1 and bool((p == 0).any()) for n, p in mod.named_parameters(recurse=False) if n == "weight")
 
@@ -340,7 +335,7 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
         if new is not None:
             new = SparseConv2d(mod, new) if isinstance(mod, nn.Conv2d) else new
             if name:
-                _set_submodule(inf, name, new)
+                inf.set_submodule(name, new)
             else:  # the model is itself one layer
                 inf = new
     if fuse and plan:

@@ -23,7 +23,7 @@ def abs_network(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for name, module in list(net.named_modules()):
             if isinstance(module, _NORMS):
-                _replace(net, name, nn.Identity())
+                net.set_submodule(name, nn.Identity())
                 continue
             weight = getattr(module, "weight", None)
             if isinstance(weight, nn.Parameter):
@@ -35,9 +35,3 @@ def abs_network(model: nn.Module) -> nn.Module:
     for p in net.parameters():
         p.requires_grad_(True)
     return net
-
-
-def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
-

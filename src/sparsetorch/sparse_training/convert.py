@@ -10,12 +10,6 @@ from ..selection import select_targets
 from .layer import SparseLinear
 
 
-def _replace(model: nn.Module, fqn: str, new: nn.Module) -> None:
-    parent_name, _, child = fqn.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def to_sparse_training(model: nn.Module, sparsity: float = 0.9, distribution: str = "erk", *,
                        include=None, exclude=None, init: str = "random",
                        generator: torch.Generator | None = None, backend: str = "auto") -> nn.Module:
@@ -43,7 +37,7 @@ def to_sparse_training(model: nn.Module, sparsity: float = 0.9, distribution: st
     new = [SparseLinear.from_dense(t.module, min(1.0, max(0.0, 1.0 - d)), init=init, generator=generator,
                                    backend=backend) for t, d in zip(targets, densities)]
     for t, layer in zip(targets, new):  # swap only after every layer was built: nothing half-changed on error
-        _replace(model, t.fqn, layer)
+        model.set_submodule(t.fqn, layer)
     return model
 
 
@@ -54,5 +48,5 @@ def to_dense(model: nn.Module) -> nn.Module:
         return model.to_linear()
     layers = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, SparseLinear)]
     for fqn, m in layers:
-        _replace(model, fqn, m.to_linear())
+        model.set_submodule(fqn, m.to_linear())
     return model
