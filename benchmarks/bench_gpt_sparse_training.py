@@ -8,7 +8,10 @@ AdamW + warm-up + cosine LR schedule, gradient clipping and threads:
                (to_sparse_training, random initial connectivity, ERK = uniform here: every FFN layer has the
                same in*out and in+out) and CompressedRigL moving connections every steps/20 steps with
                drop fraction 0.3, cosine decay, no update after 75% of the steps; the dense dL/dW is formed
-               only on update steps
+               only on update steps. Sparse-training recipe (default; --init dense --sparse-lr same turn it
+               off): rows rescaled by sqrt(in / kept fan-in) at init (to_sparse_training(rescale=True)) and
+               the sparse values at lr / density (sparsetorch.sparse_param_groups); everything else, and
+               every dense-model parameter, at the same peak LR as dense
     rigl-mask  the same RigL (sparsetorch.RigL) as masks over the dense FFN weights, started from rigl's
                initial connectivity: the sanity check that the compressed path reaches the quality of the
                mask path (its step costs a dense step). Given the same gradients both make the same
@@ -21,7 +24,7 @@ step times (forward, backward, clipping, optimizer, LR scheduler, sparsifier ste
 (nats/byte on fixed windows of held-out files) is evaluated at checkpoints, outside the timed steps.
 
     flock /work/notes/bench.lock nice .venv/bin/python benchmarks/bench_gpt_sparse_training.py
-    nice .venv/bin/python benchmarks/bench_gpt_sparse_training.py --variants dense,rigl --reinit --threads 1
+    nice .venv/bin/python benchmarks/bench_gpt_sparse_training.py --variants dense,rigl --threads 1 --init dense --sparse-lr same
 
 Writes benchmarks/results/bench_gpt_sparse_training.json (with --out, elsewhere).
 """
@@ -44,7 +47,8 @@ import torch
 
 from sparsetorch.data.text import load_stdlib_text, random_windows
 from sparsetorch.models.gpt import GPT, GPTConfig
-from sparsetorch.sparse_training import CompressedRigL, SparseLinear, to_sparse_training
+from sparsetorch.sparse_training import CompressedRigL, SparseLinear, param_groups as sparse_param_groups
+from sparsetorch.sparse_training import to_sparse_training
 from sparsetorch.sparsifiers import RigL
 
 HERE = Path(__file__).resolve().parent
@@ -91,26 +95,19 @@ class Run:
     losses: list[float] = field(default_factory=list)
 
 
-def optimizer_and_schedule(model: GPT, steps: int, lr: float):
-    """AdamW, linear warm-up over 5% of the steps, then cosine decay to zero (bench_oneshot's recipe)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+def optimizer_and_schedule(model: GPT, steps: int, lr: float, groups=None):
+    """AdamW, linear warm-up over 5% of the steps, then cosine decay to zero (bench_oneshot's recipe);
+    ``groups``: parameter groups instead of one group of every parameter."""
+    opt = torch.optim.AdamW(groups or model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))))
     return opt, sched
 
 
-@torch.no_grad()
-def rescale_rows(layer: SparseLinear) -> None:
-    """Sparsity-aware init (Evci et al. 2022): scale each row by sqrt(in / kept fan-in), as RigL(reinit=True)."""
-    kept = (layer.indptr[1:] - layer.indptr[:-1]).clamp(min=1).to(layer.values.dtype)  # [out]
-    scale = torch.sqrt(layer.in_features / kept)
-    layer.values.mul_(torch.repeat_interleave(scale, layer.indptr[1:] - layer.indptr[:-1]))
-
-
 def build(name: str, cfg: GPTConfig, *, steps: int, lr: float, seed: int, sparsity: float = 0.9,
           every: int | None = None, drop_fraction: float = 0.3, end_fraction: float = 0.75,
-          reinit: bool = False) -> Run:
+          init: str = "scaled", sparse_lr: str = "fan-in") -> Run:
     """A fresh variant; the dense init (global seed), sparse layout and batch stream all follow ``seed``."""
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
@@ -119,19 +116,25 @@ def build(name: str, cfg: GPTConfig, *, steps: int, lr: float, seed: int, sparsi
     every = every or max(1, steps // 20)
     end = max(every + 1, int(end_fraction * steps))  # RigL: no update in the last quarter of training
     if name == "rigl":  # compressed weights from step 0: the dense FFN weight never exists again
-        to_sparse_training(model, sparsity=sparsity, distribution="erk", include=FFN,
+        to_sparse_training(model, sparsity=sparsity, distribution="erk", include=FFN, rescale=init == "scaled",
                            generator=torch.Generator().manual_seed(seed + 1))
-        for m in model.modules():
-            if reinit and isinstance(m, SparseLinear):
-                rescale_rows(m)
-    opt, sched = optimizer_and_schedule(model, steps, lr)
+    groups = None
+    if name == "rigl" and sparse_lr == "fan-in":
+        groups = sparse_param_groups(model, lr, weight_decay=0.1)
+    elif name == "rigl-mask" and sparse_lr == "fan-in":  # the same rule for the masked FFN weights
+        ffn = {id(b.mlp.fc.weight) for b in model.blocks} | {id(b.mlp.proj.weight) for b in model.blocks}
+        groups = [{"params": [p for p in model.parameters() if id(p) not in ffn]},
+                  {"params": [p for p in model.parameters() if id(p) in ffn], "lr": lr / (1 - sparsity),
+                   "weight_decay": 0.1 * (1 - sparsity)}]
+    opt, sched = optimizer_and_schedule(model, steps, lr, groups)
     sparsifier = None
     if name == "rigl":
         sparsifier = CompressedRigL(every=every, drop_fraction=drop_fraction, end=end,
                                     generator=torch.Generator().manual_seed(seed + 2)).attach(model, opt)
     elif name == "rigl-mask":
         sparsifier = _RigLFrom(_ffn_layout(model, sparsity, seed + 1), sparsity=sparsity, distribution="erk",
-                               every=every, drop_fraction=drop_fraction, end=end, include=FFN, reinit=reinit,
+                               every=every, drop_fraction=drop_fraction, end=end, include=FFN,
+                               reinit=init == "scaled",
                                generator=torch.Generator().manual_seed(seed + 2)).attach(model, opt)
     return Run(name, model.train(), opt, sched, sparsifier, torch.Generator().manual_seed(seed))
 
@@ -256,8 +259,10 @@ def main() -> int:
     p.add_argument("--sparsity", type=float, default=0.9, help="FFN sparsity of the RigL variants")
     p.add_argument("--every", type=int, default=None, help="steps between RigL updates (default steps/20)")
     p.add_argument("--drop-fraction", type=float, default=0.3)
-    p.add_argument("--reinit", action="store_true",
-                   help="sparsity-aware init of the sparse FFN weights (rows scaled by sqrt(in / kept fan-in))")
+    p.add_argument("--init", choices=("scaled", "dense"), default="scaled",
+                   help="sparse FFN weights: rows scaled by sqrt(in / kept fan-in) (default) or the dense init's")
+    p.add_argument("--sparse-lr", choices=("fan-in", "same"), default="fan-in",
+                   help="peak LR of the sparse FFN values: lr / density (default) or lr like everything else")
     p.add_argument("--stop-after", type=int, default=None,
                    help="timing sample: train only the first N steps of the --steps schedule")
     p.add_argument("--seed", type=int, default=0)
@@ -282,15 +287,18 @@ def main() -> int:
     setup = {"config": vars(cfg), "steps": args.steps, "batch": args.batch,
              "lr": args.lr, "seed": args.seed, "sparsity": args.sparsity, "ffn_layers": FFN, "distribution": "erk",
              "every": every, "drop_fraction": args.drop_fraction, "end": max(every + 1, int(0.75 * args.steps)),
-             "stop_after": args.stop_after, "reinit": args.reinit, "train_bytes": split.train.numel(), "val_bytes": split.val.numel(),
+             "stop_after": args.stop_after, "init": args.init, "sparse_lr": args.sparse_lr,
+             "train_bytes": split.train.numel(), "val_bytes": split.val.numel(),
              "eval_windows": args.eval_windows}
-    print(f"{cfg}; {args.steps} steps x {args.batch} x {cfg.context} bytes, lr {args.lr}; RigL every {every} steps, "
-          f"drop {args.drop_fraction} cosine, end {setup['end']}; variants {names}")
+    print(f"{cfg}; {args.steps} steps x {args.batch} x {cfg.context} bytes, lr {args.lr} (sparse FFN: init "
+          f"{args.init}, LR {args.sparse_lr}); RigL every {every} steps, drop {args.drop_fraction} cosine, end "
+          f"{setup['end']}; variants {names}")
     checkpoints = {args.steps * i // 5 for i in range(1, 6)}
     t0 = time.perf_counter()
     runs, curves = train_interleaved(names, cfg, split.train, val, steps=args.steps, batch=args.batch, lr=args.lr,
                                      seed=args.seed, checkpoints=checkpoints, every=every, stop=args.stop_after,
-                                     sparsity=args.sparsity, drop_fraction=args.drop_fraction, reinit=args.reinit)
+                                     sparsity=args.sparsity, drop_fraction=args.drop_fraction, init=args.init,
+                                     sparse_lr=args.sparse_lr)
     res = summarize(runs, curves)
     checks = report(res, args.steps, args.stop_after or args.steps)
     meta.update(load_after=os.getloadavg(), total_seconds=time.perf_counter() - t0)

@@ -139,6 +139,32 @@ void spmm(int isa, int threads, int dtype, const Pattern& w, int64_t rows, const
   });
 }
 
+void spmm_t(int isa, int threads, int dtype, const Pattern& w, int64_t rows, const void* val, const void* src,
+            void* dst, int64_t dst_rows, int64_t tw, int64_t panels) {
+  // Work items are (panel, column range) pairs: disjoint strips of dst, so threads never write the same value.
+  // Ranges are halved (down to 16 columns) until every thread has about two items to take.
+  const int64_t work = (w.ptr[rows] - w.ptr[0]) * tw * panels + dst_rows * tw * panels;
+  const int nt = work < (int64_t(1) << 20) ? 1 : std::max(1, threads);
+  int64_t cw = tw;
+  while (cw > 16 && panels * (tw / cw) < 2 * nt) cw /= 2;
+  const int64_t per_panel = tw / cw, items = panels * per_panel;
+  std::atomic<int64_t> next{0};
+  parallel(nt, [&]() {
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < items;) {
+      const int64_t p = i / per_panel, c0 = (i % per_panel) * cw;
+      if (dtype == F32) {
+        auto f = isa == ISA_AVX512 ? avx512::spmm_t_f32 : isa == ISA_AVX2 ? avx2::spmm_t_f32 : generic::spmm_t_f32;
+        f(w, (const float*)val, (const float*)src + p * rows * tw, rows, (float*)dst + p * dst_rows * tw, dst_rows,
+          tw, c0, c0 + cw);
+      } else {
+        auto f = isa == ISA_AVX512 ? avx512::spmm_t_f64 : isa == ISA_AVX2 ? avx2::spmm_t_f64 : generic::spmm_t_f64;
+        f(w, (const double*)val, (const double*)src + p * rows * tw, rows, (double*)dst + p * dst_rows * tw,
+          dst_rows, tw, c0, c0 + cw);
+      }
+    }
+  });
+}
+
 void sddmm(int isa, int threads, int dtype, const Pattern& w, int64_t rows, const void* a, const void* b,
            int64_t b_rows, void* dw, int64_t tw, int64_t panels) {
   const int64_t work = (w.ptr[rows] - w.ptr[0]) * tw * panels;

@@ -28,6 +28,11 @@ struct Pattern {
                 int64_t dst_rows, int64_t tw, int64_t panels, int64_t r0, int64_t r1);                    \
   void spmm_f64(const Pattern& w, const double* val, const double* src, int64_t src_rows, double* dst,    \
                 int64_t dst_rows, int64_t tw, int64_t panels, int64_t r0, int64_t r1);                    \
+  /* one panel's dst columns [c0, c1) = W^T src: dst [dst_rows, tw], src [src_rows = rows of W, tw] */     \
+  void spmm_t_f32(const Pattern& w, const float* val, const float* src, int64_t src_rows, float* dst,     \
+                  int64_t dst_rows, int64_t tw, int64_t c0, int64_t c1);                                  \
+  void spmm_t_f64(const Pattern& w, const double* val, const double* src, int64_t src_rows, double* dst,  \
+                  int64_t dst_rows, int64_t tw, int64_t c0, int64_t c1);                                  \
   /* dw[k] = sum over all panels of <a panel row r, b panel row ind[k]> for rows r in [r0, r1) */        \
   void sddmm_f32(const Pattern& w, const float* a, int64_t a_rows, const float* b, int64_t b_rows,        \
                  float* dw, int64_t tw, int64_t panels, int64_t r0, int64_t r1);                          \

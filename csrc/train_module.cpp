@@ -40,6 +40,17 @@ PYBIND11_MODULE(_train, m) {
                   ptr<void>(dst), tw, panels);
       });
   m.def(
+      "spmm_t",
+      [](int isa, int threads, int dtype, int64_t rows, u64 indptr, u64 indices, int bits, u64 values, u64 src,
+         u64 dst, int64_t dst_rows, int64_t tw, int64_t panels) {
+        check(isa, dtype, tw, bits);
+        if (rows < 0 || dst_rows < 0 || panels < 0) throw std::invalid_argument("bad shape");
+        stt::Pattern w{ptr<const int64_t>(indptr), ptr<const void>(indices), bits, nullptr};
+        py::gil_scoped_release nogil;
+        stt::spmm_t(isa, threads, dtype, w, rows, ptr<const void>(values), ptr<const void>(src), ptr<void>(dst),
+                    dst_rows, tw, panels);
+      });
+  m.def(
       "sddmm",
       [](int isa, int threads, int dtype, int64_t rows, u64 indptr, u64 indices, int bits, u64 a, u64 b,
          int64_t b_rows, u64 dw, int64_t tw, int64_t panels) {

@@ -96,10 +96,13 @@ def test_mask_rigl_starts_from_the_compressed_connectivity(bench):
         assert torch.equal(dense.weight.detach().flatten()[layer.flat_positions()], layer.values.detach())
 
 
-def test_reinit_scales_each_row_like_the_masked_reinit(bench):
-    comp = bench.build("rigl", CFG, steps=20, lr=3e-3, seed=4, reinit=True)
-    mask = bench.build("rigl-mask", CFG, steps=20, lr=3e-3, seed=4, reinit=True)
-    plain = bench.build("rigl", CFG, steps=20, lr=3e-3, seed=4)
+def test_scaled_init_matches_the_masked_reinit_and_sparse_lr_follows_density(bench):
+    comp = bench.build("rigl", CFG, steps=20, lr=3e-3, seed=4)
+    mask = bench.build("rigl-mask", CFG, steps=20, lr=3e-3, seed=4)
+    plain = bench.build("rigl", CFG, steps=20, lr=3e-3, seed=4, init="dense", sparse_lr="same")
+    for run in (comp, mask):  # the FFN group(s) at lr / 0.1, the rest at lr
+        assert sorted({round(g["initial_lr"], 4) for g in run.optimizer.param_groups}) == [3e-3, 3e-2]
+    assert [g["initial_lr"] for g in plain.optimizer.param_groups] == [3e-3]
     for k, layer in _ffn(comp.model).items():
         torch.testing.assert_close(layer.dense_weight(), _ffn(mask.model)[k].weight.detach())
         assert layer.values.abs().mean() > 2.5 * _ffn(plain.model)[k].values.abs().mean()  # ~sqrt(10)x

@@ -47,6 +47,21 @@ def test_matches_masked_dense(backend, dtype, shape):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_both_input_gradient_paths_match(backend, monkeypatch):
+    # dX by scatter over W's rows (most layers) and by gather over the transposed map (very sparse layers)
+    g = torch.Generator().manual_seed(11)
+    layer = SparseLinear(300, 500, 0.985, generator=g, backend=backend)
+    x, dy = torch.randn(70, 300, generator=g), torch.randn(70, 500, generator=g)
+    assert layer.has_transposed_map and layer.t_perm.numel() == layer.nnz
+    gather = _run(layer, x, dy)
+    monkeypatch.setattr(SparseLinear, "has_transposed_map", property(lambda self: False))  # force scatter
+    scatter = _run(layer, x, dy)
+    for a, b, want in zip(gather, scatter, _reference(layer, x, dy)):
+        torch.testing.assert_close(a, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(b, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_float64(backend):
     g = torch.Generator().manual_seed(0)
     layer = SparseLinear(10, 7, 0.6, generator=g, dtype=torch.float64, backend=backend)
@@ -120,6 +135,7 @@ def test_wide_layers_get_32bit_indices(backend):
     g = torch.Generator().manual_seed(4)
     wide_in = SparseLinear(40000, 3, 0.999, generator=g, backend=backend)
     wide_out = SparseLinear(3, 40000, 0.999, generator=g, backend=backend)
+    assert wide_in.has_transposed_map and wide_out.has_transposed_map  # 0.1% dense: dX by gather
     assert wide_in.indices.dtype == torch.int32 and wide_in.t_indices.dtype == torch.int16
     assert wide_out.indices.dtype == torch.int16 and wide_out.t_indices.dtype == torch.int32
     assert int(wide_in.indices.max()) > 32767  # positions beyond 16 bits are really used
@@ -231,7 +247,7 @@ def test_state_dict_roundtrip_and_dense_load():
     other.load_state_dict(sd)
     x = torch.randn(3, 20)
     torch.testing.assert_close(other(x), model(x))
-    torch.testing.assert_close(other[0].t_perm, model[0].t_perm)  # transposed map rebuilt on load
+    assert not model[0].has_transposed_map and other[0].t_perm.numel() == 0  # 20% dense: dX by scatter
     # a dense checkpoint (to_dense of a copy) loads into the sparse model: same connectivity and outputs
     dense_sd = to_dense(to_sparse_training(nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 30),
                                                          nn.Linear(30, 4)), 0.8)).state_dict()
@@ -247,3 +263,40 @@ def test_state_dict_roundtrip_and_dense_load():
 def test_public_api_registered():
     assert sparsetorch.SparseLinear is SparseLinear
     assert sparsetorch.to_sparse_training is to_sparse_training and sparsetorch.to_dense is to_dense
+
+
+def test_param_groups_scale_lr_and_decay_by_density():
+    g = torch.Generator().manual_seed(12)
+    model = to_sparse_training(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.Linear(64, 4)),
+                               0.8, distribution="erk", generator=g)
+    groups = sparsetorch.sparse_param_groups(model, lr=1e-3, weight_decay=0.1)
+    assert groups[0]["lr"] == 1e-3 and groups[0]["weight_decay"] == 0.1
+    sparse = [m for m in model if isinstance(m, SparseLinear)]
+    assert len(groups) == 1 + len(sparse)
+    for group, layer in zip(groups[1:], sparse):
+        assert group["params"] == [layer.values]
+        assert group["lr"] == pytest.approx(1e-3 / layer.density)
+        assert group["lr"] * group["weight_decay"] == pytest.approx(1e-3 * 0.1)  # AdamW's decay per step kept
+    covered = [id(p) for grp in groups for p in grp["params"]]
+    assert sorted(covered) == sorted(id(p) for p in model.parameters())  # every parameter exactly once
+    opt = torch.optim.AdamW(groups)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
+    model(torch.randn(8, 32)).square().mean().backward()
+    opt.step()
+    sched.step()
+    assert opt.param_groups[1]["lr"] == pytest.approx(0.5e-3 / sparse[0].density)
+    with pytest.raises(SparsityError, match="no SparseLinear"):
+        sparsetorch.sparse_param_groups(nn.Linear(3, 3), lr=1e-3)
+    with pytest.raises(SparsityError, match="lr > 0"):
+        sparsetorch.sparse_param_groups(model, lr=0.0)
+
+
+def test_rescale_restores_the_dense_output_scale():
+    g = torch.Generator().manual_seed(13)
+    plain = to_sparse_training(nn.Sequential(nn.Linear(400, 300)), 0.9, generator=torch.Generator().manual_seed(1))[0]
+    scaled = to_sparse_training(nn.Sequential(nn.Linear(400, 300)), 0.9, rescale=True,
+                                generator=torch.Generator().manual_seed(1))[0]
+    x = torch.randn(256, 400, generator=g)
+    with torch.no_grad():
+        ratio = ((scaled(x) - scaled.bias).std() / (plain(x) - plain.bias).std()).item()
+    assert ratio == pytest.approx(10 ** 0.5, rel=0.1)  # sqrt(in / kept fan-in) at density 0.1

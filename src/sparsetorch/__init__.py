@@ -50,6 +50,7 @@ _LAZY = {
     "SparseLinear": "sparse_training.layer:SparseLinear",
     "CompressedSET": "sparse_training.dynamic:CompressedSET",
     "CompressedRigL": "sparse_training.dynamic:CompressedRigL",
+    "sparse_param_groups": "sparse_training.optim:param_groups",
     "export_edge": "edge_export:export_edge",
 }
 _SUBMODULES = {"masks", "patterns", "distributions", "scores", "schedules", "selection", "formats", "sparsifiers",

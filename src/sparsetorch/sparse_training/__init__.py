@@ -2,7 +2,8 @@
 
 * :class:`SparseLinear` stores W as CSR (values are the parameter, nnz of them) and computes the forward,
   the input gradient and the weight gradient (at kept positions only) with sparse kernels.
-* :func:`to_sparse_training` / :func:`to_dense` swap a model's Linear layers in and out.
+* :func:`to_sparse_training` / :func:`to_dense` swap a model's Linear layers in and out;
+  :func:`param_groups` gives each sparse layer the learning rate its kept fan-in calls for.
 * :class:`CompressedSET` and :class:`CompressedRigL` (Sparsifiers, like SET/RigL) move connections at fixed nnz,
   on the compressed layers, carrying Adam/SGD state along.
 """
@@ -11,9 +12,10 @@ from __future__ import annotations
 from .convert import to_dense, to_sparse_training
 from .dynamic import CompressedDST, CompressedRigL, CompressedSET
 from .layer import SparseLinear
+from .optim import param_groups
 
 __all__ = ["SparseLinear", "to_sparse_training", "to_dense", "has_kernels", "CompressedDST", "CompressedSET",
-           "CompressedRigL"]
+           "CompressedRigL", "param_groups"]
 
 
 def has_kernels() -> bool:

@@ -126,6 +126,17 @@ def spmm(rows: int, indptr: torch.Tensor, indices: torch.Tensor, vmap: torch.Ten
     return dst
 
 
+def spmm_t(cols: int, indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
+           src: torch.Tensor) -> torch.Tensor:
+    """dst panels [P, cols, tw] = W^T @ src panels [P, rows, tw] for W [rows, cols] in CSR, read by rows (a
+    scatter: no transposed index map). Scratch: ``release`` when done."""
+    p, rows, tw = src.shape
+    dst = scratch((p, cols, tw), src.dtype)
+    _load().spmm_t(isa_level(), torch.get_num_threads(), DTYPES[src.dtype], rows, indptr.data_ptr(),
+                   indices.data_ptr(), _bits(indices), values.data_ptr(), src.data_ptr(), dst.data_ptr(), cols, tw, p)
+    return dst
+
+
 def sddmm(indptr: torch.Tensor, indices: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """dw[k] = <a row r_k, b row c_k> over the whole batch for each nonzero k = (r_k, c_k); a, b are panels."""
     p, rows, tw = a.shape

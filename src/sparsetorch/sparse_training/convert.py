@@ -11,7 +11,7 @@ from .layer import SparseLinear
 
 
 def to_sparse_training(model: nn.Module, sparsity: float = 0.9, distribution: str = "erk", *,
-                       include=None, exclude=None, init: str = "random",
+                       include=None, exclude=None, init: str = "random", rescale: bool = False,
                        generator: torch.Generator | None = None, backend: str = "auto") -> nn.Module:
     """Replace the eligible nn.Linear layers of ``model`` (in place; returned) by SparseLinear.
 
@@ -19,7 +19,9 @@ def to_sparse_training(model: nn.Module, sparsity: float = 0.9, distribution: st
     classifier / lm_head, including the projections inside attention and MLP blocks built from nn.Linear) that
     is an nn.Linear with float32/float64 weights. ``distribution`` ("erk", "er", "uniform") splits the overall
     ``sparsity`` across these layers; ``init`` "random" (sparse training from scratch) or "magnitude" chooses
-    which weights each layer keeps. Create the optimizer (and LR scheduler) after the swap: the layers'
+    which weights each layer keeps; ``rescale=True`` then scales each row's kept weights by sqrt(in / kept
+    fan-in) (sparsity-aware init, :meth:`SparseLinear.rescale_by_fan_in_`; for training from scratch, with
+    :func:`param_groups` for the optimizer). Create the optimizer (and LR scheduler) after the swap: the layers'
     parameters are new tensors of nnz values.
     """
     sparsity = check_sparsity(sparsity)
@@ -36,6 +38,9 @@ def to_sparse_training(model: nn.Module, sparsity: float = 0.9, distribution: st
     densities = layer_densities(distribution, shapes, sparsity)
     new = [SparseLinear.from_dense(t.module, min(1.0, max(0.0, 1.0 - d)), init=init, generator=generator,
                                    backend=backend) for t, d in zip(targets, densities)]
+    if rescale:
+        for layer in new:
+            layer.rescale_by_fan_in_()
     for t, layer in zip(targets, new):  # swap only after every layer was built: nothing half-changed on error
         model.set_submodule(t.fqn, layer)
     return model

@@ -1,7 +1,8 @@
 """The three products of a sparse Linear layer, W [out, in] stored as CSR with nnz values:
 
     forward   Y  = X W^T        (B x in) . (in x out), sparse x dense        -> SpMM on CSR
-    input     dX = dY W         (B x out) . (out x in), W read by columns    -> SpMM on the transposed index map
+    input     dX = dY W         (B x out) . (out x in), W read by rows       -> scatter SpMM (or, for very sparse
+                                                                              layers, SpMM on a transposed map)
     weight    dW_k = sum_b dY[b, r_k] X[b, c_k] at the kept positions only   -> SDDMM (never the dense dY^T X)
 
 Each runs in the compiled kernels (float32 / float64 on CPU) or, without them, on torch sparse CSR
@@ -39,9 +40,9 @@ def torch_forward(x, values, layer) -> torch.Tensor:
 
 
 def torch_input_grad(dy, values, layer) -> torch.Tensor:
-    # dX^T [in, B] = W^T [in, out] @ dY^T [out, B]; W^T is the CSC view: t_indptr/t_indices, values[t_perm]
-    wt = _csr(layer.t_indptr, layer.t_indices, values[layer.t_perm.long()], (layer.in_features, layer.out_features))
-    return (wt @ dy.t()).t()
+    # dX^T [in, B] = W^T [in, out] @ dY^T [out, B]; W^T of a CSR tensor is the CSC view of the same buffers
+    w = _csr(layer.indptr, layer.indices, values, (layer.out_features, layer.in_features))
+    return (w.t() @ dy.t()).t()
 
 
 def torch_weight_grad(dy, x, layer) -> torch.Tensor:
@@ -85,7 +86,10 @@ class SparseLinearFunction(torch.autograd.Function):
         if ctx.use_kernels and dy.shape[0] > 0:
             dyt = _kernels.pack(dy, xt.shape[2])                                 # [P, out, tw]
             if need_x:
-                dxt = _kernels.spmm(layer.in_features, layer.t_indptr, layer.t_indices, layer.t_perm, values, dyt)
+                if layer.has_transposed_map:
+                    dxt = _kernels.spmm(layer.in_features, layer.t_indptr, layer.t_indices, layer.t_perm, values, dyt)
+                else:
+                    dxt = _kernels.spmm_t(layer.in_features, layer.indptr, layer.indices, values, dyt)
                 dx = _kernels.unpack(dxt, dy.shape[0], None)
                 _kernels.release(dxt)
             if need_w:

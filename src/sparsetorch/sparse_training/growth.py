@@ -48,7 +48,8 @@ def record(layer, dy, x, dyt, xt) -> None:
     cols = layer.indices.to(torch.int64)
     indptr = layer.indptr.tolist()
     active = torch.empty(layer.nnz, dtype=dy.dtype)
-    best_pos, best_score = torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=dy.dtype)
+    pos_dtype = torch.int32 if out * inp <= torch.iinfo(torch.int32).max else torch.int64  # k positions kept
+    best_pos, best_score = torch.zeros(0, dtype=pos_dtype), torch.zeros(0, dtype=dy.dtype)
     step = max(1, _CHUNK_ELEMENTS // inp)
     for r0 in range(0, out, step):
         r1 = min(out, r0 + step)
@@ -58,7 +59,7 @@ def record(layer, dy, x, dyt, xt) -> None:
         active[a:b] = g[at]
         g[at] = -1.0  # kept positions are scored by ``active``; |g| >= 0 elsewhere
         score, pos = torch.topk(g, min(k, g.numel()), sorted=False)
-        best_score, best_pos = torch.cat([best_score, score]), torch.cat([best_pos, pos + r0 * inp])
+        best_score, best_pos = torch.cat([best_score, score]), torch.cat([best_pos, (pos + r0 * inp).to(pos_dtype)])
         if best_score.numel() > k:
             best_score, keep = torch.topk(best_score, k, sorted=False)
             best_pos = best_pos[keep]
@@ -73,7 +74,7 @@ def best_grown(layer, k: int, kept: torch.Tensor, dropped: torch.Tensor) -> torc
         score[kept] = -1.0
         return torch.topk(score, k, sorted=False).indices
     pos, score = layer.grow_candidates
-    pos = torch.cat([pos, layer.flat_positions()[dropped]])
+    pos = torch.cat([pos.to(torch.int64), layer.flat_positions()[dropped]])
     score = torch.cat([score, layer.active_grad[dropped]])
     valid = score >= 0  # the -1 placeholders of kept positions, if any
     pos, score = pos[valid], score[valid]

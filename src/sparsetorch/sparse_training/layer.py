@@ -7,9 +7,10 @@ Storage (also the state_dict format, all tensors):
     indices  [nnz]      column of each value, sorted within a row; int16 when in_features <= 32768, else int32
     bias     [out]      as nn.Linear (absent with bias=False)
 
-nnz is fixed per layer; dynamic sparse training (SET / RigL) rewrites indptr/indices/values in place. A
-transposed index map (t_indptr, t_indices, t_perm: W read by columns for dX = dY W) is derived from them,
-recomputed only when the connectivity changes and never saved. Loading a state_dict that holds a dense
+nnz is fixed per layer; dynamic sparse training (SET / RigL) rewrites indptr/indices/values in place. The
+input gradient dX = dY W reads W by rows, scattering into dX, so nothing else is stored; only layers at most
+``TRANSPOSED_MAP_MAX_DENSITY`` dense also derive a transposed index map (t_indptr, t_indices, t_perm: W read by
+columns, a gather), recomputed when the connectivity changes and never saved. Loading a state_dict that holds a dense
 ``weight`` [out, in] instead (e.g. from ``to_dense``) keeps its nnz largest-magnitude entries.
 
 Rows or columns with no kept weight are allowed: an empty row outputs its bias, an empty column's input
@@ -27,6 +28,10 @@ from . import _kernels
 from .functional import SparseLinearFunction, row_ids
 
 BACKENDS = ("auto", "kernels", "torch")
+# dX by gather over a transposed index map (6 bytes per kept weight) vs scatter over the CSR rows, 4096x4096
+# layer, 256 rows, 1 thread: scatter 1.2x slower at 1% density, within 10% at 5-10% (benchmarks/
+# bench_training_speed.py). Sparser layers keep the map: it costs little there and buys the most.
+TRANSPOSED_MAP_MAX_DENSITY = 0.02
 DTYPES = (torch.float32, torch.float64)
 
 
@@ -94,11 +99,8 @@ class SparseLinear(nn.Module):
         self.values = nn.Parameter(values.to(device))
         self.register_buffer("indptr", torch.zeros(out_features + 1, dtype=torch.int64, device=device))
         self.register_buffer("indices", torch.zeros(nnz, dtype=index_dtype(in_features), device=device))
-        self.register_buffer("t_indptr", torch.zeros(in_features + 1, dtype=torch.int64, device=device),
-                             persistent=False)
-        self.register_buffer("t_indices", torch.zeros(nnz, dtype=index_dtype(out_features), device=device),
-                             persistent=False)
-        self.register_buffer("t_perm", torch.zeros(nnz, dtype=torch.int32, device=device), persistent=False)
+        for name in ("t_indptr", "t_indices", "t_perm"):  # filled by _refresh_transpose where used
+            self.register_buffer(name, torch.zeros(0, dtype=torch.int64, device=device), persistent=False)
         self.set_connectivity(flat.to(device))
         if bias:
             self.bias = nn.Parameter(((torch.rand(out_features, generator=gen, dtype=dtype) * 2 - 1) * bound).to(device))
@@ -124,6 +126,15 @@ class SparseLinear(nn.Module):
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias.detach())
         return layer
+
+    @torch.no_grad()
+    def rescale_by_fan_in_(self) -> "SparseLinear":
+        """Sparsity-aware init (Evci et al. 2022): scale each row's kept values by sqrt(in / kept fan-in), so
+        the output variance is the dense layer's rather than density times it. Returns self."""
+        kept = self.indptr.diff()                                           # [out]
+        scale = torch.sqrt(self.in_features / kept.clamp(min=1).to(self.values.dtype))
+        self.values.mul_(torch.repeat_interleave(scale, kept))
+        return self
 
     def to_linear(self) -> nn.Linear:
         """The equivalent dense nn.Linear (zeros at the pruned positions)."""
@@ -167,14 +178,25 @@ class SparseLinear(nn.Module):
         self.indices.copy_(cols.to(self.indices.dtype))
         self._refresh_transpose()
 
+    @property
+    def has_transposed_map(self) -> bool:
+        """Whether dX = dY W reads W by columns through t_indptr/t_indices/t_perm (layers at most
+        TRANSPOSED_MAP_MAX_DENSITY dense) rather than scattering over W's rows."""
+        return self.density <= TRANSPOSED_MAP_MAX_DENSITY
+
     @torch.no_grad()
     def _refresh_transpose(self) -> None:
+        dev = self.indptr.device
+        if not self.has_transposed_map:
+            for name in ("t_indptr", "t_indices", "t_perm"):
+                setattr(self, name, torch.zeros(0, dtype=torch.int64, device=dev))
+            return
         # CSC view of the same nonzeros: sort positions by column (stable, so rows stay sorted within a column)
         cols = self.indices.to(torch.int64)
         perm = torch.argsort(cols, stable=True)
-        self.t_indices.copy_(row_ids(self.indptr)[perm].to(self.t_indices.dtype))
-        self.t_perm.copy_(perm.to(torch.int32))
-        self.t_indptr[0] = 0
+        self.t_indices = row_ids(self.indptr)[perm].to(index_dtype(self.out_features))
+        self.t_perm = perm.to(torch.int32)
+        self.t_indptr = torch.zeros(self.in_features + 1, dtype=torch.int64, device=dev)
         torch.cumsum(torch.bincount(cols, minlength=self.in_features), 0, out=self.t_indptr[1:])
 
     # ------------------------------------------------------------------ forward
@@ -231,5 +253,3 @@ class SparseLinear(nn.Module):
         dev = self.values.device
         self.values = nn.Parameter(torch.zeros(nnz, dtype=self.values.dtype, device=dev))
         self.indices = torch.zeros(nnz, dtype=self.indices.dtype, device=dev)
-        self.t_indices = torch.zeros(nnz, dtype=self.t_indices.dtype, device=dev)
-        self.t_perm = torch.zeros(nnz, dtype=torch.int32, device=dev)
