@@ -97,10 +97,13 @@ def pack(x: torch.Tensor, tw: int) -> torch.Tensor:
     return out
 
 
-def unpack(panels: torch.Tensor, batch: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """panels [P, n, tw] -> [batch, n] (+ bias)."""
+def unpack(panels: torch.Tensor, batch: int, bias: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """panels [P, n, tw] -> [batch, n] (+ bias), written into ``out`` (contiguous [batch, n]) when given."""
     _, n, tw = panels.shape
-    out = torch.empty(batch, n, dtype=panels.dtype)
+    if out is None:
+        out = torch.empty(batch, n, dtype=panels.dtype)
+    elif not out.is_contiguous() or tuple(out.shape) != (batch, n) or out.dtype != panels.dtype:
+        raise ValueError(f"unpack: out must be a contiguous [{batch}, {n}] {panels.dtype} tensor")
     bias_addr = 0
     if bias is not None:
         bias = bias.detach().to(panels.dtype).contiguous()

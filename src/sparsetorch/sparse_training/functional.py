@@ -52,6 +52,19 @@ def torch_weight_grad(dy, x, layer) -> torch.Tensor:
     return torch.cat(parts) if parts else dy.new_zeros(0)
 
 
+def _kernel_grads(layer, values, dyt, xt, dx: torch.Tensor | None, need_w: bool) -> torch.Tensor | None:
+    """Writes dX into ``dx`` ([B, in] contiguous, or None: not wanted) and returns dW [nnz] (or None), from
+    panels dyt [P, out, tw] and xt [P, in, tw] (B <= P * tw)."""
+    if dx is not None:
+        if layer.has_transposed_map:  # very sparse layers: gather over W's columns
+            dxt = _kernels.spmm(layer.in_features, layer.t_indptr, layer.t_indices, layer.t_perm, values, dyt)
+        else:                         # scatter over W's rows
+            dxt = _kernels.spmm_t(layer.in_features, layer.indptr, layer.indices, values, dyt)
+        _kernels.unpack(dxt, dx.shape[0], None, out=dx)
+        _kernels.release(dxt)
+    return _kernels.sddmm(layer.indptr, layer.indices, dyt, xt) if need_w else None
+
+
 class SparseLinearFunction(torch.autograd.Function):
     """Y = X W^T + b for W held by ``layer`` (a SparseLinear: index buffers) with the given ``values``."""
 
@@ -84,19 +97,20 @@ class SparseLinearFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dx = dw = db = None
         if ctx.use_kernels and dy.shape[0] > 0:
-            dyt = _kernels.pack(dy, xt.shape[2])                                 # [P, out, tw]
-            if need_x:
-                if layer.has_transposed_map:
-                    dxt = _kernels.spmm(layer.in_features, layer.t_indptr, layer.t_indices, layer.t_perm, values, dyt)
-                else:
-                    dxt = _kernels.spmm_t(layer.in_features, layer.indptr, layer.indices, values, dyt)
-                dx = _kernels.unpack(dxt, dy.shape[0], None)
-                _kernels.release(dxt)
-            if need_w:
-                dw = _kernels.sddmm(layer.indptr, layer.indices, dyt, xt)
-            if getattr(layer, "_want_dense_grad", False):  # RigL update step: regrowth scores from the panels
+            tw = xt.shape[2]
+            dx = dy.new_empty(dy.shape[0], layer.in_features) if need_x else None
+            if getattr(layer, "_want_dense_grad", False):  # RigL update step: regrowth scores from all panels
+                dyt = _kernels.pack(dy, tw)                                      # [P, out, tw]
+                dw = _kernel_grads(layer, values, dyt, xt, dx, need_w)
                 growth.record(layer, dy, None, dyt, xt)
-            _kernels.release(dyt)  # (xt stays with ctx: backward may run again with retain_graph=True)
+                _kernels.release(dyt)  # (xt stays with ctx: backward may run again with retain_graph=True)
+            else:  # one panel of dY at a time: its packed copy is [out, tw], not the whole batch
+                for p in range(xt.shape[0]):
+                    rows = slice(p * tw, (p + 1) * tw)
+                    dyt = _kernels.pack(dy[rows], tw)                            # [1, out, tw]
+                    dw_p = _kernel_grads(layer, values, dyt, xt[p:p + 1], None if dx is None else dx[rows], need_w)
+                    dw = dw_p if dw is None else dw.add_(dw_p)
+                    _kernels.release(dyt)
         else:
             if need_x:
                 dx = torch_input_grad(dy, values, layer)

@@ -28,9 +28,9 @@ from . import _kernels
 from .functional import SparseLinearFunction, row_ids
 
 BACKENDS = ("auto", "kernels", "torch")
-# dX by gather over a transposed index map (6 bytes per kept weight) vs scatter over the CSR rows, 4096x4096
-# layer, 256 rows, 1 thread: scatter 1.2x slower at 1% density, within 10% at 5-10% (benchmarks/
-# bench_training_speed.py). Sparser layers keep the map: it costs little there and buys the most.
+# dX by gather over a transposed index map (6 bytes per kept weight) or by scatter over the CSR rows (no extra
+# memory): on a 4096x4096 layer the scatter is about as fast at 5-10% density and slower at 1%
+# (benchmarks/bench_input_grad.py). Sparser layers keep the map: it is small there and buys the most.
 TRANSPOSED_MAP_MAX_DENSITY = 0.02
 DTYPES = (torch.float32, torch.float64)
 
