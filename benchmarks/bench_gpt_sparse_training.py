@@ -121,6 +121,10 @@ def build(name: str, cfg: GPTConfig, *, steps: int, lr: float, seed: int, sparsi
     groups = None
     if name == "rigl" and sparse_lr == "fan-in":
         groups = sparse_param_groups(model, lr, weight_decay=0.1)
+    elif name == "rigl" and sparse_lr != "same":  # a fixed multiple of lr for the FFN values, decay unchanged
+        values = [m.values for m in model.modules() if isinstance(m, SparseLinear)]
+        groups = [{"params": [p for p in model.parameters() if all(p is not v for v in values)]},
+                  {"params": values, "lr": lr * float(sparse_lr)}]
     elif name == "rigl-mask" and sparse_lr == "fan-in":  # the same rule for the masked FFN weights
         ffn = {id(b.mlp.fc.weight) for b in model.blocks} | {id(b.mlp.proj.weight) for b in model.blocks}
         groups = [{"params": [p for p in model.parameters() if id(p) not in ffn]},
@@ -261,8 +265,9 @@ def main() -> int:
     p.add_argument("--drop-fraction", type=float, default=0.3)
     p.add_argument("--init", choices=("scaled", "dense"), default="scaled",
                    help="sparse FFN weights: rows scaled by sqrt(in / kept fan-in) (default) or the dense init's")
-    p.add_argument("--sparse-lr", choices=("fan-in", "same"), default="fan-in",
-                   help="peak LR of the sparse FFN values: lr / density (default) or lr like everything else")
+    p.add_argument("--sparse-lr", default="fan-in",
+                   help="peak LR of the sparse FFN values: 'fan-in' = lr / density with weight decay x density "
+                        "(default), 'same' = lr, or a number x = x * lr (weight decay unchanged)")
     p.add_argument("--stop-after", type=int, default=None,
                    help="timing sample: train only the first N steps of the --steps schedule")
     p.add_argument("--seed", type=int, default=0)
@@ -271,6 +276,11 @@ def main() -> int:
     p.add_argument("--out", default=str(HERE / "results" / "bench_gpt_sparse_training.json"))
     args = p.parse_args()
     names = args.variants.split(",")
+    if args.sparse_lr not in ("fan-in", "same"):
+        try:
+            float(args.sparse_lr)
+        except ValueError:
+            p.error(f"--sparse-lr must be fan-in, same or a number, got {args.sparse_lr!r}")
     if "dense" not in names or any(n not in VARIANTS for n in names):
         p.error(f"--variants must include dense and name only {VARIANTS}")
     torch.set_num_threads(args.threads)

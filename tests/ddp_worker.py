@@ -133,6 +133,45 @@ def run(name: str, build, steps: int, rank: int, world: int, seed: int, attach_b
     return model, sparsifier, digests
 
 
+def make_compressed_model():
+    """make_model() with every Linear but the classifier a compressed 80%-sparse SparseLinear."""
+    from sparsetorch.sparse_training import to_sparse_training
+
+    return to_sparse_training(make_model(), 0.8, generator=torch.Generator().manual_seed(3))
+
+
+def compressed_rigl(generator):
+    from sparsetorch.sparse_training import CompressedRigL
+
+    return CompressedRigL(every=2, drop_fraction=0.5, generator=generator)
+
+
+def connectivity(model) -> dict:
+    """Sorted flat kept positions of every SparseLinear, by name."""
+    from sparsetorch.sparse_training import SparseLinear
+
+    return {name: m.flat_positions() for name, m in model.named_modules() if isinstance(m, SparseLinear)}
+
+
+def run_compressed(steps: int, rank: int, world: int):
+    """CompressedRigL on SparseLinear layers under DDP (its dense gradient is all-reduced on update steps)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = make_compressed_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sparsifier = compressed_rigl(torch.Generator().manual_seed(7)).attach(model, optimizer)
+    ddp = DDP(model)
+    digests = [digest(model)]
+    for step in range(steps):
+        x, y = global_batch(step)
+        torch.nn.functional.cross_entropy(ddp(x[rank::world]), y[rank::world]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        sparsifier.step()
+        digests.append(digest(model))
+    return model, sparsifier, digests
+
+
 def main(out_dir: str, steps: int) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -150,6 +189,10 @@ def main(out_dir: str, steps: int) -> None:
             report[key] = {"digests": digests, "history": sparsifier.history}
             for item in sparsetorch.iter_masks(model):
                 tensors[f"{key}/{item.qualified_name}"] = item.mask.clone()
+    model, sparsifier, digests = run_compressed(steps, rank, world)
+    report["compressed_rigl"] = {"digests": digests, "history": sparsifier.history}
+    for name, positions in connectivity(model).items():
+        tensors[f"compressed_rigl/{name}"] = positions
     save_file(tensors, os.path.join(out_dir, f"rank{rank}.safetensors"))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
         json.dump(report, fh)

@@ -39,7 +39,7 @@ def ranks(tmp_path_factory):
 
 def test_replicas_agree_after_every_step(ranks):
     (report0, masks0), (report1, masks1) = ranks
-    assert report0.keys() == report1.keys() and "swap" in report0 and "swap_before_wrap" in report0
+    assert report0.keys() == report1.keys() and {"swap", "swap_before_wrap", "compressed_rigl"} <= set(report0)
     for key in report0:
         assert report0[key]["digests"] == report1[key]["digests"], f"{key}: replicas diverged"
         assert report0[key]["history"] == report1[key]["history"], key
@@ -66,3 +66,20 @@ def test_ddp_masks_equal_a_single_process_on_the_whole_batch(ranks, method):
         sparsifier.step()
     for item in sparsetorch.iter_masks(model):
         assert torch.equal(item.mask, masks0[f"{method}/{item.qualified_name}"]), item.qualified_name
+
+
+def test_compressed_rigl_under_ddp_equals_a_single_process_on_the_whole_batch(ranks):
+    (report0, tensors0), (_, tensors1) = ranks
+    assert any(row["moved"] > 0 for row in report0["compressed_rigl"]["history"][1:])
+    model = ddp_worker.make_compressed_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sparsifier = ddp_worker.compressed_rigl(torch.Generator().manual_seed(7)).attach(model, optimizer)
+    for step in range(STEPS):
+        x, y = ddp_worker.global_batch(step)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        sparsifier.step()
+    for name, positions in ddp_worker.connectivity(model).items():
+        assert torch.equal(tensors0[f"compressed_rigl/{name}"], tensors1[f"compressed_rigl/{name}"]), name
+        assert torch.equal(tensors0[f"compressed_rigl/{name}"], positions), name

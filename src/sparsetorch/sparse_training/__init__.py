@@ -9,13 +9,13 @@
 """
 from __future__ import annotations
 
-from .convert import to_dense, to_sparse_training
+from .convert import broadcast_connectivity, hide_indices_from_ddp, to_dense, to_sparse_training
 from .dynamic import CompressedDST, CompressedRigL, CompressedSET
 from .layer import SparseLinear
 from .optim import param_groups
 
 __all__ = ["SparseLinear", "to_sparse_training", "to_dense", "has_kernels", "CompressedDST", "CompressedSET",
-           "CompressedRigL", "param_groups"]
+           "CompressedRigL", "param_groups", "hide_indices_from_ddp", "broadcast_connectivity"]
 
 
 def has_kernels() -> bool:

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..distributions import layer_densities
 from ..errors import SparsityError, check_sparsity
 from ..selection import select_targets
+from ..sparsifiers.base import is_distributed
 from .layer import SparseLinear
 
 
@@ -43,7 +45,33 @@ def to_sparse_training(model: nn.Module, sparsity: float = 0.9, distribution: st
             layer.rescale_by_fan_in_()
     for t, layer in zip(targets, new):  # swap only after every layer was built: nothing half-changed on error
         model.set_submodule(t.fqn, layer)
+    hide_indices_from_ddp(model)
+    if is_distributed():
+        broadcast_connectivity(model)
     return model
+
+
+INDEX_BUFFERS = ("indptr", "indices", "t_indptr", "t_indices", "t_perm")
+
+
+def hide_indices_from_ddp(model: nn.Module) -> None:
+    """Tell DistributedDataParallel (wrapping ``model``) to leave the SparseLinear index buffers alone: it would
+    broadcast them before every forward, and neither gloo nor NCCL takes their int16. Ranks keep the same
+    connectivity instead through broadcast_connectivity and identical RigL/SET decisions."""
+    names = [f"{fqn}.{b}" for fqn, m in model.named_modules() if isinstance(m, SparseLinear) for b in INDEX_BUFFERS]
+    ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
+    model._ddp_params_and_buffers_to_ignore = sorted(ignored | set(names))  # read by DDP's constructor
+
+
+@torch.no_grad()
+def broadcast_connectivity(model: nn.Module) -> None:
+    """Under torch.distributed, give every SparseLinear of ``model`` rank 0's connectivity (values follow from
+    DDP's own broadcast of the parameters when it wraps the model)."""
+    for m in model.modules():
+        if isinstance(m, SparseLinear):
+            flat = m.flat_positions()
+            dist.broadcast(flat, src=0)
+            m.set_connectivity(flat)
 
 
 def to_dense(model: nn.Module) -> nn.Module:

@@ -40,6 +40,7 @@ from ..selection import Spec, Target, _as_list, _matches
 from ..sparsifiers.base import Sparsifier, check_in_optimizer, is_distributed
 from ..sparsifiers.common import DropGrowSchedule, check_choice
 from . import growth
+from .convert import broadcast_connectivity
 from .layer import SparseLinear, sample_positions
 
 __all__ = ["CompressedDST", "CompressedSET", "CompressedRigL", "compressed_targets"]
@@ -102,6 +103,8 @@ class CompressedDST(DropGrowSchedule, Sparsifier):
         check_in_optimizer(optimizer, targets)
         self._check_layout(targets)
         self.model, self.optimizer, self.targets = model, optimizer, targets
+        if is_distributed():  # every rank starts from rank 0's connectivity, then makes the same decisions
+            broadcast_connectivity(model)
         self.history.append({"step": self.step_count, "density": self.density(), "moved": 0})
         self._arm(self.is_update_step(self.step_count + 1))
         return self
