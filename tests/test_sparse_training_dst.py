@@ -9,14 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from sparsetorch import RigL, SparsityError
+from sparsetorch import RigL, SparsityError, SRigL
 from sparsetorch.integrations import load_training_state, save_training_state
 from sparsetorch.masks import get_mask
 from sparsetorch.models import MLP
-from sparsetorch.sparse_training import CompressedRigL, CompressedSET, SparseLinear, to_dense, to_sparse_training
+from sparsetorch.sparse_training import (CompressedRigL, CompressedSET, CompressedSRigL, SparseLinear, to_dense,
+                                         to_sparse_training)
 from sparsetorch.sparsifiers.registry import for_run, make_sparsifier
 
 CLASSES = [CompressedSET, CompressedRigL]
+ALL = [*CLASSES, CompressedSRigL]
 
 
 def _model(seed=0, dtype=torch.float32):
@@ -134,7 +136,7 @@ def test_schedule_is_the_masked_one():
             assert a.fraction(step) == b.fraction(step)
 
 
-@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("cls", ALL)
 def test_training_is_deterministic_and_learns(cls):
     results = []
     for _ in range(2):
@@ -150,7 +152,7 @@ def test_training_is_deterministic_and_learns(cls):
     assert results[0][0][-1] < results[0][0][0]
 
 
-@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("cls", ALL)
 def test_resume_is_bitwise_the_uninterrupted_run(cls, tmp_path):
     def setup(seed):
         model = _model(seed)
@@ -225,6 +227,7 @@ def test_registry_builds_the_compressed_variants():
     with pytest.raises(SparsityError, match="layers hold their sparsity"):  # ERK asked, the layers are uniform
         dst.attach(model, opt)
     assert type(make_sparsifier("SET", compressed=True)) is CompressedSET
+    assert type(make_sparsifier("srigl", compressed=True)) is CompressedSRigL
     with pytest.raises(SparsityError, match="no compressed variant"):
         make_sparsifier("gmp", compressed=True)
 
@@ -264,3 +267,60 @@ def test_rigl_same_decisions_without_the_compiled_kernels(monkeypatch):
     with_kernels = run()
     monkeypatch.setenv("SPARSETORCH_DISABLE_EXT", "1")  # torch sparse ops and the torch growth path
     assert all(torch.equal(a, b) for a, b in zip(with_kernels, run()))
+
+
+def _fan_in(layer: SparseLinear) -> torch.Tensor:
+    return layer.indptr.diff()
+
+
+def test_srigl_same_decisions_as_masked_srigl_with_ablation():
+    """float64: CompressedSRigL keeps exactly the positions (and ablates the units) the masked SRigL does."""
+    torch.manual_seed(0)
+    dense = MLP((30, 40, 40, 3)).double()
+    opt_d = torch.optim.SGD(dense.parameters(), lr=0.05, momentum=0.9)
+    masked = SRigL(sparsity=0.9, distribution="uniform", every=2, drop_fraction=0.5, end=11, ablation=0.3,
+                   generator=torch.Generator().manual_seed(1)).attach(dense, opt_d)
+    sparse = MLP((30, 40, 40, 3)).double()
+    sparse.load_state_dict(dense.state_dict())
+    sparse = to_sparse_training(sparse, 0.9, "uniform")
+    for name in ("fc1", "fc2"):  # the masked run's constant fan-in connectivity and values
+        mask = get_mask(getattr(dense, name), "weight").flatten()
+        layer = getattr(sparse, name)
+        layer._resize(int(mask.sum()))
+        layer.set_connectivity(mask.nonzero().flatten())
+        with torch.no_grad():
+            layer.values.copy_(getattr(dense, name).weight.flatten()[mask])
+    opt_s = torch.optim.SGD(sparse.parameters(), lr=0.05, momentum=0.9)
+    compressed = CompressedSRigL(every=2, drop_fraction=0.5, end=11, ablation=0.3).attach(sparse, opt_s)
+    for step in range(10):  # random targets: units lose their salient weights and get ablated
+        g = torch.Generator().manual_seed(50 + step)
+        x, y = torch.randn(16, 30, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g)
+        for model, opt, dst in ((dense, opt_d, masked), (sparse, opt_s, compressed)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            dst.step()
+        for name in ("fc1", "fc2"):
+            mask = get_mask(getattr(dense, name), "weight").flatten()
+            assert torch.equal(getattr(sparse, name).flat_positions(), mask.nonzero().flatten()), (step, name)
+    assert [r["moved"] for r in masked.history] == [r["moved"] for r in compressed.history]
+    assert any(int((_fan_in(getattr(sparse, n)) == 0).sum()) > 0 for n in ("fc1", "fc2"))  # something ablated
+    for name in ("fc1", "fc2"):
+        torch.testing.assert_close(getattr(sparse, name).dense_weight(), getattr(dense, name).weight.detach())
+
+
+def test_srigl_lays_out_constant_fan_in_and_keeps_it():
+    model = _model(4)  # random connectivity: unequal rows
+    assert int(_fan_in(model.fc1).max() - _fan_in(model.fc1).min()) > 1
+    nnz = {n: getattr(model, n).nnz for n in ("fc1", "fc2")}
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    dst = CompressedSRigL(every=2, drop_fraction=0.5, generator=torch.Generator().manual_seed(0)).attach(model, opt)
+    for _ in range(3):
+        _train(model, opt, dst, range(4))
+        for name, n in nnz.items():
+            fan = _fan_in(getattr(model, name))
+            live = fan[fan > 0]
+            assert getattr(model, name).nnz == n and int(live.max() - live.min()) <= 1
+    assert all(r["moved"] > 0 for r in dst.history[1:])
+    with pytest.raises(SparsityError, match="ablation"):
+        CompressedSRigL(ablation=1.0)

@@ -50,6 +50,7 @@ _LAZY = {
     "SparseLinear": "sparse_training.layer:SparseLinear",
     "CompressedSET": "sparse_training.dynamic:CompressedSET",
     "CompressedRigL": "sparse_training.dynamic:CompressedRigL",
+    "CompressedSRigL": "sparse_training.dynamic:CompressedSRigL",
     "sparse_param_groups": "sparse_training.optim:param_groups",
     "export_edge": "edge_export:export_edge",
 }

@@ -10,12 +10,12 @@
 from __future__ import annotations
 
 from .convert import broadcast_connectivity, hide_indices_from_ddp, to_dense, to_sparse_training
-from .dynamic import CompressedDST, CompressedRigL, CompressedSET
+from .dynamic import CompressedDST, CompressedRigL, CompressedSET, CompressedSRigL
 from .layer import SparseLinear
 from .optim import param_groups
 
 __all__ = ["SparseLinear", "to_sparse_training", "to_dense", "has_kernels", "CompressedDST", "CompressedSET",
-           "CompressedRigL", "param_groups", "hide_indices_from_ddp", "broadcast_connectivity"]
+           "CompressedRigL", "CompressedSRigL", "param_groups", "hide_indices_from_ddp", "broadcast_connectivity"]
 
 
 def has_kernels() -> bool:

@@ -39,11 +39,12 @@ from ..errors import SparsityError, check_sparsity
 from ..selection import Spec, Target, _as_list, _matches
 from ..sparsifiers.base import Sparsifier, check_in_optimizer, is_distributed
 from ..sparsifiers.common import DropGrowSchedule, check_choice
+from ..sparsifiers.dst import split_evenly, top_per_row
 from . import growth
 from .convert import broadcast_connectivity
 from .layer import SparseLinear, sample_positions
 
-__all__ = ["CompressedDST", "CompressedSET", "CompressedRigL", "compressed_targets"]
+__all__ = ["CompressedDST", "CompressedSET", "CompressedRigL", "CompressedSRigL", "compressed_targets"]
 
 
 def compressed_targets(model: nn.Module, include: Spec = None, exclude: Spec = None) -> list[Target]:
@@ -148,7 +149,7 @@ class CompressedDST(DropGrowSchedule, Sparsifier):
                 self._check_dense_grads()  # before anything moves: nothing half-changed on error
             moved = 0
             for layer in self.layers:
-                k = min(int(round(fraction * layer.nnz)), layer.in_features * layer.out_features - layer.nnz)
+                k = self.move_count(layer, fraction)
                 if k > 0:
                     moved += self._move(layer, k)
             self.history.append({"step": step, "density": self.density(), "moved": moved, "fraction": fraction,
@@ -157,21 +158,31 @@ class CompressedDST(DropGrowSchedule, Sparsifier):
             for layer in self.layers:
                 growth.clear(layer)
 
+    def move_count(self, layer: SparseLinear, fraction: float) -> int:
+        """How many weights of ``layer`` the update moves: round(fraction * nnz), at most the free positions."""
+        return min(int(round(fraction * layer.nnz)), layer.in_features * layer.out_features - layer.nnz)
+
+    def select(self, layer: SparseLinear, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(storage slots to drop, flat positions to grow), as many of each: the k smallest |w|, then ``grow``."""
+        flat = layer.flat_positions()                                        # [nnz] sorted
+        dropped = torch.argsort(layer.values.detach().abs(), stable=True)[:k]  # storage slots of the k smallest
+        is_kept = torch.ones_like(flat, dtype=torch.bool)
+        is_kept[dropped] = False
+        return dropped, self.grow(layer, k, flat[is_kept], dropped)
+
     def grow(self, layer: SparseLinear, k: int, kept: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
         """k flat positions (row * in + col) not in ``kept`` (sorted int64, after the drop) to grow;
         ``dropped``: the storage slots of the k weights just dropped (they may be grown back)."""
         raise NotImplementedError
 
     def _move(self, layer: SparseLinear, k: int) -> int:
-        """Drop the k smallest |w| of ``layer``, grow k, carry values and optimizer state; returns how many
-        positions are new (a dropped position grown back keeps its weight, as in dst.py)."""
+        """Drop and grow (``select``), carry values and optimizer state; returns how many positions are new (a
+        dropped position grown back keeps its weight, as in dst.py)."""
         flat = layer.flat_positions()                                        # [nnz] sorted
-        dropped = torch.argsort(layer.values.detach().abs(), stable=True)[:k]  # storage slots of the k smallest
+        dropped, grown = self.select(layer, k)
         is_kept = torch.ones_like(flat, dtype=torch.bool)
         is_kept[dropped] = False
-        kept = flat[is_kept]                                                 # sorted, as flat is
-        grown = self.grow(layer, k, kept, dropped).to(flat.device)
-        new_flat = torch.cat([kept, grown]).sort().values
+        new_flat = torch.cat([flat[is_kept], grown.to(flat.device)]).sort().values
         # where each new position was stored before (-1: new connection, starts at 0)
         slot = torch.searchsorted(flat, new_flat).clamp(max=flat.numel() - 1)
         src = torch.where(flat[slot] == new_flat, slot, torch.full_like(slot, -1))
@@ -297,3 +308,103 @@ class CompressedRigL(CompressedDST):
         if getattr(layer, "dense_grad", None) is not None and is_distributed():
             dist.all_reduce(layer.dense_grad)  # the sum ranks like the mean: every rank grows the same positions
         return growth.best_grown(layer, k, kept, dropped)
+
+
+class CompressedSRigL(CompressedRigL):
+    """SRigL on SparseLinear (Lasby et al. 2023; the masked ``sparsetorch.SRigL``): constant fan-in, every
+    output unit keeps the same number of inputs; each unit drops its k smallest-|w| inputs and grows its k
+    largest-|dL/dW| inactive ones, and units with fewer than ``ablation * fan_in`` salient weights are removed,
+    their inputs going to the remaining units (the layer's nnz stays exact; ``ablation=0`` turns it off).
+
+    ``attach`` lays out each layer whose rows do not already hold equal counts (up to one) with constant fan-in:
+    nnz / out random inputs per row (the first rows take the remainder), drawn from ``generator``; the layer's
+    values are kept in storage order (fresh-init values stay init values) and their optimizer state is reset.
+    Per-unit growth and ablation read the dense dL/dW of the update step (formed only then, freed after).
+
+    Example::
+
+        dst = CompressedSRigL(every=100, drop_fraction=0.3, end=7500, ablation=0.3).attach(model, optimizer)
+    """
+
+    def __init__(self, sparsity: float | None = None, *, ablation: float = 0.3, **kwargs: Any):
+        super().__init__(sparsity, **kwargs)
+        if not 0.0 <= ablation < 1.0:
+            raise SparsityError(f"ablation (gamma_sal) must lie in [0, 1), got {ablation}; 0 turns ablation off",
+                                ablation=ablation)
+        self.ablation = float(ablation)
+
+    def _keep_dense(self) -> bool:
+        return True
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> "CompressedSRigL":
+        super().attach(model, optimizer)
+        for layer in self.layers:
+            fan = layer.indptr.diff()
+            if int(fan.max() - fan.min()) > 1:
+                layer.set_connectivity(constant_fan_in_positions(layer.out_features, layer.in_features, layer.nnz,
+                                                                 self.generator))
+                if optimizer is not None:
+                    optimizer.state.pop(layer.values, None)
+        if is_distributed():
+            broadcast_connectivity(model)
+        return self
+
+    def move_count(self, layer: SparseLinear, fraction: float) -> int:
+        """Per unit: round(fraction * the smallest fan-in of a live unit)."""
+        fan = layer.indptr.diff()
+        live = fan[fan > 0]
+        return int(round(fraction * int(live.min()))) if live.numel() else 0
+
+    def select(self, layer: SparseLinear, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if is_distributed():
+            dist.all_reduce(layer.dense_grad)  # the sum ranks like the mean: every rank makes the same moves
+        out, inp = layer.out_features, layer.in_features
+        g = layer.dense_grad.abs().float().cpu()                            # [out, in]
+        flat, absw = layer.flat_positions().cpu(), layer.values.detach().abs().float().cpu()
+        fan = layer.indptr.diff().cpu()                                     # [out]
+        live = fan > 0
+        if self.ablation > 0:
+            live = live & ~self._ablated(layer, flat, absw, g, fan, live, k)
+        target = split_evenly(layer.nnz, live, inp)                        # [out] fan-in after the update
+        # live units drop k (more if their new fan-in is smaller), ablated units drop everything
+        drop = torch.where(live, torch.maximum(torch.full_like(fan, k), fan - target).clamp(max=fan), fan)
+        rows = flat // inp
+        order = torch.argsort(absw, stable=True)
+        order = order[torch.argsort(rows[order], stable=True)]              # slots by row, ascending |w|
+        rank_in_row = torch.arange(flat.numel()) - layer.indptr.cpu()[rows[order]]
+        dropped = order[rank_in_row < drop[rows[order]]]
+        is_kept = torch.ones_like(flat, dtype=torch.bool)
+        is_kept[dropped] = False
+        score = g.clone()
+        score.view(-1)[flat[is_kept]] = -float("inf")                       # grow among the inactive after the drop
+        grow_n = target - (fan - drop)                                      # >= 0 by the choice of drop
+        grown = top_per_row(score, grow_n).flatten().nonzero().flatten()
+        return dropped.to(layer.values.device), grown
+
+    def _ablated(self, layer, flat, absw, g, fan, live, k: int) -> torch.Tensor:
+        """Units with fewer than ``ablation * fan_in`` salient weights: the weights unstructured RigL would keep
+        (largest |w|) or grow (largest |g| among inactive inputs of live units). Never every unit."""
+        n_live, inp = int(live.sum()), layer.in_features
+        k_layer = k * n_live
+        keep = torch.topk(absw, layer.nnz - k_layer).indices
+        count = torch.bincount(flat[keep] // inp, minlength=layer.out_features)
+        if k_layer > 0:
+            candidates = torch.where(live[:, None], g, torch.full_like(g, -1.0))
+            candidates.view(-1)[flat] = -1.0
+            count += torch.bincount(torch.topk(candidates.flatten(), k_layer).indices // inp,
+                                    minlength=layer.out_features)
+        ablate = live & (count < self.ablation * fan)
+        if bool(ablate.sum() == n_live):  # keep the most salient unit rather than empty the layer
+            ablate[torch.argmax(torch.where(live, count, torch.full_like(count, -1)))] = False
+        return ablate
+
+
+def constant_fan_in_positions(out: int, inp: int, nnz: int, generator: torch.Generator) -> torch.Tensor:
+    """Sorted flat positions with nnz // out random inputs per row (the first nnz % out rows one more)."""
+    base, extra = divmod(nnz, out)
+    fan = torch.full((out,), base, dtype=torch.long)
+    fan[:extra] += 1
+    noise = torch.rand(out, inp, generator=generator)
+    ranks = noise.argsort(dim=1).argsort(dim=1)                             # a random order of inputs per row
+    chosen = ranks < fan[:, None]                                           # [out, in]
+    return chosen.flatten().nonzero().flatten()

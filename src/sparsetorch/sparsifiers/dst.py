@@ -258,14 +258,14 @@ class SRigL(RigL):
         k = int(round(fraction * int(fan[live].min())))
         if self.ablation > 0:
             live = live & ~self._ablated(m2, w2, g2, live, k)
-        target = _split_evenly(int(fan.sum()), live, w2.shape[1])  # [rows] new fan-in
+        target = split_evenly(int(fan.sum()), live, w2.shape[1])  # [rows] new fan-in
         if k <= 0 and torch.equal(target, fan):
             return mask.cpu()
         inf = float("inf")
         drop = torch.where(live, torch.full_like(fan, k).clamp(max=fan), fan)  # ablated units drop all
-        after = m2 & ~_top_per_row(torch.where(m2, -w2, torch.full_like(w2, -inf)), drop)
+        after = m2 & ~top_per_row(torch.where(m2, -w2, torch.full_like(w2, -inf)), drop)
         grow_n = (target - (fan - drop)).clamp(min=0)
-        return (after | _top_per_row(torch.where(after, torch.full_like(g2, -inf), g2), grow_n)).view(mask.shape)
+        return (after | top_per_row(torch.where(after, torch.full_like(g2, -inf), g2), grow_n)).view(mask.shape)
 
     def _ablated(self, m2: torch.Tensor, w2: torch.Tensor, g2: torch.Tensor, live: torch.Tensor,
                  k: int) -> torch.Tensor:
@@ -285,7 +285,7 @@ class SRigL(RigL):
         return ablate
 
 
-def _split_evenly(total: int, live: torch.Tensor, cols: int) -> torch.Tensor:
+def split_evenly(total: int, live: torch.Tensor, cols: int) -> torch.Tensor:
     """Per-row counts summing to ``total`` over the ``live`` rows, as equal as possible (<= cols)."""
     n = int(live.sum())
     base, extra = divmod(total, n)
@@ -296,7 +296,7 @@ def _split_evenly(total: int, live: torch.Tensor, cols: int) -> torch.Tensor:
     return counts + (live & (rank < extra)).long()
 
 
-def _top_per_row(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def top_per_row(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Bool [rows, cols]: the ``counts[r]`` highest scores of each row r."""
     order = torch.argsort(scores, dim=1, descending=True, stable=True)
     ranks = torch.empty_like(order).scatter_(1, order, torch.arange(scores.shape[1]).expand_as(order))

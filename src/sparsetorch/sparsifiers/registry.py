@@ -46,17 +46,18 @@ NEEDS_INPUTS = ("synflow",)
 def make_sparsifier(name: str, *, compressed: bool = False, **overrides: Any) -> Sparsifier:
     """Build method ``name`` (case-insensitive) with its defaults updated by ``overrides``.
 
-    ``compressed=True``: "set"/"rigl" for a model converted by ``sparsetorch.to_sparse_training`` (SparseLinear
-    layers, no dense weights or masks): ``sparse_training.CompressedSET`` / ``CompressedRigL``, same
+    ``compressed=True``: "set"/"rigl"/"srigl" for a model converted by ``sparsetorch.to_sparse_training``
+    (SparseLinear layers, no dense weights or masks): ``sparse_training.CompressedSET`` / ``CompressedRigL`` /
+    ``CompressedSRigL``, same
     hyperparameters (``sparsity``/``distribution`` are then checked against the layers, not applied).
     """
     from ..errors import SparsityError
 
     key = name.lower()
     if compressed:
-        from ..sparse_training import CompressedRigL, CompressedSET
+        from ..sparse_training import CompressedRigL, CompressedSET, CompressedSRigL
 
-        classes = {"set": CompressedSET, "rigl": CompressedRigL}
+        classes = {"set": CompressedSET, "rigl": CompressedRigL, "srigl": CompressedSRigL}
         if key not in classes:
             raise SparsityError(f"no compressed variant of {name!r}; choose one of {sorted(classes)} or use "
                                 "compressed=False on a dense model", method=name)
