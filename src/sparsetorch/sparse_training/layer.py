@@ -29,9 +29,10 @@ from .functional import SparseLinearFunction, row_ids
 
 BACKENDS = ("auto", "kernels", "torch")
 # dX by gather over a transposed index map (6 bytes per kept weight) or by scatter over the CSR rows (no extra
-# memory): on a 4096x4096 layer the scatter is about as fast at 5-10% density and slower at 1%
-# (benchmarks/bench_input_grad.py). Sparser layers keep the map: it is small there and buys the most.
-TRANSPOSED_MAP_MAX_DENSITY = 0.02
+# memory). 4096x4096 layer, 256 rows, 2 threads: scatter 1.24x the gather's time at 10% density, 1.4-1.5x at
+# 1-5% (benchmarks/bench_input_grad.py). Layers at most 5% dense keep the map: it is small there (<= 5 MB for
+# 4096x4096) and buys the most; denser layers save the memory.
+TRANSPOSED_MAP_MAX_DENSITY = 0.05
 DTYPES = (torch.float32, torch.float64)
 
 
@@ -182,7 +183,7 @@ class SparseLinear(nn.Module):
     def has_transposed_map(self) -> bool:
         """Whether dX = dY W reads W by columns through t_indptr/t_indices/t_perm (layers at most
         TRANSPOSED_MAP_MAX_DENSITY dense) rather than scattering over W's rows."""
-        return self.density <= TRANSPOSED_MAP_MAX_DENSITY
+        return self.density <= TRANSPOSED_MAP_MAX_DENSITY + 1e-9  # a 95%-sparse layer rounds to about 0.05
 
     @torch.no_grad()
     def _refresh_transpose(self) -> None:
