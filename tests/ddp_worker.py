@@ -122,15 +122,22 @@ def run(name: str, build, steps: int, rank: int, world: int, seed: int, attach_b
     ddp = DDP(model)
     if not attach_before_wrap:
         sparsifier.attach(ddp.module, optimizer)
-    digests = [digest(model)]
+    return model, sparsifier, train(ddp, optimizer, sparsifier, steps, rank, world)
+
+
+def train(model, optimizer, sparsifier, steps: int, rank: int = 0, world: int = 1) -> list[str]:
+    """``steps`` steps on this rank's slice of each global batch (all of it with world=1); a digest of the
+    (inner) model before training and after every step."""
+    inner = getattr(model, "module", model)
+    digests = [digest(inner)]
     for step in range(steps):
         x, y = global_batch(step)
-        torch.nn.functional.cross_entropy(ddp(x[rank::world]), y[rank::world]).backward()
+        torch.nn.functional.cross_entropy(model(x[rank::world]), y[rank::world]).backward()
         optimizer.step()
         optimizer.zero_grad()
         sparsifier.step()
-        digests.append(digest(model))
-    return model, sparsifier, digests
+        digests.append(digest(inner))
+    return digests
 
 
 def make_compressed_model():
@@ -160,16 +167,7 @@ def run_compressed(steps: int, rank: int, world: int):
     model = make_compressed_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sparsifier = compressed_rigl(torch.Generator().manual_seed(7)).attach(model, optimizer)
-    ddp = DDP(model)
-    digests = [digest(model)]
-    for step in range(steps):
-        x, y = global_batch(step)
-        torch.nn.functional.cross_entropy(ddp(x[rank::world]), y[rank::world]).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        sparsifier.step()
-        digests.append(digest(model))
-    return model, sparsifier, digests
+    return model, sparsifier, train(DDP(model), optimizer, sparsifier, steps, rank, world)
 
 
 def main(out_dir: str, steps: int) -> None:

@@ -58,12 +58,7 @@ def test_ddp_masks_equal_a_single_process_on_the_whole_batch(ranks, method):
     sparsifier = ddp_worker.methods()[method](torch.Generator().manual_seed(7))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sparsifier.attach(model, optimizer)
-    for step in range(STEPS):
-        x, y = ddp_worker.global_batch(step)
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        sparsifier.step()
+    ddp_worker.train(model, optimizer, sparsifier, STEPS)
     for item in sparsetorch.iter_masks(model):
         assert torch.equal(item.mask, masks0[f"{method}/{item.qualified_name}"]), item.qualified_name
 
@@ -74,12 +69,7 @@ def test_compressed_rigl_under_ddp_equals_a_single_process_on_the_whole_batch(ra
     model = ddp_worker.make_compressed_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sparsifier = ddp_worker.compressed_rigl(torch.Generator().manual_seed(7)).attach(model, optimizer)
-    for step in range(STEPS):
-        x, y = ddp_worker.global_batch(step)
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        sparsifier.step()
+    ddp_worker.train(model, optimizer, sparsifier, STEPS)
     for name, positions in ddp_worker.connectivity(model).items():
         assert torch.equal(tensors0[f"compressed_rigl/{name}"], tensors1[f"compressed_rigl/{name}"]), name
         assert torch.equal(tensors0[f"compressed_rigl/{name}"], positions), name
