@@ -291,7 +291,8 @@ def main(argv=None) -> int:
         print(f"# command: {command.strip()}\n# machine: {machine}\n# date: {date}\n# load average: {load:.1f}")
         result = {"command": command.strip(), "machine": machine, "date": date, "load": load, **transformer_main(args)}
         out = Path(args.out).with_name("bench_training_transformer" + ("_fixed_malloc" if args.fixed_malloc else "")
-                                       + ".json")
+                                       + (f"_{args.threads}threads" if args.threads != 1 else "") + ".json")
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))
         print(f"# wrote {out}")
         return 0
