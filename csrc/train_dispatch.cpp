@@ -55,26 +55,29 @@ void over_rows(int threads, const int64_t* ptr, int64_t rows, int64_t work, Rows
 constexpr int64_t TT = 16;
 
 // Transposes are memory-bound and short (a [256, 4096] fp32 batch: ~0.7 ms): below TRANSPOSE_PARALLEL
-// elements one thread does them. With two threads a statically split transpose waits for the slower one, and
-// on a shared machine (measured: 2 cores, load ~15) that made a 99%-sparse training step 1.7x slower. On a
-// quiet machine two threads cut a [2048, 1536] transpose from 3.4 to 2.1 ms, so the bar is 1M elements, not 4M.
-// (this thread's index, number of threads) inside `parallel`, (0, 1) outside it.
-inline std::pair<int, int> thread_slot() {
-#ifdef _OPENMP
-  if (omp_in_parallel()) return {omp_get_thread_num(), omp_get_num_threads()};
-#endif
-  return {0, 1};
-}
+// elements one thread does them. Above, the features are cut in chunks taken from a shared counter, so a
+// thread slowed by another job leaves its chunks to the other (a static split made a 99%-sparse training step
+// 1.7x slower on a loaded 2-core machine). The backward packs dY one 256-row panel at a time ([256, 1024]:
+// 262K elements), so the bar sits well below that.
+constexpr int64_t TRANSPOSE_PARALLEL = int64_t(1) << 17;
 
-constexpr int64_t TRANSPOSE_PARALLEL = int64_t(1) << 20;
+// body(i0, i1) over feature chunks [i0, i1) of n (multiples of TT), spread over the threads.
+template <class Body>
+void over_features(int threads, int64_t elements, int64_t n, Body body) {
+  const int nt = elements < TRANSPOSE_PARALLEL ? 1 : std::max(1, threads);
+  const int64_t chunk = nt == 1 ? n : std::max<int64_t>(TT, (n / (4 * nt) + TT - 1) / TT * TT);
+  const int64_t chunks = (n + chunk - 1) / chunk;
+  std::atomic<int64_t> next{0};
+  parallel(nt, [&]() {
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;)
+      body(c * chunk, std::min(n, (c + 1) * chunk));
+  });
+}
 
 template <class T>
 void pack_t(int threads, const T* src, int64_t batch, int64_t n, int64_t stride, T* dst, int64_t tw) {
   const int64_t panels = (batch + tw - 1) / tw;
-  const int nt = batch * n < TRANSPOSE_PARALLEL ? 1 : std::max(1, threads);
-  parallel(nt, [&]() {
-    const auto [t, m] = thread_slot();
-    const int64_t i0 = n * t / m, i1 = n * (t + 1) / m;  // this thread's features
+  over_features(threads, batch * n, n, [&](int64_t i0, int64_t i1) {
     T tile[TT][TT];
     for (int64_t p = 0; p < panels; ++p) {
       T* d = dst + p * n * tw;
@@ -100,10 +103,7 @@ void pack_t(int threads, const T* src, int64_t batch, int64_t n, int64_t stride,
 
 template <class T>
 void unpack_t(int threads, const T* src, int64_t batch, int64_t n, int64_t tw, T* dst, const T* bias) {
-  const int nt = batch * n < TRANSPOSE_PARALLEL ? 1 : std::max(1, threads);
-  parallel(nt, [&]() {
-    const auto [t, m] = thread_slot();
-    const int64_t i0 = n * t / m, i1 = n * (t + 1) / m;  // this thread's features (output columns)
+  over_features(threads, batch * n, n, [&](int64_t i0, int64_t i1) {  // features = output columns
     T tile[TT][TT];
     for (int64_t b0 = 0; b0 < batch; b0 += TT) {
       const int64_t nb = std::min(TT, batch - b0);
