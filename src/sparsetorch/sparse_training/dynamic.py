@@ -162,9 +162,9 @@ class CompressedDST(DropGrowSchedule, Sparsifier):
         """How many weights of ``layer`` the update moves: round(fraction * nnz), at most the free positions."""
         return min(int(round(fraction * layer.nnz)), layer.in_features * layer.out_features - layer.nnz)
 
-    def select(self, layer: SparseLinear, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(storage slots to drop, flat positions to grow), as many of each: the k smallest |w|, then ``grow``."""
-        flat = layer.flat_positions()                                        # [nnz] sorted
+    def select(self, layer: SparseLinear, k: int, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(storage slots to drop, flat positions to grow), as many of each, given the kept positions ``flat``
+        ([nnz] sorted): the k smallest |w|, then ``grow``."""
         dropped = torch.argsort(layer.values.detach().abs(), stable=True)[:k]  # storage slots of the k smallest
         is_kept = torch.ones_like(flat, dtype=torch.bool)
         is_kept[dropped] = False
@@ -179,7 +179,7 @@ class CompressedDST(DropGrowSchedule, Sparsifier):
         """Drop and grow (``select``), carry values and optimizer state; returns how many positions are new (a
         dropped position grown back keeps its weight, as in dst.py)."""
         flat = layer.flat_positions()                                        # [nnz] sorted
-        dropped, grown = self.select(layer, k)
+        dropped, grown = self.select(layer, k, flat)
         is_kept = torch.ones_like(flat, dtype=torch.bool)
         is_kept[dropped] = False
         new_flat = torch.cat([flat[is_kept], grown.to(flat.device)]).sort().values
@@ -355,12 +355,12 @@ class CompressedSRigL(CompressedRigL):
         live = fan[fan > 0]
         return int(round(fraction * int(live.min()))) if live.numel() else 0
 
-    def select(self, layer: SparseLinear, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def select(self, layer: SparseLinear, k: int, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if is_distributed():
             dist.all_reduce(layer.dense_grad)  # the sum ranks like the mean: every rank makes the same moves
-        out, inp = layer.out_features, layer.in_features
+        inp = layer.in_features
         g = layer.dense_grad.abs().float().cpu()                            # [out, in]
-        flat, absw = layer.flat_positions().cpu(), layer.values.detach().abs().float().cpu()
+        flat, absw = flat.cpu(), layer.values.detach().abs().float().cpu()
         fan = layer.indptr.diff().cpu()                                     # [out]
         live = fan > 0
         if self.ablation > 0:
