@@ -16,8 +16,10 @@ dense layer measured in the same process. Writes benchmarks/results/bench_traini
 dense against the same model with every attention and MLP Linear a 90%-sparse SparseLinear trained with
 CompressedRigL (one RigL update inside the measured steps): median AdamW step time and training memory (peak
 RSS during training minus RSS before the model is built; raw peak RSS too), at two batch sizes (and with
-activation checkpointing, --checkpoint), each variant in fresh processes, alternating.
-Writes benchmarks/results/bench_training_transformer.json.
+activation checkpointing, --checkpoint), each variant in fresh processes, alternating; the peer's variant
+(unless --no-peer) swaps the same layers for sparselab.SparseLinear(sparsity=0.9) (static connectivity: its
+step has no RigL update to pay for), run by .venv-peers with this repo's src/ on PYTHONPATH.
+Writes benchmarks/results/bench_training_transformer[_fixed_malloc][_Nthreads].json.
 """
 from __future__ import annotations
 
@@ -111,11 +113,19 @@ def _build(kind: str, shape: dict, checkpoint: bool, every: int):
     from torch.utils.checkpoint import checkpoint as ckpt
 
     from sparsetorch.models.gpt import GPT, GPTConfig
-    from sparsetorch.sparse_training import CompressedRigL, to_sparse_training
 
     model = GPT(GPTConfig(**shape))
     if kind == "sparse":
+        from sparsetorch.sparse_training import to_sparse_training
+
         to_sparse_training(model, 0.9, "uniform", generator=torch.Generator().manual_seed(0))
+    elif kind == "sparselab":  # the peer: the same Linear layers as its SparseLinear (static connectivity)
+        import sparselab
+
+        for name, m in list(model.named_modules()):
+            if isinstance(m, nn.Linear) and name != "lm_head":
+                model.set_submodule(name, sparselab.SparseLinear(m.in_features, m.out_features,
+                                                                 bias=m.bias is not None, sparsity=0.9))
     if checkpoint:  # activation checkpointing per block (both variants): keep block inputs, recompute the rest
         class Checkpointed(nn.Module):
             def __init__(self, block):
@@ -129,6 +139,8 @@ def _build(kind: str, shape: dict, checkpoint: bool, every: int):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
     dst = None
     if kind == "sparse":
+        from sparsetorch.sparse_training import CompressedRigL
+
         dst = CompressedRigL(every=every, drop_fraction=0.3, generator=torch.Generator().manual_seed(0))
         dst.attach(model, opt)
     return model, opt, dst
@@ -194,14 +206,18 @@ def transformer_main(args) -> dict:
     batches = [int(b) for b in args.tbatches.split(",")]
     settings = [(b, False) for b in batches] + ([(batches[0], True)] if args.checkpoint else [])
     settings = [(b, c, "fixed" if args.fixed_malloc else "default") for b, c in settings]
+    kinds = ("dense", "sparse") + (("sparselab",) if PEER_PYTHON.exists() and not args.no_peer else ())
     runs = []
     for batch, checkpoint, malloc in settings:
         env = dict(os.environ)
         if malloc == "fixed":  # glibc: every block >= 128 KB is mmapped and unmapped on free
             env["MALLOC_MMAP_THRESHOLD_"] = "131072"
         for _ in range(args.repeats):  # dense, sparse, dense, sparse: each in a fresh process (clean peak memory)
-            for kind in ("dense", "sparse"):
-                cmd = [sys.executable, __file__, "--transformer", "--worker", kind, "--threads", str(args.threads),
+            for kind in kinds:
+                python = sys.executable
+                if kind == "sparselab":  # the peer's own virtualenv; the GPT comes from this repo's src/
+                    python, env = str(PEER_PYTHON), {**env, "PYTHONPATH": str(ROOT.parent / "src")}
+                cmd = [python, __file__, "--transformer", "--worker", kind, "--threads", str(args.threads),
                        "--tsteps", str(args.tsteps), "--tbatches", str(batch)] + (["--checkpoint"] if checkpoint else [])
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if proc.returncode:
@@ -211,7 +227,9 @@ def transformer_main(args) -> dict:
     print(f"# model: sparsetorch.models.GPT(layers=12, width=512, heads=8, context=256), byte vocabulary 256: "
           f"{p / 1e6:.1f}M parameters dense; sparse: to_sparse_training(0.9, 'uniform') makes every attention "
           f"(qkv, proj) and MLP (fc, proj) Linear a 90%-sparse SparseLinear (embeddings, LayerNorms, lm_head dense), "
-          f"trained with CompressedRigL (update every {args.tsteps // 2 + 1} steps, inside the measured window)")
+          f"trained with CompressedRigL (update every {args.tsteps // 2 + 1} steps, inside the measured window)"
+          + ("; sparselab: the same layers as sparselab.SparseLinear(sparsity=0.9), static, in its own venv"
+             if "sparselab" in kinds else ""))
     print(f"# AdamW, sequence {SEQ}, {args.tsteps} measured steps per process after one warm-up step, "
           f"{args.repeats} process(es) per variant; train MB = peak RSS during training minus RSS before the model "
           f"was built (libraries loaded and warmed up by a tiny model); no-upd MB: the same over steps without a "
@@ -219,19 +237,19 @@ def transformer_main(args) -> dict:
           + ("; malloc 'fixed': MALLOC_MMAP_THRESHOLD_=131072, so freed tensors go back to the OS at once and RSS "
              "follows live memory (glibc's default raises the threshold as large blocks are freed and keeps "
              "freed heap)" if args.fixed_malloc else ""))
-    print(f"{'malloc':<8} {'batch':>11} {'ckpt':>5} {'model':<7} {'params':>11} {'step ms':>8} {'upd. ms':>8} "
+    print(f"{'malloc':<8} {'batch':>11} {'ckpt':>5} {'model':<9} {'params':>11} {'step ms':>8} {'upd. ms':>8} "
           f"{'train MB':>9} {'no-upd MB':>9} {'peak RSS':>9}")
     rows = []
     for batch, checkpoint, malloc in settings:
         sel = {k: [r for r in runs if (r["batch"], r["checkpoint"], r["malloc"], r["kind"]) ==
-                   (batch, checkpoint, malloc, k)] for k in ("dense", "sparse")}
+                   (batch, checkpoint, malloc, k)] for k in kinds}
         best = {k: min(v, key=lambda r: r["step_ms"]) for k, v in sel.items()}
         mem = {k: min(r["train_mb"] for r in v) for k, v in sel.items()}
         plain = {k: min(r["train_mb_without_update"] for r in v) for k, v in sel.items()}
         raw = {k: min(r["peak_rss_mb"] for r in v) for k, v in sel.items()}
-        for k in ("dense", "sparse"):
+        for k in kinds:
             upd = best[k]["update_step_ms"]
-            print(f"{malloc:<8} {batch:>4} x {SEQ:<4} {'yes' if checkpoint else 'no':>5} {k:<7} {best[k]['params']:>11,} "
+            print(f"{malloc:<8} {batch:>4} x {SEQ:<4} {'yes' if checkpoint else 'no':>5} {k:<9} {best[k]['params']:>11,} "
                   f"{best[k]['step_ms']:>8.0f} {'-' if upd is None else str(round(upd)):>8} {mem[k]:>9.0f} "
                   f"{plain[k]:>9.0f} {raw[k]:>9.0f}")
         row = {"batch": batch, "seq": SEQ, "checkpoint": checkpoint, "malloc": malloc,
@@ -240,10 +258,17 @@ def transformer_main(args) -> dict:
                "memory_ratio_without_update": plain["sparse"] / plain["dense"],
                "raw_rss_ratio": raw["sparse"] / raw["dense"], "train_mb": mem, "train_mb_without_update": plain,
                "peak_rss_mb": raw}
+        if "sparselab" in kinds:
+            row.update(sparselab_step_ratio=best["sparselab"]["step_ms"] / best["dense"]["step_ms"],
+                       sparselab_memory_ratio=mem["sparselab"] / mem["dense"])
         rows.append(row)
         print(f"{'':>20} sparse/dense: step time {row['step_ratio']:.2f}, training memory {row['memory_ratio']:.2f} "
               f"(steps without a RigL update {row['memory_ratio_without_update']:.2f}; raw peak RSS "
               f"{row['raw_rss_ratio']:.2f})")
+        if "sparselab" in kinds:
+            print(f"{'':>20} sparselab/dense: step time {row['sparselab_step_ratio']:.2f}, training memory "
+                  f"{row['sparselab_memory_ratio']:.2f}; sparsetorch is {row['sparselab_step_ratio'] / row['step_ratio']:.2f}x "
+                  "faster than sparselab")
     return {"model": {**GPT_SHAPE, "vocab": 256, "params": p, "sparsity": 0.9, "seq": SEQ}, "rows": rows,
             "runs": runs}
 
