@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import datetime as dt
+import os
+import platform
+import sys
 import time
 
 import torch
@@ -37,6 +41,8 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--gather", action="store_true", help="keep a transposed map in every layer (dX by gather)")
     a = p.parse_args()
+    print(f"python {' '.join(sys.argv)}\n{platform.platform()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
+          f"{dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}, load average {os.getloadavg()[0]:.2f}")
     torch.set_num_threads(a.threads)
     if a.gather:
         layer_module.TRANSPOSED_MAP_MAX_DENSITY = 1.0
