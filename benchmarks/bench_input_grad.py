@@ -20,17 +20,7 @@ from pathlib import Path
 import torch
 
 from sparsetorch.sparse_training import SparseLinear, _kernels
-from sparsetorch.sparse_training.layer import TRANSPOSED_MAP_MAX_DENSITY
-
-
-def transposed_map(layer: SparseLinear):
-    """(t_indptr, t_indices, t_perm) of ``layer``, built even where the layer itself does not keep one."""
-    cols = layer.indices.to(torch.int64)
-    perm = torch.argsort(cols, stable=True)
-    rows = torch.repeat_interleave(torch.arange(layer.out_features), layer.indptr.diff())
-    t_indptr = torch.zeros(layer.in_features + 1, dtype=torch.int64)
-    torch.cumsum(torch.bincount(cols, minlength=layer.in_features), 0, out=t_indptr[1:])
-    return t_indptr, rows[perm].to(torch.int16), perm.to(torch.int32)
+from sparsetorch.sparse_training.layer import TRANSPOSED_MAP_MAX_DENSITY, transposed_map
 
 
 def best_ms(fn, rounds: int) -> float:
@@ -62,7 +52,8 @@ def main() -> int:
     rows = []
     for s in (float(x) for x in a.sparsities.split(",")):
         layer = SparseLinear(a.size, a.size, s, generator=torch.Generator().manual_seed(0))
-        t_indptr, t_indices, t_perm = transposed_map(layer)
+        # the map, built even where the layer itself does not keep one
+        t_indptr, t_indices, t_perm = transposed_map(layer.indptr, layer.indices, a.size, a.size)
         values = layer.values.detach()
         dyt = _kernels.pack(torch.randn(a.batch, a.size), _kernels.panel_width(a.batch))
         gather = lambda: _kernels.spmm(a.size, t_indptr, t_indices, t_perm, values, dyt)  # noqa: E731

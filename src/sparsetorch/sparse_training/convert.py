@@ -9,7 +9,7 @@ from ..distributions import layer_densities
 from ..errors import SparsityError, check_sparsity
 from ..selection import select_targets
 from ..sparsifiers.base import is_distributed
-from .layer import SparseLinear
+from .layer import TRANSPOSED_MAP_BUFFERS, SparseLinear
 
 
 def to_sparse_training(model: nn.Module, sparsity: float = 0.9, distribution: str = "erk", *,
@@ -51,7 +51,7 @@ def to_sparse_training(model: nn.Module, sparsity: float = 0.9, distribution: st
     return model
 
 
-INDEX_BUFFERS = ("indptr", "indices", "t_indptr", "t_indices", "t_perm")
+INDEX_BUFFERS = ("indptr", "indices", *TRANSPOSED_MAP_BUFFERS)
 
 
 def hide_indices_from_ddp(model: nn.Module) -> None:

@@ -33,12 +33,24 @@ BACKENDS = ("auto", "kernels", "torch")
 # 1-5% (benchmarks/bench_input_grad.py). Layers at most 5% dense keep the map: it is small there (<= 5 MB for
 # 4096x4096) and buys the most; denser layers save the memory.
 TRANSPOSED_MAP_MAX_DENSITY = 0.05
+TRANSPOSED_MAP_BUFFERS = ("t_indptr", "t_indices", "t_perm")  # never saved; empty in layers without the map
 DTYPES = (torch.float32, torch.float64)
 
 
 def index_dtype(dim: int) -> torch.dtype:
     """Narrowest index type for positions 0..dim-1: int16 up to 32768, else int32."""
     return torch.int16 if dim <= 32768 else torch.int32
+
+
+def transposed_map(indptr: torch.Tensor, indices: torch.Tensor, in_features: int,
+                   out_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The CSC view of a CSR pattern: (t_indptr [in + 1] int64, t_indices [nnz] row of each entry, t_perm [nnz]
+    int32 CSR position of each entry), entries sorted by column (stably: rows stay sorted within a column)."""
+    cols = indices.to(torch.int64)
+    perm = torch.argsort(cols, stable=True)
+    t_indptr = torch.zeros(in_features + 1, dtype=torch.int64, device=indptr.device)
+    torch.cumsum(torch.bincount(cols, minlength=in_features), 0, out=t_indptr[1:])
+    return t_indptr, row_ids(indptr)[perm].to(index_dtype(out_features)), perm.to(torch.int32)
 
 
 def sample_positions(numel: int, k: int, exclude: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
@@ -100,7 +112,7 @@ class SparseLinear(nn.Module):
         self.values = nn.Parameter(values.to(device))
         self.register_buffer("indptr", torch.zeros(out_features + 1, dtype=torch.int64, device=device))
         self.register_buffer("indices", torch.zeros(nnz, dtype=index_dtype(in_features), device=device))
-        for name in ("t_indptr", "t_indices", "t_perm"):  # filled by _refresh_transpose where used
+        for name in TRANSPOSED_MAP_BUFFERS:  # filled by _refresh_transpose where used
             self.register_buffer(name, torch.zeros(0, dtype=torch.int64, device=device), persistent=False)
         self.set_connectivity(flat.to(device))
         if bias:
@@ -187,18 +199,12 @@ class SparseLinear(nn.Module):
 
     @torch.no_grad()
     def _refresh_transpose(self) -> None:
-        dev = self.indptr.device
-        if not self.has_transposed_map:
-            for name in ("t_indptr", "t_indices", "t_perm"):
-                setattr(self, name, torch.zeros(0, dtype=torch.int64, device=dev))
-            return
-        # CSC view of the same nonzeros: sort positions by column (stable, so rows stay sorted within a column)
-        cols = self.indices.to(torch.int64)
-        perm = torch.argsort(cols, stable=True)
-        self.t_indices = row_ids(self.indptr)[perm].to(index_dtype(self.out_features))
-        self.t_perm = perm.to(torch.int32)
-        self.t_indptr = torch.zeros(self.in_features + 1, dtype=torch.int64, device=dev)
-        torch.cumsum(torch.bincount(cols, minlength=self.in_features), 0, out=self.t_indptr[1:])
+        if self.has_transposed_map:
+            maps = transposed_map(self.indptr, self.indices, self.in_features, self.out_features)
+        else:
+            maps = [torch.zeros(0, dtype=torch.int64, device=self.indptr.device)] * 3
+        for name, t in zip(TRANSPOSED_MAP_BUFFERS, maps):
+            setattr(self, name, t)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
