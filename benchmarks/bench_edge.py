@@ -123,7 +123,7 @@ def worker(kind: str, path: str, backend: str, quick: bool) -> dict:
                 result["batch1_s"] = _median_time(lambda: model(x1), reps)
                 result["batch256_s"] = _median_time(lambda: model(x256), max(5, reps // 4))
         else:
-            from sparsetorch.edge_export.gpt import torch_generate
+            from sparsetorch.export.edge_gpt import torch_generate
             from sparsetorch.models.gpt import GPT
 
             model = sparsetorch.load(path, GPT()).eval()
@@ -164,7 +164,7 @@ def make_models(tmp: Path, quick: bool) -> dict:
     from sparsetorch.data.digits import load_digits_split
     from sparsetorch.models import MLP
     from sparsetorch.models.gpt import GPT
-    from sparsetorch.training import accuracy, fit
+    from sparsetorch.recipes.training_loop import accuracy, fit
 
     data = load_digits_split(seed=0)
     torch.manual_seed(0)

@@ -29,7 +29,7 @@ from sparsetorch.cli.train import build_and_train
 from sparsetorch.data import load_digits_split
 from sparsetorch.data.planted import planted_features
 from sparsetorch.models import MLP
-from sparsetorch.training import accuracy
+from sparsetorch.recipes.training_loop import accuracy
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -41,7 +41,7 @@ from sparsetorch.data.digits import load_digits_split
 from sparsetorch.kernels import bench
 from sparsetorch.models import MLP
 from sparsetorch.models.gpt import GPT, GPTConfig
-from sparsetorch.training import accuracy, fit
+from sparsetorch.recipes.training_loop import accuracy, fit
 
 ROOT = Path(__file__).resolve().parent
 TOKENS = 64

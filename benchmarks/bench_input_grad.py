@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from sparsetorch.sparse_training import SparseLinear, _kernels
-from sparsetorch.sparse_training.layer import TRANSPOSED_MAP_MAX_DENSITY, transposed_map
+from sparsetorch.sparse_training.sparse_linear import TRANSPOSED_MAP_MAX_DENSITY, transposed_map
 
 
 def best_ms(fn, rounds: int) -> float:

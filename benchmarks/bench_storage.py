@@ -31,8 +31,8 @@ from torch import nn
 
 import sparsetorch
 from sparsetorch import SparsityError, formats
-from sparsetorch.masks import set_mask
-from sparsetorch.patterns import parse_pattern, pattern_mask
+from sparsetorch.core.masks import set_mask
+from sparsetorch.core.patterns import parse_pattern, pattern_mask
 
 ROOT = Path(__file__).resolve().parent
 FORMATS = ["auto", "dense", "bitmask", "csr", "gapmask", "nm", "bsr"]
@@ -104,7 +104,7 @@ def layer_rows(n: int, tmp: Path) -> list[dict]:
                         enc, (parts, meta) = best_of(lambda: formats.encode(fmt, w, mask))
                         dec, _ = best_of(lambda: formats.decode(parts, meta))
                         row["time"][f"{fmt}/encode"], row["time"][f"{fmt}/decode"] = enc, dec
-        row["auto_format"] = sparsetorch.io.choose_format(w, mask)
+        row["auto_format"] = sparsetorch.formats.files.choose_format(w, mask)
         rows.append(row)
         print(f"  {pattern} {sparsity:.0%} done", file=sys.stderr)
     return rows
@@ -113,7 +113,7 @@ def layer_rows(n: int, tmp: Path) -> list[dict]:
 def model_rows(tmp: Path) -> dict:
     from sparsetorch.data.digits import load_digits_split
     from sparsetorch.models import MLP
-    from sparsetorch.training import accuracy, fit
+    from sparsetorch.recipes.training_loop import accuracy, fit
 
     data = load_digits_split(seed=0)
     torch.manual_seed(0)

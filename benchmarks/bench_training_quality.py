@@ -38,7 +38,7 @@ import sparsetorch
 from sparsetorch.cli.train import build_and_train, train_epochs
 from sparsetorch.data import load_digits_split
 from sparsetorch.models import MLP, SmallCNN
-from sparsetorch.training import accuracy
+from sparsetorch.recipes.training_loop import accuracy
 
 METHODS = ["dense", "oneshot+ft", "gmp", "static", "set", "rigl"]
 MODELS = {"mlp": (lambda: MLP((64, 256, 256, 10)), [0.9, 0.95, 0.98, 0.99]),

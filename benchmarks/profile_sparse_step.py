@@ -17,7 +17,7 @@ import time
 
 import torch
 
-import sparsetorch.sparse_training.layer as layer_module
+import sparsetorch.sparse_training.sparse_linear as layer_module
 from sparsetorch.models.gpt import GPT, GPTConfig
 from sparsetorch.sparse_training import _kernels, functional, to_sparse_training
 

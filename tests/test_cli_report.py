@@ -74,7 +74,7 @@ def test_report_without_inputs_has_no_flops():
 
 
 def test_include_exclude_and_default_classifier():
-    from sparsetorch.selection import select_targets
+    from sparsetorch.core.layer_selection import select_targets
 
     model = nn.Sequential()
     model.add_module("enc", nn.Linear(4, 4))

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import sparsetorch
-from sparsetorch.masks import iter_masks
-from sparsetorch.patterns import is_valid_mask
-from sparsetorch.scores import SCORES
-from sparsetorch.selection import select_targets
+from sparsetorch.core.masks import iter_masks
+from sparsetorch.core.patterns import is_valid_mask
+from sparsetorch.core.scores import SCORES
+from sparsetorch.core.layer_selection import select_targets
 
 PATTERNS = ["unstructured", "2:4", "block:4x4", "block:2x3", "channel"]
 CASES = list(itertools.product(sorted(SCORES), PATTERNS, ["layer", "global"]))

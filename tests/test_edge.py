@@ -14,10 +14,10 @@ import sparsetorch
 import sparsetorch.edge as edge
 from sparsetorch.edge.linear import compiled_kernels
 from sparsetorch.edge.weights import decode_matrix, encode_matrix
-from sparsetorch.edge_export import export_edge
+from sparsetorch.export.edge import export_edge
 from sparsetorch.errors import SparsityError
 from sparsetorch.models import MLP, SmallCNN
-from sparsetorch.training import fit
+from sparsetorch.recipes.training_loop import fit
 
 BACKENDS = ["auto", "numpy", "dense"] + (["compiled"] if compiled_kernels() is not None else [])
 # int8 end-to-end bound on the trained digits MLP at 90%, |logit error| / max|logit|: measured 0.0015

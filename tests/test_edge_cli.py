@@ -6,7 +6,7 @@ import torch
 import sparsetorch
 import sparsetorch.edge as edge
 from sparsetorch.cli.main import main
-from sparsetorch.edge_export import export_edge
+from sparsetorch.export.edge import export_edge
 from sparsetorch.errors import SparsityError
 from sparsetorch.models import MLP, SmallCNN
 
@@ -81,7 +81,7 @@ def small_gpt():
 
 
 def test_gpt_logits_and_greedy_generation_match_torch(small_gpt, tmp_path):
-    from sparsetorch.edge_export.gpt import torch_generate
+    from sparsetorch.export.edge_gpt import torch_generate
 
     path = tmp_path / "gpt.spt"
     export_edge(small_gpt, torch.zeros(1, 4, dtype=torch.long), path)
@@ -114,7 +114,7 @@ def test_cli_exports_the_gpt_and_the_runtime_generates_without_torch(tmp_path, c
     import subprocess
     import sys
 
-    from sparsetorch.edge_export.gpt import torch_generate
+    from sparsetorch.export.edge_gpt import torch_generate
 
     torch.manual_seed(0)
     model = gpt.GPT(gpt.GPTConfig(layers=1, width=32, heads=2, context=32)).eval()

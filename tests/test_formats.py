@@ -8,10 +8,10 @@ from torch import nn
 
 import sparsetorch
 from sparsetorch import SparsityError, formats
-from sparsetorch.io import choose_format, encode_smallest
-from sparsetorch.masks import get_mask, set_mask
+from sparsetorch.formats.files import choose_format, encode_smallest
+from sparsetorch.core.masks import get_mask, set_mask
 from sparsetorch.models import MLP
-from sparsetorch.patterns import parse_pattern, pattern_mask
+from sparsetorch.core.patterns import parse_pattern, pattern_mask
 
 SPARSE = ["bitmask", "gapmask", "csr", "nm", "bsr"]
 

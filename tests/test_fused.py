@@ -9,8 +9,8 @@ from torch import nn
 
 import sparsetorch
 from sparsetorch import SparsityWarning
-from sparsetorch.fused import ACTIVATIONS, FusedChain, find_sequential_chains, pack_for_chain
-from sparsetorch.inference import SparseLinear, clear_kernel_cache
+from sparsetorch.inference.fusion import ACTIVATIONS, FusedChain, find_sequential_chains, pack_for_chain
+from sparsetorch.inference.convert import SparseLinear, clear_kernel_cache
 from sparsetorch.kernels import has_extension
 from sparsetorch.models import MLP
 from sparsetorch.models.gpt import GPT, GPTConfig

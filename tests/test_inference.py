@@ -7,12 +7,12 @@ from torch import nn
 
 import sparsetorch
 from sparsetorch import SparsityError, SparsityWarning
-from sparsetorch.fused import FusedChain
-from sparsetorch.inference import SparseConv2d, SparseLinear, clear_kernel_cache, detect_structure
+from sparsetorch.inference.fusion import FusedChain
+from sparsetorch.inference.convert import SparseConv2d, SparseLinear, clear_kernel_cache, detect_structure
 from sparsetorch.kernels import has_extension
-from sparsetorch.masks import get_mask, set_mask
+from sparsetorch.core.masks import get_mask, set_mask
 from sparsetorch.models import MLP, SmallCNN
-from sparsetorch.patterns import pattern_mask
+from sparsetorch.core.patterns import pattern_mask
 
 FAST = {"budget_s": 0.005}
 

@@ -4,7 +4,7 @@ import torch
 
 import sparsetorch
 from sparsetorch.errors import SparsityError
-from sparsetorch.integrations.state import decode_state, encode_state, unwrap_model
+from sparsetorch.integrations.training_state import decode_state, encode_state, unwrap_model
 from sparsetorch.models import MLP
 
 from ddp_worker import SwapSparsifier

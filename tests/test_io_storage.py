@@ -13,9 +13,9 @@ from torch import nn
 import sparsetorch
 from sparsetorch import SparsityError, formats
 from sparsetorch.cli.main import main
-from sparsetorch.io import encode_smallest, read_tensors
-from sparsetorch.masks import get_mask, set_mask
-from sparsetorch.patterns import parse_pattern, pattern_mask
+from sparsetorch.formats.files import encode_smallest, read_tensors
+from sparsetorch.core.masks import get_mask, set_mask
+from sparsetorch.core.patterns import parse_pattern, pattern_mask
 
 
 def _net(pattern="unstructured", seed=0):

@@ -7,10 +7,10 @@ from torch import nn
 
 import sparsetorch
 from sparsetorch import SparsityError
-from sparsetorch.masks import get_mask, iter_masks
+from sparsetorch.core.masks import get_mask, iter_masks
 from sparsetorch.models import MLP
 from sparsetorch.oneshot import prune_oneshot, sparsegpt_solve
-from sparsetorch.patterns import is_valid_mask, parse_pattern
+from sparsetorch.core.patterns import is_valid_mask, parse_pattern
 
 
 def _mlp_and_data(seed=0):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sparsetorch.cli.main import main
-from sparsetorch.patterns import is_valid_mask
+from sparsetorch.core.patterns import is_valid_mask
 
 transformers = pytest.importorskip("transformers")
 

@@ -4,10 +4,10 @@ import torch
 
 import sparsetorch
 from sparsetorch import SparsityError
-from sparsetorch.masks import iter_masks
+from sparsetorch.core.masks import iter_masks
 from sparsetorch.oneshot import prune_oneshot
-from sparsetorch.oneshot.layers import weight_2d
-from sparsetorch.patterns import is_valid_mask
+from sparsetorch.oneshot.linear_layers import weight_2d
+from sparsetorch.core.patterns import is_valid_mask
 
 transformers = pytest.importorskip("transformers")
 VOCAB = 256

@@ -40,7 +40,7 @@ def test_sparse_mlp_file_is_small_and_runs_in_onnxruntime(tmp_path):
 
 
 def test_dense_weights_stay_dense():
-    from sparsetorch.export.onnx_export import sparsify_initializers
+    from sparsetorch.export.onnx import sparsify_initializers
     from onnx import helper, numpy_helper
 
     w = numpy_helper.from_array(np.ones((16, 16), dtype=np.float32), "w")  # dense: sparse would be larger

@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsetorch import distributions
-from sparsetorch.patterns import is_valid_mask, parse_pattern, pattern_mask
+from sparsetorch.core import distributions
+from sparsetorch.core.patterns import is_valid_mask, parse_pattern, pattern_mask
 
 shapes = st.lists(st.integers(1, 40), min_size=2, max_size=4).map(tuple)
 densities = st.floats(0.0, 1.0)

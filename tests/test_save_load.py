@@ -10,7 +10,7 @@ from torch import nn
 
 import sparsetorch
 from sparsetorch import SparsityError
-from sparsetorch.masks import iter_masks
+from sparsetorch.core.masks import iter_masks
 
 
 def _state(model):

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from sparsetorch import schedules
+from sparsetorch.core import schedules
 from sparsetorch.errors import SparsityError
 
 

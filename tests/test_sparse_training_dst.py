@@ -11,11 +11,11 @@ from torch import nn
 
 from sparsetorch import RigL, SparsityError, SRigL
 from sparsetorch.integrations import load_training_state, save_training_state
-from sparsetorch.masks import get_mask
+from sparsetorch.core.masks import get_mask
 from sparsetorch.models import MLP
 from sparsetorch.sparse_training import (CompressedRigL, CompressedSET, CompressedSRigL, SparseLinear, to_dense,
                                          to_sparse_training)
-from sparsetorch.sparsifiers.registry import for_run, make_sparsifier
+from sparsetorch.sparsifiers.method_registry import for_run, make_sparsifier
 
 CLASSES = [CompressedSET, CompressedRigL]
 ALL = [*CLASSES, CompressedSRigL]

@@ -7,7 +7,7 @@ from sparsetorch.errors import SparsityError
 from sparsetorch.models import MLP
 from sparsetorch.sparsifiers import METHODS, LotteryTicket, make_sparsifier
 from sparsetorch.sparsifiers.common import rows_cols
-from sparsetorch.sparsifiers.registry import NEEDS_BATCH, NEEDS_INPUTS
+from sparsetorch.sparsifiers.method_registry import NEEDS_BATCH, NEEDS_INPUTS
 
 OPTIMIZERS = {
     "adam": lambda params: torch.optim.Adam(params, lr=1e-2),

@@ -3,12 +3,12 @@ import pytest
 import torch
 
 import sparsetorch
-from sparsetorch import schedules
+from sparsetorch.core import schedules
 from sparsetorch.errors import SparsityError
 from sparsetorch.models import MLP, SmallCNN
-from sparsetorch.patterns import as_2d, is_valid_mask
+from sparsetorch.core.patterns import as_2d, is_valid_mask
 from sparsetorch.sparsifiers import GMP, SET, SNIP, LotteryTicket, RigL, SRigL, Static, SynFlow, lottery_ticket
-from sparsetorch.sparsifiers.init_pruning import synflow_masks
+from sparsetorch.sparsifiers.at_init import synflow_masks
 
 from test_sparsifiers import batch, setup, train
 

@@ -20,7 +20,8 @@ def lazy_attributes(package: str, names: dict[str, str], submodules: Iterable[st
     def __getattr__(name: str):
         if name in names:
             module, _, attr = names[name].partition(":")
-            value = getattr(importlib.import_module(f".{module}", package), attr or name)
+            relative = module if module.startswith(".") else f".{module}"  # "..x" reaches a sibling package
+            value = getattr(importlib.import_module(relative, package), attr or name)
             vars(sys.modules[package])[name] = value  # resolved once
             return value
         if name in subs:

@@ -35,7 +35,7 @@ def run(args) -> int:
     import torch
 
     from ..errors import SparsityError, check_sparsity
-    from ..kernels import bench
+    from ..kernels import microbench as bench
 
     shape = _ints(args.shape.lower(), "shape", "x")
     if len(shape) != 2 or min(shape) < 1:

@@ -96,8 +96,8 @@ class _Demo:
         import torch
 
         from sparsetorch.models import MLP
-        from sparsetorch.sparsifiers.registry import for_run, make_sparsifier
-        from sparsetorch.training import fit
+        from sparsetorch.sparsifiers.method_registry import for_run, make_sparsifier
+        from sparsetorch.recipes.training_loop import fit
 
         torch.manual_seed(self.args.seed)
         model = MLP(ARCHITECTURE["kwargs"]["sizes"])
@@ -115,7 +115,7 @@ class _Demo:
         return holder["s"] if method is not None else model
 
     def finetune(self, model):
-        from sparsetorch.training import fit
+        from sparsetorch.recipes.training_loop import fit
 
         fit(model, self.split.x_train, self.split.y_train, epochs=self.args.finetune_epochs, lr=5e-4,
             generator=self._generator())
@@ -123,7 +123,7 @@ class _Demo:
         return model
 
     def acc(self, model) -> float:
-        from sparsetorch.training import accuracy
+        from sparsetorch.recipes.training_loop import accuracy
 
         return accuracy(model, self.split.x_test, self.split.y_test)
 

@@ -47,7 +47,7 @@ def example_input(model, shape_text: str | None, user: dict):
     """A random example (the exporter checks the edge output against torch on it)."""
     import torch
 
-    from ..edge_export import leaf_handlers
+    from ..export.edge import leaf_handlers
 
     g = torch.Generator().manual_seed(0)
     if any(isinstance(model, cls) for cls in leaf_handlers()):  # token models take ids [1, T]
@@ -57,8 +57,8 @@ def example_input(model, shape_text: str | None, user: dict):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..edge_export import export_edge
-    from ..io import load, read_header
+    from ..export.edge import export_edge
+    from ..formats.files import load, read_header
     from .report import build_model
 
     header, _ = read_header(args.checkpoint)

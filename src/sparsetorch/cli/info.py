@@ -23,7 +23,7 @@ def describe(path: str | os.PathLike) -> dict:
     import torch
 
     from .. import formats
-    from ..io import _SEP, read_header, read_tensors
+    from ..formats.files import _SEP, read_header, read_tensors
 
     header, raw = read_header(path)
     state, masks = read_tensors(path)  # decodes and validates every tensor

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         from transformers import AutoModelForCausalLM
     except ImportError:
         raise ImportError("prune-lm needs transformers: pip install 'sparsetorch[transformers]'") from None
-    from ..io import save
+    from ..formats.files import save
     from ..oneshot import prune_oneshot
 
     model_dir, out = Path(args.model_dir), Path(args.out)

@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..explain.html import write_report
-    from ..io import load, read_header
+    from ..formats.files import load, read_header
 
     header, _ = read_header(args.checkpoint)
     user = header.get("user") or {}

@@ -144,7 +144,7 @@ def build_and_train(method: str, sparsity: float, model, data, *, epochs: int, l
 
     from ..errors import SparsityError
     from ..sparsifiers import lottery_ticket, make_sparsifier
-    from ..sparsifiers.registry import METHODS, for_run
+    from ..sparsifiers.method_registry import METHODS, for_run
 
     x_train, y_train, _, _ = data
     name = method.lower()
@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
 
     import sparsetorch
     from sparsetorch.errors import check_sparsity
-    from sparsetorch.training import accuracy
+    from sparsetorch.recipes.training_loop import accuracy
 
     sparsity = check_sparsity(args.sparsity)
     if args.threads:

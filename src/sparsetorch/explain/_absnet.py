@@ -12,7 +12,7 @@ import copy
 import torch
 from torch import nn
 
-from ..masks import get_mask
+from ..core.masks import get_mask
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
 

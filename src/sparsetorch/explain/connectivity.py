@@ -6,8 +6,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..masks import get_mask
-from ..selection import DEFAULT_TYPES
+from ..core.masks import get_mask
+from ..core.layer_selection import DEFAULT_TYPES
 
 __all__ = ["LayerConnectivity", "connectivity", "dead_units"]
 

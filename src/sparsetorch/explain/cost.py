@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..reporting import report
+from .layer_report import report
 
 __all__ = ["ENERGY_PJ", "CostEstimate", "cost_estimate"]
 

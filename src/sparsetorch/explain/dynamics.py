@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..masks import iter_masks
+from ..core.masks import iter_masks
 
 __all__ = ["MaskRecorder", "MaskDynamics", "mask_dynamics"]
 

@@ -10,9 +10,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..masks import get_mask
-from ..reporting import report
-from ..selection import DEFAULT_TYPES
+from ..core.masks import get_mask
+from .layer_report import report
+from ..core.layer_selection import DEFAULT_TYPES
 from . import plots
 from .connectivity import connectivity, dead_units
 from .cost import cost_estimate
@@ -127,7 +127,7 @@ def build_report(
 
 def write_report(path: str | os.PathLike, model: nn.Module, **kwargs) -> str:
     """Write ``build_report`` to ``path`` atomically; returns the path."""
-    from ..io import atomic_write
+    from ..formats.files import atomic_write
     from pathlib import Path
 
     atomic_write(Path(path), build_report(model, **kwargs).encode())

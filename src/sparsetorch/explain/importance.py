@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from ..errors import SparsityError
-from ..masks import get_mask
-from ..selection import DEFAULT_TYPES
+from ..core.masks import get_mask
+from ..core.layer_selection import DEFAULT_TYPES
 from ._absnet import abs_network
 
 __all__ = ["feature_importance", "critical_connections", "top_paths"]

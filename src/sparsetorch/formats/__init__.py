@@ -11,13 +11,13 @@ Formats: ``dense``, ``bitmask`` (1 bit per weight), ``csr`` (narrow chunk-local 
 """
 from __future__ import annotations
 
-from .registry import (FORMATS, VALUE_CODECS, Format, decode, encode, register_format,  # noqa: F401
+from .format_registry import (FORMATS, VALUE_CODECS, Format, decode, encode, register_format,  # noqa: F401
                        squeeze, stored_bytes)
-from . import dense as _dense  # noqa: F401  (registers)
-from . import bitmask as _bitmask  # noqa: F401  (registers)
-from . import csr as _csr  # noqa: F401  (registers)
-from . import gapmask as _gapmask  # noqa: F401  (registers)
-from . import nm as _nm  # noqa: F401  (registers)
-from . import bsr as _bsr  # noqa: F401  (registers)
+from . import dense as _dense
+from . import bitmask as _bitmask
+from . import csr as _csr
+from . import gapmask as _gapmask
+from . import nm as _nm
+from . import bsr as _bsr
 
 __all__ = ["FORMATS", "VALUE_CODECS", "Format", "encode", "decode", "register_format", "squeeze", "stored_bytes"]

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import SparsityError
 from .bits import pack_bits, unpack_bits
-from .registry import Format, need, parse_dtype, parse_shape, register_format
+from .format_registry import Format, need, parse_dtype, parse_shape, register_format
 
 
 def encode(tensor: torch.Tensor, mask: torch.Tensor | None):

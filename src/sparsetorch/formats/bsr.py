@@ -15,7 +15,7 @@ import torch
 from ..errors import SparsityError
 from ._sparse import flat_mask, int_meta, matrix_shape
 from .bits import pack_bits, unpack_bits
-from .registry import Format, need, parse_dtype, parse_shape, register_format
+from .format_registry import Format, need, parse_dtype, parse_shape, register_format
 
 _SIZES = (2, 4, 8, 16, 32, 64, 128)
 

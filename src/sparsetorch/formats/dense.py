@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .bits import pack_bits, unpack_bits
-from .registry import Format, need, parse_dtype, parse_shape, register_format
+from .format_registry import Format, need, parse_dtype, parse_shape, register_format
 
 
 def encode(tensor: torch.Tensor, mask: torch.Tensor | None):

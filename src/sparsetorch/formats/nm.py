@@ -16,7 +16,7 @@ import torch
 
 from ..errors import SparsityError
 from ._sparse import flat_mask, int_meta, matrix_shape, pack_codes, unpack_codes
-from .registry import Format, need, parse_dtype, parse_shape, register_format
+from .format_registry import Format, need, parse_dtype, parse_shape, register_format
 
 _GROUPS = (4, 8, 16)
 

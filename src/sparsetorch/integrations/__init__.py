@@ -12,13 +12,13 @@ from __future__ import annotations
 from .._lazy import lazy_attributes
 
 _LAZY = {
-    "save_training_state": "state",
-    "load_training_state": "state",
-    "save_sparsifier_state": "state",
-    "load_sparsifier_state": "state",
-    "unwrap_model": "state",
+    "save_training_state": "training_state",
+    "load_training_state": "training_state",
+    "save_sparsifier_state": "training_state",
+    "load_sparsifier_state": "training_state",
+    "unwrap_model": "training_state",
 }
-_SUBMODULES = {"state", "hf", "lightning"}
+_SUBMODULES = {"training_state", "hf", "lightning"}
 
 __all__ = [*_LAZY]
 

@@ -18,7 +18,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from ..errors import SparsityError
-from .state import _inner_optimizer, load_sparsifier_state, resume_sparsifier, save_sparsifier_state, unwrap_model
+from .training_state import _inner_optimizer, load_sparsifier_state, resume_sparsifier, save_sparsifier_state, unwrap_model
 
 __all__ = ["SparsityCallback", "STATE_FILE"]
 

@@ -16,7 +16,7 @@ from typing import Any
 from lightning.pytorch.callbacks import Callback
 
 from ..errors import SparsityError
-from .state import resume_sparsifier
+from .training_state import resume_sparsifier
 
 __all__ = ["SparsityCallback"]
 

@@ -81,7 +81,7 @@ def chain_tile(widest: int) -> int:
 
 def make_chain(specs: list[tuple]):
     """Native fused chain from per-layer (kind, activation code, bias address, *static) tuples; the caller
-    keeps every buffer alive and unchanged while the chain is used (see sparsetorch.fused.FusedChain)."""
+    keeps every buffer alive and unchanged while the chain is used (see sparsetorch.inference.fusion.FusedChain)."""
     return _load().Chain(list(specs))
 
 

@@ -22,13 +22,13 @@ import torch
 from torch import nn
 
 from ..errors import SparsityError, SparsityWarning, check_sparsity
-from ..masks import set_mask
-from ..patterns import Pattern, check_pattern_fits, parse_pattern
-from ..pruning import resolve_density
-from ..selection import _final_classifier
+from ..core.masks import set_mask
+from ..core.patterns import Pattern, check_pattern_fits, parse_pattern
+from ..core.post_training import resolve_density
+from ..core.layer_selection import _final_classifier
 from . import solvers
 from .blocks import blocks_chain, capture_first_block, find_blocks, to_device
-from .layers import attach_stats, is_linear_like, to_param_layout, weight_2d
+from .linear_layers import attach_stats, is_linear_like, to_param_layout, weight_2d
 
 __all__ = ["prune_oneshot", "wanda", "sparsegpt", "OneshotStats", "LayerResult", "METHODS"]
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import is_linear_like
+from .linear_layers import is_linear_like
 
 
 class _Stop(Exception):

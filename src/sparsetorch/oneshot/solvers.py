@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from ..patterns import Pattern
+from ..core.patterns import Pattern
 
 __all__ = ["magnitude_mask", "wanda_mask", "sparsegpt_solve", "row_topk_mask", "inverse_hessian_cholesky"]
 

@@ -12,8 +12,8 @@ Example::
     sparsetorch.shrink.save_shrunk(small, "small.safetensors")
     small = sparsetorch.shrink.load_shrunk("small.safetensors", lambda: ResNet())
 """
-from .selection import prune_channels
-from .storage import load_shrunk, save_shrunk
+from .channel_selection import prune_channels
+from .shrunk_files import load_shrunk, save_shrunk
 from .surgery import find_groups, shrink
 
 __all__ = ["shrink", "prune_channels", "find_groups", "save_shrunk", "load_shrunk"]

@@ -10,8 +10,8 @@ from torch import nn
 
 from ..errors import SparsityError, SparsityWarning
 from .groups import Group, Member, adapter_for
-from .hf import hf_groups, is_hf_model, update_config
-from .trace import TraceFailed, trace_groups
+from .transformer_heads import hf_groups, is_hf_model, update_config
+from .channel_graph import TraceFailed, trace_groups
 
 __all__ = ["shrink", "find_groups", "as_args", "run_model"]
 
@@ -99,7 +99,7 @@ def shrink(model: nn.Module, example_inputs: object, *, check: bool = True) -> n
 
 
 def _drop_masks(model: nn.Module) -> None:
-    from ..masks import apply_masks, iter_masks
+    from ..core.masks import apply_masks, iter_masks
 
     apply_masks(model)
     for item in list(iter_masks(model)):

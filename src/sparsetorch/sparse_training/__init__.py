@@ -10,9 +10,13 @@
 from __future__ import annotations
 
 from .convert import broadcast_connectivity, hide_indices_from_ddp, to_dense, to_sparse_training
-from .dynamic import CompressedDST, CompressedRigL, CompressedSET, CompressedSRigL
-from .layer import SparseLinear
+from .sparse_linear import SparseLinear
 from .optim import param_groups
+from .._lazy import lazy_attributes
+
+# the compressed sparsifiers live with the other sparsifiers; reachable here too, imported on use
+__getattr__, __dir__ = lazy_attributes(__name__, {name: "..sparsifiers.compressed" for name in
+                                                  ("CompressedDST", "CompressedSET", "CompressedRigL", "CompressedSRigL")})
 
 __all__ = ["SparseLinear", "to_sparse_training", "to_dense", "has_kernels", "CompressedDST", "CompressedSET",
            "CompressedRigL", "CompressedSRigL", "param_groups", "hide_indices_from_ddp", "broadcast_connectivity"]

@@ -5,11 +5,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..distributions import layer_densities
+from ..core.distributions import layer_densities
 from ..errors import SparsityError, check_sparsity
-from ..selection import select_targets
+from ..core.layer_selection import select_targets
 from ..sparsifiers.base import is_distributed
-from .layer import TRANSPOSED_MAP_BUFFERS, SparseLinear
+from .sparse_linear import TRANSPOSED_MAP_BUFFERS, SparseLinear
 
 
 def to_sparse_training(model: nn.Module, sparsity: float = 0.9, distribution: str = "erk", *,

@@ -15,7 +15,8 @@ import warnings
 
 import torch
 
-from . import _kernels, growth
+from . import _kernels
+from . import growth
 
 # fallback SDDMM: at most this many [B, chunk] products alive at once
 _GATHER_ELEMENTS = 1 << 22

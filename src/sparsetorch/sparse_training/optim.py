@@ -14,7 +14,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import SparsityError
-from .layer import SparseLinear
+from .sparse_linear import SparseLinear
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0) -> list[dict]:

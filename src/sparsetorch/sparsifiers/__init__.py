@@ -1,10 +1,10 @@
 """Training-time sparsity methods, each a ``Sparsifier`` stepped after ``optimizer.step()``."""
 from .base import Sparsifier
-from .dst import SET, DynamicSparsifier, RigL, SRigL
+from .dynamic import SET, DynamicSparsifier, RigL, SRigL
 from .gmp import GMP
-from .init_pruning import SNIP, GraSP, SynFlow, grasp_scores, snip_scores, synflow_masks
+from .at_init import SNIP, GraSP, SynFlow, grasp_scores, snip_scores, synflow_masks
 from .lottery import LotteryTicket, lottery_ticket
-from .registry import METHODS, make_sparsifier
+from .method_registry import METHODS, make_sparsifier
 from .static import Static
 
 __all__ = ["Sparsifier", "GMP", "Static", "DynamicSparsifier", "SET", "RigL", "SRigL", "SNIP", "GraSP", "SynFlow",

@@ -22,8 +22,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import SparsityError
-from ..masks import get_mask, remove_masks, set_mask, zero_optimizer_state
-from ..selection import Spec, Target, select_targets
+from ..core.masks import get_mask, remove_masks, set_mask, zero_optimizer_state
+from ..core.layer_selection import Spec, Target, select_targets
 
 __all__ = ["Sparsifier"]
 

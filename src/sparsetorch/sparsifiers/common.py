@@ -6,11 +6,11 @@ from collections.abc import Sequence
 
 import torch
 
-from .. import schedules
+from ..core import schedules
 from ..errors import SparsityError, check_sparsity
-from ..masks import get_mask
-from ..patterns import as_2d
-from ..selection import Target
+from ..core.masks import get_mask
+from ..core.patterns import as_2d
+from ..core.layer_selection import Target
 
 __all__ = ["moves", "rescale_by_fan_in", "check_target_sparsity", "check_choice", "DropGrowSchedule"]
 

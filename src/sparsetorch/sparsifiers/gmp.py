@@ -5,10 +5,10 @@ from typing import Any
 
 import torch
 
-from .. import schedules
+from ..core import schedules
 from ..errors import SparsityError, check_sparsity
-from ..patterns import parse_pattern
-from ..pruning import compute_masks
+from ..core.patterns import parse_pattern
+from ..core.post_training import compute_masks
 from .base import Sparsifier
 from .common import check_choice, check_target_sparsity, moves
 

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import schedules
+from ..core import schedules
 from ..errors import SparsityError
-from ..pruning import compute_masks
+from ..core.post_training import compute_masks
 from .base import Sparsifier
 from .common import check_choice, check_target_sparsity, moves
 

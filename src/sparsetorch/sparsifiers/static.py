@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ..errors import SparsityError
-from ..pruning import compute_masks
+from ..core.post_training import compute_masks
 from .base import Sparsifier
 from .common import check_choice, check_target_sparsity, rescale_by_fan_in
 

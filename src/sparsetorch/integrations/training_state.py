@@ -27,9 +27,9 @@ from safetensors.torch import save as _st_save
 from torch import nn
 
 from ..errors import SparsityError
-from ..io import atomic_write
-from ..io import load as _load_model
-from ..io import save as _save_model
+from ..formats.files import atomic_write
+from ..formats.files import load as _load_model
+from ..formats.files import save as _save_model
 
 __all__ = ["save_training_state", "load_training_state", "save_sparsifier_state", "load_sparsifier_state",
            "unwrap_model", "encode_state", "decode_state"]
@@ -232,7 +232,7 @@ def resume_sparsifier(sparsifier: Any, model: nn.Module, optimizer: Any, state: 
     if sparsifier.model is not None:
         sparsifier.load_state_dict(state)
         return
-    from ..selection import select_targets
+    from ..core.layer_selection import select_targets
 
     params = [t.param for t in select_targets(model, sparsifier.include, sparsifier.exclude)]
     saved = [(p.detach().clone(), {k: v.clone() for k, v in optimizer.state.get(p, {}).items()
@@ -247,6 +247,6 @@ def resume_sparsifier(sparsifier: Any, model: nn.Module, optimizer: Any, state: 
             p.copy_(weight)
             for key, value in opt_state.items():
                 optimizer.state[p][key].copy_(value)
-    from ..masks import apply_masks
+    from ..core.masks import apply_masks
 
     apply_masks(model)  # a no-op for a consistent checkpoint

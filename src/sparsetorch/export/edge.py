@@ -18,7 +18,7 @@ from torch import fx, nn
 from ..edge.model import FORMAT, META_KEY, VERSION, EdgeModel
 from ..edge.weights import VALUE_TYPES, encode_matrix
 from ..errors import SparsityError
-from .trace import Converter, Graph
+from .edge_graph import Converter, Graph
 
 __all__ = ["export_edge"]
 
@@ -51,7 +51,7 @@ def export_edge(model: nn.Module, example_inputs, path: str | os.PathLike, value
     desc["check"] = _check(desc, arrays, x, expected.detach().float().cpu().numpy(), values)
     from safetensors.numpy import save
 
-    from ..io import atomic_write
+    from ..formats.files import atomic_write
 
     payload = save(arrays, metadata={META_KEY: json.dumps(desc, separators=(",", ":"))})
     atomic_write(Path(path), payload)
@@ -71,7 +71,7 @@ def _single_input(example_inputs) -> torch.Tensor:
 
 def leaf_handlers() -> dict:
     """Modules exported as one edge node instead of being traced through (transformer stacks)."""
-    from .gpt import handlers
+    from .edge_gpt import handlers
 
     return handlers()
 

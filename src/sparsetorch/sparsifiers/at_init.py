@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import schedules
+from ..core import schedules
 from ..errors import SparsityError
-from ..masks import set_mask
-from ..pruning import compute_masks
-from ..selection import Target, select_targets
+from ..core.masks import set_mask
+from ..core.post_training import compute_masks
+from ..core.layer_selection import Target, select_targets
 from .static import Static
 
 __all__ = ["SNIP", "GraSP", "SynFlow", "snip_scores", "grasp_scores", "synflow_masks"]

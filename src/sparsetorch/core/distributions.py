@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .errors import SparsityError, check_sparsity
+from ..errors import SparsityError, check_sparsity
 
 __all__ = ["uniform", "er", "erk", "global_densities", "layer_densities", "DISTRIBUTIONS"]
 

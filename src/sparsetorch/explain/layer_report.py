@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .masks import get_mask
-from .selection import DEFAULT_TYPES
+from ..core.masks import get_mask
+from ..core.layer_selection import DEFAULT_TYPES
 
 __all__ = ["report", "Report", "LayerRow"]
 

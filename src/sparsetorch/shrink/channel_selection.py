@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from ..errors import SparsityError, SparsityWarning
-from ..masks import get_mask, set_mask
+from ..core.masks import get_mask, set_mask
 from .criteria import CRITERIA, unit_scores
 from .groups import Group, adapter_for
 from .surgery import as_args, find_groups, run_model
-from .trace import TraceFailed
+from .channel_graph import TraceFailed
 
 __all__ = ["prune_channels", "prunable_groups"]
 
@@ -176,7 +176,7 @@ class _CostModel:
     """Parameters and FLOPs (as sparsetorch.report counts them) after removing n units per group."""
 
     def __init__(self, model, args, modules, groups):
-        from ..reporting import report
+        from ..explain.layer_report import report
 
         self.groups, self.modules = groups, modules
         self.params = {(n, p): tuple(t.shape) for n, m in modules.items() for p, t in m.named_parameters(recurse=False)}

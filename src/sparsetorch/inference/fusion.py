@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import _ext
-from .kernels.packed import BSRWeight, CSRWeight, DenseWeight, NMWeight, PackedWeight
+from ..kernels import _ext
+from ..kernels.packed import BSRWeight, CSRWeight, DenseWeight, NMWeight, PackedWeight
 
 __all__ = ["FusedChain", "ChainStep", "ACTIVATIONS", "find_sequential_chains", "find_graph_chains"]
 
@@ -315,7 +315,7 @@ def _chain_weight(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def _linear_predicate(min_sparsity: float) -> Callable[[nn.Module], bool]:
-    from .inference import SparseLinear
+    from .convert import SparseLinear
 
     def is_linear(mod) -> bool:
         if isinstance(mod, SparseLinear):
@@ -444,8 +444,8 @@ def fuse_chains(model: nn.Module, args: tuple, plan: list[dict], budget_s: float
     ``always``: keep every chain that reproduces the outputs, without timing."""
     import warnings
 
-    from .errors import SparsityWarning
-    from .inference import _CACHE, _close, _time_candidates
+    from ..errors import SparsityWarning
+    from .convert import _CACHE, _close, _time_candidates
 
     if not _ext.available():
         return model

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .errors import SparsityError
+from ..errors import SparsityError
 
 __all__ = ["Target", "select_targets", "DEFAULT_TYPES"]
 

@@ -17,7 +17,7 @@ from safetensors.torch import save as _st_save
 from torch import nn
 
 from ..errors import SparsityError
-from ..io import atomic_write
+from ..formats.files import atomic_write
 from .groups import HEAD_ATTRS, adapter_for
 
 __all__ = ["save_shrunk", "load_shrunk"]

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 from . import distributions
-from .errors import SparsityError, SparsityWarning, check_sparsity
+from ..errors import SparsityError, SparsityWarning, check_sparsity
 from .masks import get_mask, set_mask
 from .patterns import Pattern, check_pattern_fits, parse_pattern, pattern_mask, unit_scores
 from .scores import SCORES
-from .selection import Spec, Target, select_targets
+from .layer_selection import Spec, Target, select_targets
 
 __all__ = ["prune", "compute_masks", "check_finite"]
 
@@ -58,7 +58,7 @@ def prune(
         batch: for "gradient": ``(inputs, targets)`` or an iterable of such batches.
         loss_fn: for "gradient": ``loss_fn(outputs, targets)``, default cross-entropy.
 
-    Pruned weights are set to zero and kept zero through training (see ``sparsetorch.masks``).
+    Pruned weights are set to zero and kept zero through training (see ``sparsetorch.core.masks``).
     Already-pruned weights stay pruned. Nothing is changed if any argument is invalid.
 
     Example::

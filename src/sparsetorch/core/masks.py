@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .errors import SparsityError
-from .selection import Target
+from ..errors import SparsityError
+from .layer_selection import Target
 
 __all__ = ["set_mask", "get_mask", "has_mask", "iter_masks", "remove_masks", "remove_mask", "MaskedParam", "apply_masks"]
 

@@ -33,16 +33,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import schedules
-from ..distributions import layer_densities
+from ..core import schedules
+from ..core.distributions import layer_densities
 from ..errors import SparsityError, check_sparsity
-from ..selection import Spec, Target, _as_list, _matches
-from ..sparsifiers.base import Sparsifier, check_in_optimizer, is_distributed
-from ..sparsifiers.common import DropGrowSchedule, check_choice
-from ..sparsifiers.dst import split_evenly, top_per_row
-from . import growth
-from .convert import broadcast_connectivity
-from .layer import SparseLinear, sample_positions
+from ..core.layer_selection import Spec, Target, _as_list, _matches
+from .base import Sparsifier, check_in_optimizer, is_distributed
+from .common import DropGrowSchedule, check_choice
+from .dynamic import split_evenly, top_per_row
+from ..sparse_training import growth
+from ..sparse_training.convert import broadcast_connectivity
+from ..sparse_training.sparse_linear import SparseLinear, sample_positions
 
 __all__ = ["CompressedDST", "CompressedSET", "CompressedRigL", "CompressedSRigL", "compressed_targets"]
 

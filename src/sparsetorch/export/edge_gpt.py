@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import SparsityError
-from .trace import _np, _weight
+from .edge_graph import _np, _weight
 
 
 def handlers() -> dict:

@@ -16,9 +16,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as _st_save
 
-from . import formats
-from .errors import SparsityError
-from .masks import iter_masks, remove_mask, set_mask
+from .. import formats
+from ..errors import SparsityError
+from ..core.masks import iter_masks, remove_mask, set_mask
 
 __all__ = ["save", "load", "read_header", "FILE_VERSION"]
 
@@ -81,7 +81,7 @@ def _exact_outside(value: torch.Tensor, mask: torch.Tensor) -> bool:
 def _encode_exact(key: str, fmt: str, value, mask, values):
     if fmt != "dense" and not _exact_outside(value, mask):
         raise SparsityError(f"{key} has nonzero weights outside its mask, so format {fmt!r} would lose them; "
-                            "call sparsetorch.masks.apply_masks(model) first or save without format=", key=key)
+                            "call sparsetorch.core.masks.apply_masks(model) first or save without format=", key=key)
     try:
         return formats.squeeze(*formats.encode(fmt, value, mask, values))
     except SparsityError as exc:
@@ -98,10 +98,10 @@ def encode_smallest(value: torch.Tensor, mask: torch.Tensor | None, values: str 
                           or mask is None and int(torch.count_nonzero(value)) <= 0.75 * value.numel()):
         names += _SPARSE_FORMATS
     best = None
-    prepared = formats.registry.prepare(value, values)
+    prepared = formats.format_registry.prepare(value, values)
     nnz = int(mask.sum()) if mask is not None else int(torch.count_nonzero(value))
     isz = value.element_size()
-    if formats.registry.lossy_applies(value, values):
+    if formats.format_registry.lossy_applies(value, values):
         isz = 1 if values == "int8" else 2
     for name in names:
         # skip a candidate whose smallest possible size already loses: CSR spends >= 1 byte per kept
@@ -181,8 +181,8 @@ def _claimed_bytes(meta: object) -> int:
     """Bytes a header entry says its decoded tensor takes, from shape and dtype only (nothing decoded yet)."""
     if not isinstance(meta, dict):
         raise SparsityError("file has a corrupted tensor entry in its header")
-    shape = formats.registry.parse_shape(meta.get("shape"))
-    return math.prod(shape) * formats.registry.parse_dtype(meta.get("dtype")).itemsize
+    shape = formats.format_registry.parse_shape(meta.get("shape"))
+    return math.prod(shape) * formats.format_registry.parse_dtype(meta.get("dtype")).itemsize
 
 
 def read_tensors(path: str | os.PathLike, *, max_bytes: int | None = None,

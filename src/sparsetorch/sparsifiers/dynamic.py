@@ -19,11 +19,11 @@ import torch
 import torch.distributed as dist
 
 from ..errors import SparsityError
-from ..patterns import as_2d
+from ..core.patterns import as_2d
 from .base import Sparsifier, is_distributed
 from .common import DropGrowSchedule, check_choice, check_target_sparsity, moves, rescale_by_fan_in, rows_cols
-from ..distributions import layer_densities
-from ..masks import zero_optimizer_state
+from ..core.distributions import layer_densities
+from ..core.masks import zero_optimizer_state
 
 __all__ = ["DynamicSparsifier", "SET", "RigL", "SRigL"]
 
@@ -152,7 +152,7 @@ class RigL(DynamicSparsifier):
         self._dense, self._hooks = {}, []
         # our hook must see the gradient before the mask hook zeroes pruned entries, so the
         # masks are re-installed after it (hooks on a tensor run in registration order)
-        from ..masks import remove_mask, set_mask
+        from ..core.masks import remove_mask, set_mask
 
         for i, t in enumerate(self.targets):
             mask = self.current_mask(i)

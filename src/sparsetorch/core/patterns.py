@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import SparsityError
+from ..errors import SparsityError
 
 __all__ = ["Pattern", "parse_pattern", "pattern_mask", "unit_scores", "is_valid_mask"]
 

@@ -11,9 +11,9 @@ from collections.abc import Callable
 from typing import Any
 
 from .base import Sparsifier
-from .dst import SET, RigL, SRigL
+from .dynamic import SET, RigL, SRigL
 from .gmp import GMP
-from .init_pruning import SNIP, GraSP, SynFlow
+from .at_init import SNIP, GraSP, SynFlow
 from .lottery import LotteryTicket
 from .static import Static
 
@@ -55,7 +55,7 @@ def make_sparsifier(name: str, *, compressed: bool = False, **overrides: Any) ->
 
     key = name.lower()
     if compressed:
-        from ..sparse_training import CompressedRigL, CompressedSET, CompressedSRigL
+        from .compressed import CompressedRigL, CompressedSET, CompressedSRigL
 
         classes = {"set": CompressedSET, "rigl": CompressedRigL, "srigl": CompressedSRigL}
         if key not in classes:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from .errors import SparsityError
+from ..errors import SparsityError
 
 __all__ = ["cubic", "cosine_decay", "exponential", "constant", "check_window", "check_every", "check_fraction"]
 
