@@ -1,0 +1,1 @@
+"""The ``sparsetorch`` command: one module per subcommand (``sparsetorch --help``)."""

@@ -10,7 +10,7 @@ from torch import nn
 from ..errors import SparsityError
 from ..core.masks import get_mask
 from ..core.layer_selection import DEFAULT_TYPES
-from ._absnet import abs_network
+from .abs_network import abs_network
 
 __all__ = ["feature_importance", "critical_connections", "top_paths"]
 
