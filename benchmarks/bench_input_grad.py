@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from sparsetorch.sparse_training import SparseLinear, _kernels
+from sparsetorch.kernels import training_ops
+from sparsetorch.sparse_training import SparseLinear
 from sparsetorch.sparse_training.sparse_linear import TRANSPOSED_MAP_MAX_DENSITY, transposed_map
 
 
@@ -27,7 +28,7 @@ def best_ms(fn, rounds: int) -> float:
     times = []
     for _ in range(rounds):
         t0 = time.perf_counter()
-        _kernels.release(fn())
+        training_ops.release(fn())
         times.append(time.perf_counter() - t0)
     return 1e3 * min(times)
 
@@ -41,7 +42,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "bench_input_grad.json"))
     a = p.parse_args()
-    if not _kernels.available():
+    if not training_ops.available():
         sys.exit("needs the compiled training kernels (pip install -e . builds them)")
     torch.set_num_threads(a.threads)
     meta = {"command": " ".join(["python", *sys.argv]), "machine": platform.platform(), "threads": a.threads,
@@ -55,9 +56,9 @@ def main() -> int:
         # the map, built even where the layer itself does not keep one
         t_indptr, t_indices, t_perm = transposed_map(layer.indptr, layer.indices, a.size, a.size)
         values = layer.values.detach()
-        dyt = _kernels.pack(torch.randn(a.batch, a.size), _kernels.panel_width(a.batch))
-        gather = lambda: _kernels.spmm(a.size, t_indptr, t_indices, t_perm, values, dyt)  # noqa: E731
-        scatter = lambda: _kernels.spmm_t(a.size, layer.indptr, layer.indices, values, dyt)  # noqa: E731
+        dyt = training_ops.pack(torch.randn(a.batch, a.size), training_ops.panel_width(a.batch))
+        gather = lambda: training_ops.spmm(a.size, t_indptr, t_indices, t_perm, values, dyt)  # noqa: E731
+        scatter = lambda: training_ops.spmm_t(a.size, layer.indptr, layer.indices, values, dyt)  # noqa: E731
         torch.testing.assert_close(gather(), scatter(), rtol=1e-4, atol=1e-4)
         g = s_ = float("inf")
         for _ in range(3):  # interleaved rounds, so load bursts hit both

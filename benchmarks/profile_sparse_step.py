@@ -19,7 +19,8 @@ import torch
 
 import sparsetorch.sparse_training.sparse_linear as layer_module
 from sparsetorch.models.gpt import GPT, GPTConfig
-from sparsetorch.sparse_training import _kernels, functional, to_sparse_training
+from sparsetorch.kernels import training_ops
+from sparsetorch.sparse_training import functional, to_sparse_training
 
 TIMES: dict[str, float] = collections.defaultdict(float)
 

@@ -225,14 +225,14 @@ def test_no_fusion_without_extension(monkeypatch):
 @needs_ext
 def test_chain_every_isa(monkeypatch):
     """Portable, AVX2 and AVX-512 builds of the chain kernels (activations, transposes, dense rows) agree."""
-    from sparsetorch.kernels import _ext
+    from sparsetorch.kernels import inference_ops
 
     ws, bs = sparse_weights((40, 72, 24, 9), density=0.3)
     acts = ["gelu", "sigmoid", "tanh"]
     g = torch.Generator().manual_seed(3)
     xs = [torch.randn(b, 40, generator=g) * 2 for b in (1, 19, 70)]
-    for level in range(_ext.ISAS.index(_ext.best_isa()) + 1):
-        monkeypatch.setattr(_ext, "isa_level", lambda level=level: level)
+    for level in range(inference_ops.ISAS.index(inference_ops.best_isa()) + 1):
+        monkeypatch.setattr(inference_ops, "isa_level", lambda level=level: level)
         for fmt in ("csr", "dense"):
             chain = FusedChain([pack_for_chain(w, fmt) for w in ws], bs, acts, threads=1)
             for x in xs:

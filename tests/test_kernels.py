@@ -3,12 +3,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsetorch.kernels import (BSRWeight, CSRWeight, NMWeight, _ext, extension_isa, has_extension, index_bits,
+from sparsetorch import SparsityError
+from sparsetorch.kernels import (BSRWeight, CSRWeight, NMWeight, inference_ops, extension_isa, has_extension, index_bits,
                                  pack, sparse_linear)
 
 needs_ext = pytest.mark.skipif(not has_extension(), reason="compiled kernels not built")
 ISAS = [isa for isa in ("generic", "avx2", "avx512")
-        if has_extension() and _ext.ISAS.index(isa) <= _ext.ISAS.index(extension_isa())]
+        if has_extension() and inference_ops.ISAS.index(isa) <= inference_ops.ISAS.index(extension_isa())]
 
 
 def sparse_weight(out, inp, density, gen, empty_rows=()):
@@ -42,7 +43,7 @@ def test_csr_matches_dense(isa, out, inp):
         for b in (None, bias):
             ref = F.linear(x, w, b)
             for tile, threads in ((1, 1), (2, 2), (4, 1)):
-                y = _ext.csr_linear(x, p.indptr, p.indices, p.values, out, b, isa=isa, tile=tile, threads=threads)
+                y = inference_ops.csr_linear(x, p.indptr, p.indices, p.values, out, b, isa=isa, tile=tile, threads=threads)
                 assert close(y, ref, inp), (batch, tile, threads)
 
 
@@ -102,7 +103,7 @@ def test_nm_matches_dense(isa, n, m):
     bias = torch.randn(out, generator=g)
     for batch in (1, 3, 16, 40):
         x = torch.randn(batch, inp, generator=g)
-        y = _ext.nm_linear(x, p.values, p.offsets, n, m, bias, isa=isa, tile=2)
+        y = inference_ops.nm_linear(x, p.values, p.offsets, n, m, bias, isa=isa, tile=2)
         assert close(y, F.linear(x, w, bias), inp)
     assert close(p.linear(x, bias, "torch"), F.linear(x, w, bias), inp)
 
@@ -130,7 +131,7 @@ def test_bsr_matches_dense(isa, r, c):
     for batch in (1, 5, 16, 40):
         x = torch.randn(batch, inp, generator=g)
         for tile in (1, 4):
-            y = _ext.bsr_linear(x, p.indptr, p.indices, p.values, out, bias, isa=isa, tile=tile)
+            y = inference_ops.bsr_linear(x, p.indptr, p.indices, p.values, out, bias, isa=isa, tile=tile)
             assert close(y, F.linear(x, w, bias), inp), (batch, tile)
 
 
@@ -156,14 +157,14 @@ def test_disable_env_forces_fallback(monkeypatch):
     monkeypatch.setenv("SPARSETORCH_DISABLE_EXT", "1")
     assert not has_extension() and extension_isa() is None
     assert close(sparse_linear(x, pack(w)), x @ w.t(), 32)  # auto -> torch
-    with pytest.raises(RuntimeError):
+    with pytest.raises(SparsityError):
         sparse_linear(x, pack(w), backend="ext")
 
 
 @needs_ext
 def test_isa_cap_env(monkeypatch):
     monkeypatch.setenv("SPARSETORCH_ISA", "generic")
-    _ext.refresh()
+    inference_ops.refresh()
     try:
         assert extension_isa() == "generic"
         g = torch.Generator().manual_seed(5)
@@ -172,7 +173,7 @@ def test_isa_cap_env(monkeypatch):
         assert close(sparse_linear(x, pack(w)), x @ w.t(), 32)
     finally:
         monkeypatch.delenv("SPARSETORCH_ISA")
-        _ext.refresh()
+        inference_ops.refresh()
 
 
 @needs_ext
@@ -181,7 +182,7 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError):
         p.linear(torch.randn(2, 5))
     with pytest.raises(ValueError):
-        _ext.csr_linear(torch.randn(2, 4, dtype=torch.float64), p.indptr, p.indices, p.values, 4)
+        inference_ops.csr_linear(torch.randn(2, 4, dtype=torch.float64), p.indptr, p.indices, p.values, 4)
     assert close(p.linear(torch.ones(2, 4, dtype=torch.float64)), torch.ones(2, 4), 4)  # cast to float32
     with pytest.raises(ValueError):
         pack(torch.eye(4), "bsr", r=3, c=3)

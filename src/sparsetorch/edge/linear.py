@@ -5,14 +5,11 @@ straight from their file: importing the ``sparsetorch.kernels`` package would im
 """
 from __future__ import annotations
 
-import functools
-import importlib.machinery
-import importlib.util
 import os
-from pathlib import Path
 
 import numpy as np
 
+from ..kernels import loader
 from .weights import Matrix
 
 BACKENDS = ("auto", "compiled", "numpy", "dense")
@@ -21,24 +18,10 @@ BACKENDS = ("auto", "compiled", "numpy", "dense")
 AUTO_DENSE_ABOVE = 0.35
 
 
-@functools.lru_cache(maxsize=1)
 def compiled_kernels():
     """The compiled kernel module, or None (not built, or SPARSETORCH_DISABLE_EXT=1)."""
-    if os.environ.get("SPARSETORCH_DISABLE_EXT", "0") not in ("", "0"):
-        return None
-    folder = Path(__file__).resolve().parent.parent / "kernels"
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = folder / f"_C{suffix}"
-        if path.is_file():
-            try:
-                # the module name's last part must stay "_C" (its init symbol is PyInit__C)
-                spec = importlib.util.spec_from_file_location("sparsetorch.kernels._C", path)
-                module = importlib.util.module_from_spec(spec)
-                spec.loader.exec_module(module)
-            except (ImportError, OSError):
-                return None
-            return module if hasattr(module, "csr_linear") else None
-    return None
+    module = loader.load(loader.INFERENCE)
+    return module if hasattr(module, "csr_linear") else None
 
 
 def _threads_allowed() -> int:
@@ -46,14 +29,6 @@ def _threads_allowed() -> int:
         return max(1, int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
     except ValueError:
         return os.cpu_count() or 1
-
-
-def _tile(in_features: int) -> int:
-    # the kernels' batch tile: the widest panel of x (in x 16*tile fp32) that fits in ~768 KB of L2
-    for tile in (4, 2):
-        if in_features * 16 * tile * 4 <= 768 * 1024:
-            return tile
-    return 1
 
 
 class Linear:
@@ -79,7 +54,7 @@ class Linear:
         self.indices = w.indices if w.indices.dtype in (np.uint16, np.int32) else w.indices.astype(np.int32)
         if backend == "compiled":
             self._kernel = kernels
-            self._isa = kernels.best_isa()
+            self._isa = loader.isa_level(loader.INFERENCE)  # SPARSETORCH_ISA caps it, as for torch models
             self._cores = _threads_allowed()
             self._bits = 16 if self.indices.dtype == np.uint16 else 32
         else:
@@ -110,7 +85,7 @@ class Linear:
         threads = max(1, min(self._cores, x.shape[0] * self.values.size // 2_000_000))
         if x.shape[0]:
             self._kernel.csr_linear(
-                self._isa, threads, _tile(self.in_features), self.out_features, self.in_features,
+                self._isa, threads, loader.batch_tile(self.in_features), self.out_features, self.in_features,
                 self.indptr.ctypes.data, self.indices.ctypes.data, self._bits, self.values.ctypes.data,
                 self.values.size, x.ctypes.data, x.shape[0], x.shape[1],
                 0 if self.bias is None else self.bias.ctypes.data, y.ctypes.data)

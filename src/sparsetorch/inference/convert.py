@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import SparsityError, SparsityWarning
 from .fusion import fuse_chains
-from ..kernels import _ext, extension_isa, has_extension
+from ..kernels import extension_isa, has_extension, inference_ops
 from ..kernels.packed import BSRWeight, CSRWeight, NMWeight, PackedWeight
 from ..core.masks import remove_masks
 
@@ -68,7 +68,7 @@ class SparseLinear(nn.Module):
             return F.linear(x, self.sparse_weight, self.bias)
         if self._backend == "ext":  # hot path for small layers: skip the general checks
             x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # [B(*T), in]
-            y = _ext.call_fast(self._fast(), x2, 0 if self.bias is None else self.bias.data_ptr(), self.out_features,
+            y = inference_ops.call_fast(self._fast(), x2, 0 if self.bias is None else self.bias.data_ptr(), self.out_features,
                                self.threads)
             if y is not None:
                 return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
@@ -87,7 +87,7 @@ class SparseLinear(nn.Module):
             self.bias = self.bias.float().contiguous()
         key = (self.packed.storage_key(), None if self.bias is None else self.bias.data_ptr())
         if self._fast_cache is None or self._fast_cache[0] != key:
-            self._fast_cache = (key, _ext.fast_path(self.packed.kernel_name, self.packed._static(), self.in_features))
+            self._fast_cache = (key, inference_ops.fast_path(self.packed.kernel_name, self.packed._static(), self.in_features))
         return self._fast_cache[1]
 
     def extra_repr(self) -> str:

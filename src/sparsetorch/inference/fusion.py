@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import _ext
+from ..kernels import inference_ops
 from ..kernels.packed import BSRWeight, CSRWeight, DenseWeight, NMWeight, PackedWeight
 
 __all__ = ["FusedChain", "ChainStep", "ACTIVATIONS", "find_sequential_chains", "find_graph_chains"]
@@ -114,7 +114,7 @@ class FusedChain(nn.Module):
         return state
 
     def _build(self):
-        if not _ext.available() or any(w.values.device.type != "cpu" for w in self.weights):
+        if not inference_ops.available() or any(w.values.device.type != "cpu" for w in self.weights):
             self._native = False
             return False
         specs = []
@@ -123,8 +123,8 @@ class FusedChain(nn.Module):
                 raise ValueError("FusedChain biases must be contiguous float32")
             specs.append((_KIND[w.format], ACTIVATIONS[act][0], 0 if b is None else b.data_ptr(), *w._static()))
         widest = max(max(w.in_features, w.out_features) for w in self.weights)
-        chain = _ext.make_chain(specs)
-        self._native = (chain.run, _ext.isa_level(), _ext.chain_tile(widest), chain)
+        chain = inference_ops.make_chain(specs)
+        self._native = (chain.run, inference_ops.isa_level(), inference_ops.chain_tile(widest), chain)
         return self._native
 
     # ------------------------------------------------------------------ forward
@@ -447,7 +447,7 @@ def fuse_chains(model: nn.Module, args: tuple, plan: list[dict], budget_s: float
     from ..errors import SparsityWarning
     from .convert import _CACHE, _close, _time_candidates
 
-    if not _ext.available():
+    if not inference_ops.available():
         return model
     is_linear = _linear_predicate(min_sparsity)
     rows = {r["layer"]: r for r in plan}
@@ -497,7 +497,7 @@ def fuse_chains(model: nn.Module, args: tuple, plan: list[dict], budget_s: float
                 continue
             key = ("chain", tuple((w.format, w.out_features, w.in_features, w.nnz, act) for _, f in fused
                                   for w, act in zip(f.weights, f.acts)), batch, torch.get_num_threads(),
-                   _ext.best_isa())
+                   inference_ops.best_isa())
             fns = {"per-layer": lambda: mod(*a, **kw), "fused": lambda: after(*a, **kw)}
             if torch.get_num_threads() > 1:
                 def one_thread():

@@ -9,32 +9,17 @@
 """
 from __future__ import annotations
 
-import torch
+from .._lazy import lazy_attributes
 
-from . import _ext
-from .packed import BSRWeight, CSRWeight, NMWeight, PackedWeight, index_bits, pack
+# lazy: the edge runtime imports kernels.loader and must not pull torch in through this package
+_LAZY = {
+    "pack": "packed", "PackedWeight": "packed", "CSRWeight": "packed", "NMWeight": "packed", "BSRWeight": "packed",
+    "index_bits": "packed", "sparse_linear": "sparse_matmul", "has_extension": "sparse_matmul",
+    "extension_isa": "sparse_matmul",
+}
+_SUBMODULES = {"loader", "packed", "sparse_matmul", "microbench", "inference_ops", "training_ops"}
 
-__all__ = ["pack", "sparse_linear", "has_extension", "extension_isa", "PackedWeight", "CSRWeight", "NMWeight",
-           "BSRWeight", "index_bits"]
-
-
-def has_extension() -> bool:
-    """Whether the compiled kernels are built and enabled."""
-    return _ext.available()
-
-
-def extension_isa() -> str | None:
-    """"avx512", "avx2" or "generic": the instruction set the compiled kernels use here (None if absent)."""
-    return _ext.best_isa()
+__all__ = [*_LAZY]
 
 
-def sparse_linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None,
-                  backend: str = "auto") -> torch.Tensor:
-    """``x @ W^T + bias`` for a packed W; x is [..., in] (any strides). backend: "auto", "ext" or "torch"."""
-    if backend == "auto":
-        backend = "ext" if has_extension() and x.device.type == "cpu" else "torch"
-    if backend == "ext" and not has_extension():
-        raise RuntimeError("sparsetorch's compiled kernels are not available; use backend='torch'")
-    lead = x.shape[:-1]
-    y = weight.linear(x.reshape(-1, x.shape[-1]), bias, backend)
-    return y.reshape(*lead, weight.out_features).to(x.dtype)
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, _SUBMODULES)

@@ -18,7 +18,7 @@ import warnings
 import torch
 from torch import nn
 
-from . import _ext
+from . import inference_ops
 
 
 def _uint16_as_int16(cols: torch.Tensor) -> torch.Tensor:
@@ -101,7 +101,7 @@ class PackedWeight(nn.Module):
                 x = x.float()
             if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
                 bias = bias.float().contiguous()
-            return _ext.call(self.kernel_name, self._ext_cache[1], x, bias, threads=threads)
+            return inference_ops.call(self.kernel_name, self._ext_cache[1], x, bias, threads=threads)
         y = torch.sparse.mm(self.torch_weight(), x.float().t()).t()  # [B, out]
         return y if bias is None else y + bias
 
@@ -144,7 +144,7 @@ class CSRWeight(PackedWeight):
     kernel_name = "csr_linear"
 
     def _static(self):
-        return _ext.csr_static(self.indptr, self.indices, self.values, self.out_features, self.in_features)
+        return inference_ops.csr_static(self.indptr, self.indices, self.values, self.out_features, self.in_features)
 
 
 class NMWeight(PackedWeight):
@@ -189,7 +189,7 @@ class NMWeight(PackedWeight):
     kernel_name = "nm_linear"
 
     def _static(self):
-        return _ext.nm_static(self.values, self.offsets, self.n, self.m, self.in_features)
+        return inference_ops.nm_static(self.values, self.offsets, self.n, self.m, self.in_features)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self.n}:{self.m}"
@@ -242,7 +242,7 @@ class BSRWeight(PackedWeight):
     kernel_name = "bsr_linear"
 
     def _static(self):
-        return _ext.bsr_static(self.indptr, self.indices, self.values, self.out_features, self.in_features)
+        return inference_ops.bsr_static(self.indptr, self.indices, self.values, self.out_features, self.in_features)
 
     def extra_repr(self) -> str:
         r, c = self.block

@@ -24,6 +24,6 @@ __all__ = ["SparseLinear", "to_sparse_training", "to_dense", "has_kernels", "Com
 
 def has_kernels() -> bool:
     """Whether the compiled training kernels (sparsetorch.kernels._train) are built and enabled."""
-    from . import _kernels
+    from ..kernels import training_ops
 
-    return _kernels.available()
+    return training_ops.available()

@@ -15,7 +15,7 @@ import warnings
 
 import torch
 
-from . import _kernels
+from ..kernels import training_ops
 from . import growth
 
 # fallback SDDMM: at most this many [B, chunk] products alive at once
@@ -58,12 +58,12 @@ def _kernel_grads(layer, values, dyt, xt, dx: torch.Tensor | None, need_w: bool)
     panels dyt [P, out, tw] and xt [P, in, tw] (B <= P * tw)."""
     if dx is not None:
         if layer.has_transposed_map:  # very sparse layers: gather over W's columns
-            dxt = _kernels.spmm(layer.in_features, layer.t_indptr, layer.t_indices, layer.t_perm, values, dyt)
+            dxt = training_ops.spmm(layer.in_features, layer.t_indptr, layer.t_indices, layer.t_perm, values, dyt)
         else:                         # scatter over W's rows
-            dxt = _kernels.spmm_t(layer.in_features, layer.indptr, layer.indices, values, dyt)
-        _kernels.unpack(dxt, dx.shape[0], None, out=dx)
-        _kernels.release(dxt)
-    return _kernels.sddmm(layer.indptr, layer.indices, dyt, xt) if need_w else None
+            dxt = training_ops.spmm_t(layer.in_features, layer.indptr, layer.indices, values, dyt)
+        training_ops.unpack(dxt, dx.shape[0], None, out=dx)
+        training_ops.release(dxt)
+    return training_ops.sddmm(layer.indptr, layer.indices, dyt, xt) if need_w else None
 
 
 class SparseLinearFunction(torch.autograd.Function):
@@ -75,13 +75,13 @@ class SparseLinearFunction(torch.autograd.Function):
         ctx.layer, ctx.use_kernels = layer, use_kernels
         ctx.has_bias = bias is not None
         if use_kernels and x.shape[0] > 0:
-            tw = _kernels.panel_width(x.shape[0])
-            xt = _kernels.pack(x, tw)                                            # [P, in, tw]
-            yt = _kernels.spmm(layer.out_features, layer.indptr, layer.indices, None, values, xt)  # [P, out, tw]
-            y = _kernels.unpack(yt, x.shape[0], bias)                            # [B, out]
-            _kernels.release(yt)
+            tw = training_ops.panel_width(x.shape[0])
+            xt = training_ops.pack(x, tw)                                            # [P, in, tw]
+            yt = training_ops.spmm(layer.out_features, layer.indptr, layer.indices, None, values, xt)  # [P, out, tw]
+            y = training_ops.unpack(yt, x.shape[0], bias)                            # [B, out]
+            training_ops.release(yt)
             if not any(ctx.needs_input_grad[:3]):  # no backward will come (inference, frozen layer)
-                _kernels.release(xt)
+                training_ops.release(xt)
                 xt = None
             ctx.save_for_backward(xt, values, None)
         else:
@@ -101,17 +101,17 @@ class SparseLinearFunction(torch.autograd.Function):
             tw = xt.shape[2]
             dx = dy.new_empty(dy.shape[0], layer.in_features) if need_x else None
             if getattr(layer, "_want_dense_grad", False):  # RigL update step: regrowth scores from all panels
-                dyt = _kernels.pack(dy, tw)                                      # [P, out, tw]
+                dyt = training_ops.pack(dy, tw)                                      # [P, out, tw]
                 dw = _kernel_grads(layer, values, dyt, xt, dx, need_w)
                 growth.record(layer, dy, None, dyt, xt)
-                _kernels.release(dyt)  # (xt stays with ctx: backward may run again with retain_graph=True)
+                training_ops.release(dyt)  # (xt stays with ctx: backward may run again with retain_graph=True)
             else:  # one panel of dY at a time: its packed copy is [out, tw], not the whole batch
                 for p in range(xt.shape[0]):
                     rows = slice(p * tw, (p + 1) * tw)
-                    dyt = _kernels.pack(dy[rows], tw)                            # [1, out, tw]
+                    dyt = training_ops.pack(dy[rows], tw)                            # [1, out, tw]
                     dw_p = _kernel_grads(layer, values, dyt, xt[p:p + 1], None if dx is None else dx[rows], need_w)
                     dw = dw_p if dw is None else dw.add_(dw_p)
-                    _kernels.release(dyt)
+                    training_ops.release(dyt)
         else:
             if need_x:
                 dx = torch_input_grad(dy, values, layer)

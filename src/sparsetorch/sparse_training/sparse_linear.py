@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import SparsityError
-from . import _kernels
+from ..kernels import training_ops
 from .functional import SparseLinearFunction, row_ids
 
 BACKENDS = ("auto", "kernels", "torch")
@@ -215,7 +215,7 @@ class SparseLinear(nn.Module):
                                 "of them (SparseLinear supports float32 and float64)")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        use = self.backend != "torch" and _kernels.supports(x2)
+        use = self.backend != "torch" and training_ops.supports(x2)
         if self.backend == "kernels" and not use:
             raise SparsityError("backend='kernels' needs the compiled extension (sparsetorch.kernels._train) and "
                                 "float32/float64 CPU inputs; use backend='auto' to fall back to torch")

@@ -1,4 +1,4 @@
-"""Loading of the optional compiled kernels (``sparsetorch.kernels._C``, built from csrc/ by setup.py).
+"""Calls into the compiled inference kernels (``sparsetorch.kernels._C``, built from csrc/ by setup.py).
 
 The extension takes raw buffer addresses, so this module is the only place that calls it: it checks
 dtypes, shapes and contiguity, allocates the output and keeps every tensor alive during the call.
@@ -7,76 +7,51 @@ dtypes, shapes and contiguity, allocates the output and keeps every tensor alive
 """
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 
-ISAS = ("generic", "avx2", "avx512")
+from ..errors import SparsityError
+from . import loader
+
+ISAS = loader.ISAS
 
 
-@functools.lru_cache(maxsize=1)
 def _load():
-    try:
-        from . import _C  # torch is imported first, so _C shares torch's libgomp (one OpenMP pool)
-    except ImportError:
-        return None
-    return _C
+    return loader.load(loader.INFERENCE)
 
 
 def available() -> bool:
     """Whether the compiled kernels are built and not disabled by SPARSETORCH_DISABLE_EXT=1."""
-    return os.environ.get("SPARSETORCH_DISABLE_EXT", "0") in ("", "0") and _load() is not None
+    return loader.available(loader.INFERENCE)
 
 
 def best_isa() -> str | None:
     """The instruction set the kernels use on this CPU (None without the extension)."""
-    if not available():
-        return None
-    level = _load().best_isa()
-    cap = os.environ.get("SPARSETORCH_ISA")
-    if cap in ISAS:
-        level = min(level, ISAS.index(cap))
-    return ISAS[level]
-
-
-@functools.lru_cache(maxsize=1)
-def _default_level() -> int:
-    return ISAS.index(best_isa() or "generic")
+    return loader.best_isa(loader.INFERENCE)
 
 
 def refresh() -> None:
     """Re-read SPARSETORCH_ISA (the ISA level is cached for speed)."""
-    _default_level.cache_clear()
-
-
-def _isa_level(isa: str | None) -> int:
-    level = _default_level()
-    return level if isa is None else min(level, ISAS.index(isa))
-
-
-@functools.lru_cache(maxsize=256)
-def default_tile(in_features: int) -> int:
-    """Batch tile in 16-column vectors: the widest whose panel of X^T (in x 16*tile fp32) fits in ~768 KB of L2."""
-    for tile in (4, 2):
-        if in_features * 16 * tile * 4 <= 768 * 1024:
-            return tile
-    return 1
+    loader.refresh()
 
 
 def isa_level() -> int:
     """The ISA level the kernels run at (best here, capped by SPARSETORCH_ISA)."""
-    return _default_level()
+    return loader.isa_level(loader.INFERENCE)
 
 
-@functools.lru_cache(maxsize=256)
+def _isa_level(isa: str | None) -> int:
+    level = isa_level()
+    return level if isa is None else min(level, ISAS.index(isa))
+
+
+def default_tile(in_features: int) -> int:
+    """Batch tile in 16-column vectors for one layer (see loader.batch_tile)."""
+    return loader.batch_tile(in_features)
+
+
 def chain_tile(widest: int) -> int:
-    """Batch panel of a fused chain in 16-column vectors: the widest whose two ping-pong panels
-    (widest x 16*tile fp32 each) fit in ~768 KB of L2."""
-    for tile in (4, 2):
-        if 2 * widest * 16 * tile * 4 <= 768 * 1024:
-            return tile
-    return 1
+    """Batch panel of a fused chain: two ping-pong panels of the widest layer fit in L2."""
+    return loader.batch_tile(widest, panels=2)
 
 
 def make_chain(specs: list[tuple]):
@@ -91,13 +66,13 @@ def call(kind: str, static: tuple, x: torch.Tensor, bias: torch.Tensor | None, *
     addresses and sizes) as the kernel takes them; x [B, in] float32 CPU; returns Y [B, out]."""
     out_features, in_features = static[0], static[1]
     if x.dim() != 2 or x.shape[1] != in_features:
-        raise ValueError(f"expected x of shape [B, {in_features}], got {tuple(x.shape)}")
+        raise SparsityError(f"expected x of shape [B, {in_features}], got {tuple(x.shape)}; reshape the input to 2-D")
     if x.dtype != torch.float32 or x.device.type != "cpu":
-        raise ValueError("compiled kernels take float32 CPU inputs")
+        raise SparsityError(f"compiled kernels take float32 CPU inputs, got {x.dtype} on {x.device}; use x.float().cpu()")
     if x.stride(1) != 1 or x.stride(0) < in_features:
         x = x.contiguous()
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous() or bias.numel() != out_features):
-        raise ValueError("bias must be a contiguous float32 vector of out_features")
+        raise SparsityError(f"bias must be a contiguous float32 vector of {out_features} values; use bias.float().contiguous()")
     y = torch.empty(x.shape[0], out_features, dtype=torch.float32)
     if x.shape[0]:
         getattr(_load(), kind)(_isa_level(isa), threads or torch.get_num_threads(), tile or default_tile(in_features),

@@ -10,33 +10,25 @@ Dense operands are handed to the kernels as "panels": X [B, n] transposed into c
 """
 from __future__ import annotations
 
-import functools
-import importlib
-import os
-
 import torch
 
-ISAS = ("generic", "avx2", "avx512")
+from ..kernels import loader
+
+ISAS = loader.ISAS
 DTYPES = {torch.float32: 0, torch.float64: 1}
 
 
-@functools.lru_cache(maxsize=1)
 def _load():
-    try:
-        return importlib.import_module("sparsetorch.kernels._train")
-    except ImportError:
-        return None
+    return loader.load(loader.TRAINING)
 
 
 def available() -> bool:
     """Whether the compiled training kernels are built and not disabled by SPARSETORCH_DISABLE_EXT=1."""
-    return os.environ.get("SPARSETORCH_DISABLE_EXT", "0") in ("", "0") and _load() is not None
+    return loader.available(loader.TRAINING)
 
 
 def isa_level() -> int:
-    level = _load().best_isa()
-    cap = os.environ.get("SPARSETORCH_ISA")
-    return min(level, ISAS.index(cap)) if cap in ISAS else level
+    return loader.isa_level(loader.TRAINING)
 
 
 def supports(x: torch.Tensor) -> bool:
