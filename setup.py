@@ -17,11 +17,11 @@ from setuptools.command.build_ext import build_ext
 
 SOURCES = ["csrc/module.cpp", "csrc/dispatch.cpp", "csrc/chain.cpp", "csrc/kernels_generic.cpp",
            "csrc/kernels_avx2.cpp", "csrc/kernels_avx512.cpp"]
-DEPENDS = ["csrc/isa.h", "csrc/kernels.h", "csrc/dispatch.h", "csrc/chain.h", "csrc/kernels_impl.inc"]  # rebuild when these change
+DEPENDS = ["csrc/isa.h", "csrc/kernels.h", "csrc/dispatch.h", "csrc/chain.h", "csrc/kernels_impl.inc", "csrc/parallel.h"]  # rebuild when these change
 # sparse training kernels (sparsetorch.kernels._train): a second, independent extension
 TRAIN_SOURCES = ["csrc/train_module.cpp", "csrc/train_dispatch.cpp", "csrc/train_generic.cpp",
                  "csrc/train_avx2.cpp", "csrc/train_avx512.cpp"]
-TRAIN_DEPENDS = ["csrc/isa.h", "csrc/train_kernels.h", "csrc/train_dispatch.h", "csrc/train_impl.inc"]
+TRAIN_DEPENDS = ["csrc/isa.h", "csrc/train_kernels.h", "csrc/train_dispatch.h", "csrc/train_impl.inc", "csrc/parallel.h"]
 
 
 class OptionalBuildExt(build_ext):

@@ -15,16 +15,7 @@
 namespace st {
 namespace {
 
-constexpr int CHUNKS_PER_THREAD = 8;      // as in dispatch.cpp: chunks taken from a shared counter
-constexpr int64_t MIN_THREAD_WORK = 65536;  // multiply-adds per call below which one thread is faster
-constexpr int64_t MIN_SPLIT_WORK = 16384;   // a layer below this is not split across threads
-
-// The calling thread's ping-pong buffers (grown, never shrunk; OpenMP workers write through the pointer).
-float* chain_scratch(size_t n) {
-  thread_local std::vector<float> buf;
-  if (buf.size() < n) buf.resize(n);
-  return buf.data();
-}
+constexpr int64_t MIN_THREAD_WORK = 65536;  // multiply-adds per whole chain call below which one thread is faster
 
 void finish_rows(const Table& T, const ChainLayer& L, float* y, int64_t ld, int64_t u0, int64_t u1) {
   if (!L.act) return;
@@ -56,32 +47,11 @@ void panel_rows(const Table& T, const ChainLayer& L, const float* xt, int64_t w,
 }
 
 // Chunk boundaries (in units) of each layer for nt threads; one chunk for layers too small to split.
-std::vector<std::vector<int64_t>> chunk_bounds(const std::vector<ChainLayer>& layers, int nt, int64_t batch) {
+std::vector<std::vector<int64_t>> layer_bounds(const std::vector<ChainLayer>& layers, int nt, int64_t batch) {
   std::vector<std::vector<int64_t>> all;
-  for (const ChainLayer& L : layers) {
-    const int K = (nt == 1 || L.work * batch < MIN_SPLIT_WORK)
-                      ? 1
-                      : (int)std::max<int64_t>(1, std::min<int64_t>(nt * CHUNKS_PER_THREAD, L.units));
-    std::vector<int64_t> b(K + 1);
-    for (int c = 0; c < K; ++c) {
-      int64_t u0, u1;
-      split(L.prefix, L.units, c, K, u0, u1);
-      b[c] = u0;
-    }
-    b[K] = L.units;
-    all.push_back(std::move(b));
-  }
+  for (const ChainLayer& L : layers)
+    all.push_back(chunk_bounds(L.prefix, L.units, L.work * batch < MIN_SPLIT_WORK ? 1 : chunk_count(nt, L.units)));
   return all;
-}
-
-void barrier(int n) {
-#ifdef _OPENMP
-  if (n > 1) {
-#pragma omp barrier
-  }
-#else
-  (void)n;
-#endif
 }
 
 }  // namespace
@@ -100,22 +70,21 @@ void chain_forward(int isa, const std::vector<ChainLayer>& layers, const float* 
   if (work * B < MIN_THREAD_WORK) nt = 1;
 
   if (B == 1) {
-    float* buf = chain_scratch(2 * maxw);
+    float* buf = scratch<CHAIN_SCRATCH>(2 * maxw);
     auto src = [&](int l) -> const float* { return l == 0 ? x : buf + ((l - 1) & 1) * maxw; };
     auto dst = [&](int l) -> float* { return l == nl - 1 ? y : buf + (l & 1) * maxw; };
     if (nt == 1) {
       for (int l = 0; l < nl; ++l) gemv_rows(T, layers[l], src(l), dst(l), 0, layers[l].units);
       return;
     }
-    const auto bounds = chunk_bounds(layers, nt, 1);
-    std::unique_ptr<std::atomic<int>[]> next(new std::atomic<int>[nl]);
+    const auto bounds = layer_bounds(layers, nt, 1);
+    std::unique_ptr<std::atomic<int64_t>[]> next(new std::atomic<int64_t>[nl]);
     for (int l = 0; l < nl; ++l) next[l].store(0);
     parallel(nt, [&](int, int n) {
       for (int l = 0; l < nl; ++l) {
         const std::vector<int64_t>& bd = bounds[l];
-        const int K = (int)bd.size() - 1;
-        for (int c; (c = next[l].fetch_add(1, std::memory_order_relaxed)) < K;)
-          gemv_rows(T, layers[l], src(l), dst(l), bd[c], bd[c + 1]);
+        take_chunks(next[l], (int64_t)bd.size() - 1,
+                    [&](int64_t c) { gemv_rows(T, layers[l], src(l), dst(l), bd[c], bd[c + 1]); });
         barrier(n);
       }
     });
@@ -132,7 +101,7 @@ void chain_forward(int isa, const std::vector<ChainLayer>& layers, const float* 
   // [maxw, ld]. Either way layer l reads buffer l % 2 and writes (l + 1) % 2 at the panel's offset.
   const bool panel_mode = P >= nt;
   const int64_t region = panel_mode ? maxw * TW : ld * maxw;  // one buffer of one thread (panel mode) or all
-  float* base = chain_scratch((size_t)(2 * region * (panel_mode ? nt : 1)));
+  float* base = scratch<CHAIN_SCRATCH>((size_t)(2 * region * (panel_mode ? nt : 1)));
   auto buf = [&](int which, int p, int thread) -> float* {
     return panel_mode ? base + (2 * thread + which) * region : base + which * region + p * TW * maxw;
   };
@@ -153,34 +122,32 @@ void chain_forward(int isa, const std::vector<ChainLayer>& layers, const float* 
   };
 
   if (panel_mode) {  // whole panels per thread: no barriers
-    std::atomic<int> next{0};
+    std::atomic<int64_t> next{0};
     parallel(nt, [&](int t, int) {
-      for (int p; (p = next.fetch_add(1, std::memory_order_relaxed)) < P;) {
-        to_panel(p, t);
-        for (int l = 0; l < nl; ++l) layer_panel(l, p, t, 0, layers[l].units);
-        from_panel(p, t);
-      }
+      take_chunks(next, P, [&](int64_t p) {
+        to_panel((int)p, t);
+        for (int l = 0; l < nl; ++l) layer_panel(l, (int)p, t, 0, layers[l].units);
+        from_panel((int)p, t);
+      });
     });
     return;
   }
 
   // fewer panels than threads: every layer's (panel, row chunk) items are shared, a barrier between layers
-  const auto bounds = chunk_bounds(layers, nt, B);
-  std::unique_ptr<std::atomic<int>[]> next(new std::atomic<int>[nl + 2]);
+  const auto bounds = layer_bounds(layers, nt, B);
+  std::unique_ptr<std::atomic<int64_t>[]> next(new std::atomic<int64_t>[nl + 2]);
   for (int l = 0; l < nl + 2; ++l) next[l].store(0);
   parallel(nt, [&](int, int n) {
-    for (int p; (p = next[0].fetch_add(1, std::memory_order_relaxed)) < P;) to_panel(p, 0);
+    take_chunks(next[0], P, [&](int64_t p) { to_panel((int)p, 0); });
     barrier(n);
     for (int l = 0; l < nl; ++l) {
       const std::vector<int64_t>& bd = bounds[l];
-      const int K = (int)bd.size() - 1;
-      for (int item; (item = next[l + 1].fetch_add(1, std::memory_order_relaxed)) < P * K;) {
-        const int c = item % K;
-        layer_panel(l, item / K, 0, bd[c], bd[c + 1]);
-      }
+      const int64_t K = (int64_t)bd.size() - 1;
+      take_chunks(next[l + 1], P * K,
+                  [&](int64_t item) { layer_panel(l, (int)(item / K), 0, bd[item % K], bd[item % K + 1]); });
       barrier(n);
     }
-    for (int p; (p = next[nl + 1].fetch_add(1, std::memory_order_relaxed)) < P;) from_panel(p, 0);
+    take_chunks(next[nl + 1], P, [&](int64_t p) { from_panel((int)p, 0); });
   });
 }
 

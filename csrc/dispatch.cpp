@@ -29,59 +29,18 @@ const Table kTables[3] = {
 
 const Table& table(int isa) { return kTables[isa]; }
 
-// Unit range [u0, u1) of thread t when units are split so each thread gets about the same work;
-// prefix (units+1 entries, e.g. CSR indptr) gives the cumulative work, or null for equal work per unit.
-void split(const int64_t* prefix, int64_t units, int t, int nt, int64_t& u0, int64_t& u1) {
-  if (!prefix) {
-    u0 = units * t / nt;
-    u1 = units * (t + 1) / nt;
-    return;
-  }
-  const int64_t total = prefix[units] - prefix[0];
-  auto at = [&](int tt) -> int64_t {
-    if (tt <= 0) return 0;
-    if (tt >= nt) return units;
-    const int64_t target = prefix[0] + total * tt / nt;
-    return std::lower_bound(prefix, prefix + units + 1, target) - prefix;
-  };
-  u0 = std::min(at(t), units);
-  u1 = std::min(at(t + 1), units);
-}
-
-namespace {
-
-// The calling thread's scratch for X^T and Y^T (grown, never shrunk; OpenMP workers write through it).
-float* scratch(size_t n) {
-  thread_local std::vector<float> buf;
-  if (buf.size() < n) buf.resize(n);
-  return buf.data();
-}
-
-}  // namespace
-
-// Work is cut into chunks of rows with about equal work (nnz), CHUNKS_PER_THREAD per thread, that threads
-// take from a shared counter: when another job on a shared machine delays one thread, the others take its
-// chunks instead of waiting for it at the end (static halves made 2-thread calls up to 2x slower then).
-constexpr int CHUNKS_PER_THREAD = 8;
-
 void linear(const Problem& p, const GemvFn& gemv, const SpmmFn& spmm, TransposeFn transpose) {
   int nt = std::max(1, p.threads);
-  // Tiny problems: a second thread costs more to wake than it saves.
-  if (p.work * std::max<int64_t>(p.batch, 1) < 16384) nt = 1;
+  if (p.work * std::max<int64_t>(p.batch, 1) < MIN_SPLIT_WORK) nt = 1;
   nt = (int)std::min<int64_t>(nt, std::max<int64_t>(p.units, 1));
-  const int K = nt == 1 ? 1 : (int)std::min<int64_t>(nt * CHUNKS_PER_THREAD, p.units);
-  std::vector<int64_t> bounds(K + 1);
-  for (int c = 0; c <= K; ++c) {
-    int64_t u0, u1;
-    split(p.prefix, p.units, c, K, u0, u1);
-    bounds[c] = u0;
-  }
-  bounds[K] = p.units;
-  std::atomic<int> next{0};
+  const int K = chunk_count(nt, p.units);
+  const std::vector<int64_t> bounds = chunk_bounds(p.prefix, p.units, K);
+  std::atomic<int64_t> next{0};
   if (p.batch == 1) {
     parallel(nt, [&](int, int) {
-      for (int c; (c = next.fetch_add(1, std::memory_order_relaxed)) < K;)
+      take_chunks(next, K, [&](int64_t c) {
         if (bounds[c + 1] > bounds[c]) gemv(p.x, p.y, bounds[c], bounds[c + 1]);
+      });
     });
     return;
   }
@@ -92,7 +51,7 @@ void linear(const Problem& p, const GemvFn& gemv, const SpmmFn& spmm, TransposeF
   const int64_t ld = (B + 15) / 16 * 16;
   const int64_t TW = 16 * std::max(1, std::min(4, p.tile_vectors));
   const int P = (int)((ld + TW - 1) / TW);  // panels
-  float* xt = scratch((size_t)(in + out) * ld);
+  float* xt = scratch<LAYER_SCRATCH>((size_t)(in + out) * ld);
   float* yt = xt + in * ld;
   auto width = [&](int64_t b0) { return std::min(TW, ld - b0); };
   parallel(nt, [&](int t, int n) {
@@ -104,21 +63,17 @@ void linear(const Problem& p, const GemvFn& gemv, const SpmmFn& spmm, TransposeF
       if (nb < w)  // zero batch padding
         for (int64_t i = i0; i < i1; ++i) std::fill(dst + i * w + nb, dst + (i + 1) * w, 0.f);
     }
-#ifdef _OPENMP
-    if (n > 1) {
-#pragma omp barrier
-    }
-#endif
+    barrier(n);
     // items in panel-major order, so threads share one X^T panel at a time
-    for (int item; (item = next.fetch_add(1, std::memory_order_relaxed)) < P * K;) {
-      const int c = item % K;
+    take_chunks(next, (int64_t)P * K, [&](int64_t item) {
+      const int c = (int)(item % K);
       const int64_t b0 = (int64_t)(item / K) * TW, w = width(b0);
       const int64_t u0 = bounds[c], u1 = bounds[c + 1];
-      if (u1 <= u0) continue;
+      if (u1 <= u0) return;
       spmm(xt + b0 * in, w, 0, (int)(w / 16), yt + b0 * out, u0, u1);
       const int64_t o0 = u0 * p.unit_rows, o1 = std::min(u1 * p.unit_rows, out);  // Y^T block -> Y
       transpose(yt + b0 * out + o0 * w, w, p.y + b0 * out + o0, out, o1 - o0, std::min(w, B - b0));
-    }
+    });
   });
 }
 

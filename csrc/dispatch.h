@@ -3,11 +3,8 @@
 #include <cstdint>
 #include <functional>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "kernels.h"
+#include "parallel.h"
 
 namespace st {
 
@@ -28,22 +25,6 @@ struct Table {
   decltype(&generic::activate) activate;
 };
 const Table& table(int isa);
-
-// Unit range [u0, u1) of part t of nt, equal work by prefix (units+1 cumulative entries) or equal units.
-void split(const int64_t* prefix, int64_t units, int t, int nt, int64_t& u0, int64_t& u1);
-
-// body(thread, threads) on nt OpenMP threads (or inline when nt == 1 / no OpenMP).
-template <class Body>
-void parallel(int nt, Body body) {
-#ifdef _OPENMP
-  if (nt > 1) {
-#pragma omp parallel num_threads(nt)
-    body(omp_get_thread_num(), omp_get_num_threads());
-    return;
-  }
-#endif
-  body(0, 1);
-}
 
 struct Problem {
   int64_t out, in, batch;

@@ -8,9 +8,7 @@
 #include <utility>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "parallel.h"
 
 namespace stt {
 
@@ -18,35 +16,37 @@ int best_isa() { return st_isa::detect(); }  // same values as the ISA_* enum
 
 namespace {
 
-template <class Body>
-void parallel(int nt, Body body) {
-#ifdef _OPENMP
-  if (nt > 1) {
-#pragma omp parallel num_threads(nt)
-    body();
-    return;
-  }
-#endif
-  body();
-}
+using st::take_chunks;
 
-// Rows cut into chunks of about equal nnz, 8 per thread, taken from a shared counter: a thread slowed by
-// another job on a shared machine leaves its chunks to the others instead of stalling the call at the end.
+// One ISA's training kernels, chosen once per call by index (as kTables in dispatch.cpp for inference).
+struct Table {
+  decltype(&generic::spmm_f32) spmm_f32;
+  decltype(&generic::spmm_f64) spmm_f64;
+  decltype(&generic::spmm_t_f32) spmm_t_f32;
+  decltype(&generic::spmm_t_f64) spmm_t_f64;
+  decltype(&generic::sddmm_f32) sddmm_f32;
+  decltype(&generic::sddmm_f64) sddmm_f64;
+};
+
+const Table kTables[3] = {
+    {generic::spmm_f32, generic::spmm_f64, generic::spmm_t_f32, generic::spmm_t_f64, generic::sddmm_f32,
+     generic::sddmm_f64},
+    {avx2::spmm_f32, avx2::spmm_f64, avx2::spmm_t_f32, avx2::spmm_t_f64, avx2::sddmm_f32, avx2::sddmm_f64},
+    {avx512::spmm_f32, avx512::spmm_f64, avx512::spmm_t_f32, avx512::spmm_t_f64, avx512::sddmm_f32,
+     avx512::sddmm_f64},
+};
+
+// run(r0, r1) over rows cut into chunks of about equal nnz taken from a shared counter (see parallel.h).
 template <class Rows>
 void over_rows(int threads, const int64_t* ptr, int64_t rows, int64_t work, Rows run) {
-  int nt = std::max(1, threads);
-  // Below ~1M multiply-adds (~0.1 ms) waking a second thread costs more than it saves, and much more when
-  // the machine is shared (the wake-up waits for a time slice).
-  if (work < (int64_t(1) << 20)) nt = 1;
-  const int64_t K = nt == 1 ? 1 : std::min<int64_t>(8 * nt, std::max<int64_t>(rows, 1));
-  std::vector<int64_t> bounds(K + 1);
-  const int64_t total = ptr[rows] - ptr[0];
-  for (int64_t c = 0; c <= K; ++c)
-    bounds[c] = c == K ? rows : std::lower_bound(ptr, ptr + rows + 1, ptr[0] + total * c / K) - ptr;
+  const int nt = work < st::MIN_TRAIN_SPLIT_WORK ? 1 : std::max(1, threads);
+  const int K = st::chunk_count(nt, rows);
+  const std::vector<int64_t> bounds = st::chunk_bounds(ptr, rows, K);
   std::atomic<int64_t> next{0};
-  parallel(nt, [&]() {
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < K;)
+  st::parallel(nt, [&](int, int) {
+    take_chunks(next, K, [&](int64_t c) {
       if (bounds[c + 1] > bounds[c]) run(bounds[c], bounds[c + 1]);
+    });
   });
 }
 
@@ -54,23 +54,15 @@ void over_rows(int threads, const int64_t* ptr, int64_t rows, int64_t work, Rows
 // instead of one line per element on the strided side (rows of X are 4n bytes apart and share cache sets).
 constexpr int64_t TT = 16;
 
-// Transposes are memory-bound and short (a [256, 4096] fp32 batch: ~0.7 ms): below TRANSPOSE_PARALLEL
-// elements one thread does them. Above, the features are cut in chunks taken from a shared counter, so a
-// thread slowed by another job leaves its chunks to the other (a static split made a 99%-sparse training step
-// 1.7x slower on a loaded 2-core machine). The backward packs dY one 256-row panel at a time ([256, 1024]:
-// 262K elements), so the bar sits well below that.
-constexpr int64_t TRANSPOSE_PARALLEL = int64_t(1) << 17;
-
 // body(i0, i1) over feature chunks [i0, i1) of n (multiples of TT), spread over the threads.
 template <class Body>
 void over_features(int threads, int64_t elements, int64_t n, Body body) {
-  const int nt = elements < TRANSPOSE_PARALLEL ? 1 : std::max(1, threads);
+  const int nt = elements < st::TRANSPOSE_PARALLEL ? 1 : std::max(1, threads);
   const int64_t chunk = nt == 1 ? n : std::max<int64_t>(TT, (n / (4 * nt) + TT - 1) / TT * TT);
   const int64_t chunks = (n + chunk - 1) / chunk;
   std::atomic<int64_t> next{0};
-  parallel(nt, [&]() {
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;)
-      body(c * chunk, std::min(n, (c + 1) * chunk));
+  st::parallel(nt, [&](int, int) {
+    take_chunks(next, chunks, [&](int64_t c) { body(c * chunk, std::min(n, (c + 1) * chunk)); });
   });
 }
 
@@ -128,15 +120,13 @@ void unpack_t(int threads, const T* src, int64_t batch, int64_t n, int64_t tw, T
 
 void spmm(int isa, int threads, int dtype, const Pattern& w, int64_t rows, const void* val, const void* src,
           int64_t src_rows, void* dst, int64_t tw, int64_t panels) {
+  const Table& T = kTables[isa];
   const int64_t work = (w.ptr[rows] - w.ptr[0]) * tw * panels + rows * tw * panels;
   over_rows(threads, w.ptr, rows, work, [&](int64_t r0, int64_t r1) {
-    if (dtype == F32) {
-      auto f = isa == ISA_AVX512 ? avx512::spmm_f32 : isa == ISA_AVX2 ? avx2::spmm_f32 : generic::spmm_f32;
-      f(w, (const float*)val, (const float*)src, src_rows, (float*)dst, rows, tw, panels, r0, r1);
-    } else {
-      auto f = isa == ISA_AVX512 ? avx512::spmm_f64 : isa == ISA_AVX2 ? avx2::spmm_f64 : generic::spmm_f64;
-      f(w, (const double*)val, (const double*)src, src_rows, (double*)dst, rows, tw, panels, r0, r1);
-    }
+    if (dtype == F32)
+      T.spmm_f32(w, (const float*)val, (const float*)src, src_rows, (float*)dst, rows, tw, panels, r0, r1);
+    else
+      T.spmm_f64(w, (const double*)val, (const double*)src, src_rows, (double*)dst, rows, tw, panels, r0, r1);
   });
 }
 
@@ -145,39 +135,35 @@ void spmm_t(int isa, int threads, int dtype, const Pattern& w, int64_t rows, con
   // Work items are (panel, column range) pairs: disjoint strips of dst, so threads never write the same value.
   // Ranges are halved (down to 16 columns) until every thread has an item: narrower ranges mean more passes
   // over W (measured 1.6x slower dX per 256-row panel with four 64-column ranges than with two of 128).
+  const Table& T = kTables[isa];
   const int64_t work = (w.ptr[rows] - w.ptr[0]) * tw * panels + dst_rows * tw * panels;
-  const int nt = work < (int64_t(1) << 20) ? 1 : std::max(1, threads);
+  const int nt = work < st::MIN_TRAIN_SPLIT_WORK ? 1 : std::max(1, threads);
   int64_t cw = tw;
   while (cw > 16 && panels * (tw / cw) < nt) cw /= 2;
   const int64_t per_panel = tw / cw, items = panels * per_panel;
   std::atomic<int64_t> next{0};
-  parallel(nt, [&]() {
-    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < items;) {
+  st::parallel(nt, [&](int, int) {
+    take_chunks(next, items, [&](int64_t i) {
       const int64_t p = i / per_panel, c0 = (i % per_panel) * cw;
-      if (dtype == F32) {
-        auto f = isa == ISA_AVX512 ? avx512::spmm_t_f32 : isa == ISA_AVX2 ? avx2::spmm_t_f32 : generic::spmm_t_f32;
-        f(w, (const float*)val, (const float*)src + p * rows * tw, rows, (float*)dst + p * dst_rows * tw, dst_rows,
-          tw, c0, c0 + cw);
-      } else {
-        auto f = isa == ISA_AVX512 ? avx512::spmm_t_f64 : isa == ISA_AVX2 ? avx2::spmm_t_f64 : generic::spmm_t_f64;
-        f(w, (const double*)val, (const double*)src + p * rows * tw, rows, (double*)dst + p * dst_rows * tw,
-          dst_rows, tw, c0, c0 + cw);
-      }
-    }
+      if (dtype == F32)
+        T.spmm_t_f32(w, (const float*)val, (const float*)src + p * rows * tw, rows, (float*)dst + p * dst_rows * tw,
+                     dst_rows, tw, c0, c0 + cw);
+      else
+        T.spmm_t_f64(w, (const double*)val, (const double*)src + p * rows * tw, rows,
+                     (double*)dst + p * dst_rows * tw, dst_rows, tw, c0, c0 + cw);
+    });
   });
 }
 
 void sddmm(int isa, int threads, int dtype, const Pattern& w, int64_t rows, const void* a, const void* b,
            int64_t b_rows, void* dw, int64_t tw, int64_t panels) {
+  const Table& T = kTables[isa];
   const int64_t work = (w.ptr[rows] - w.ptr[0]) * tw * panels;
   over_rows(threads, w.ptr, rows, work, [&](int64_t r0, int64_t r1) {
-    if (dtype == F32) {
-      auto f = isa == ISA_AVX512 ? avx512::sddmm_f32 : isa == ISA_AVX2 ? avx2::sddmm_f32 : generic::sddmm_f32;
-      f(w, (const float*)a, rows, (const float*)b, b_rows, (float*)dw, tw, panels, r0, r1);
-    } else {
-      auto f = isa == ISA_AVX512 ? avx512::sddmm_f64 : isa == ISA_AVX2 ? avx2::sddmm_f64 : generic::sddmm_f64;
-      f(w, (const double*)a, rows, (const double*)b, b_rows, (double*)dw, tw, panels, r0, r1);
-    }
+    if (dtype == F32)
+      T.sddmm_f32(w, (const float*)a, rows, (const float*)b, b_rows, (float*)dw, tw, panels, r0, r1);
+    else
+      T.sddmm_f64(w, (const double*)a, rows, (const double*)b, b_rows, (double*)dw, tw, panels, r0, r1);
   });
 }
 
