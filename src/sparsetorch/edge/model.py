@@ -145,7 +145,9 @@ def load(path: str | os.PathLike, backend: str = "auto") -> EdgeModel:
     desc, arrays = read_file(path)
     try:
         return EdgeModel(desc, arrays, backend)
-    except (KeyError, TypeError, IndexError) as exc:
+    except SparsityError:
+        raise
+    except (KeyError, TypeError, IndexError, ValueError, AttributeError) as exc:
         raise SparsityError(f"{path} has a malformed edge description ({exc!r}); it is corrupted") from None
 
 

@@ -1,0 +1,188 @@
+"""Hostile files never reach the kernels (issue #20): index validators, the crashing cases kept as
+regressions (a valid file + one specific edit), atomic_write's temp files, and a short seeded fuzz run
+(each case in a subprocess, so a segfault is reported with its seed instead of killing pytest)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from torch import nn
+
+import sparsetorch
+import sparsetorch.edge as edge
+from sparsetorch.errors import SparsityError
+from sparsetorch.formats import index_checks as ic
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- validators ------------------------------------------------------------------------------------------------
+def test_check_csr_accepts_valid_and_rejects_each_defect():
+    indptr, indices = np.array([0, 2, 2, 3], np.int32), np.array([0, 5, 7], np.uint16)
+    ic.check_csr("w", indptr, indices, 3, 8)
+    bad = [
+        (np.array([0, -2, 2, 3], np.int32), indices, "decrease"),
+        (np.array([1, 2, 2, 3], np.int32), indices, "start at"),
+        (np.array([0, 2, 2, 4], np.int32), indices, "end at"),
+        (np.array([0, 2, 3], np.int32), indices, "row pointers for"),
+        (np.array([0, 2, 2, 3], np.float32), indices, "dtype"),
+        (indptr, np.array([0, 5, 8], np.uint16), "outside [0, 8)"),
+        (indptr, np.array([0, 65535, 7], np.uint16), "outside"),
+        (indptr, np.array([0, -1, 7], np.int32), "outside"),
+    ]
+    for p, i, words in bad:
+        with pytest.raises(SparsityError, match=r"(?s)" + __import__("re").escape(words) + ".*re-export"):
+            ic.check_csr("w", p, i, 3, 8)
+
+
+def test_check_shape_bitmask_nm_blocks_bytes():
+    assert ic.check_shape("w", [3, 4], ndim=2) == (3, 4)
+    for shape in ([-1, 4], [3], [2**40, 2**40], ["3", 4], [True, 2], None):
+        with pytest.raises(SparsityError):
+            ic.check_shape("w", shape, ndim=2)
+    bits = np.packbits(np.array([1, 0, 1, 1, 0], bool))
+    ic.check_bitmask("m", bits, 5, 3)
+    with pytest.raises(SparsityError, match="sets 3 bits but stores 2"):
+        ic.check_bitmask("m", bits, 5, 2)
+    with pytest.raises(SparsityError, match="bytes for"):
+        ic.check_bitmask("m", bits, 10**9, 3)
+    with pytest.raises(SparsityError, match="past its"):
+        ic.check_bitmask("m", np.array([0xFF], np.uint8), 5, 5)
+    ic.check_nm_codes("nm", np.array([0, 2, 1, 3], np.uint8), 2, 4)
+    with pytest.raises(SparsityError):
+        ic.check_nm_codes("nm", np.array([0, 4], np.uint8), 2, 4)
+    with pytest.raises(SparsityError, match="strictly increasing"):
+        ic.check_nm_codes("nm", np.array([1, 1], np.uint8), 2, 4)
+    with pytest.raises(SparsityError):
+        ic.check_nm_codes("nm", np.array([0], np.uint8), 0, 4)
+    ic.check_block_indices("b", np.array([0, 3], np.int64), 4)
+    with pytest.raises(SparsityError):
+        ic.check_block_indices("b", np.array([4], np.int64), 4)
+    ic.check_claimed_bytes("x", 10, 10)
+    with pytest.raises(SparsityError, match="only justifies"):
+        ic.check_claimed_bytes("x", 11, 10)
+
+
+def test_index_checks_import_without_torch():
+    code = ("import sys; import sparsetorch.edge, sparsetorch.edge.weights as w; w.checks.check_shape('w', [1, 2]);"
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+
+
+# -- edge files: the crashing cases, as regressions -------------------------------------------------------------
+def _mlp(sparsity=0.9, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    with torch.no_grad():
+        for lin in (model[0], model[2]):
+            w = lin.weight
+            w[torch.rand_like(w) < sparsity] = 0
+    return model
+
+
+def edge_seed(path: Path, sparsity=0.99) -> Path:
+    """A valid edge file from the library's own exporter (CSR at 99% sparsity, bitmask at 50-90%)."""
+    sparsetorch.export_edge(_mlp(sparsity), torch.randn(1, 64), path)
+    return path
+
+
+def read_edge(path):
+    with safe_open(str(path), framework="numpy") as fh:
+        return dict(fh.metadata()), {k: fh.get_tensor(k) for k in fh.keys()}
+
+
+def write_edge(path, metadata, arrays):
+    save_file(arrays, str(path), metadata=metadata)
+    return path
+
+
+def _edit(path, out, fn):
+    meta, arrays = read_edge(path)
+    desc = json.loads(meta["sparsetorch.edge"])
+    fn(desc, arrays)
+    meta["sparsetorch.edge"] = json.dumps(desc)
+    return write_edge(out, meta, arrays)
+
+
+def _run_forward(path, backend="auto"):
+    model = edge.load(path, backend=backend)
+    return model(np.ones((2, 64), np.float32))
+
+
+def _negative_indptr(desc, arrays):
+    key = "0.weight/indptr"
+    arrays[key] = arrays[key].copy()
+    arrays[key][1:-1] = -1000
+
+
+def _indices_65535(desc, arrays):
+    arrays["0.weight/indices"] = np.full_like(arrays["0.weight/indices"], 65535)
+
+
+def _indptr_beyond_nnz(desc, arrays):
+    arrays["0.weight/indptr"] = (arrays["0.weight/indptr"] * 50).astype(np.int32)
+
+
+def _wide_shape_claim(desc, arrays):  # 16-bit indices but a claimed width far past them
+    desc["tensors"]["0.weight"]["shape"] = [32, 10**6]
+
+
+def _float_indices(desc, arrays):
+    arrays["0.weight/indices"] = arrays["0.weight/indices"].astype(np.float32)
+
+
+EDGE_CSR_CASES = {"negative_indptr": _negative_indptr, "indices_65535": _indices_65535,
+                  "indptr_beyond_nnz": _indptr_beyond_nnz, "wide_shape_claim": _wide_shape_claim,
+                  "float_indices": _float_indices}
+
+
+def _run_isolated(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+
+
+@pytest.mark.parametrize("case", sorted(EDGE_CSR_CASES))
+@pytest.mark.parametrize("backend", ["auto", "numpy"])
+def test_edge_hostile_csr_is_clean_error(tmp_path, case, backend):
+    seed = edge_seed(tmp_path / "ok.spt")
+    assert read_edge(seed)[1]["0.weight/indptr"].dtype == np.int32  # the seed is CSR: the edit hits it
+    bad = _edit(seed, tmp_path / "bad.spt", EDGE_CSR_CASES[case])
+    # in a subprocess: before the fix these segfaulted (negative_indptr) or read out of bounds
+    code = (f"import numpy as np, sparsetorch.edge as e\nfrom sparsetorch.errors import SparsityError\n"
+            f"try:\n m = e.load({str(bad)!r}, backend={backend!r}); m(np.ones((2, 64), np.float32))\n"
+            f"except SparsityError as exc: print('CLEAN', exc)\nelse: print('LOADED')\n")
+    res = _run_isolated(code)
+    assert res.returncode == 0, f"crashed with {res.returncode}: {res.stderr[-2000:]}"
+    assert "CLEAN" in res.stdout, res.stdout + res.stderr
+
+
+def test_edge_huge_bitmask_claim_is_refused_before_allocating(tmp_path):
+    seed = edge_seed(tmp_path / "ok.spt", sparsity=0.5)
+    meta, arrays = read_edge(seed)
+    desc = json.loads(meta["sparsetorch.edge"])
+    layouts = {k: v["layout"] for k, v in desc["tensors"].items()}
+    assert "bitmask" in layouts.values(), layouts
+    name = next(k for k, v in layouts.items() if v == "bitmask")
+
+    def claim(desc, arrays):
+        desc["tensors"][name]["shape"] = [2**20, 2**20]  # a 1 TiB mask from a few-KB file
+    bad = _edit(seed, tmp_path / "bad.spt", claim)
+    assert os.path.getsize(bad) < 100_000
+    with pytest.raises(SparsityError, match="bytes for"):
+        edge.load(bad)
+
+
+def test_edge_valid_files_still_match(tmp_path):
+    for sparsity in (0.9, 0.5, 0.0):
+        model = _mlp(sparsity)
+        path = edge_seed(tmp_path / f"ok{sparsity}.spt", sparsity)
+        x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+        for backend in ("auto", "numpy", "dense"):
+            y = edge.load(path, backend=backend)(x)
+            np.testing.assert_allclose(y, model(torch.from_numpy(x)).detach().numpy(), atol=1e-4)
