@@ -142,19 +142,66 @@ def _popcount(bits: np.ndarray) -> int:
 
 
 def check_nm_codes(name: str, codes: np.ndarray, n: int, m: int) -> None:
-    """N:M group codes: n and m sane (0 < n <= m <= 64) and every code in [0, m) (position within the group),
-    strictly increasing inside each group of n."""
-    if not (isinstance(n, (int, np.integer)) and isinstance(m, (int, np.integer)) and 0 < n <= m <= 64):
-        _fail(f"{name} has N:M = {n}:{m}; need 0 < N <= M <= 64", name=name, n=n, m=m)
+    """N:M group codes: n and m sane (0 < n <= m <= 256, codes are uint8) and every code in [0, m) (a position
+    within its group of m inputs), the n codes of each group distinct (a repeated position would add two
+    stored values into one weight)."""
+    if not (isinstance(n, (int, np.integer)) and isinstance(m, (int, np.integer)) and 0 < n <= m <= 256):
+        _fail(f"{name} has N:M = {n}:{m}; need 0 < N <= M <= 256", name=name, n=n, m=m)
     check_indices(f"{name} group codes", codes, int(m))
     if codes.size % n:
         _fail(f"{name} holds {codes.size} codes, not a multiple of N={n}", name=name)
     if n > 1 and codes.size:
-        groups = codes.reshape(-1, n).astype(np.int64)
-        if (np.diff(groups, axis=1) <= 0).any():
-            _fail(f"{name} has a group whose positions are not strictly increasing (repeated weight)", name=name)
+        groups = np.sort(codes.reshape(-1, n).astype(np.int16), axis=1)
+        if (np.diff(groups, axis=1) == 0).any():
+            _fail(f"{name} has a group that names one position twice", name=name)
 
 
 def check_block_indices(name: str, indices: np.ndarray, n_blocks: int) -> None:
     """Block (BSR) column indices in [0, n_blocks)."""
     check_indices(f"{name} block indices", indices, int(n_blocks))
+
+
+# -- the compiled layers' buffers (torch callers pass ``t.detach().cpu().numpy()``) -------------------------------
+def unsigned16(indices: np.ndarray) -> np.ndarray:
+    """Column indices < 65536 stored as int16 (the kernels read them as unsigned): their uint16 view."""
+    return indices.view(np.uint16) if indices.dtype == np.int16 else indices
+
+
+def check_csr_weight(name: str, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
+                     out_features: int, in_features: int) -> None:
+    """A CSRWeight (inference) or SparseLinear (training) layer: indptr int64 [out+1]; indices int16 (read as
+    uint16, when in <= 65536), int32, or int64 (SparseLinear) in [0, in); values [nnz]."""
+    out_features, in_features = check_shape(name, [out_features, in_features], ndim=2)
+    check_dtype(f"{name} column indices", indices, (np.int16, np.uint16, np.int32, np.int64))
+    if indices.dtype in (np.int16, np.uint16) and in_features > 65536:
+        _fail(f"{name} has 16-bit column indices for {in_features} inputs", name=name)
+    check_size(f"{name} values", values, indices.size)
+    check_csr(name, indptr.reshape(-1), unsigned16(indices.reshape(-1)), out_features, in_features)
+
+
+def check_nm_weight(name: str, values: np.ndarray, offsets: np.ndarray, n: int, m: int,
+                    out_features: int, in_features: int) -> None:
+    """An NMWeight: in divisible by m, values and offsets both [out, in/m*n], offsets in [0, m) distinct per group."""
+    out_features, in_features = check_shape(name, [out_features, in_features], ndim=2)
+    if not (isinstance(m, (int, np.integer)) and m > 0) or in_features % m:
+        _fail(f"{name}: {n}:{m} does not tile {in_features} inputs", name=name)
+    want = out_features * (in_features // m) * n
+    check_size(f"{name} values", values, want)
+    check_size(f"{name} offsets", offsets, want)
+    check_dtype(f"{name} offsets", offsets, (np.uint8,))
+    check_nm_codes(name, offsets.reshape(-1), n, m)
+
+
+def check_bsr_weight(name: str, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
+                     out_features: int, in_features: int) -> None:
+    """A BSRWeight: values [nblocks, R, C] with R | out and C | in; indptr over the out/R block rows; block
+    column indices (int16 read as uint16, or int32) in [0, in/C)."""
+    out_features, in_features = check_shape(name, [out_features, in_features], ndim=2)
+    if values.ndim != 3:
+        _fail(f"{name} values have shape {list(values.shape)}, expected [blocks, R, C]", name=name)
+    nblocks, r, c = (int(d) for d in values.shape)
+    if r <= 0 or c <= 0 or out_features % r or in_features % c:
+        _fail(f"{name}: block {r}x{c} does not tile a {out_features}x{in_features} weight", name=name)
+    check_dtype(f"{name} block indices", indices, (np.int16, np.uint16, np.int32, np.int64))
+    check_csr(name, indptr.reshape(-1), unsigned16(indices.reshape(-1)), out_features // r, in_features // c,
+              nnz=nblocks)
