@@ -239,3 +239,64 @@ def test_stale_temp_of_killed_run_is_removed_on_next_save(tmp_path):
     os.utime(old, (0, 0))
     files.atomic_write(tmp_path / "m.bin", b"newer")
     assert _temps(tmp_path) == sorted([live.name, other.name])
+
+
+# -- torch loaders: validators written, wiring is wave 2 ----------------------------------------------------------
+_TORCH_CASE = """
+import torch, sparsetorch
+from torch import nn
+from sparsetorch.errors import SparsityError
+torch.manual_seed(0)
+def build():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    with torch.no_grad():
+        for lin in (m[0], m[2]):
+            lin.weight[torch.rand_like(lin.weight) < 0.9] = 0
+    if KIND == "inference":
+        return sparsetorch.to_inference(m.eval(), torch.randn(4, 64), budget_s=0.005, fuse="always")
+    return sparsetorch.to_sparse_training(m, 0.9)
+model = build()
+state = model.state_dict()
+key = next(k for k in state if k.endswith("indices"))
+state[key] = torch.full_like(state[key], VALUE)  # 30000 in a 64-wide layer
+model.load_state_dict(state)
+path = sparsetorch.save(model, PATH)
+fresh = build()
+try:
+    sparsetorch.load(path, fresh)
+    y = fresh(torch.randn(4, 64))
+    if KIND == "training":
+        y.sum().backward()
+except SparsityError as exc:
+    print("CLEAN", exc)
+else:
+    print("LOADED")
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="wired in wave 2")
+@pytest.mark.parametrize("kind,value", [("inference", 30000), ("inference", -5), ("training", 30000)])
+def test_torch_load_hostile_indices_is_clean_error(tmp_path, kind, value):
+    """Before wiring: sparsetorch.load copies 30000 into a 64-wide layer's column indices and the next forward
+    segfaults (inference: FusedChain/CSRWeight; training: SparseLinear's kernels)."""
+    code = f"KIND, VALUE, PATH = {kind!r}, {value}, {str(tmp_path / 'm.safetensors')!r}\n" + _TORCH_CASE
+    res = _run_isolated(code)
+    assert res.returncode == 0, f"crashed with {res.returncode}: {res.stderr[-1500:]}"
+    assert "CLEAN" in res.stdout, res.stdout + res.stderr[-1500:]
+
+
+def test_torch_layer_validators_reject_the_hostile_buffers():
+    """The validators wave 2 calls (see index_checks.check_csr_weight) already catch these buffers."""
+    from sparsetorch.kernels.packed import CSRWeight
+    w = torch.randn(64, 64)
+    w[torch.rand_like(w) < 0.9] = 0
+    c = CSRWeight.from_dense(w)
+    args = (c.indptr.numpy(), c.indices.numpy(), c.values.numpy(), 64, 64)
+    ic.check_csr_weight("fc", *args)
+    with pytest.raises(SparsityError, match="outside"):
+        ic.check_csr_weight("fc", args[0], torch.full_like(c.indices, 30000).numpy(), *args[2:])
+    with pytest.raises(SparsityError, match="decrease"):
+        ic.check_csr_weight("fc", (c.indptr * torch.tensor([1, -1]).repeat(33)[:65]).numpy(), *args[1:])
+    sl = sparsetorch.to_sparse_training(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 2)), 0.9)[0]
+    ic.check_csr_weight("sl", sl.indptr.numpy(), sl.indices.numpy(), sl.values.detach().numpy(), 64, 64)
