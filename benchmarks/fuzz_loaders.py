@@ -343,7 +343,7 @@ def worker(seeds: dict[str, str]) -> None:
 # -- the parent: batches cases to workers, survives their crashes -----------------------------------------------
 def run_cases(seeds: dict[str, Path], cases: list[tuple[str, int]], timeout: float = 20.0) -> list[dict]:
     """Run (loader, case_seed) cases in worker subprocesses; one record per case, in order."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT / "src")) if p),
            "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "0"}
     arg = json.dumps({k: str(v) for k, v in seeds.items()})
     results: list[dict] = []

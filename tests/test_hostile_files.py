@@ -20,6 +20,7 @@ from sparsetorch.errors import SparsityError
 from sparsetorch.formats import index_checks as ic
 
 ROOT = Path(__file__).resolve().parent.parent
+SRC = str(Path(sparsetorch.__file__).resolve().parent.parent)  # the copy under test (benchmarks/asan_kernels.sh: its own)
 
 
 # -- validators ------------------------------------------------------------------------------------------------
@@ -72,7 +73,7 @@ def test_check_shape_bitmask_nm_blocks_bytes():
 def test_index_checks_import_without_torch():
     code = ("import sys; import sparsetorch.edge, sparsetorch.edge.weights as w; w.checks.check_shape('w', [1, 2]);"
             "assert 'torch' not in sys.modules, 'torch imported'")
-    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": SRC})
 
 
 # -- edge files: the crashing cases, as regressions -------------------------------------------------------------
@@ -144,7 +145,7 @@ EDGE_CSR_CASES = {"negative_indptr": _negative_indptr, "indices_65535": _indices
 
 def _run_isolated(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+                          env={**os.environ, "PYTHONPATH": SRC})
 
 
 @pytest.mark.parametrize("case", sorted(EDGE_CSR_CASES))
