@@ -134,6 +134,8 @@ _POP8 = np.array([bin(i).count("1") for i in range(256)], np.uint8)
 
 
 def _popcount(bits: np.ndarray) -> int:
+    if hasattr(np, "bitwise_count"):  # numpy >= 2.0: one vectorised pass, no lookup
+        return int(np.bitwise_count(bits.reshape(-1)).sum(dtype=np.int64))
     total = 0
     flat = bits.reshape(-1)
     for start in range(0, flat.size, 1 << 22):  # bounded temporaries
