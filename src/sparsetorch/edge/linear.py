@@ -38,7 +38,11 @@ class Linear:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.out_features, self.in_features = w.shape
-        self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+        self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32).reshape(-1)
+        if self.bias is not None and self.bias.size != self.out_features:
+            from ..errors import SparsityError
+            raise SparsityError(f"bias has {self.bias.size} values for {self.out_features} outputs; the file is "
+                                "corrupted")
         kernels = compiled_kernels()
         if w.dense is not None:
             backend = "dense"  # stored dense: sparse kernels would gain nothing

@@ -77,13 +77,25 @@ class EdgeModel:
         self.output = desc["output"]
         self._steps: list[tuple[str, Callable[[Env], object]]] = []
         self.transformer = None
+        if not isinstance(desc.get("nodes"), list) or not isinstance(self.input_spec, dict) \
+                or not isinstance(self.input_spec.get("shape"), list):
+            raise SparsityError("the edge description lacks its node list or input spec; the file is corrupted")
+        known = {self.input_spec.get("name")}
         for node in desc["nodes"]:
+            # a graph that reads a value before it exists (or never produces its output) is corrupted
+            for ref in node.get("inputs", []) if isinstance(node, dict) else [None]:
+                if not isinstance(ref, str) or ref not in known:
+                    raise SparsityError(f"node {node.get('name') if isinstance(node, dict) else node!r} reads "
+                                        f"{ref!r}, which no earlier node makes; the file is corrupted")
+            known.add(node.get("name"))
             try:
                 builder = _BUILDERS[node["op"]]
             except KeyError:
                 raise SparsityError(f"node {node.get('name')!r} has op {node.get('op')!r}, which this runtime does "
                                     "not know; the file is corrupted or from a newer sparsetorch") from None
             self._steps.append((node["name"], builder(self, node)))
+        if not isinstance(self.output, str) or self.output not in known:
+            raise SparsityError(f"the edge file's output {self.output!r} is not a node of its graph; it is corrupted")
         del self._arrays  # the prepared ops hold what they need; free the raw (e.g. int8) copies
 
     # -- weights ---------------------------------------------------------------------------------------------
@@ -120,9 +132,16 @@ class EdgeModel:
 
     def __call__(self, x) -> np.ndarray:
         env: Env = {self.input_spec["name"]: self.check_input(x)}
-        for name, step in self._steps:
-            env[name] = step(env)
-        return np.asarray(env[self.output], dtype=np.float32)
+        try:
+            for name, step in self._steps:
+                env[name] = step(env)
+            return np.asarray(env[self.output], dtype=np.float32)
+        except SparsityError:
+            raise
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            # the input was checked above: a step failing this way means the graph's parameters are bad
+            raise SparsityError(f"the edge file's graph failed at run time ({exc!r}); it is corrupted or was "
+                                "edited; re-export it") from None
 
     def generate(self, prompt: bytes | list[int] | np.ndarray, n: int, *, temperature: float = 0.0,
                  top_k: int | None = None, seed: int | None = None) -> bytes | list[int]:
@@ -145,7 +164,9 @@ def load(path: str | os.PathLike, backend: str = "auto") -> EdgeModel:
     desc, arrays = read_file(path)
     try:
         return EdgeModel(desc, arrays, backend)
-    except (KeyError, TypeError, IndexError) as exc:
+    except SparsityError:
+        raise
+    except (KeyError, TypeError, IndexError, ValueError, AttributeError) as exc:
         raise SparsityError(f"{path} has a malformed edge description ({exc!r}); it is corrupted") from None
 
 

@@ -12,9 +12,29 @@ scale = max|w_row| / 127). Arrays are saved under ``"<name>/<part>"``.
 """
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import numpy as np
 
 from ..errors import SparsityError
+
+
+def _load_index_checks():
+    """sparsetorch.formats.index_checks without importing sparsetorch.formats (whose __init__ imports torch)."""
+    name = "sparsetorch.formats.index_checks"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = Path(__file__).resolve().parent.parent / "formats" / "index_checks.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[name] = module
+    return module
+
+
+checks = _load_index_checks()
 
 LAYOUTS = ("dense", "csr", "bitmask")
 VALUE_TYPES = ("fp32", "int8")
@@ -88,31 +108,61 @@ class Matrix:
         return w
 
 
+VALUE_DTYPES = {"fp32": (np.float32,), "int8": (np.int8,)}
+
+
 def decode_matrix(name: str, arrays: dict[str, np.ndarray], meta: dict) -> Matrix:
-    """Inverse of :func:`encode_matrix` (int8 values are dequantized to float32 here, once)."""
+    """Inverse of :func:`encode_matrix` (int8 values are dequantized to float32 here, once).
+
+    Everything read from the file is validated first (shape, dtypes, CSR pointers and indices, bitmask
+    length and popcount): these arrays go to compiled kernels that index raw memory with them."""
     try:
-        out, inp = (int(s) for s in meta["shape"])
+        if not isinstance(meta, dict):
+            raise TypeError(f"meta is {type(meta).__name__}")
+        out, inp = checks.check_shape(f"weight {name!r}", meta["shape"], ndim=2)
         layout, kind = meta["layout"], meta["values"]
         values = arrays["values"]
-        scale = arrays["scale"].astype(np.float32) if kind == "int8" else None
+        scale = arrays["scale"] if kind == "int8" else None
     except (KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, SparsityError):
+            raise
         raise SparsityError(f"weight {name!r} is incomplete in the edge file ({exc}); it is corrupted") from None
+    if kind not in VALUE_DTYPES:
+        raise SparsityError(f"weight {name!r} has value type {kind!r}, expected one of {VALUE_TYPES}; "
+                            "the file is corrupted or newer")
+    checks.check_dtype(f"weight {name!r} values", values, VALUE_DTYPES[kind])
+    if scale is not None:
+        checks.check_dtype(f"weight {name!r} scale", scale, (np.float32,))
+        checks.check_size(f"weight {name!r} scale", scale, out)
+        scale = scale.astype(np.float32).reshape(-1)
+    values = values.reshape(-1)
     if layout == "dense":
+        checks.check_size(f"weight {name!r} values", values, out * inp)
         w = values.astype(np.float32).reshape(out, inp)
         if scale is not None:
             w = w * scale[:, None]
         return Matrix((out, inp), None, None, None, dense=np.ascontiguousarray(w, dtype=np.float32))
     if layout == "csr":
-        indptr = arrays["indptr"].astype(np.int64)
-        indices = arrays["indices"]
+        if "indptr" not in arrays or "indices" not in arrays:
+            raise SparsityError(f"weight {name!r} lacks its CSR arrays; the file is corrupted")
+        indptr, indices = arrays["indptr"].reshape(-1), arrays["indices"].reshape(-1)
+        checks.check_dtype(f"weight {name!r} row pointers", indptr, (np.int32, np.int64))
+        checks.check_dtype(f"weight {name!r} column indices", indices, (np.uint16, np.int32))
+        checks.check_csr(f"weight {name!r}", indptr, indices, out, inp, nnz=values.size)
+        indptr = indptr.astype(np.int64)
     elif layout == "bitmask":
-        nz = np.unpackbits(arrays["bits"], count=out * inp).reshape(out, inp).astype(bool)
+        if "bits" not in arrays:
+            raise SparsityError(f"weight {name!r} lacks its bitmask; the file is corrupted")
+        # checked on the packed bytes before unpacking: the unpacked mask is out*inp bytes, and the bits'
+        # length must match the claimed shape, so a tiny file cannot make us allocate a huge mask
+        checks.check_bitmask(f"weight {name!r} bitmask", arrays["bits"].reshape(-1), out * inp, values.size)
+        nz = np.unpackbits(arrays["bits"].reshape(-1), count=out * inp).reshape(out, inp).astype(bool)
         indptr = np.concatenate([[0], np.cumsum(nz.sum(axis=1))]).astype(np.int64)
         indices = np.nonzero(nz)[1].astype(np.uint16 if inp <= 65536 else np.int32)
     else:
         raise SparsityError(f"weight {name!r} has unknown layout {layout!r}; the file is corrupted or newer")
-    if indptr.shape != (out + 1,) or indptr[-1] != values.size or indices.size != values.size:
-        raise SparsityError(f"weight {name!r} has inconsistent sparse arrays; the file is corrupted")
+    if indices.dtype == np.uint16 and inp > 65536:
+        raise SparsityError(f"weight {name!r} has 16-bit column indices for {inp} columns; the file is corrupted")
     vals = values.astype(np.float32)
     if scale is not None:
         vals = vals * np.repeat(scale, np.diff(indptr))

@@ -128,22 +128,83 @@ def choose_format(value: torch.Tensor, mask: torch.Tensor | None, values: str = 
 
 
 def atomic_write(path: Path, payload: bytes) -> Path:
-    """Write bytes to ``path`` so readers see either the old file or the whole new one."""
+    """Write bytes to ``path`` so readers see either the old file or the whole new one.
+
+    The temp file ``.NAME.<pid>.<random>.tmp`` sits next to ``path`` and is removed on every exit path
+    (exceptions, KeyboardInterrupt; SIGTERM/SIGHUP become exceptions while writing from the main thread).
+    A run killed outright (SIGKILL, power loss) leaves it behind: the next save of the same ``path`` removes
+    the temp files of that naming whose writer pid is dead, or that are older than a day; a live
+    concurrent writer's temp file is left alone."""
+    import re
+    import signal
+    import threading
+    import time
+
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    pattern = re.compile(r"^\." + re.escape(path.name) + r"\.(?:(\d+)\.)?[A-Za-z0-9_]+\.tmp$")
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        entries = []
+    for entry in entries:
+        found = pattern.match(entry.name)
+        if not found:
+            continue
+        pid = int(found.group(1)) if found.group(1) else None  # None: older naming, judged by age only
+        try:
+            stale = time.time() - entry.stat(follow_symlinks=False).st_mtime > 86400
+            if pid is not None and pid != os.getpid() and not stale:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    stale = True
+                except (PermissionError, OverflowError):
+                    pass  # alive (someone else's) or not a pid: leave it
+            if stale and entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+        except OSError:
+            pass  # raced with its owner or another cleaner
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     umask = os.umask(0)
     os.umask(umask)
+    handlers = {}
+
+    def _raise(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum} while writing {path}")
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if sig is None:
+                continue
+            try:
+                if signal.getsignal(sig) in (signal.SIG_DFL, None):
+                    handlers[sig] = signal.signal(sig, _raise)
+            except (ValueError, OSError):
+                pass
     try:
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it a normal file's mode
         with os.fdopen(fd, "wb") as fh:
+            fd = -1
             fh.write(payload)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        if fd != -1:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        try:
             os.unlink(tmp)
+        except OSError:
+            pass
         raise
+    finally:
+        for sig, old in handlers.items():
+            signal.signal(sig, old)
     return path
 
 
