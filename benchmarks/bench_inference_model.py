@@ -38,7 +38,7 @@ import torch
 
 import sparsetorch
 from sparsetorch.data.digits import load_digits_split
-from sparsetorch.kernels import bench
+from sparsetorch.kernels import microbench as bench
 from sparsetorch.models import MLP
 from sparsetorch.models.gpt import GPT, GPTConfig
 from sparsetorch.recipes.training_loop import accuracy, fit

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from sparsetorch.kernels import bench
+from sparsetorch.kernels import microbench as bench
 
 ROOT = Path(__file__).resolve().parent
 

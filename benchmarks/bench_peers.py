@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     import onnxruntime as ort
     import torch
 
-    from sparsetorch.kernels import bench
+    from sparsetorch.kernels import microbench as bench
 
     torch.set_num_threads(1)
     command = "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
