@@ -143,8 +143,7 @@ def run_gpt2_small(args) -> dict:
     calib = [torch.randint(0, model.config.vocab_size, (1, 512), generator=g) for _ in range(args.gpt2_nsamples)]
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"GPT-2 small: {params / 1e6:.1f}M params, {len(calib)} x 512 calibration tokens, SparseGPT 50% on CPU")
-    _, stats = prune_oneshot(model, calib, method="sparsegpt", sparsity=0.5, device="cpu", progress=True,
-                             return_stats=True)
+    stats = prune_oneshot(model, calib, method="sparsegpt", sparsity=0.5, device="cpu", progress=True).sparsetorch_stats
     out = {"params": params, "nsamples": len(calib), "seqlen": 512, "minutes": stats.seconds / 60,
            "peak_rss_mb": stats.peak_memory_mb, "rss_before_mb": rss_before,
            "model_fp32_mb": params * 4 / 2**20, "layers": len(stats.layers)}

@@ -67,7 +67,7 @@ def test_sparsegpt_reconstruction_beats_magnitude(pattern):
     for method in ("magnitude", "wanda", "sparsegpt"):
         copy = nn.Linear(128, 64, bias=False)
         copy.load_state_dict(layer.state_dict())
-        prune_oneshot(copy, [X], method=method, pattern=pattern, sparsity=0.5, keep_head=False, progress=False)
+        prune_oneshot(copy, [X], method=method, pattern=pattern, sparsity=0.5, include=["*"], progress=False)
         errors[method] = _recon_error(W, copy.weight.detach(), X)
     assert errors["sparsegpt"] < 0.6 * errors["magnitude"], errors
     assert errors["sparsegpt"] < errors["wanda"], errors
@@ -78,8 +78,8 @@ def test_wanda_equals_row_magnitude_when_input_norms_are_equal():
     X = torch.randint(0, 2, (256, 64), generator=g).float() * 2 - 1  # +-1: every column has norm sqrt(256)
     a, b = nn.Linear(64, 32), nn.Linear(64, 32)
     b.load_state_dict(a.state_dict())
-    prune_oneshot(a, [X], method="wanda", sparsity=0.5, keep_head=False, progress=False)
-    prune_oneshot(b, None, method="magnitude", scope="row", sparsity=0.5, keep_head=False, progress=False)
+    prune_oneshot(a, [X], method="wanda", sparsity=0.5, include=["*"], progress=False)
+    prune_oneshot(b, None, method="magnitude", scope="row", sparsity=0.5, include=["*"], progress=False)
     assert torch.equal(get_mask(a), get_mask(b))
 
 
@@ -113,13 +113,12 @@ def test_pruned_model_stays_sparse_when_fine_tuned():
 
 def test_per_layer_sparsity_globs_skip_and_stats():
     model, calib = _mlp_and_data()
-    _, stats = prune_oneshot(model, calib, method="wanda", sparsity={"fc1": 0.25, "*": 0.75},
-                             return_stats=True, progress=False)
+    stats = prune_oneshot(model, calib, method="wanda", sparsity={"fc1": 0.25, "*": 0.75}, progress=False).sparsetorch_stats
     got = {r.name: r.sparsity for r in stats.layers}
     assert got == pytest.approx({"fc1": 0.25, "fc2": 0.75})
     assert stats.mode == "one-pass" and stats.seconds > 0 and stats.peak_memory_mb > 0
     model, calib = _mlp_and_data()
-    prune_oneshot(model, calib, method="sparsegpt", skip=["fc2"], progress=False)
+    prune_oneshot(model, calib, method="sparsegpt", exclude=["fc2"], progress=False)
     assert [m.fqn for m in iter_masks(model)] == ["fc1"]
 
 
@@ -193,8 +192,8 @@ def test_byte_gpt_pruned_block_by_block_on_stdlib_text():
     torch.manual_seed(0)
     model = GPT(GPTConfig(layers=2, width=32, heads=2, context=32)).eval()
     calib = list(random_windows(split.train, 8, 32, torch.Generator().manual_seed(0)))
-    _, stats = prune_oneshot(model, calib, method="sparsegpt", pattern="2:4", sparsity=None, return_stats=True,
-                             progress=False)
+    stats = prune_oneshot(model, calib, method="sparsegpt", pattern="2:4", sparsity=None,
+                             progress=False).sparsetorch_stats
     assert stats.mode == "sequential" and stats.blocks == 2 and stats.sparsity == pytest.approx(0.5)
     assert [m.fqn for m in iter_masks(model)][:4] == ["blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc",
                                                       "blocks.0.mlp.proj"]

@@ -56,7 +56,7 @@ def _check_masks(model, pattern, sparsity, expected_layers):
 def test_gpt2_pruned_saved_reloaded_and_generating(tmp_path):
     model = _gpt2()
     x = _calib(1)[0]
-    _, stats = sparsetorch.sparsegpt(model, _calib(), sparsity=0.5, return_stats=True, progress=False)
+    stats = sparsetorch.sparsegpt(model, _calib(), sparsity=0.5, progress=False).sparsetorch_stats
     assert stats.mode == "sequential" and stats.blocks == 2
     _check_masks(model, "unstructured", 0.5, expected_layers=8)  # c_attn, c_proj, c_fc, mlp.c_proj per block
     assert all(r.rel_error is not None and r.rel_error < 1 for r in stats.layers)
@@ -102,8 +102,7 @@ def test_sequential_sees_pruned_inputs_and_beats_magnitude_on_outputs():
 def test_per_type_sparsity_and_dict_calibration():
     model = _llama()
     calib = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids in _calib()]
-    _, stats = prune_oneshot(model, calib, method="wanda", sparsity={"attn": 0.4, "mlp": 0.6},
-                             return_stats=True, progress=False)
+    stats = prune_oneshot(model, calib, method="wanda", sparsity={"attn": 0.4, "mlp": 0.6}, progress=False).sparsetorch_stats
     for r in stats.layers:
         assert r.sparsity == pytest.approx(0.4 if "attn" in r.name else 0.6, abs=1e-3)
 
@@ -129,8 +128,7 @@ def test_gpt2_pruned_on_cuda(model_on_gpu):
     reference = _gpt2()
     if model_on_gpu:
         model.cuda()
-    _, stats = sparsetorch.sparsegpt(model, _calib(), pattern="2:4", sparsity=None, device="cuda",
-                                     return_stats=True, progress=False)
+    stats = sparsetorch.sparsegpt(model, _calib(), pattern="2:4", sparsity=None, device="cuda", progress=False).sparsetorch_stats
     assert stats.device.startswith("cuda") and stats.memory_kind == "cuda max allocated"
     assert stats.peak_memory_mb > 0
     home = "cuda" if model_on_gpu else "cpu"

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 from safetensors import safe_open
 
 import sparsetorch
@@ -72,12 +73,12 @@ def test_resume_is_bitwise_the_uninterrupted_run(tmp_path, opt_name, method):
     model, optimizer, sparsifier = setup(opt_name, make)
     sparsifier.attach(model, optimizer)
     train(model, optimizer, sparsifier, range(0, 5))
-    save_training_state(tmp_path / "ckpt", model, optimizer, sparsifier, extra={"next_step": 5})
+    save_training_state(model, tmp_path / "ckpt", optimizer, sparsifier, extra={"next_step": 5})
     del model, optimizer, sparsifier
 
     # a fresh process would rebuild everything, here even from a different seed
     model, optimizer, sparsifier = setup(opt_name, make, seed=123)
-    extra = load_training_state(tmp_path / "ckpt", model, optimizer, sparsifier)
+    extra = load_training_state(model, tmp_path / "ckpt", optimizer, sparsifier)
     assert extra == {"next_step": 5}
     train(model, optimizer, sparsifier, range(extra["next_step"], 10))
     assert_same_run(reference, (model, optimizer, sparsifier))
@@ -92,7 +93,7 @@ def test_state_folder_is_safetensors_and_json_only(tmp_path):
     model, optimizer, sparsifier = setup("adam", sparsifiers()["swap"])
     sparsifier.attach(model, optimizer)
     train(model, optimizer, sparsifier, range(3))
-    folder = save_training_state(tmp_path / "ckpt", model, optimizer, sparsifier)
+    folder = save_training_state(model, tmp_path / "ckpt", optimizer, sparsifier)
     assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "state.safetensors"]
     with safe_open(str(folder / "state.safetensors"), framework="pt") as fh:
         header = json.loads(fh.metadata()["sparsetorch.training_state"])
@@ -107,29 +108,29 @@ def test_state_folder_is_safetensors_and_json_only(tmp_path):
 def test_interrupted_save_is_detected(tmp_path):
     model, optimizer, sparsifier = setup("sgd", sparsifiers()["swap"])
     sparsifier.attach(model, optimizer)
-    save_training_state(tmp_path / "ckpt", model, optimizer, sparsifier)
+    save_training_state(model, tmp_path / "ckpt", optimizer, sparsifier)
     train(model, optimizer, sparsifier, range(2))
     sparsetorch.save(model, tmp_path / "ckpt" / "model.safetensors")  # a newer model next to the old state
     fresh, opt2, sp2 = setup("sgd", sparsifiers()["swap"])
     with pytest.raises(SparsityError, match="interrupted"):
-        load_training_state(tmp_path / "ckpt", fresh, opt2, sp2)
+        load_training_state(fresh, tmp_path / "ckpt", opt2, sp2)
 
 
 def test_unsavable_state_raises_before_writing(tmp_path):
     model, optimizer, sparsifier = setup("sgd", sparsifiers()["swap"])
     sparsifier.attach(model, optimizer)
     with pytest.raises(SparsityError, match="plain data"):
-        save_training_state(tmp_path / "ckpt", model, optimizer, sparsifier, extra={"bad": object()})
+        save_training_state(model, tmp_path / "ckpt", optimizer, sparsifier, extra={"bad": object()})
     assert not (tmp_path / "ckpt").exists()
 
 
 def test_missing_state_is_a_clear_error(tmp_path):
     model, optimizer, sparsifier = setup("sgd", sparsifiers()["swap"])
     with pytest.raises(SparsityError, match="no training state"):
-        load_training_state(tmp_path / "nowhere", model, optimizer, sparsifier)
-    save_training_state(tmp_path / "ckpt", model)
+        load_training_state(model, tmp_path / "nowhere", optimizer, sparsifier)
+    save_training_state(model, tmp_path / "ckpt")
     with pytest.raises(SparsityError, match="no sparsifier state"):
-        load_training_state(tmp_path / "ckpt", model, None, sparsifier)
+        load_training_state(model, tmp_path / "ckpt", None, sparsifier)
 
 
 @pytest.mark.gpu
@@ -155,9 +156,9 @@ def test_resume_on_cuda(tmp_path):
     model, optimizer, sparsifier = cuda_setup()
     sparsifier.attach(model, optimizer)
     cuda_train(model, optimizer, sparsifier, range(3))
-    save_training_state(tmp_path / "ckpt", model, optimizer, sparsifier)
+    save_training_state(model, tmp_path / "ckpt", optimizer, sparsifier)
     model, optimizer, sparsifier = cuda_setup(seed=5)
-    load_training_state(tmp_path / "ckpt", model, optimizer, sparsifier)
+    load_training_state(model, tmp_path / "ckpt", optimizer, sparsifier)
     cuda_train(model, optimizer, sparsifier, range(3, 6))
     for item, other in zip(sparsetorch.iter_masks(model), sparsetorch.iter_masks(ref[0])):
         assert item.mask.is_cuda and torch.equal(item.mask, other.mask)
@@ -183,11 +184,21 @@ def test_pruned_finetuning_resumes_without_a_sparsifier(tmp_path):
     run(*ref, range(6))
     model, optimizer = fresh()
     run(model, optimizer, range(3))
-    save_training_state(tmp_path / "ckpt", model, optimizer)
+    save_training_state(model, tmp_path / "ckpt", optimizer)
     model = MLP((12, 24, 16, 3))  # dense: the masks come from the file
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    load_training_state(tmp_path / "ckpt", model, optimizer)
+    load_training_state(model, tmp_path / "ckpt", optimizer)
     run(model, optimizer, range(3, 6))
     assert [m.qualified_name for m in sparsetorch.iter_masks(model)] == ["fc1.weight", "fc2.weight"]
     for (name, value), other in zip(model.state_dict().items(), ref[0].state_dict().values()):
         assert torch.equal(value, other), name
+
+
+def test_path_first_order_is_deprecated_but_still_works(tmp_path):
+    model = nn.Sequential(nn.Linear(8, 8))
+    with pytest.warns(DeprecationWarning, match=r"save_training_state\(model, path"):
+        save_training_state(tmp_path / "old", model, extra={"step": 3})
+    save_training_state(model, tmp_path / "new", extra={"step": 3})
+    with pytest.warns(DeprecationWarning, match=r"load_training_state\(model, path"):
+        assert load_training_state(tmp_path / "new", model) == {"step": 3}
+    assert load_training_state(model, tmp_path / "old") == {"step": 3}

@@ -85,7 +85,7 @@ def test_bad_arguments_change_nothing():
         prune_channels(model, 0.5, criterion="l3", example_inputs=X)
     with pytest.raises(SparsityError, match="needs batch"):
         prune_channels(model, 0.5, criterion="taylor", example_inputs=X)
-    with pytest.raises(SparsityError, match=r"ratio must lie in \[0, 1\)"):
+    with pytest.raises(SparsityError, match=r"sparsity must lie in \[0, 1\)"):
         prune_channels(model, 1.5, example_inputs=X)
     with pytest.raises(SparsityError, match="failed on example_inputs"):
         prune_channels(model, 0.5, example_inputs=torch.randn(2, 5))
@@ -106,3 +106,22 @@ def test_looking_at_a_training_model_leaves_batchnorm_statistics_alone():
     shrink(model, X)
     assert model.training
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in stats.items())
+
+
+def test_ratio_is_the_deprecated_name_of_sparsity():
+    import copy
+
+    X = torch.randn(4, 8)
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    b = copy.deepcopy(a)
+    prune_channels(a, sparsity=0.5, example_inputs=X)
+    with pytest.warns(DeprecationWarning, match="sparsity="):
+        prune_channels(b, ratio=0.5, example_inputs=X)
+    from sparsetorch.core.masks import iter_masks
+
+    masks_a, masks_b = list(iter_masks(a)), list(iter_masks(b))
+    assert masks_a and [m.qualified_name for m in masks_a] == [m.qualified_name for m in masks_b]
+    assert all(torch.equal(x.mask, y.mask) for x, y in zip(masks_a, masks_b))
+    with pytest.raises(SparsityError, match="sparsity= only"):
+        prune_channels(b, 0.5, ratio=0.5, example_inputs=X)

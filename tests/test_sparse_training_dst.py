@@ -165,9 +165,9 @@ def test_resume_is_bitwise_the_uninterrupted_run(cls, tmp_path):
 
     model, opt, dst = setup(0)
     _train(model, opt, dst.attach(model, opt), range(5))  # the next step (6) updates: RigL must be re-armed
-    save_training_state(tmp_path / "ckpt", model, opt, dst, extra={"next": 5})
+    save_training_state(model, tmp_path / "ckpt", opt, dst, extra={"next": 5})
     model, opt, dst = setup(123)  # a fresh process: other connectivity and values until loaded
-    assert load_training_state(tmp_path / "ckpt", model, opt, dst) == {"next": 5}
+    assert load_training_state(model, tmp_path / "ckpt", opt, dst) == {"next": 5}
     assert dst.step_count == 5
     _train(model, opt, dst, range(5, 10))
     for (name, a), b in zip(reference[0].items(), model.state_dict().values()):

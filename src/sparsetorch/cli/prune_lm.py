@@ -38,7 +38,8 @@ def calibration_ids(model_dir: Path, text_file: Path, nsamples: int, seqlen: int
     from ..errors import SparsityError
 
     if not text_file.is_file():
-        raise FileNotFoundError(f"calibration file not found: {text_file}")
+        raise SparsityError(f"calibration file not found: {text_file}; pass --calibration with a UTF-8 text file",
+                            calibration=str(text_file))
     if nsamples < 1 or seqlen < 1:
         raise SparsityError(f"--nsamples and --seqlen must be positive, got {nsamples} and {seqlen}")
     if any((model_dir / f).is_file() for f in _TOKENIZER_FILES):
@@ -76,10 +77,12 @@ def run(args: argparse.Namespace) -> int:
         raise ImportError("prune-lm needs transformers: pip install 'sparsetorch[transformers]'") from None
     from ..formats.files import save
     from ..oneshot import prune_oneshot
+    from ..oneshot.api import skip_to_exclude
 
     model_dir, out = Path(args.model_dir), Path(args.out)
     if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} is not a transformers model folder (no config.json)")
+        raise SparsityError(f"{model_dir} is not a transformers model folder (no config.json); pass the "
+                            "folder written by save_pretrained", model_dir=str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     limit = _max_positions(model.config)
     if limit is not None and args.seqlen > limit:
@@ -87,9 +90,10 @@ def run(args: argparse.Namespace) -> int:
     vocab = model.get_input_embeddings().num_embeddings
     calib = calibration_ids(model_dir, Path(args.calibration), args.nsamples, args.seqlen, args.seed, vocab)
     sparsity = args.sparsity if args.sparsity is not None else (None if ":" in args.pattern else 0.5)
-    model, stats = prune_oneshot(model, calib, method=args.method, sparsity=sparsity, pattern=args.pattern,
-                                 skip=args.skip or None, block_size=args.block_size, damp=args.damp,
-                                 device=args.device, return_stats=True)
+    exclude = skip_to_exclude(args.skip) if args.skip else None
+    model = prune_oneshot(model, calib, method=args.method, sparsity=sparsity, pattern=args.pattern,
+                          exclude=exclude, block_size=args.block_size, damp=args.damp, device=args.device)
+    stats = model.sparsetorch_stats
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     if any((model_dir / f).is_file() for f in _TOKENIZER_FILES):

@@ -143,9 +143,20 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 # ---- the public pair ----------------------------------------------------------------------------
 
+def model_first(model, path, fn: str):
+    """``(model, path)``; the old ``(path, model)`` order is swapped with a DeprecationWarning."""
+    if isinstance(model, (str, os.PathLike)) and isinstance(path, nn.Module):
+        import warnings
+
+        warnings.warn(f"{fn}(path, model, ...) is deprecated; call {fn}(model, path, ...) like save(model, path)",
+                      DeprecationWarning, stacklevel=3)
+        return path, model
+    return model, path
+
+
 def save_training_state(
-    path: str | os.PathLike,
     model: nn.Module,
+    path: str | os.PathLike,
     optimizer: torch.optim.Optimizer | None = None,
     sparsifier: Any = None,
     *,
@@ -154,8 +165,10 @@ def save_training_state(
     """Write everything needed to resume sparse training into the folder ``path``; returns it.
 
     ``extra`` holds anything else to resume with (epoch, LR-scheduler ``state_dict()``,
-    ``torch.get_rng_state()``): tensors and plain data only.
+    ``torch.get_rng_state()``): tensors and plain data only. The old order ``(path, model)``
+    still works with a DeprecationWarning.
     """
+    model, path = model_first(model, path, "save_training_state")
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise SparsityError(f"{folder} is a file; save_training_state writes a folder")
@@ -171,8 +184,8 @@ def save_training_state(
 
 
 def load_training_state(
-    path: str | os.PathLike,
     model: nn.Module,
+    path: str | os.PathLike,
     optimizer: torch.optim.Optimizer | None = None,
     sparsifier: Any = None,
 ) -> dict[str, Any]:
@@ -181,7 +194,9 @@ def load_training_state(
     Build the model and optimizer as for the original run and create the sparsifier with the
     same arguments; an unattached sparsifier is attached here, before the weights are loaded
     (attaching installs the initial masks, which would otherwise zero loaded weights).
+    The old order ``(path, model)`` still works with a DeprecationWarning.
     """
+    model, path = model_first(model, path, "load_training_state")
     folder = Path(path)
     header, sections = _read(folder / STATE_FILE)
     model_path = folder / MODEL_FILE

@@ -25,7 +25,7 @@ from ..errors import SparsityError, SparsityWarning, check_sparsity
 from ..core.masks import set_mask
 from ..core.patterns import Pattern, check_pattern_fits, parse_pattern
 from ..core.post_training import resolve_density
-from ..core.layer_selection import _final_classifier
+from ..core.layer_selection import as_spec_list, final_classifier, matches_spec
 from . import solvers
 from .blocks import blocks_chain, capture_first_block, find_blocks, to_device
 from .linear_layers import attach_stats, is_linear_like, to_param_layout, weight_2d
@@ -77,15 +77,17 @@ def prune_oneshot(
     method: str = "sparsegpt",
     sparsity: SparsitySpec = 0.5,
     pattern: str | Pattern = "unstructured",
+    include: str | type | Iterable[str | type] | None = None,
+    exclude: str | type | Iterable[str | type] | None = None,
     skip: str | Iterable[str] | None = None,
     scope: str | None = None,
     block_size: int = 128,
     damp: float = 0.01,
-    keep_head: bool = True,
+    keep_head: bool | None = None,
     device: str | torch.device | None = None,
     progress: bool | None = None,
-    return_stats: bool = False,
-):
+    return_stats: bool | None = None,
+) -> nn.Module:
     """Prune ``model``'s Linear layers in place from ``calibration`` and return the model.
 
     Args:
@@ -97,15 +99,20 @@ def prune_oneshot(
             ``{"attn": 0.4, "mlp": 0.6}`` (a key without ``*?[`` matches as a substring; the first
             matching key wins; every pruned layer must match one). N:M patterns fix it at 1 - N/M.
         pattern: "unstructured" or "N:M" (e.g. "2:4", "4:8"); N:M groups run along the inputs.
-        skip: name globs of layers to keep dense. The lm_head/classifier and embeddings are
-            always dense unless ``keep_head=False`` (embeddings are not Linear and never pruned).
+        include, exclude: which Linear layers to prune, with the same rule as ``sparsetorch.prune``:
+            module types or full-name globs (``"*attn*"``, ``"blocks.*.fc1"``). By default every
+            Linear layer except the final classifier/lm_head; naming the head in ``include``
+            prunes it. Embeddings are not Linear and are never pruned.
+        skip, keep_head: deprecated; ``skip=["attn"]`` is ``exclude=["*attn*"]`` and
+            ``keep_head=False`` is ``include=["*"]`` (or list the head by name).
         scope: where weights compete: "layer" or "row" (per output row). Defaults: magnitude
             "layer", wanda "row"; SparseGPT always chooses adaptively per column block.
         block_size, damp: SparseGPT's column block width and Hessian damping (fraction of mean diag).
         device: where the math runs, default CUDA when available; blocks are moved there one at a
             time and back. Statistics are float32 whatever the model's dtype.
         progress: a tqdm bar per block (None: only on a terminal).
-        return_stats: also return an ``OneshotStats`` (per-layer results, seconds, peak memory).
+        return_stats: deprecated; the ``OneshotStats`` (per-layer results, seconds, peak memory) is
+            always attached as ``model.sparsetorch_stats``. ``True`` still returns ``(model, stats)``.
 
     Results are installed as sparsetorch masks, so the model stays sparse when fine-tuned.
     Nothing is changed if an argument or the calibration data is invalid.
@@ -114,7 +121,8 @@ def prune_oneshot(
     cfg = _check_args(model, method, pattern, scope, block_size, damp)
     method, pat, scope = cfg
     compute = _resolve_device(device)
-    targets = _select(model, skip, keep_head)
+    include, exclude = _legacy_selection(include, exclude, skip, keep_head)
+    targets = _select(model, include, exclude)
     densities = _densities(targets, sparsity, pat)
     for name, module in targets.items():
         check_pattern_fits(weight_2d(module).shape, pat, name)
@@ -141,6 +149,10 @@ def prune_oneshot(
         model.train(was_training)
     stats.seconds = time.perf_counter() - started
     stats.peak_memory_mb, stats.memory_kind = _peak_memory(compute)
+    model.sparsetorch_stats = stats
+    if return_stats is not None:
+        warnings.warn("prune_oneshot(return_stats=...) is deprecated; it always returns the model, read "
+                      "model.sparsetorch_stats for the stats", DeprecationWarning, stacklevel=2)
     return (model, stats) if return_stats else model
 
 
@@ -192,30 +204,53 @@ def _resolve_device(device) -> torch.device:
     return dev
 
 
-def _as_globs(spec) -> list[str]:
-    if spec is None:
-        return []
-    return [spec] if isinstance(spec, str) else list(spec)
-
-
 def _glob_match(name: str, key: str) -> bool:
+    """Keys of a ``sparsity`` dict: a key without ``*?[`` matches as a substring."""
     if any(c in key for c in "*?["):
         return fnmatch.fnmatchcase(name, key) or fnmatch.fnmatchcase(f"{name}.weight", key)
     return key in name
 
 
-def _select(model: nn.Module, skip, keep_head: bool) -> dict[str, nn.Module]:
-    """Linear-like layers to prune, in module order, minus ``skip`` and the head."""
+def skip_to_exclude(skip) -> list[str]:
+    """The ``exclude=`` globs equivalent to an old ``skip=`` (a key without a wildcard was a substring)."""
+    globs = [skip] if isinstance(skip, str) else list(skip)
+    return [g if any(c in g for c in "*?[") else f"*{g}*" for g in globs]
+
+
+def _legacy_selection(include, exclude, skip, keep_head):
+    """Map the deprecated ``skip=``/``keep_head=`` onto ``include=``/``exclude=``, with a warning."""
+    if skip is not None:
+        new = skip_to_exclude(skip)
+        warnings.warn(f"prune_oneshot(skip=...) is deprecated; use exclude={new}", DeprecationWarning, stacklevel=3)
+        exclude = as_spec_list(exclude) + new
+    if keep_head is not None:
+        warnings.warn("prune_oneshot(keep_head=...) is deprecated; the head is kept dense by default, "
+                      "include it explicitly with include=['*'] or its name", DeprecationWarning, stacklevel=3)
+        if keep_head is False and include is None:
+            include = ["*"]
+    return include, exclude
+
+
+def _select(model: nn.Module, include, exclude) -> dict[str, nn.Module]:
+    """Linear-like layers to prune, in module order, chosen as ``sparsetorch.prune`` does."""
     linears = [(name, m) for name, m in model.named_modules() if is_linear_like(m)]
     if not linears:
         raise SparsityError(f"{type(model).__name__} has no Linear layer to prune; one-shot pruning works on "
                             "nn.Linear (and transformers Conv1D) layers")
-    head = _final_classifier(model, linears) if keep_head else None
-    skips = _as_globs(skip)
-    chosen = {n: m for n, m in linears if n != head and not any(_glob_match(n, s) for s in skips)}
+    includes, excludes = as_spec_list(include), as_spec_list(exclude)
+    for spec in includes:
+        if not any(matches_spec(n, m, [spec]) for n, m in linears):
+            raise SparsityError(f"include pattern {spec!r} matches no Linear layer; layers are named like "
+                                f"{[n for n, _ in linears[:5]]}", include=spec)
+    if includes:
+        chosen = [(n, m) for n, m in linears if matches_spec(n, m, includes)]
+    else:
+        head = final_classifier(model, linears)
+        chosen = [(n, m) for n, m in linears if n != head]
+    chosen = {n: m for n, m in chosen if not matches_spec(n, m, excludes)}
     if not chosen:
-        raise SparsityError(f"no layer left to prune after skip={skips} and keep_head={keep_head}; "
-                            f"layers are named like {[n for n, _ in linears[:5]]}", skip=skips)
+        raise SparsityError(f"no layer left to prune after include={includes} and exclude={excludes}; "
+                            f"layers are named like {[n for n, _ in linears[:5]]}", exclude=excludes)
     return chosen
 
 
@@ -230,7 +265,7 @@ def _densities(targets: dict[str, nn.Module], sparsity: SparsitySpec, pat: Patte
         key = next((k for k in sparsity if _glob_match(name, k)), None)
         if key is None:
             raise SparsityError(f"layer {name} matches no key of sparsity={dict(sparsity)}; add a key for it "
-                                "(e.g. '*': 0.5 as a catch-all) or skip it with skip=[...]", layer=name)
+                                "(e.g. '*': 0.5 as a catch-all) or leave it out with exclude=[...]", layer=name)
         out[name] = resolve_density(sparsity[key], pat)
     return out
 

@@ -22,8 +22,9 @@ _SILENT = ("its channels are model outputs",)
 
 def prune_channels(
     model: nn.Module,
-    ratio: float | None = None,
+    sparsity: float | None = None,
     *,
+    ratio: float | None = None,
     target_flops: float | None = None,
     target_params: float | None = None,
     criterion: str = "l1",
@@ -35,7 +36,8 @@ def prune_channels(
     """Mask whole channels (and heads, MLP units) of ``model`` in place, ready for ``shrink``.
 
     Exactly one of:
-        ratio: fraction of the removable units to remove, e.g. 0.5.
+        sparsity: fraction of the removable units to remove, e.g. 0.5 (``ratio=`` is its
+            deprecated old name).
         target_flops / target_params: what should remain, as a fraction of the model's (<= 1,
             e.g. 0.5) or an absolute count (> 1). FLOPs are those of ``sparsetorch.report``.
     criterion: "l1" / "l2" (norm of the producing weights), "bn_scale" (|BatchNorm gamma|),
@@ -47,17 +49,19 @@ def prune_channels(
     Producing weight rows, biases and BatchNorm affine parameters of a chosen unit are masked, so
     the masked model computes exactly what ``shrink`` will keep.
     """
+    sparsity = _renamed_ratio(sparsity, ratio)
     args = as_args(example_inputs)
-    given = [n for n, v in (("ratio", ratio), ("target_flops", target_flops), ("target_params", target_params))
+    given = [n for n, v in (("sparsity", sparsity), ("target_flops", target_flops), ("target_params", target_params))
              if v is not None]
     if len(given) != 1:
-        raise SparsityError(f"pass exactly one of ratio=, target_flops=, target_params= (got {given or 'none'})")
+        raise SparsityError(f"pass exactly one of sparsity=, target_flops=, target_params= (got {given or 'none'})")
     if criterion not in CRITERIA:
         raise SparsityError(f"unknown criterion {criterion!r}; choose one of {list(CRITERIA)}", criterion=criterion)
     if scope not in ("global", "layer"):
         raise SparsityError(f"unknown scope {scope!r}; use 'global' or 'layer'", scope=scope)
-    if ratio is not None and not (isinstance(ratio, (int, float)) and 0 <= ratio < 1):
-        raise SparsityError(f"ratio must lie in [0, 1), got {ratio!r}", ratio=ratio)
+    if sparsity is not None and not (isinstance(sparsity, (int, float)) and 0 <= sparsity < 1):
+        raise SparsityError(f"sparsity must lie in [0, 1) (the fraction of units removed), got {sparsity!r}",
+                            sparsity=sparsity)
     for name in ("target_flops", "target_params"):
         value = locals()[name]
         if value is not None and not (isinstance(value, (int, float)) and value > 0):
@@ -83,7 +87,7 @@ def prune_channels(
             scored.append((g, s))
     if not scored:
         raise SparsityError(f"no removable channel group has a score for criterion={criterion!r}")
-    counts = _choose(model, args, modules, scored, ratio, target_flops, target_params, scope)
+    counts = _choose(model, args, modules, scored, sparsity, target_flops, target_params, scope)
     for (g, s), n in zip(scored, counts):
         if n:
             _mask_units(g, modules, torch.argsort(s, stable=True)[:n])
@@ -127,6 +131,16 @@ def _gradients(model, batch, loss_fn) -> dict[int, torch.Tensor]:
     finally:
         model.train(was_training)
     return total
+
+
+def _renamed_ratio(sparsity, ratio):
+    """``ratio=`` is the old name of ``sparsity=``: warn and use it."""
+    if ratio is None:
+        return sparsity
+    if sparsity is not None:
+        raise SparsityError("pass sparsity= only; ratio= is its deprecated old name", sparsity=sparsity, ratio=ratio)
+    warnings.warn("prune_channels(ratio=...) is deprecated; use sparsity=", DeprecationWarning, stacklevel=3)
+    return ratio
 
 
 def _choose(model, args, modules, scored, ratio, target_flops, target_params, scope) -> list[int]:
