@@ -5,6 +5,8 @@ from collections.abc import Callable
 
 import torch
 
+from ..errors import SparsityError
+
 __all__ = ["magnitude", "random", "gradient", "SCORES", "register_score"]
 
 SCORES: dict[str, Callable[..., torch.Tensor]] = {}
@@ -34,5 +36,5 @@ def random(weight: torch.Tensor, *, generator: torch.Generator | None = None, **
 def gradient(weight: torch.Tensor, *, grad: torch.Tensor | None = None, **_: object) -> torch.Tensor:
     """|w * dL/dw|: first-order Taylor estimate of the loss change when w is removed (Molchanov et al. 2017)."""
     if grad is None:
-        raise ValueError("gradient score needs grad=")
+        raise SparsityError("the gradient score needs grad=; pass batch=(x, y) to prune() so it can compute one")
     return (weight.detach() * grad.detach()).abs()

@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 
+from ..errors import SparsityError
 from ..kernels import loader
 from .weights import Matrix
 
@@ -36,11 +37,10 @@ class Linear:
 
     def __init__(self, w: Matrix, bias: np.ndarray | None, backend: str = "auto"):
         if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+            raise SparsityError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.out_features, self.in_features = w.shape
         self.bias = None if bias is None else np.ascontiguousarray(bias, dtype=np.float32).reshape(-1)
         if self.bias is not None and self.bias.size != self.out_features:
-            from ..errors import SparsityError
             raise SparsityError(f"bias has {self.bias.size} values for {self.out_features} outputs; the file is "
                                 "corrupted")
         kernels = compiled_kernels()

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..core.masks import iter_masks
+from ..errors import SparsityError
 
 __all__ = ["MaskRecorder", "MaskDynamics", "mask_dynamics"]
 
@@ -47,7 +48,8 @@ class MaskDynamics:
 def mask_dynamics(snapshots: Sequence[dict[str, torch.Tensor]], steps: Sequence[int], tolerance: float = 0.01) -> MaskDynamics:
     """Compare consecutive mask snapshots (``{layer: bool mask}``, taken at ``steps``)."""
     if len(snapshots) != len(steps) or len(snapshots) < 2:
-        raise ValueError("mask_dynamics needs at least two snapshots and one step per snapshot")
+        raise SparsityError("mask_dynamics needs at least two snapshots and one step per snapshot; "
+                            "record more steps with MaskRecorder before calling it")
     names = list(snapshots[0])
     final = snapshots[-1]
     dropped, grown, surviving, moved_frac = [], [], [], []

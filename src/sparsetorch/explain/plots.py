@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..errors import SparsityError
+
 
 def _plt():
     try:
@@ -102,7 +104,8 @@ def connection_graph(weights: Sequence[torch.Tensor], max_units: int = 40):
     plt = _plt()
     sizes = [weights[0].shape[1]] + [w.shape[0] for w in weights]
     if max(sizes) > max_units:
-        raise ValueError(f"graph drawing is for small MLPs (<= {max_units} units per layer); got {sizes}")
+        raise SparsityError(f"graph drawing is for small MLPs (<= {max_units} units per layer); got {sizes}: "
+                            "raise max_units or plot a heatmap (explain.plots.mask_heatmap) instead")
     fig, ax = plt.subplots(figsize=(1.8 * len(sizes) + 1, 4))
     pos = [[(x, (i + 0.5) / n) for i in range(n)] for x, n in enumerate(sizes)]
     top = max(float(w.abs().max()) for w in weights) or 1.0

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import loader
+from ..errors import SparsityError
+from . import loader
 
 ISAS = loader.ISAS
 DTYPES = {torch.float32: 0, torch.float64: 1}
@@ -95,7 +96,7 @@ def unpack(panels: torch.Tensor, batch: int, bias: torch.Tensor | None, out: tor
     if out is None:
         out = torch.empty(batch, n, dtype=panels.dtype)
     elif not out.is_contiguous() or tuple(out.shape) != (batch, n) or out.dtype != panels.dtype:
-        raise ValueError(f"unpack: out must be a contiguous [{batch}, {n}] {panels.dtype} tensor")
+        raise SparsityError(f"unpack: out must be a contiguous [{batch}, {n}] {panels.dtype} tensor; allocate it with torch.empty")
     bias_addr = 0
     if bias is not None:
         bias = bias.detach().to(panels.dtype).contiguous()

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import SparsityError
 from .linear_layers import is_linear_like
 
 
@@ -52,7 +53,8 @@ def first_tensor(output: Any) -> torch.Tensor:
         return output[0]
     if isinstance(output, dict):
         return next(iter(output.values()))
-    raise TypeError(f"cannot find the hidden states in a block output of type {type(output).__name__}")
+    raise SparsityError(f"cannot find the hidden states in a block output of type {type(output).__name__}; "
+                        "blocks must return a tensor, a tuple/list starting with it, or a ModelOutput")
 
 
 class BlockCall:
@@ -90,7 +92,8 @@ def capture_first_block(model: nn.Module, block: nn.Module, run_model: Callable[
                 run_model(sample)
             except _Stop:
                 continue
-            raise RuntimeError("the model's forward never reached its first block")
+            raise SparsityError("the model's forward never reached its first block; check that the calibration "
+                                "samples are inputs the model accepts and that find_blocks picked its decoder layers")
     finally:
         handle.remove()
     return calls
