@@ -11,6 +11,7 @@ from . import distributions
 from ..errors import SparsityError, SparsityWarning, check_sparsity
 from .masks import get_mask, set_mask
 from .patterns import Pattern, check_pattern_fits, parse_pattern, pattern_mask, unit_scores
+from .rng import resolve_generator
 from .scores import SCORES
 from .layer_selection import Spec, Target, select_targets
 
@@ -129,7 +130,8 @@ def compute_masks(
         check_pattern_fits(t.param.shape, pat, t.qualified_name)
     check_finite(targets)
     if scores is None:
-        scores = _scores(targets, method, generator, model, batch, loss_fn)
+        # one stream for all layers: a fresh seed per layer would give same-shaped layers the same scores
+        scores = _scores(targets, method, resolve_generator(generator), model, batch, loss_fn)
     # weights already pruned go first: pruning is monotone
     olds = [get_mask(t.module, t.name) for t in targets]
     olds = [None if old is None else old.cpu() for old in olds]

@@ -6,6 +6,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import SparsityError
+from .rng import resolve_generator
 
 __all__ = ["magnitude", "random", "gradient", "SCORES", "register_score"]
 
@@ -29,7 +30,7 @@ def magnitude(weight: torch.Tensor, **_: object) -> torch.Tensor:
 @register_score("random")
 def random(weight: torch.Tensor, *, generator: torch.Generator | None = None, **_: object) -> torch.Tensor:
     """Uniform noise: the baseline every other score must beat."""
-    return torch.rand(weight.shape, generator=generator, dtype=torch.float32)
+    return torch.rand(weight.shape, generator=resolve_generator(generator), dtype=torch.float32)
 
 
 @register_score("gradient")

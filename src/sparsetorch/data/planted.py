@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core.rng import resolve_generator
 from ..errors import SparsityError
 from .digits import Split
 
@@ -18,7 +19,7 @@ def planted_features(n_train: int = 5000, n_test: int = 2000, n_features: int = 
     """
     if n_planted < 1 or n_planted > n_features:
         raise SparsityError(f"need 1 <= n_planted <= n_features, got n_planted={n_planted}, n_features={n_features}")
-    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    g = resolve_generator(generator)
     planted = sorted(torch.randperm(n_features, generator=g)[:n_planted].tolist())
     x = torch.randn(n_train + n_test, n_features, generator=g)
     terms = (lambda p: torch.tanh(2 * p), lambda p: torch.sin(2 * p), lambda p: 0.7 * p**2, torch.abs)

@@ -21,15 +21,20 @@ from torch import nn
 from . import inference_ops
 
 
+# The kernels read 16-bit column indices as unsigned, so layers up to this many inputs use them
+# (torch has no uint16 tensors: they are stored as int16 bit patterns).
+MAX_INDEX16 = 65536
+
+
 def _uint16_as_int16(cols: torch.Tensor) -> torch.Tensor:
-    """Column indices < 65536 stored in 16 bits; the kernels read them back as unsigned."""
+    """Column indices < MAX_INDEX16 as int16 bit patterns; the kernels read them back as unsigned."""
     cols = cols.to(torch.int32)
-    return torch.where(cols >= 32768, cols - 65536, cols).to(torch.int16)
+    return torch.where(cols >= MAX_INDEX16 // 2, cols - MAX_INDEX16, cols).to(torch.int16)
 
 
 def index_bits(n: int) -> int:
     """Width of the column indices: 16 bits while every index fits in uint16, else 32."""
-    return 16 if n <= 65536 else 32
+    return 16 if n <= MAX_INDEX16 else 32
 
 
 def _indices(cols: torch.Tensor, n: int) -> torch.Tensor:

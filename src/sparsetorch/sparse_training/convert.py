@@ -6,6 +6,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..core.distributions import layer_densities
+from ..core.rng import resolve_generator
 from ..errors import SparsityError, check_sparsity
 from ..core.layer_selection import select_targets
 from ..sparsifiers.base import is_distributed
@@ -38,6 +39,7 @@ def to_sparse_training(model: nn.Module, sparsity: float = 0.9, distribution: st
                             f"{targets[0].module.weight.dtype}: call model.float() first", layers=bad)
     shapes = [tuple(t.module.weight.shape) for t in targets]
     densities = layer_densities(distribution, shapes, sparsity)
+    generator = resolve_generator(generator)  # one stream for all layers: same-shaped layers must differ
     new = [SparseLinear.from_dense(t.module, min(1.0, max(0.0, 1.0 - d)), init=init, generator=generator,
                                    backend=backend) for t, d in zip(targets, densities)]
     if rescale:

@@ -23,6 +23,7 @@ import math
 import torch
 from torch import nn
 
+from ..core.rng import resolve_generator
 from ..errors import SparsityError
 from ..kernels import training_ops
 from .functional import SparseLinearFunction, row_ids
@@ -37,9 +38,14 @@ TRANSPOSED_MAP_BUFFERS = ("t_indptr", "t_indices", "t_perm")  # never saved; emp
 DTYPES = (torch.float32, torch.float64)
 
 
+# Signed int16 indices, so at most this many columns: the training step widens them with torch
+# (.to(torch.int64) sign-extends), unlike the inference formats' unsigned 16-bit indices (packed.MAX_INDEX16).
+INT16_COLUMNS = 32768
+
+
 def index_dtype(dim: int) -> torch.dtype:
-    """Narrowest index type for positions 0..dim-1: int16 up to 32768, else int32."""
-    return torch.int16 if dim <= 32768 else torch.int32
+    """Narrowest index type for positions 0..dim-1: int16 up to INT16_COLUMNS, else int32."""
+    return torch.int16 if dim <= INT16_COLUMNS else torch.int32
 
 
 def transposed_map(indptr: torch.Tensor, indices: torch.Tensor, in_features: int,
@@ -105,7 +111,7 @@ class SparseLinear(nn.Module):
         self.in_features, self.out_features, self.backend = in_features, out_features, backend
         numel = in_features * out_features
         nnz = max(1, round((1.0 - float(sparsity)) * numel))
-        gen = generator if generator is not None else torch.default_generator
+        gen = resolve_generator(generator)
         flat = sample_positions(numel, nnz, None, gen).sort().values
         bound = 1.0 / math.sqrt(in_features)  # nn.Linear's kaiming_uniform(a=sqrt(5)) bound for the dense weight
         values = (torch.rand(nnz, generator=gen, dtype=dtype) * 2 - 1) * bound
