@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import SparsityError
 
-__all__ = ["Target", "select_targets", "DEFAULT_TYPES"]
+__all__ = ["Target", "select_targets", "DEFAULT_TYPES", "as_list", "matches"]
 
 DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # names of final output layers that are kept dense by default (pruning them hurts most)
@@ -35,7 +35,7 @@ class Target:
         return f"{self.fqn}.{self.name}" if self.fqn else self.name
 
 
-def _as_list(spec: Spec) -> list[type | str]:
+def as_list(spec: Spec) -> list[type | str]:
     if spec is None:
         return []
     if isinstance(spec, (str, type)):
@@ -43,7 +43,7 @@ def _as_list(spec: Spec) -> list[type | str]:
     return list(spec)
 
 
-def _matches(fqn: str, module: nn.Module, specs: Iterable[type | str]) -> bool:
+def matches(fqn: str, module: nn.Module, specs: Iterable[type | str]) -> bool:
     for spec in specs:
         if isinstance(spec, type) and isinstance(module, spec):
             return True
@@ -72,22 +72,22 @@ def select_targets(model: nn.Module, include: Spec = None, exclude: Spec = None)
     """
     if not isinstance(model, nn.Module):
         raise SparsityError(f"expected an nn.Module, got {type(model).__name__}")
-    includes, excludes = _as_list(include), _as_list(exclude)
+    includes, excludes = as_list(include), as_list(exclude)
     modules = [(fqn, m) for fqn, m in model.named_modules() if isinstance(getattr(m, "weight", None), nn.Parameter)]
     if includes:
         for spec in includes:
-            if not any(_matches(fqn, m, [spec]) for fqn, m in modules):
+            if not any(matches(fqn, m, [spec]) for fqn, m in modules):
                 raise SparsityError(
                     f"include pattern {spec!r} matches no module with a weight; names look like "
                     f"{[fqn for fqn, _ in modules[:5]]}",
                     include=spec,
                 )
-        chosen = [(fqn, m) for fqn, m in modules if _matches(fqn, m, includes)]
+        chosen = [(fqn, m) for fqn, m in modules if matches(fqn, m, includes)]
     else:
         chosen = [(fqn, m) for fqn, m in modules if isinstance(m, DEFAULT_TYPES)]
         classifier = _final_classifier(model, chosen)
         chosen = [(fqn, m) for fqn, m in chosen if fqn != classifier]
-    chosen = [(fqn, m) for fqn, m in chosen if not _matches(fqn, m, excludes)]
+    chosen = [(fqn, m) for fqn, m in chosen if not matches(fqn, m, excludes)]
     if not chosen:
         raise SparsityError(
             "no layer to prune: the model has no eligible Linear/Conv weight after include/exclude; "

@@ -8,7 +8,7 @@ from torch import nn
 from ..core.distributions import layer_densities
 from ..errors import SparsityError, check_sparsity
 from ..core.layer_selection import select_targets
-from ..sparsifiers.base import is_distributed
+from ..core.distributed import is_distributed
 from .sparse_linear import TRANSPOSED_MAP_BUFFERS, SparseLinear
 
 

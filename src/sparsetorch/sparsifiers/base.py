@@ -24,6 +24,7 @@ from torch import nn
 from ..errors import SparsityError
 from ..core.masks import get_mask, remove_masks, set_mask, zero_optimizer_state
 from ..core.layer_selection import Spec, Target, select_targets
+from ..core.distributed import is_distributed  # re-exported: older callers import it from here
 
 __all__ = ["Sparsifier"]
 
@@ -178,11 +179,6 @@ def check_in_optimizer(optimizer: torch.optim.Optimizer | None, targets: Sequenc
             "model.parameters() before attaching (or exclude those layers)",
             missing=missing,
         )
-
-
-def is_distributed() -> bool:
-    """True inside a torch.distributed run of more than one process (DDP): ranks must agree."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _agree_across_ranks(masks: list[torch.Tensor]) -> list[torch.Tensor]:
