@@ -7,7 +7,7 @@ from sparsetorch.errors import SparsityError
 from sparsetorch.models import MLP
 from sparsetorch.sparsifiers import METHODS, LotteryTicket, make_sparsifier
 from sparsetorch.sparsifiers.common import rows_cols
-from sparsetorch.sparsifiers.method_registry import NEEDS_BATCH, NEEDS_INPUTS
+from sparsetorch.sparsifiers.method_registry import MASKED, NEEDS_BATCH, NEEDS_INPUTS
 
 OPTIMIZERS = {
     "adam": lambda params: torch.optim.Adam(params, lr=1e-2),
@@ -59,7 +59,7 @@ def tolerance(sparsifier):
 
 
 @pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", sorted(MASKED))  # compressed ones: test_conformance.py
 def test_target_reached_masks_binary_pruned_stay_zero(name, opt):
     model, optimizer, sparsifier = setup(name, opt)
 
@@ -78,7 +78,7 @@ def test_target_reached_masks_binary_pruned_stay_zero(name, opt):
                 assert torch.count_nonzero(value[~mask]) == 0
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", sorted(MASKED))  # compressed ones: test_conformance.py
 def test_state_dict_round_trip(name):
     model, optimizer, sparsifier = setup(name)
     train(model, optimizer, sparsifier, 12)
@@ -92,7 +92,7 @@ def test_state_dict_round_trip(name):
     assert sparsifier2.state_dict()["extra"].keys() == state["extra"].keys()
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", sorted(MASKED))  # compressed ones: test_conformance.py
 def test_same_seed_same_masks(name):
     runs = []
     for _ in range(2):
@@ -109,7 +109,7 @@ def test_other_seed_other_masks(name):
     assert not all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", sorted(MASKED))  # compressed ones: test_conformance.py
 def test_history_rows_count_moves(name):
     model, optimizer, sparsifier = setup(name)
     train(model, optimizer, sparsifier, 20)
@@ -149,12 +149,20 @@ def test_bad_hyperparameters(name, kwargs, match):
         build(name, **kwargs)
 
 
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_unknown_keyword_names_it_and_the_valid_ones(name):
+    with pytest.raises(SparsityError, match=r"unknown keyword argument\(s\) 'evry' \(did you mean 'every'\?\)|"
+                                            r"unknown keyword argument\(s\) 'evry'; valid keywords are \[") as info:
+        METHODS[name](evry=3)
+    assert "generator" in str(info.value) and "include" in str(info.value)
+
+
 def test_unknown_method():
     with pytest.raises(SparsityError, match="choose one of"):
         make_sparsifier("magic")
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", sorted(MASKED))  # compressed ones: test_conformance.py
 def test_attach_twice_step_before_attach_and_missing_params(name):
     torch.manual_seed(0)
     model = MLP(SIZES)
