@@ -97,13 +97,11 @@ def test_save_load_round_trip(tiny_net, tiny_batch, tmp_path, method, pattern, s
 
 
 @pytest.mark.parametrize("method,pattern", [(m, p) for m in sorted(SCORES) for p in PATTERNS])
-def test_same_seed_same_masks(tiny_batch, method, pattern):
-    from conftest import TinyNet
-
+def test_same_seed_same_masks(tiny_batch, tiny_net_class, method, pattern):
     results = []
     for _ in range(2):
         torch.manual_seed(0)
-        model = _prune(TinyNet(), method, pattern, "global", tiny_batch, seed=7)
+        model = _prune(tiny_net_class(), method, pattern, "global", tiny_batch, seed=7)
         results.append([m.mask.clone() for m in iter_masks(model)])
     assert all(torch.equal(a, b) for a, b in zip(*results))
 

@@ -10,14 +10,13 @@ from sparsetorch.core.patterns import as_2d, is_valid_mask
 from sparsetorch.sparsifiers import GMP, SET, SNIP, LotteryTicket, RigL, SRigL, Static, SynFlow, lottery_ticket
 from sparsetorch.sparsifiers.at_init import synflow_masks
 
-from test_sparsifiers import batch, setup, train
 
 
 def masks_of(model):
     return [m.mask.clone() for m in sparsetorch.iter_masks(model)]
 
 
-def test_gmp_follows_cubic_schedule():
+def test_gmp_follows_cubic_schedule(setup, train):
     model, optimizer, sp = setup("gmp", start=2, end=14, every=4, sparsity=0.8)
     seen = []
     train(model, optimizer, sp, 16, check=lambda step: seen.append(sp.density()))
@@ -29,7 +28,7 @@ def test_gmp_follows_cubic_schedule():
 
 
 @pytest.mark.parametrize("pattern,sparsity", [("2:4", None), ("block:4x4", 0.75), ("channel", 0.5)])
-def test_gmp_patterns(pattern, sparsity):
+def test_gmp_patterns(pattern, sparsity, setup, train):
     model, optimizer, sp = setup("gmp", pattern=pattern, sparsity=sparsity, end=8, every=2, scope="layer")
     densities = []
     train(model, optimizer, sp, 10, check=lambda step: densities.append(sp.density()))
@@ -41,7 +40,7 @@ def test_gmp_patterns(pattern, sparsity):
 
 
 @pytest.mark.parametrize("name", ["set", "rigl", "srigl"])
-def test_dst_density_constant_and_grown_start_at_zero(name):
+def test_dst_density_constant_and_grown_start_at_zero(name, setup, train):
     model, optimizer, sp = setup(name, every=3, drop_fraction=0.5, end=100, decay="constant")
     kept = [int(m.sum()) for m in masks_of(model)]
     before = {}
@@ -63,7 +62,7 @@ def test_dst_density_constant_and_grown_start_at_zero(name):
     train(model, optimizer, sp, 9, check)
 
 
-def test_rigl_grows_largest_dense_gradient_captured_only_on_update_steps():
+def test_rigl_grows_largest_dense_gradient_captured_only_on_update_steps(batch):
     torch.manual_seed(0)
     model = MLP((16, 48, 32, 4))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # weights frozen: gradients are reproducible
@@ -176,7 +175,7 @@ def test_static_reinit_scales_by_kept_fan_in():
         assert torch.equal(wa != 0, wb != 0)
 
 
-def test_lottery_ticket_rewinds_survivors_to_init():
+def test_lottery_ticket_rewinds_survivors_to_init(train):
     torch.manual_seed(0)
     model = MLP((16, 48, 32, 4))
     init = {k: v.clone() for k, v in model.state_dict().items()}
@@ -201,7 +200,7 @@ def test_lottery_ticket_rewinds_survivors_to_init():
         ticket.next_round()
 
 
-def test_lottery_ticket_rewinds_to_early_step():
+def test_lottery_ticket_rewinds_to_early_step(batch, setup):
     model, optimizer, ticket = setup("lottery", opt="sgd", rewind_step=3, rounds=1, sparsity=0.5)
     snapshots = {}
 
@@ -223,7 +222,7 @@ def test_lottery_ticket_rewinds_to_early_step():
     assert torch.equal(model.classifier.weight, snapshots[3]["classifier.weight"])
 
 
-def test_lottery_ticket_needs_rewind_point():
+def test_lottery_ticket_needs_rewind_point(setup):
     model, optimizer, ticket = setup("lottery", rewind_step=50)
     with pytest.raises(sparsetorch.SparsityError, match="rewind point"):
         ticket.next_round()
@@ -259,8 +258,7 @@ def test_snip_prefers_salient_inputs():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", ["gmp", "set", "rigl", "srigl", "static"])
-def test_methods_on_cuda(name):
-    from test_sparsifiers import build
+def test_methods_on_cuda(name, batch, build):
 
     torch.manual_seed(0)
     model = MLP((16, 48, 32, 4)).cuda()
