@@ -271,3 +271,21 @@ def test_methods_on_cuda(name, batch, build):
     assert sp.density() == pytest.approx(0.1, abs=0.02)
     for item in sparsetorch.iter_masks(model):
         assert item.mask.is_cuda and torch.count_nonzero(item.param[~item.mask]) == 0
+
+
+def test_dropgrow_core_functions():
+    from sparsetorch.core.dropgrow import ablate_units, drop_and_grow_flat, split_evenly, top_per_row
+
+    mask = torch.tensor([True, True, True, True, False, False, False, False])
+    mag = torch.tensor([4.0, 1.0, 3.0, 2.0, 0.0, 0.0, 0.0, 0.0])
+    grow = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.1, 0.9, 0.5, 0.2])
+    new = drop_and_grow_flat(mask, mag, grow, 0.5)  # k = 2: drop |w| 1 and 2, grow scores 0.9 and 0.5
+    assert new.tolist() == [True, False, True, False, False, True, True, False]
+    assert int(new.sum()) == int(mask.sum())
+    live = torch.tensor([True, False, True, True])
+    assert split_evenly(7, live, 5).tolist() == [3, 0, 2, 2]
+    assert top_per_row(torch.tensor([[0.1, 0.9, 0.5]]), torch.tensor([2])).tolist() == [[False, True, True]]
+    ablate = ablate_units(torch.tensor([0, 5, 1]), torch.tensor([4, 5, 4]), torch.tensor([True, True, True]), 0.3)
+    assert ablate.tolist() == [True, False, True]
+    everyone = ablate_units(torch.tensor([0, 1]), torch.tensor([9, 9]), torch.tensor([True, True]), 0.5)
+    assert everyone.tolist() == [True, False]  # never every unit: the most salient one stays

@@ -26,7 +26,7 @@ from torch import nn
 from ..errors import SparsityError
 from ..core.masks import get_mask, remove_masks, set_mask, zero_optimizer_state
 from ..core.layer_selection import Spec, Target, select_targets
-from ..core.distributed import is_distributed  # re-exported: older callers import it from here
+from ..core.distributed import is_distributed
 
 __all__ = ["Sparsifier"]
 

@@ -1,7 +1,7 @@
 """SET and RigL on compressed layers: connections move between steps, nnz stays fixed, W is never dense.
 
 ``CompressedSET`` / ``CompressedRigL`` are ``Sparsifier``s with the hyperparameters, schedule and drop-and-grow
-rule of ``sparsetorch.SET`` / ``sparsetorch.RigL`` (sparsifiers/dst.py), but they act on the SparseLinear
+rule of ``sparsetorch.SET`` / ``sparsetorch.RigL`` (sparsifiers/dynamic.py; both use core/dropgrow.py), but they act on the SparseLinear
 layers made by ``to_sparse_training`` instead of on masks over dense weights. Every ``every`` steps (until
 ``end``) each layer drops its k = round(f_t * nnz) smallest-magnitude kept weights and grows k positions that
 are inactive after the drop: uniformly at random (SET, Mocanu et al. 2018) or with the largest dense-gradient
@@ -178,7 +178,7 @@ class CompressedDST(DropGrowSchedule, Sparsifier):
 
     def _move(self, layer: SparseLinear, k: int) -> int:
         """Drop and grow (``select``), carry values and optimizer state; returns how many positions are new (a
-        dropped position grown back keeps its weight, as in dst.py)."""
+        dropped position grown back keeps its weight, as in dynamic.py)."""
         flat = layer.flat_positions()                                        # [nnz] sorted
         dropped, grown = self.select(layer, k, flat)
         is_kept = torch.ones_like(flat, dtype=torch.bool)
