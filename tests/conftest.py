@@ -1,6 +1,11 @@
+"""Shared fixtures and the helpers several test modules use (as fixtures: test modules import no test module)."""
 import pytest
 import torch
 from torch import nn
+
+from sparsetorch.models import MLP
+from sparsetorch.sparsifiers import LotteryTicket, make_sparsifier
+from sparsetorch.sparsifiers.method_registry import NEEDS_BATCH, NEEDS_INPUTS
 
 
 def pytest_collection_modifyitems(config, items):
@@ -31,6 +36,11 @@ class TinyNet(nn.Module):
 
 
 @pytest.fixture
+def tiny_net_class():
+    return TinyNet
+
+
+@pytest.fixture
 def tiny_net():
     torch.manual_seed(0)
     return TinyNet()
@@ -49,3 +59,103 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ---- sparsifier runs on a small MLP (test_sparsifiers*.py) ------------------------------------------
+OPTIMIZERS = {
+    "adam": lambda params: torch.optim.Adam(params, lr=1e-2),
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
+}
+SIZES = (16, 48, 32, 4)
+
+
+def batch(step):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(16, SIZES[0], generator=g), torch.randint(0, SIZES[-1], (16,), generator=g)
+
+
+def build(name, seed=0, **overrides):
+    kwargs = dict(generator=torch.Generator().manual_seed(seed), **overrides)
+    if name in NEEDS_BATCH:
+        kwargs.setdefault("batch", batch(-1))
+    if name in NEEDS_INPUTS:
+        kwargs.setdefault("example_inputs", batch(-1)[0])
+    return make_sparsifier(name, **kwargs)
+
+
+def setup(name, opt="adam", seed=0, model_seed=0, **overrides):
+    torch.manual_seed(model_seed)
+    model = MLP(SIZES)
+    optimizer = OPTIMIZERS[opt](model.parameters())
+    return model, optimizer, build(name, seed, **overrides).attach(model, optimizer)
+
+
+def train(model, optimizer, sparsifier, steps, check=None):
+    for step in range(steps):
+        x, y = batch(step)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        sparsifier.step()
+        if isinstance(sparsifier, LotteryTicket) and step in (5, 11):  # two rounds inside the run
+            sparsifier.next_round()
+        if check:
+            check(step)
+
+
+@pytest.fixture(name="batch")
+def batch_fixture():
+    return batch
+
+
+@pytest.fixture(name="build")
+def build_fixture():
+    return build
+
+
+@pytest.fixture(name="setup")
+def setup_fixture():
+    return setup
+
+
+@pytest.fixture(name="train")
+def train_fixture():
+    return train
+
+
+# ---- channel shrinking (test_shrink*.py) ---------------------------------------------------------------
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BatchNorm statistics and affine parameters (fresh ones are identities)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) * 2 - 1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=g) * 2 - 1)
+    return model.eval()
+
+
+def params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def assert_same_outputs(a: nn.Module, b: nn.Module, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(name="randomize_bn")
+def randomize_bn_fixture():
+    return randomize_bn
+
+
+@pytest.fixture(name="params")
+def params_fixture():
+    return params
+
+
+@pytest.fixture(name="assert_same_outputs")
+def assert_same_outputs_fixture():
+    return assert_same_outputs

@@ -97,13 +97,11 @@ def test_save_load_round_trip(tiny_net, tiny_batch, tmp_path, method, pattern, s
 
 
 @pytest.mark.parametrize("method,pattern", [(m, p) for m in sorted(SCORES) for p in PATTERNS])
-def test_same_seed_same_masks(tiny_batch, method, pattern):
-    from conftest import TinyNet
-
+def test_same_seed_same_masks(tiny_batch, tiny_net_class, method, pattern):
     results = []
     for _ in range(2):
         torch.manual_seed(0)
-        model = _prune(TinyNet(), method, pattern, "global", tiny_batch, seed=7)
+        model = _prune(tiny_net_class(), method, pattern, "global", tiny_batch, seed=7)
         results.append([m.mask.clone() for m in iter_masks(model)])
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
@@ -140,3 +138,75 @@ def test_remove_masks_makes_it_permanent(tiny_net, tiny_batch):
     x, y = tiny_batch
     torch.nn.functional.cross_entropy(tiny_net(x), y).backward()
     assert all(p.grad is None or p.grad.abs().sum() > 0 for p in tiny_net.parameters())
+
+
+# ---- every registered training-time method and storage format, through sparsetorch.testing -----------------
+from sparsetorch import testing  # noqa: E402
+from sparsetorch.formats import FORMATS  # noqa: E402
+from sparsetorch.sparsifiers import METHODS, LotteryTicket, Sparsifier  # noqa: E402
+from sparsetorch.sparsifiers.method_registry import NEEDS_BATCH, NEEDS_INPUTS  # noqa: E402
+
+
+def registry_factory(name):
+    def make(generator):
+        kwargs = {"generator": generator}
+        if name in NEEDS_BATCH:
+            kwargs["batch"] = testing.default_batch(-1)
+        if name in NEEDS_INPUTS:
+            kwargs["example_inputs"] = testing.default_batch(-1)[0]
+        return METHODS[name](**kwargs)
+    return make
+
+
+def next_round_twice(step, sparsifier):
+    if isinstance(sparsifier, LotteryTicket) and step in (5, 11):  # two rounds inside the run
+        sparsifier.next_round()
+
+
+@pytest.mark.parametrize("check", testing.CHECKS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_registered_method_conforms(name, check):
+    testing.check_sparsifier(registry_factory(name), prepare=METHODS[name].prepare, on_step=next_round_twice,
+                             steps=20 if check is testing.check_target_density else 12, checks=[check])
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_registered_format_conforms(name):
+    testing.check_format(name, pattern="block:4x4" if name == "bsr" else "unstructured")
+
+
+class RevivesPrunedWeights(Sparsifier):
+    """Broken on purpose: masks half the weights, then writes into the weights behind the masks' back."""
+
+    sparsity = 0.5
+
+    def initial_masks(self):
+        return [torch.rand(t.param.shape, generator=self.generator) < 0.5 for t in self.targets]
+
+    @torch.no_grad()
+    def update(self, step):
+        for t in self.targets:
+            t.param.add_(0.01)
+
+
+def test_broken_user_sparsifier_fails_check_sparsifier():
+    with pytest.raises(AssertionError, match="pruned weights|masks"):
+        testing.check_sparsifier(lambda g: RevivesPrunedWeights(generator=g),
+                                 checks=[testing.check_pruned_stay_zero])
+
+
+def test_broken_format_fails_check_format():
+    from sparsetorch.formats import Format, register_format
+
+    dense = FORMATS["dense"]
+
+    def lossy_decode(parts, meta):  # broken on purpose: rounds the weights
+        w, mask = dense.decode(parts, meta)
+        return w.half().to(w.dtype), mask
+
+    broken = register_format(Format("broken-for-test", dense.encode, lossy_decode, dense.needs_mask))
+    try:
+        with pytest.raises(AssertionError, match="broken-for-test"):
+            testing.check_format(broken)
+    finally:
+        FORMATS.pop("broken-for-test")

@@ -16,29 +16,7 @@ from sparsetorch.shrink import find_groups, prune_channels, shrink
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BatchNorm statistics and affine parameters (fresh ones are identities)."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.rand(n, generator=g) * 2 - 1)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(n, generator=g) * 2 - 1)
-    return model.eval()
-
-
-def params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def assert_same_outputs(a: nn.Module, b: nn.Module, x: torch.Tensor) -> None:
-    with torch.no_grad():
-        torch.testing.assert_close(a(x), b(x), rtol=1e-4, atol=1e-5)
-
-
-def test_mlp_channel_pruned_shrinks_and_matches():
+def test_mlp_channel_pruned_shrinks_and_matches(assert_same_outputs):
     torch.manual_seed(0)
     model = MLP((64, 96, 80, 10))
     sparsetorch.prune(model, 0.5, pattern="channel", scope="layer")
@@ -54,7 +32,7 @@ def test_mlp_channel_pruned_shrinks_and_matches():
     assert sparsetorch.get_mask(model.fc1) is not None and sparsetorch.get_mask(small.fc1) is None
 
 
-def test_removed_neuron_bias_is_folded_into_the_next_layer():
+def test_removed_neuron_bias_is_folded_into_the_next_layer(assert_same_outputs):
     torch.manual_seed(0)
     model = MLP((8, 16, 4))
     with torch.no_grad():
@@ -67,7 +45,7 @@ def test_removed_neuron_bias_is_folded_into_the_next_layer():
     assert not torch.equal(small.classifier.bias, model.classifier.bias)
 
 
-def test_conv_into_zero_padded_conv_keeps_constant_channels_and_says_why():
+def test_conv_into_zero_padded_conv_keeps_constant_channels_and_says_why(assert_same_outputs):
     torch.manual_seed(0)
     model = SmallCNN(channels=8)
     with torch.no_grad():
@@ -85,7 +63,7 @@ def test_conv_into_zero_padded_conv_keeps_constant_channels_and_says_why():
 
 
 @pytest.mark.parametrize("scope", ["global", "layer"])
-def test_resnet_residual_groups_shrink_together(scope):
+def test_resnet_residual_groups_shrink_together(scope, assert_same_outputs, params, randomize_bn):
     torch.manual_seed(0)
     model = randomize_bn(ResNet(widths=(16, 32), blocks=2))
     x = torch.randn(2, 3, 8, 8)
@@ -101,7 +79,7 @@ def test_resnet_residual_groups_shrink_together(scope):
         assert widths.pop() == 8 and small.layers[0].conv1.out_channels == 8
 
 
-def test_residual_channel_zero_in_one_branch_only_is_kept():
+def test_residual_channel_zero_in_one_branch_only_is_kept(assert_same_outputs, randomize_bn):
     torch.manual_seed(0)
     model = randomize_bn(ResNet(widths=(8,), blocks=1))
     with torch.no_grad():
@@ -116,7 +94,7 @@ def test_residual_channel_zero_in_one_branch_only_is_kept():
     assert_same_outputs(model, small, x)
 
 
-def test_mobilenet_depthwise_follows_its_producer():
+def test_mobilenet_depthwise_follows_its_producer(assert_same_outputs, randomize_bn):
     torch.manual_seed(0)
     model = randomize_bn(MobileNet(width=8, blocks=2))
     x = torch.randn(2, 3, 12, 12)
@@ -141,7 +119,7 @@ class Branches(nn.Module):
         return self.mix(torch.cat([torch.relu(self.a(x)), self.b(x)], dim=1))
 
 
-def test_concatenation_maps_channels_to_consumer_offsets():
+def test_concatenation_maps_channels_to_consumer_offsets(assert_same_outputs):
     torch.manual_seed(0)
     model = Branches()
     with torch.no_grad():
@@ -168,7 +146,7 @@ class Unsupported(nn.Module):
         return self.fc3(torch.roll(self.fc2(h), 1, dims=-1))
 
 
-def test_unsupported_ops_are_named_and_left_alone():
+def test_unsupported_ops_are_named_and_left_alone(assert_same_outputs):
     model = Unsupported()
     with torch.no_grad():
         model.fc1.weight[:2] = 0
@@ -244,7 +222,7 @@ def test_groups_of_a_resnet_follow_the_residuals():
     assert fc_group.blocked  # model outputs are never removed
 
 
-def test_save_and_load_shrunk_rebuilds_from_the_factory(tmp_path):
+def test_save_and_load_shrunk_rebuilds_from_the_factory(tmp_path, assert_same_outputs, randomize_bn):
     from sparsetorch.shrink import load_shrunk, save_shrunk
 
     torch.manual_seed(0)
@@ -309,7 +287,7 @@ def test_reshape_that_hard_codes_the_channel_count_blocks_it():
     assert small.conv.out_channels == 4
 
 
-def test_channel_pattern_pruned_resnet_shrinks_what_is_exact():
+def test_channel_pattern_pruned_resnet_shrinks_what_is_exact(assert_same_outputs, randomize_bn):
     torch.manual_seed(0)
     model = randomize_bn(ResNet(widths=(8, 16), blocks=1))
     sparsetorch.prune(model, 0.5, pattern="channel", scope="layer")
@@ -343,7 +321,7 @@ def test_a_layer_called_twice_is_named_and_kept():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_shrink_a_cuda_model():
+def test_shrink_a_cuda_model(assert_same_outputs, randomize_bn):
     torch.manual_seed(0)
     model = randomize_bn(ResNet(widths=(8, 16), blocks=1)).cuda()
     x = torch.randn(2, 3, 8, 8, device="cuda")
@@ -364,7 +342,7 @@ class ShapeReads(nn.Module):
         return self.fc(y.view(y.shape[0], -1) * 2)
 
 
-def test_reading_shapes_does_not_block():
+def test_reading_shapes_does_not_block(assert_same_outputs):
     model = ShapeReads()
     with torch.no_grad():
         model.conv.weight[:3] = 0

@@ -10,13 +10,17 @@ from sparsetorch import SparsityError, SparsityWarning
 from sparsetorch.models import MLP, ResNet
 from sparsetorch.shrink import prune_channels, shrink
 
-from test_shrink import assert_same_outputs, params, randomize_bn
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def resnet():
+@pytest.fixture
+def resnet(randomize_bn):
+    return lambda: resnet_model(randomize_bn)
+
+
+def resnet_model(randomize_bn):
     torch.manual_seed(0)
     return randomize_bn(ResNet(widths=(16, 32), blocks=1))
 
@@ -25,7 +29,7 @@ X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
 
 
 @pytest.mark.parametrize("criterion", ["l1", "l2", "bn_scale"])
-def test_criteria_prune_and_shrink_exactly(criterion):
+def test_criteria_prune_and_shrink_exactly(criterion, assert_same_outputs, params, resnet):
     model = resnet()
     prune_channels(model, 0.4, criterion=criterion, example_inputs=X)
     small = shrink(model, X)
@@ -43,7 +47,7 @@ def test_l1_removes_the_weakest_channels_in_layer_scope():
     assert sparsetorch.get_mask(model.fc1, "bias").tolist() == [False] * 3 + [True] * 3
 
 
-def test_taylor_uses_gradients_and_is_deterministic():
+def test_taylor_uses_gradients_and_is_deterministic(assert_same_outputs, resnet):
     g = torch.Generator().manual_seed(0)
     batch = (torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g))
     a, b = resnet(), resnet()
@@ -58,7 +62,7 @@ def test_taylor_uses_gradients_and_is_deterministic():
 
 
 @pytest.mark.parametrize("scope", ["global", "layer"])
-def test_target_params_is_met(scope):
+def test_target_params_is_met(scope, params, resnet):
     model = resnet()
     full = params(model)
     prune_channels(model, target_params=0.5, example_inputs=X, scope=scope)
@@ -66,7 +70,7 @@ def test_target_params_is_met(scope):
     assert 0.35 * full < params(small) <= 0.5 * full
 
 
-def test_target_flops_is_met_as_report_counts_them():
+def test_target_flops_is_met_as_report_counts_them(resnet):
     model = resnet()
     full = sparsetorch.report(model, X).total.dense_flops
     prune_channels(model, target_flops=0.4, example_inputs=X)
@@ -75,7 +79,7 @@ def test_target_flops_is_met_as_report_counts_them():
     assert 0.25 * full < after <= 0.4 * full
 
 
-def test_bad_arguments_change_nothing():
+def test_bad_arguments_change_nothing(resnet):
     model = resnet()
     with pytest.raises(SparsityError, match="exactly one"):
         prune_channels(model, 0.5, target_flops=0.5, example_inputs=X)
@@ -99,7 +103,7 @@ def test_bn_scale_without_batchnorm_is_an_error():
         prune_channels(MLP((8, 16, 4)), 0.5, criterion="bn_scale", example_inputs=torch.randn(2, 8))
 
 
-def test_looking_at_a_training_model_leaves_batchnorm_statistics_alone():
+def test_looking_at_a_training_model_leaves_batchnorm_statistics_alone(resnet):
     model = resnet().train()
     stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
     prune_channels(model, 0.3, example_inputs=X)

@@ -5,49 +5,11 @@ import torch
 import sparsetorch
 from sparsetorch.errors import SparsityError
 from sparsetorch.models import MLP
-from sparsetorch.sparsifiers import METHODS, LotteryTicket, make_sparsifier
+from sparsetorch.sparsifiers import METHODS, make_sparsifier
 from sparsetorch.sparsifiers.common import rows_cols
-from sparsetorch.sparsifiers.method_registry import NEEDS_BATCH, NEEDS_INPUTS
+from sparsetorch.sparsifiers.method_registry import MASKED
 
-OPTIMIZERS = {
-    "adam": lambda params: torch.optim.Adam(params, lr=1e-2),
-    "sgd": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
-}
-SIZES = (16, 48, 32, 4)
-
-
-def batch(step):
-    g = torch.Generator().manual_seed(100 + step)
-    return torch.randn(16, SIZES[0], generator=g), torch.randint(0, SIZES[-1], (16,), generator=g)
-
-
-def build(name, seed=0, **overrides):
-    kwargs = dict(generator=torch.Generator().manual_seed(seed), **overrides)
-    if name in NEEDS_BATCH:
-        kwargs.setdefault("batch", batch(-1))
-    if name in NEEDS_INPUTS:
-        kwargs.setdefault("example_inputs", batch(-1)[0])
-    return make_sparsifier(name, **kwargs)
-
-
-def setup(name, opt="adam", seed=0, model_seed=0, **overrides):
-    torch.manual_seed(model_seed)
-    model = MLP(SIZES)
-    optimizer = OPTIMIZERS[opt](model.parameters())
-    return model, optimizer, build(name, seed, **overrides).attach(model, optimizer)
-
-
-def train(model, optimizer, sparsifier, steps, check=None):
-    for step in range(steps):
-        x, y = batch(step)
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        sparsifier.step()
-        if isinstance(sparsifier, LotteryTicket) and step in (5, 11):  # two rounds inside the run
-            sparsifier.next_round()
-        if check:
-            check(step)
+SIZES = (16, 48, 32, 4)  # the MLP of conftest.setup
 
 
 def tolerance(sparsifier):
@@ -58,9 +20,9 @@ def tolerance(sparsifier):
     return len(sparsifier.targets) / total
 
 
-@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_target_reached_masks_binary_pruned_stay_zero(name, opt):
+@pytest.mark.parametrize("opt", ["adam", "sgd"])  # OPTIMIZERS in conftest.py
+@pytest.mark.parametrize("name", sorted(MASKED))  # compressed ones: test_conformance.py
+def test_target_reached_masks_binary_pruned_stay_zero(name, opt, setup, train):
     model, optimizer, sparsifier = setup(name, opt)
 
     def check(step):
@@ -78,8 +40,8 @@ def test_target_reached_masks_binary_pruned_stay_zero(name, opt):
                 assert torch.count_nonzero(value[~mask]) == 0
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_state_dict_round_trip(name):
+@pytest.mark.parametrize("name", sorted(MASKED))  # compressed ones: test_conformance.py
+def test_state_dict_round_trip(name, setup, train):
     model, optimizer, sparsifier = setup(name)
     train(model, optimizer, sparsifier, 12)
     state = sparsifier.state_dict()
@@ -92,8 +54,8 @@ def test_state_dict_round_trip(name):
     assert sparsifier2.state_dict()["extra"].keys() == state["extra"].keys()
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_same_seed_same_masks(name):
+@pytest.mark.parametrize("name", sorted(MASKED))  # compressed ones: test_conformance.py
+def test_same_seed_same_masks(name, setup, train):
     runs = []
     for _ in range(2):
         model, optimizer, sparsifier = setup(name, seed=3)
@@ -103,14 +65,14 @@ def test_same_seed_same_masks(name):
 
 
 @pytest.mark.parametrize("name", ["static", "set", "srigl"])
-def test_other_seed_other_masks(name):
+def test_other_seed_other_masks(name, setup):
     a = [m.mask.clone() for m in sparsetorch.iter_masks(setup(name, seed=1)[0])]
     b = [m.mask.clone() for m in sparsetorch.iter_masks(setup(name, seed=2)[0])]
     assert not all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_history_rows_count_moves(name):
+@pytest.mark.parametrize("name", sorted(MASKED))  # compressed ones: test_conformance.py
+def test_history_rows_count_moves(name, setup, train):
     model, optimizer, sparsifier = setup(name)
     train(model, optimizer, sparsifier, 20)
     rows = [r for r in sparsifier.history if "dropped" in r]
@@ -144,9 +106,17 @@ def test_history_rows_count_moves(name):
     ("lottery", dict(rounds=0), "rounds"),
     ("lottery", dict(rewind_step=-2), "rewind_step"),
 ])
-def test_bad_hyperparameters(name, kwargs, match):
+def test_bad_hyperparameters(name, kwargs, match, build):
     with pytest.raises(SparsityError, match=match):
         build(name, **kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_unknown_keyword_names_it_and_the_valid_ones(name):
+    with pytest.raises(SparsityError, match=r"unknown keyword argument\(s\) 'evry' \(did you mean 'every'\?\)|"
+                                            r"unknown keyword argument\(s\) 'evry'; valid keywords are \[") as info:
+        METHODS[name](evry=3)
+    assert "generator" in str(info.value) and "include" in str(info.value)
 
 
 def test_unknown_method():
@@ -154,8 +124,8 @@ def test_unknown_method():
         make_sparsifier("magic")
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_attach_twice_step_before_attach_and_missing_params(name):
+@pytest.mark.parametrize("name", sorted(MASKED))  # compressed ones: test_conformance.py
+def test_attach_twice_step_before_attach_and_missing_params(name, build):
     torch.manual_seed(0)
     model = MLP(SIZES)
     before = {k: v.clone() for k, v in model.state_dict().items()}

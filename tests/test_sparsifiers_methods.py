@@ -10,14 +10,13 @@ from sparsetorch.core.patterns import as_2d, is_valid_mask
 from sparsetorch.sparsifiers import GMP, SET, SNIP, LotteryTicket, RigL, SRigL, Static, SynFlow, lottery_ticket
 from sparsetorch.sparsifiers.at_init import synflow_masks
 
-from test_sparsifiers import batch, setup, train
 
 
 def masks_of(model):
     return [m.mask.clone() for m in sparsetorch.iter_masks(model)]
 
 
-def test_gmp_follows_cubic_schedule():
+def test_gmp_follows_cubic_schedule(setup, train):
     model, optimizer, sp = setup("gmp", start=2, end=14, every=4, sparsity=0.8)
     seen = []
     train(model, optimizer, sp, 16, check=lambda step: seen.append(sp.density()))
@@ -29,7 +28,7 @@ def test_gmp_follows_cubic_schedule():
 
 
 @pytest.mark.parametrize("pattern,sparsity", [("2:4", None), ("block:4x4", 0.75), ("channel", 0.5)])
-def test_gmp_patterns(pattern, sparsity):
+def test_gmp_patterns(pattern, sparsity, setup, train):
     model, optimizer, sp = setup("gmp", pattern=pattern, sparsity=sparsity, end=8, every=2, scope="layer")
     densities = []
     train(model, optimizer, sp, 10, check=lambda step: densities.append(sp.density()))
@@ -41,7 +40,7 @@ def test_gmp_patterns(pattern, sparsity):
 
 
 @pytest.mark.parametrize("name", ["set", "rigl", "srigl"])
-def test_dst_density_constant_and_grown_start_at_zero(name):
+def test_dst_density_constant_and_grown_start_at_zero(name, setup, train):
     model, optimizer, sp = setup(name, every=3, drop_fraction=0.5, end=100, decay="constant")
     kept = [int(m.sum()) for m in masks_of(model)]
     before = {}
@@ -63,7 +62,7 @@ def test_dst_density_constant_and_grown_start_at_zero(name):
     train(model, optimizer, sp, 9, check)
 
 
-def test_rigl_grows_largest_dense_gradient_captured_only_on_update_steps():
+def test_rigl_grows_largest_dense_gradient_captured_only_on_update_steps(batch):
     torch.manual_seed(0)
     model = MLP((16, 48, 32, 4))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # weights frozen: gradients are reproducible
@@ -176,7 +175,7 @@ def test_static_reinit_scales_by_kept_fan_in():
         assert torch.equal(wa != 0, wb != 0)
 
 
-def test_lottery_ticket_rewinds_survivors_to_init():
+def test_lottery_ticket_rewinds_survivors_to_init(train):
     torch.manual_seed(0)
     model = MLP((16, 48, 32, 4))
     init = {k: v.clone() for k, v in model.state_dict().items()}
@@ -201,7 +200,7 @@ def test_lottery_ticket_rewinds_survivors_to_init():
         ticket.next_round()
 
 
-def test_lottery_ticket_rewinds_to_early_step():
+def test_lottery_ticket_rewinds_to_early_step(batch, setup):
     model, optimizer, ticket = setup("lottery", opt="sgd", rewind_step=3, rounds=1, sparsity=0.5)
     snapshots = {}
 
@@ -223,7 +222,7 @@ def test_lottery_ticket_rewinds_to_early_step():
     assert torch.equal(model.classifier.weight, snapshots[3]["classifier.weight"])
 
 
-def test_lottery_ticket_needs_rewind_point():
+def test_lottery_ticket_needs_rewind_point(setup):
     model, optimizer, ticket = setup("lottery", rewind_step=50)
     with pytest.raises(sparsetorch.SparsityError, match="rewind point"):
         ticket.next_round()
@@ -259,8 +258,7 @@ def test_snip_prefers_salient_inputs():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", ["gmp", "set", "rigl", "srigl", "static"])
-def test_methods_on_cuda(name):
-    from test_sparsifiers import build
+def test_methods_on_cuda(name, batch, build):
 
     torch.manual_seed(0)
     model = MLP((16, 48, 32, 4)).cuda()
@@ -273,3 +271,21 @@ def test_methods_on_cuda(name):
     assert sp.density() == pytest.approx(0.1, abs=0.02)
     for item in sparsetorch.iter_masks(model):
         assert item.mask.is_cuda and torch.count_nonzero(item.param[~item.mask]) == 0
+
+
+def test_dropgrow_core_functions():
+    from sparsetorch.core.dropgrow import ablate_units, drop_and_grow_flat, split_evenly, top_per_row
+
+    mask = torch.tensor([True, True, True, True, False, False, False, False])
+    mag = torch.tensor([4.0, 1.0, 3.0, 2.0, 0.0, 0.0, 0.0, 0.0])
+    grow = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.1, 0.9, 0.5, 0.2])
+    new = drop_and_grow_flat(mask, mag, grow, 0.5)  # k = 2: drop |w| 1 and 2, grow scores 0.9 and 0.5
+    assert new.tolist() == [True, False, True, False, False, True, True, False]
+    assert int(new.sum()) == int(mask.sum())
+    live = torch.tensor([True, False, True, True])
+    assert split_evenly(7, live, 5).tolist() == [3, 0, 2, 2]
+    assert top_per_row(torch.tensor([[0.1, 0.9, 0.5]]), torch.tensor([2])).tolist() == [[False, True, True]]
+    ablate = ablate_units(torch.tensor([0, 5, 1]), torch.tensor([4, 5, 4]), torch.tensor([True, True, True]), 0.3)
+    assert ablate.tolist() == [True, False, True]
+    everyone = ablate_units(torch.tensor([0, 1]), torch.tensor([9, 9]), torch.tensor([True, True]), 0.5)
+    assert everyone.tolist() == [True, False]  # never every unit: the most salient one stays

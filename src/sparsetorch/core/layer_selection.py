@@ -52,10 +52,6 @@ def matches_spec(fqn: str, module: nn.Module, specs: Iterable[type | str]) -> bo
     return False
 
 
-# old private names, still imported by sparsifiers/compressed.py (out of this change's scope)
-_as_list, _matches = as_spec_list, matches_spec
-
-
 def final_classifier(model: nn.Module, candidates: list[tuple[str, nn.Module]]) -> str | None:
     """The name of the model's output layer if it looks like a classifier/lm_head, else None."""
     for fqn, _ in candidates:

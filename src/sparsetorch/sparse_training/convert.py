@@ -9,7 +9,7 @@ from ..core.distributions import layer_densities
 from ..core.rng import resolve_generator
 from ..errors import SparsityError, check_sparsity
 from ..core.layer_selection import select_targets
-from ..sparsifiers.base import is_distributed
+from ..core.distributed import is_distributed
 from .sparse_linear import TRANSPOSED_MAP_BUFFERS, SparseLinear
 
 

@@ -14,6 +14,8 @@ connections moved, the optimizer-state zeroing and DDP agreement are handled her
 """
 from __future__ import annotations
 
+import difflib
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +26,7 @@ from torch import nn
 from ..errors import SparsityError
 from ..core.masks import get_mask, remove_masks, set_mask, zero_optimizer_state
 from ..core.layer_selection import Spec, Target, select_targets
+from ..core.distributed import is_distributed
 
 __all__ = ["Sparsifier"]
 
@@ -36,7 +39,10 @@ class Sparsifier:
         generator: every random choice draws from it; same seed, same masks.
     """
 
-    def __init__(self, *, include: Spec = None, exclude: Spec = None, generator: torch.Generator | None = None):
+    def __init__(self, *, include: Spec = None, exclude: Spec = None, generator: torch.Generator | None = None,
+                 **unknown: Any):
+        if unknown:
+            raise unknown_keyword_error(type(self), unknown)
         self.include, self.exclude = include, exclude
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.model: nn.Module | None = None
@@ -166,6 +172,30 @@ class Sparsifier:
         return f"{type(self).__name__}(step={self.step_count}, {where})"
 
 
+def valid_keywords(cls: type) -> list[str]:
+    """The keyword arguments ``cls(...)`` accepts: the named parameters of every ``__init__`` in its MRO."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is object:
+            continue
+        for p in inspect.signature(init).parameters.values():
+            if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name not in names:
+                names.append(p.name)
+    return names
+
+
+def unknown_keyword_error(cls: type, unknown: dict[str, Any]) -> SparsityError:
+    """SparsityError naming the unknown keywords of ``cls(...)``, with close matches and the valid ones."""
+    valid = valid_keywords(cls)
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, valid, n=1)
+        hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return SparsityError(f"{cls.__name__} got unknown keyword argument(s) {', '.join(hints)}; "
+                         f"valid keywords are {sorted(valid)}", unknown=sorted(unknown))
+
+
 def check_in_optimizer(optimizer: torch.optim.Optimizer | None, targets: Sequence[Target]) -> None:
     """Every target parameter must be in ``optimizer`` (when one is given), else its state could not follow."""
     if optimizer is None:
@@ -178,11 +208,6 @@ def check_in_optimizer(optimizer: torch.optim.Optimizer | None, targets: Sequenc
             "model.parameters() before attaching (or exclude those layers)",
             missing=missing,
         )
-
-
-def is_distributed() -> bool:
-    """True inside a torch.distributed run of more than one process (DDP): ranks must agree."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _agree_across_ranks(masks: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -1,7 +1,7 @@
 """SET and RigL on compressed layers: connections move between steps, nnz stays fixed, W is never dense.
 
 ``CompressedSET`` / ``CompressedRigL`` are ``Sparsifier``s with the hyperparameters, schedule and drop-and-grow
-rule of ``sparsetorch.SET`` / ``sparsetorch.RigL`` (sparsifiers/dst.py), but they act on the SparseLinear
+rule of ``sparsetorch.SET`` / ``sparsetorch.RigL`` (sparsifiers/dynamic.py; both use core/dropgrow.py), but they act on the SparseLinear
 layers made by ``to_sparse_training`` instead of on masks over dense weights. Every ``every`` steps (until
 ``end``) each layer drops its k = round(f_t * nnz) smallest-magnitude kept weights and grows k positions that
 are inactive after the drop: uniformly at random (SET, Mocanu et al. 2018) or with the largest dense-gradient
@@ -36,10 +36,11 @@ from torch import nn
 from ..core import schedules
 from ..core.distributions import layer_densities
 from ..errors import SparsityError, check_sparsity
-from ..core.layer_selection import Spec, Target, _as_list, _matches
-from .base import Sparsifier, check_in_optimizer, is_distributed
+from ..core.layer_selection import Spec, Target, as_spec_list, matches_spec
+from ..core.distributed import is_distributed
+from ..core.dropgrow import ablate_units, constant_fan_in_positions, split_evenly, top_per_row
+from .base import Sparsifier, check_in_optimizer
 from .common import DropGrowSchedule, check_choice
-from .dynamic import split_evenly, top_per_row
 from ..sparse_training import growth
 from ..sparse_training.convert import broadcast_connectivity
 from ..sparse_training.sparse_linear import SparseLinear, sample_positions
@@ -56,13 +57,13 @@ def compressed_targets(model: nn.Module, include: Spec = None, exclude: Spec = N
     if not layers:
         raise SparsityError("the model has no SparseLinear layer: call sparsetorch.to_sparse_training(model, "
                             "sparsity=...) first, or use sparsetorch.SET / sparsetorch.RigL on dense layers")
-    includes = _as_list(include)
+    includes = as_spec_list(include)
     for spec in includes:
-        if not any(_matches(fqn, m, [spec]) for fqn, m in layers):
+        if not any(matches_spec(fqn, m, [spec]) for fqn, m in layers):
             raise SparsityError(f"include pattern {spec!r} matches no SparseLinear layer; names look like "
                                 f"{[fqn for fqn, _ in layers[:5]]}", include=spec)
-    chosen = [(fqn, m) for fqn, m in layers if not includes or _matches(fqn, m, includes)]
-    chosen = [(fqn, m) for fqn, m in chosen if not _matches(fqn, m, _as_list(exclude))]
+    chosen = [(fqn, m) for fqn, m in layers if not includes or matches_spec(fqn, m, includes)]
+    chosen = [(fqn, m) for fqn, m in chosen if not matches_spec(fqn, m, as_spec_list(exclude))]
     if not chosen:
         raise SparsityError("no SparseLinear layer left after include/exclude")
     return [Target(fqn, m, "values") for fqn, m in chosen]
@@ -177,7 +178,7 @@ class CompressedDST(DropGrowSchedule, Sparsifier):
 
     def _move(self, layer: SparseLinear, k: int) -> int:
         """Drop and grow (``select``), carry values and optimizer state; returns how many positions are new (a
-        dropped position grown back keeps its weight, as in dst.py)."""
+        dropped position grown back keeps its weight, as in dynamic.py)."""
         flat = layer.flat_positions()                                        # [nnz] sorted
         dropped, grown = self.select(layer, k, flat)
         is_kept = torch.ones_like(flat, dtype=torch.bool)
@@ -393,18 +394,5 @@ class CompressedSRigL(CompressedRigL):
             candidates.view(-1)[flat] = -1.0
             count += torch.bincount(torch.topk(candidates.flatten(), k_layer).indices // inp,
                                     minlength=layer.out_features)
-        ablate = live & (count < self.ablation * fan)
-        if bool(ablate.sum() == n_live):  # keep the most salient unit rather than empty the layer
-            ablate[torch.argmax(torch.where(live, count, torch.full_like(count, -1)))] = False
-        return ablate
+        return ablate_units(count, fan, live, self.ablation)
 
-
-def constant_fan_in_positions(out: int, inp: int, nnz: int, generator: torch.Generator) -> torch.Tensor:
-    """Sorted flat positions with nnz // out random inputs per row (the first nnz % out rows one more)."""
-    base, extra = divmod(nnz, out)
-    fan = torch.full((out,), base, dtype=torch.long)
-    fan[:extra] += 1
-    noise = torch.rand(out, inp, generator=generator)
-    ranks = noise.argsort(dim=1).argsort(dim=1)                             # a random order of inputs per row
-    chosen = ranks < fan[:, None]                                           # [out, in]
-    return chosen.flatten().nonzero().flatten()

@@ -20,7 +20,9 @@ import torch.distributed as dist
 
 from ..errors import SparsityError
 from ..core.patterns import as_2d
-from .base import Sparsifier, is_distributed
+from ..core.distributed import is_distributed
+from ..core.dropgrow import ablate_units, constant_fan_in_mask, drop_and_grow_flat, split_evenly, top_per_row
+from .base import Sparsifier
 from .common import DropGrowSchedule, check_choice, check_target_sparsity, moves, rescale_by_fan_in, rows_cols
 from ..core.distributions import layer_densities
 from ..core.masks import zero_optimizer_state
@@ -94,20 +96,7 @@ class DynamicSparsifier(DropGrowSchedule, Sparsifier):
         Evci et al. 2020, Alg. 1; k = round(fraction * kept), at most the number of inactive.
         """
         flat, w = mask.flatten().cpu(), weight.detach().abs().flatten().float().cpu()
-        kept = int(flat.sum())
-        k = min(int(round(fraction * kept)), flat.numel() - kept)
-        if k <= 0:
-            return mask.cpu()
-        drop_score = torch.where(flat, w, torch.full_like(w, float("inf")))
-        dropped = torch.topk(drop_score, k, largest=False).indices
-        after = flat.clone()
-        after[dropped] = False
-        # grow among all inactive positions after the drop; a just-dropped weight grown back keeps its
-        # value (as in the RigL reference code): only truly new connections start at zero
-        g = grow.flatten().float().cpu()
-        grow_score = torch.where(after, torch.full_like(g, -float("inf")), g)
-        after[torch.topk(grow_score, k).indices] = True
-        return after.view(mask.shape)
+        return drop_and_grow_flat(flat, w, grow.flatten().float().cpu(), fraction).view(mask.shape)
 
     @torch.no_grad()
     def _zero_grown(self, old: list[torch.Tensor], new: list[torch.Tensor]) -> None:
@@ -244,9 +233,7 @@ class SRigL(RigL):
         masks = []
         for t, fan_in in zip(self.targets, self.fan_ins()):
             rows, cols = rows_cols(t.param.shape)
-            noise = torch.rand(rows, cols, generator=self.generator)
-            idx = torch.topk(noise, fan_in, dim=1).indices  # [rows, fan_in] random inputs per unit
-            masks.append(torch.zeros(rows, cols, dtype=torch.bool).scatter_(1, idx, True).view(t.param.shape))
+            masks.append(constant_fan_in_mask(rows, cols, fan_in, self.generator).view(t.param.shape))
         return masks
 
     def drop_and_grow(self, weight: torch.Tensor, mask: torch.Tensor, grow: torch.Tensor,
@@ -278,26 +265,5 @@ class SRigL(RigL):
         if k_layer > 0:
             candidates = torch.where(~m2 & live[:, None], g2, torch.full_like(g2, -1.0)).flatten()
             salient.view(-1)[torch.topk(candidates, k_layer).indices] = True
-        count = (salient & live[:, None]).sum(dim=1)
-        ablate = live & (count < self.ablation * m2.sum(dim=1))
-        if bool(ablate.sum() == n_live):  # keep the most salient unit rather than empty the layer
-            ablate[torch.argmax(torch.where(live, count, torch.full_like(count, -1)))] = False
-        return ablate
+        return ablate_units((salient & live[:, None]).sum(dim=1), m2.sum(dim=1), live, self.ablation)
 
-
-def split_evenly(total: int, live: torch.Tensor, cols: int) -> torch.Tensor:
-    """Per-row counts summing to ``total`` over the ``live`` rows, as equal as possible (<= cols)."""
-    n = int(live.sum())
-    base, extra = divmod(total, n)
-    if base >= cols:  # a full layer: every live row takes all its inputs
-        return torch.where(live, torch.full(live.shape, cols), torch.zeros(live.shape, dtype=torch.long))
-    counts = torch.where(live, torch.full(live.shape, base), torch.zeros(live.shape, dtype=torch.long))
-    rank = torch.cumsum(live.long(), 0) - 1  # 0.. among live rows; the first `extra` take one more
-    return counts + (live & (rank < extra)).long()
-
-
-def top_per_row(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Bool [rows, cols]: the ``counts[r]`` highest scores of each row r."""
-    order = torch.argsort(scores, dim=1, descending=True, stable=True)
-    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(scores.shape[1]).expand_as(order))
-    return ranks < counts[:, None]
