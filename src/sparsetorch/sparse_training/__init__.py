@@ -9,7 +9,7 @@
 """
 from __future__ import annotations
 
-from .convert import broadcast_connectivity, hide_indices_from_ddp, to_dense, to_sparse_training
+from .layer_swap import broadcast_connectivity, hide_indices_from_ddp, to_dense, to_sparse_training
 from .sparse_linear import SparseLinear
 from .optim import param_groups
 from .._lazy import lazy_attributes

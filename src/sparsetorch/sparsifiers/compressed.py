@@ -42,7 +42,7 @@ from ..core.dropgrow import ablate_units, constant_fan_in_positions, split_evenl
 from .base import Sparsifier, check_in_optimizer
 from .common import DropGrowSchedule, check_choice
 from ..sparse_training import growth
-from ..sparse_training.convert import broadcast_connectivity
+from ..sparse_training.layer_swap import broadcast_connectivity
 from ..sparse_training.sparse_linear import SparseLinear, sample_positions
 
 __all__ = ["CompressedDST", "CompressedSET", "CompressedRigL", "CompressedSRigL", "compressed_targets"]

@@ -41,7 +41,7 @@ class MethodEntry:
         """``model`` ready for ``attach``: unchanged, or converted by ``to_sparse_training`` (compressed)."""
         if not self.compressed:
             return model
-        from ..sparse_training.convert import to_sparse_training
+        from ..sparse_training.layer_swap import to_sparse_training
 
         return to_sparse_training(model, sparsity=self.defaults.get("sparsity", 0.9),
                                   distribution=self.defaults.get("distribution", "erk"),
