@@ -47,8 +47,9 @@ def imports(module: str, path: Path, top_level_only: bool):
 
 
 def edges(module: str, path: Path):
-    """Modules that importing ``module`` executes: each import target, its packages, and submodules named."""
-    for _, target, names in imports(module, path, top_level_only=True):
+    """Modules ``module`` imports, at its top or inside functions (a lazy import must not hide a cycle):
+    each import target, its packages, and submodules named."""
+    for _, target, names in imports(module, path, top_level_only=False):
         parts = target.split(".")
         for i in range(2, len(parts) + 1):  # importing a.b.c runs a.b first
             yield ".".join(parts[:i])
