@@ -17,8 +17,6 @@ and BSR.
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 import warnings
 from collections.abc import Callable
 
@@ -28,6 +26,7 @@ from torch import nn
 
 from ..errors import SparsityError, SparsityWarning
 from .fusion import fuse_chains
+from .kernel_choice import KERNEL_CACHE, clear_kernel_cache, max_error, rtol, time_candidates
 from ..kernels import _ext, extension_isa, has_extension
 from ..kernels.packed import BSRWeight, CSRWeight, NMWeight, PackedWeight
 from ..core.masks import remove_masks
@@ -37,15 +36,6 @@ __all__ = ["to_inference", "SparseLinear", "SparseConv2d", "clear_kernel_cache"]
 # candidate block shapes (rows x cols of W) and N:M group sizes worth trying
 BLOCKS = ((16, 16), (8, 8), (4, 4), (1, 16), (1, 8))
 NM_GROUPS = (4, 8, 16, 32)
-# (kind, out, in, density, pattern, batch, threads, isa) -> winning kernel name
-_CACHE: dict[tuple, str] = {}
-
-
-def clear_kernel_cache() -> None:
-    """Forget the measured kernel choices (they are per process anyway)."""
-    _CACHE.clear()
-
-
 class SparseLinear(nn.Module):
     """``y = x @ W^T + b`` with W stored sparse; ``kernel`` names how it runs (see module docstring)."""
 
@@ -186,26 +176,6 @@ def _cuda_candidates(w: torch.Tensor, bias: torch.Tensor | None, structure: dict
     return cands
 
 
-def _time_candidates(fns: dict[str, Callable[[], torch.Tensor]], budget_s: float, cuda: bool) -> dict[str, float]:
-    """Median seconds per call of each fn, measured in interleaved rounds (fair under shared-CPU noise)."""
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-
-    def once(fn) -> float:
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        return time.perf_counter() - t0
-
-    first = {k: min(once(fn), once(fn)) for k, fn in fns.items()}  # warm-up (caches, lazy setup)
-    rounds = int(max(5, min(40, budget_s / max(sum(first.values()), 1e-6))))
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            samples[k].append(once(fn))
-    return {k: statistics.median(v) for k, v in samples.items()}
-
-
 def _choose(key: tuple, dense: nn.Module, x: torch.Tensor, cands: dict[str, Callable], budget_s: float,
             cuda: bool) -> tuple[str, nn.Module | None, dict[str, float], dict[str, str]]:
     """Build the candidates, drop any that fail or disagree with dense (-> skipped: name -> why), time the
@@ -220,7 +190,7 @@ def _choose(key: tuple, dense: nn.Module, x: torch.Tensor, cands: dict[str, Call
                 mod = build()
                 if mod is not None:
                     err = float((mod(x).float() - ref.float()).abs().max())
-                    if not err <= _rtol(x.dtype) * scale + 1e-5 * x.shape[-1] ** 0.5:
+                    if not err <= rtol(x.dtype) * scale + 1e-5 * x.shape[-1] ** 0.5:
                         skipped[name] = f"disagrees with dense (max error {err:.3g})"
                         warnings.warn(f"kernel {name} {skipped[name]}; not used", SparsityWarning, stacklevel=3)
                         continue
@@ -228,12 +198,12 @@ def _choose(key: tuple, dense: nn.Module, x: torch.Tensor, cands: dict[str, Call
             except (RuntimeError, ValueError, TypeError) as exc:  # kernel not supported for this shape/device
                 skipped[name] = f"unavailable here ({exc})"
                 warnings.warn(f"kernel {name} {skipped[name]}; not used", SparsityWarning, stacklevel=3)
-        if key in _CACHE and _CACHE[key] in built:
-            return _CACHE[key], built[_CACHE[key]], {}, skipped
+        if key in KERNEL_CACHE and KERNEL_CACHE[key] in built:
+            return KERNEL_CACHE[key], built[KERNEL_CACHE[key]], {}, skipped
         fns = {name: (lambda m=(mod or dense): m(x)) for name, mod in built.items()}
-        times = _time_candidates(fns, budget_s, cuda) if len(fns) > 1 else {"dense": float("nan")}
+        times = time_candidates(fns, budget_s, cuda) if len(fns) > 1 else {"dense": float("nan")}
     best = min(times, key=lambda k: times[k]) if len(times) > 1 else "dense"
-    _CACHE[key] = best
+    KERNEL_CACHE[key] = best
     return best, built.get(best), times, skipped
 
 
@@ -347,31 +317,7 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
     return inf
 
 
-def _rtol(dtype: torch.dtype) -> float:
-    """Relative agreement expected between sparse and dense results (summation order differs)."""
-    return 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
-
-
-def _max_error(a, b) -> float:
-    """Largest error of a against b beyond the float tolerance (0 when they agree), over nested outputs."""
-    if isinstance(a, torch.Tensor):
-        if not a.is_floating_point():
-            return 0.0
-        tol = _rtol(b.dtype) * (float(b.abs().max()) + 1e-6) + 1e-5
-        err = float((a.float() - b.float()).abs().max()) if a.shape == b.shape else float("inf")
-        return 0.0 if err <= tol else err
-    if isinstance(a, (tuple, list)):
-        return max([_max_error(x, y) for x, y in zip(a, b)], default=0.0)
-    if isinstance(a, dict):
-        return max([_max_error(a[k], b[k]) for k in a], default=0.0)
-    return 0.0
-
-
-def _close(a, b) -> bool:
-    return _max_error(a, b) == 0.0
-
-
 def _check_same(a, b) -> None:
-    err = _max_error(a, b)
+    err = max_error(a, b)
     if err:
         raise SparsityError("the converted model disagrees with the dense one; please report this", max_error=err)

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..kernels import _ext
 from ..kernels.packed import BSRWeight, CSRWeight, DenseWeight, NMWeight, PackedWeight
+from .kernel_choice import KERNEL_CACHE, outputs_close, time_candidates
 
 __all__ = ["FusedChain", "ChainStep", "ACTIVATIONS", "find_sequential_chains", "find_graph_chains"]
 
@@ -445,7 +446,6 @@ def fuse_chains(model: nn.Module, args: tuple, plan: list[dict], budget_s: float
     import warnings
 
     from ..errors import SparsityWarning
-    from .convert import _CACHE, _close, _time_candidates
 
     if not _ext.available():
         return model
@@ -490,7 +490,7 @@ def fuse_chains(model: nn.Module, args: tuple, plan: list[dict], budget_s: float
         a, kw = seen[name]
         with torch.no_grad():
             try:
-                ok = _close(after(*a, **kw), mod(*a, **kw))
+                ok = outputs_close(after(*a, **kw), mod(*a, **kw))
             except Exception:  # noqa: BLE001 - a forward that used the replaced children by name
                 ok = False
             if not ok:
@@ -512,9 +512,9 @@ def fuse_chains(model: nn.Module, args: tuple, plan: list[dict], budget_s: float
             if always:
                 times, best = {}, "fused"
             else:
-                times = {} if key in _CACHE else _time_candidates(fns, budget_s, cuda=False)
-                best = _CACHE[key] if key in _CACHE else min(times, key=times.get)
-                _CACHE[key] = best
+                times = {} if key in KERNEL_CACHE else time_candidates(fns, budget_s, cuda=False)
+                best = KERNEL_CACHE[key] if key in KERNEL_CACHE else min(times, key=times.get)
+                KERNEL_CACHE[key] = best
         prefix = f"{name}." if name else ""
         for child, f in fused:
             plan.append({"layer": prefix + child, "type": "FusedChain", "layers": list(f.names),
