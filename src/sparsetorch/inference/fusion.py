@@ -22,6 +22,7 @@ from torch import nn
 
 from ..kernels import _ext
 from ..kernels.packed import BSRWeight, CSRWeight, DenseWeight, NMWeight, PackedWeight
+from .packed_modules import PackedLinear
 from .kernel_choice import KERNEL_CACHE, outputs_close, time_candidates
 
 __all__ = ["FusedChain", "ChainStep", "ACTIVATIONS", "find_sequential_chains", "find_graph_chains"]
@@ -309,17 +310,15 @@ def rewrite_graph(gm, chains: list[list], fused: list[nn.Module]) -> None:
 
 
 def _chain_weight(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Dense weight [out, in] and bias of a Linear or of to_inference's SparseLinear."""
+    """Dense weight [out, in] and bias of a Linear or of to_inference's PackedLinear."""
     if isinstance(mod, nn.Linear):
         return mod.weight.detach(), None if mod.bias is None else mod.bias.detach()
     return mod.packed.to_dense(), mod.bias
 
 
 def _linear_predicate(min_sparsity: float) -> Callable[[nn.Module], bool]:
-    from .convert import SparseLinear
-
     def is_linear(mod) -> bool:
-        if isinstance(mod, SparseLinear):
+        if isinstance(mod, PackedLinear):
             return mod.packed is not None and mod.kernel in ("csr", "nm", "bsr", "torch-csr", "torch-bsr")
         if type(mod) is not nn.Linear or mod.weight.dtype != torch.float32 or mod.weight.device.type != "cpu":
             return False
