@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import SparsityError
 from ..kernels import _ext
 from ..kernels.packed import BSRWeight, CSRWeight, DenseWeight, NMWeight, PackedWeight
 from .packed_modules import PackedLinear
@@ -78,13 +79,13 @@ class FusedChain(nn.Module):
                  names: list[str] | None = None, threads: int | None = None):
         super().__init__()
         if not weights or not (len(weights) == len(biases) == len(acts)):
-            raise ValueError("a chain needs one bias (or None) and one activation per weight")
+            raise SparsityError("a chain needs one bias (or None) and one activation per weight")
         for a, b in zip(weights, weights[1:]):
             if a.out_features != b.in_features:
-                raise ValueError(f"chain layers do not connect: {a.out_features} outputs into {b.in_features} inputs")
+                raise SparsityError(f"chain layers do not connect: {a.out_features} outputs into {b.in_features} inputs")
         unknown = [a for a in acts if a not in ACTIVATIONS]
         if unknown:
-            raise ValueError(f"unsupported activation(s) {unknown}; use one of {sorted(ACTIVATIONS)}")
+            raise SparsityError(f"unsupported activation(s) {unknown}; use one of {sorted(ACTIVATIONS)}")
         self.weights = nn.ModuleList(weights)
         for i, b in enumerate(biases):
             self.register_buffer(f"bias{i}", None if b is None else b.detach().to("cpu", torch.float32).contiguous())
@@ -122,7 +123,7 @@ class FusedChain(nn.Module):
         specs = []
         for w, b, act in zip(self.weights, self.biases(), self.acts):
             if b is not None and (b.dtype != torch.float32 or not b.is_contiguous()):
-                raise ValueError("FusedChain biases must be contiguous float32")
+                raise SparsityError("FusedChain biases must be contiguous float32")
             specs.append((_KIND[w.format], ACTIVATIONS[act][0], 0 if b is None else b.data_ptr(), *w._static()))
         widest = max(max(w.in_features, w.out_features) for w in self.weights)
         chain = _ext.make_chain(specs)
@@ -140,7 +141,7 @@ class FusedChain(nn.Module):
                       y.data_ptr())
             return y
         if x.shape[-1] != self.in_features:
-            raise ValueError(f"expected inputs [..., {self.in_features}], got {tuple(x.shape)}")
+            raise SparsityError(f"expected inputs [..., {self.in_features}], got {tuple(x.shape)}")
         x2 = x.reshape(-1, self.in_features)  # [N, in]
         if native and x.is_cpu:
             x2 = x2.float()
