@@ -10,7 +10,7 @@ from torch import nn
 import sparsetorch
 from sparsetorch import SparsityWarning
 from sparsetorch.inference.fusion import ACTIVATIONS, FusedChain, find_sequential_chains, pack_for_chain
-from sparsetorch.inference.convert import SparseLinear, clear_kernel_cache
+from sparsetorch.inference import PackedLinear, clear_kernel_cache
 from sparsetorch.kernels import has_extension
 from sparsetorch.models import MLP
 from sparsetorch.models.gpt import GPT, GPTConfig
@@ -199,7 +199,7 @@ def test_gpt_mlp_blocks_fused_with_3d_inputs():
     inf = sparsetorch.to_inference(model, ids, fuse="always")
     assert isinstance(inf, GPT)
     assert sum(isinstance(m, FusedChain) for m in inf.modules()) == 2  # c_fc -> gelu -> proj of each block
-    assert isinstance(inf.blocks[0].attn.qkv, (SparseLinear, nn.Linear))
+    assert isinstance(inf.blocks[0].attn.qkv, (PackedLinear, nn.Linear))
     with torch.no_grad():
         assert close(inf(ids), dense_copy(model)(ids))
         assert close(inf(ids[:1, :3]), dense_copy(model)(ids[:1, :3]))

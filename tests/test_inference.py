@@ -8,7 +8,8 @@ from torch import nn
 import sparsetorch
 from sparsetorch import SparsityError, SparsityWarning
 from sparsetorch.inference.fusion import FusedChain
-from sparsetorch.inference.convert import SparseConv2d, SparseLinear, clear_kernel_cache, detect_structure
+from sparsetorch.inference import PackedConv2d, PackedLinear, clear_kernel_cache
+from sparsetorch.inference.convert import detect_structure
 from sparsetorch.kernels import has_extension
 from sparsetorch.core.masks import get_mask, set_mask
 from sparsetorch.models import MLP, SmallCNN
@@ -95,7 +96,7 @@ def test_chosen_kernel_is_used_when_it_wins():
     set_mask(model[0], torch.rand(512, 512) < 0.01)
     x = torch.randn(1, 512)
     inf = sparsetorch.to_inference(model, x, budget_s=0.05)
-    assert isinstance(inf[0], SparseLinear) and inf[0].kernel != "dense"
+    assert isinstance(inf[0], PackedLinear) and inf[0].kernel != "dense"
     with torch.no_grad():
         assert_same(inf(x), model(x))
 
@@ -123,7 +124,7 @@ def test_conv_model_and_unsupported_layers(tiny_net):
         sparsetorch.prune(model, 0.8, generator=torch.Generator().manual_seed(0))
     x = torch.randn(3, 1, 8, 8)
     inf = sparsetorch.to_inference(model, x, **FAST)
-    assert any(isinstance(m, (SparseConv2d, nn.Conv2d)) for m in inf.modules())
+    assert any(isinstance(m, (PackedConv2d, nn.Conv2d)) for m in inf.modules())
     with torch.no_grad():
         assert_same(inf(x), model(x))
     # TinyNet has a Conv1d: no sparse kernel, so it stays dense with a warning, and outputs still match
@@ -146,7 +147,7 @@ def test_sparse_conv2d_forces_unfold_path():
     from sparsetorch.kernels import pack
 
     backend = "csr" if has_extension() else "torch-csr"
-    sc = SparseConv2d(conv, SparseLinear(27, 5, conv.bias, backend, pack(w)))
+    sc = PackedConv2d(conv, PackedLinear(27, 5, conv.bias, backend, pack(w)))
     x = torch.randn(2, 3, 9, 7)
     with torch.no_grad():
         assert_same(sc(x), conv(x))
@@ -196,3 +197,12 @@ def test_sequence_inputs_and_non_contiguous():
         assert_same(inf(x), model(x))
         xt = torch.randn(96, 5).t()  # non-contiguous 2-D input
         assert_same(inf(xt), model(xt))
+
+
+def test_old_layer_names_are_deprecated_aliases():
+    import sparsetorch.inference as inference
+
+    with pytest.warns(DeprecationWarning, match="PackedLinear"):
+        assert inference.SparseLinear is PackedLinear
+    with pytest.warns(DeprecationWarning, match="PackedConv2d"):
+        assert inference.SparseConv2d is PackedConv2d

@@ -17,8 +17,6 @@ and BSR.
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 import warnings
 from collections.abc import Callable
 
@@ -28,92 +26,17 @@ from torch import nn
 
 from ..errors import SparsityError, SparsityWarning
 from .fusion import fuse_chains
+from .packed_modules import PackedConv2d, PackedLinear
+from .kernel_choice import KERNEL_CACHE, clear_kernel_cache, max_error, rtol, time_candidates
 from ..kernels import extension_isa, has_extension, inference_ops
 from ..kernels.packed import BSRWeight, CSRWeight, NMWeight, PackedWeight
 from ..core.masks import remove_masks
 
-__all__ = ["to_inference", "SparseLinear", "SparseConv2d", "clear_kernel_cache"]
+__all__ = ["to_inference", "detect_structure"]
 
 # candidate block shapes (rows x cols of W) and N:M group sizes worth trying
 BLOCKS = ((16, 16), (8, 8), (4, 4), (1, 16), (1, 8))
 NM_GROUPS = (4, 8, 16, 32)
-# (kind, out, in, density, pattern, batch, threads, isa) -> winning kernel name
-_CACHE: dict[tuple, str] = {}
-
-
-def clear_kernel_cache() -> None:
-    """Forget the measured kernel choices (they are per process anyway)."""
-    _CACHE.clear()
-
-
-class SparseLinear(nn.Module):
-    """``y = x @ W^T + b`` with W stored sparse; ``kernel`` names how it runs (see module docstring)."""
-
-    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None, kernel: str,
-                 packed: PackedWeight | None = None, weight: torch.Tensor | None = None, threads: int | None = None):
-        super().__init__()
-        # compiled kernels: None follows torch.get_num_threads(); 1 when measured faster (short calls on a
-        # busy machine, where waiting for a second thread costs more than it saves)
-        self.threads = threads
-        self.in_features, self.out_features, self.kernel = in_features, out_features, kernel
-        self.packed = packed
-        self._backend = "torch" if kernel.startswith("torch") else "ext"
-        self._fast_cache: tuple | None = None
-        # the 2:4 semi-structured CUDA tensor or the CUDA BSR tensor (not a buffer: not a plain tensor)
-        self.sparse_weight = weight
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in]
-        if self.kernel == "semi-structured":
-            return F.linear(x, self.sparse_weight, self.bias)
-        if self._backend == "ext":  # hot path for small layers: skip the general checks
-            x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # [B(*T), in]
-            y = inference_ops.call_fast(self._fast(), x2, 0 if self.bias is None else self.bias.data_ptr(), self.out_features,
-                               self.threads)
-            if y is not None:
-                return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
-        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # [B, in]
-        if self.kernel == "cuda-bsr":
-            y = (self.sparse_weight @ x2.t()).t()
-            y = y if self.bias is None else y + self.bias
-        else:
-            y = self.packed.linear(x2, self.bias, self._backend, self.threads)
-        y = y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
-        return y if y.dtype == x.dtype else y.to(x.dtype)
-
-    def _fast(self) -> tuple:
-        """Kernel, ISA, tile and weight addresses, recomputed only when the weight buffers change."""
-        if self.bias is not None and (self.bias.dtype != torch.float32 or not self.bias.is_contiguous()):
-            self.bias = self.bias.float().contiguous()
-        key = (self.packed.storage_key(), None if self.bias is None else self.bias.data_ptr())
-        if self._fast_cache is None or self._fast_cache[0] != key:
-            self._fast_cache = (key, inference_ops.fast_path(self.packed.kernel_name, self.packed._static(), self.in_features))
-        return self._fast_cache[1]
-
-    def extra_repr(self) -> str:
-        threads = "" if self.threads is None else f", threads={self.threads}"
-        return f"{self.in_features}, {self.out_features}, kernel={self.kernel}, bias={self.bias is not None}{threads}"
-
-
-class SparseConv2d(nn.Module):
-    """Conv2d (groups=1) as unfold + sparse matmul: each output pixel is W [out, in*kh*kw] @ its patch."""
-
-    def __init__(self, conv: nn.Conv2d, linear: SparseLinear):
-        super().__init__()
-        self.kernel_size, self.stride = conv.kernel_size, conv.stride
-        self.padding, self.dilation = conv.padding, conv.dilation
-        self.out_channels = conv.out_channels
-        self.linear = linear
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [N, C, H, W]
-        n, _, h, w = x.shape
-        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # [N, C*kh*kw, L]
-        hout = (h + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
-        wout = (w + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
-        y = self.linear(cols.transpose(1, 2))  # [N, L, out]
-        return y.transpose(1, 2).reshape(n, self.out_channels, hout, wout)
-
-
 # ---------------------------------------------------------------------------------------------- structure
 
 
@@ -146,8 +69,8 @@ def _signature(structure: dict) -> str:
 # ---------------------------------------------------------------------------------------------- candidates
 
 
-def _cpu_candidates(w: torch.Tensor, bias: torch.Tensor | None, structure: dict) -> dict[str, Callable[[], SparseLinear | None]]:
-    """name -> builder of the SparseLinear (None = keep the dense layer)."""
+def _cpu_candidates(w: torch.Tensor, bias: torch.Tensor | None, structure: dict) -> dict[str, Callable[[], PackedLinear | None]]:
+    """name -> builder of the PackedLinear (None = keep the dense layer)."""
     out, inp = w.shape
     cands: dict[str, Callable] = {"dense": lambda: None}
     csr = CSRWeight.from_dense(w)
@@ -162,11 +85,11 @@ def _cpu_candidates(w: torch.Tensor, bias: torch.Tensor | None, structure: dict)
         for threads in (None, 1) if torch.get_num_threads() > 1 else (None,):
             for name, p in packed.items():
                 cands[name + ("" if threads is None else "/1t")] = (
-                    lambda p=p, t=threads: SparseLinear(inp, out, bias, p.format, p, threads=t))
-    cands["torch-csr"] = lambda: SparseLinear(inp, out, bias, "torch-csr", csr)
+                    lambda p=p, t=threads: PackedLinear(inp, out, bias, p.format, p, threads=t))
+    cands["torch-csr"] = lambda: PackedLinear(inp, out, bias, "torch-csr", csr)
     for r, c in structure["blocks"][:1]:
         bsr_t = BSRWeight.from_dense(w, r, c)
-        cands[f"torch-bsr:{r}x{c}"] = lambda: SparseLinear(inp, out, bias, "torch-bsr", bsr_t)
+        cands[f"torch-bsr:{r}x{c}"] = lambda: PackedLinear(inp, out, bias, "torch-bsr", bsr_t)
     return cands
 
 
@@ -178,32 +101,12 @@ def _cuda_candidates(w: torch.Tensor, bias: torch.Tensor | None, structure: dict
         def semi():
             from torch.sparse import to_sparse_semi_structured
 
-            return SparseLinear(inp, out, bias, "semi-structured", weight=to_sparse_semi_structured(w))
+            return PackedLinear(inp, out, bias, "semi-structured", weight=to_sparse_semi_structured(w))
         cands["semi-structured"] = semi
     for r, c in structure["blocks"][:1]:
-        cands[f"cuda-bsr:{r}x{c}"] = lambda: SparseLinear(inp, out, bias, "cuda-bsr",
+        cands[f"cuda-bsr:{r}x{c}"] = lambda: PackedLinear(inp, out, bias, "cuda-bsr",
                                                            weight=w.to_sparse_bsr((r, c)))
     return cands
-
-
-def _time_candidates(fns: dict[str, Callable[[], torch.Tensor]], budget_s: float, cuda: bool) -> dict[str, float]:
-    """Median seconds per call of each fn, measured in interleaved rounds (fair under shared-CPU noise)."""
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-
-    def once(fn) -> float:
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        return time.perf_counter() - t0
-
-    first = {k: min(once(fn), once(fn)) for k, fn in fns.items()}  # warm-up (caches, lazy setup)
-    rounds = int(max(5, min(40, budget_s / max(sum(first.values()), 1e-6))))
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            samples[k].append(once(fn))
-    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def _choose(key: tuple, dense: nn.Module, x: torch.Tensor, cands: dict[str, Callable], budget_s: float,
@@ -220,7 +123,7 @@ def _choose(key: tuple, dense: nn.Module, x: torch.Tensor, cands: dict[str, Call
                 mod = build()
                 if mod is not None:
                     err = float((mod(x).float() - ref.float()).abs().max())
-                    if not err <= _rtol(x.dtype) * scale + 1e-5 * x.shape[-1] ** 0.5:
+                    if not err <= rtol(x.dtype) * scale + 1e-5 * x.shape[-1] ** 0.5:
                         skipped[name] = f"disagrees with dense (max error {err:.3g})"
                         warnings.warn(f"kernel {name} {skipped[name]}; not used", SparsityWarning, stacklevel=3)
                         continue
@@ -228,12 +131,12 @@ def _choose(key: tuple, dense: nn.Module, x: torch.Tensor, cands: dict[str, Call
             except (RuntimeError, ValueError, TypeError) as exc:  # kernel not supported for this shape/device
                 skipped[name] = f"unavailable here ({exc})"
                 warnings.warn(f"kernel {name} {skipped[name]}; not used", SparsityWarning, stacklevel=3)
-        if key in _CACHE and _CACHE[key] in built:
-            return _CACHE[key], built[_CACHE[key]], {}, skipped
+        if key in KERNEL_CACHE and KERNEL_CACHE[key] in built:
+            return KERNEL_CACHE[key], built[KERNEL_CACHE[key]], {}, skipped
         fns = {name: (lambda m=(mod or dense): m(x)) for name, mod in built.items()}
-        times = _time_candidates(fns, budget_s, cuda) if len(fns) > 1 else {"dense": float("nan")}
+        times = time_candidates(fns, budget_s, cuda) if len(fns) > 1 else {"dense": float("nan")}
     best = min(times, key=lambda k: times[k]) if len(times) > 1 else "dense"
-    _CACHE[key] = best
+    KERNEL_CACHE[key] = best
     return best, built.get(best), times, skipped
 
 
@@ -333,7 +236,7 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
         if verbose:
             print(f"{name}: {kernel}  " + "  ".join(f"{k}={v * 1e3:.3f}ms" for k, v in times.items()))
         if new is not None:
-            new = SparseConv2d(mod, new) if isinstance(mod, nn.Conv2d) else new
+            new = PackedConv2d(mod, new) if isinstance(mod, nn.Conv2d) else new
             if name:
                 inf.set_submodule(name, new)
             else:  # the model is itself one layer
@@ -347,31 +250,7 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
     return inf
 
 
-def _rtol(dtype: torch.dtype) -> float:
-    """Relative agreement expected between sparse and dense results (summation order differs)."""
-    return 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
-
-
-def _max_error(a, b) -> float:
-    """Largest error of a against b beyond the float tolerance (0 when they agree), over nested outputs."""
-    if isinstance(a, torch.Tensor):
-        if not a.is_floating_point():
-            return 0.0
-        tol = _rtol(b.dtype) * (float(b.abs().max()) + 1e-6) + 1e-5
-        err = float((a.float() - b.float()).abs().max()) if a.shape == b.shape else float("inf")
-        return 0.0 if err <= tol else err
-    if isinstance(a, (tuple, list)):
-        return max([_max_error(x, y) for x, y in zip(a, b)], default=0.0)
-    if isinstance(a, dict):
-        return max([_max_error(a[k], b[k]) for k in a], default=0.0)
-    return 0.0
-
-
-def _close(a, b) -> bool:
-    return _max_error(a, b) == 0.0
-
-
 def _check_same(a, b) -> None:
-    err = _max_error(a, b)
+    err = max_error(a, b)
     if err:
         raise SparsityError("the converted model disagrees with the dense one; please report this", max_error=err)

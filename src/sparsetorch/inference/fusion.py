@@ -20,8 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import SparsityError
 from ..kernels import inference_ops
 from ..kernels.packed import BSRWeight, CSRWeight, DenseWeight, NMWeight, PackedWeight
+from .packed_modules import PackedLinear
+from .kernel_choice import KERNEL_CACHE, outputs_close, time_candidates
 
 __all__ = ["FusedChain", "ChainStep", "ACTIVATIONS", "find_sequential_chains", "find_graph_chains"]
 
@@ -76,13 +79,13 @@ class FusedChain(nn.Module):
                  names: list[str] | None = None, threads: int | None = None):
         super().__init__()
         if not weights or not (len(weights) == len(biases) == len(acts)):
-            raise ValueError("a chain needs one bias (or None) and one activation per weight")
+            raise SparsityError("a chain needs one bias (or None) and one activation per weight")
         for a, b in zip(weights, weights[1:]):
             if a.out_features != b.in_features:
-                raise ValueError(f"chain layers do not connect: {a.out_features} outputs into {b.in_features} inputs")
+                raise SparsityError(f"chain layers do not connect: {a.out_features} outputs into {b.in_features} inputs")
         unknown = [a for a in acts if a not in ACTIVATIONS]
         if unknown:
-            raise ValueError(f"unsupported activation(s) {unknown}; use one of {sorted(ACTIVATIONS)}")
+            raise SparsityError(f"unsupported activation(s) {unknown}; use one of {sorted(ACTIVATIONS)}")
         self.weights = nn.ModuleList(weights)
         for i, b in enumerate(biases):
             self.register_buffer(f"bias{i}", None if b is None else b.detach().to("cpu", torch.float32).contiguous())
@@ -120,7 +123,7 @@ class FusedChain(nn.Module):
         specs = []
         for w, b, act in zip(self.weights, self.biases(), self.acts):
             if b is not None and (b.dtype != torch.float32 or not b.is_contiguous()):
-                raise ValueError("FusedChain biases must be contiguous float32")
+                raise SparsityError("FusedChain biases must be contiguous float32")
             specs.append((_KIND[w.format], ACTIVATIONS[act][0], 0 if b is None else b.data_ptr(), *w._static()))
         widest = max(max(w.in_features, w.out_features) for w in self.weights)
         chain = inference_ops.make_chain(specs)
@@ -138,7 +141,7 @@ class FusedChain(nn.Module):
                       y.data_ptr())
             return y
         if x.shape[-1] != self.in_features:
-            raise ValueError(f"expected inputs [..., {self.in_features}], got {tuple(x.shape)}")
+            raise SparsityError(f"expected inputs [..., {self.in_features}], got {tuple(x.shape)}")
         x2 = x.reshape(-1, self.in_features)  # [N, in]
         if native and x.is_cpu:
             x2 = x2.float()
@@ -308,17 +311,15 @@ def rewrite_graph(gm, chains: list[list], fused: list[nn.Module]) -> None:
 
 
 def _chain_weight(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Dense weight [out, in] and bias of a Linear or of to_inference's SparseLinear."""
+    """Dense weight [out, in] and bias of a Linear or of to_inference's PackedLinear."""
     if isinstance(mod, nn.Linear):
         return mod.weight.detach(), None if mod.bias is None else mod.bias.detach()
     return mod.packed.to_dense(), mod.bias
 
 
 def _linear_predicate(min_sparsity: float) -> Callable[[nn.Module], bool]:
-    from .convert import SparseLinear
-
     def is_linear(mod) -> bool:
-        if isinstance(mod, SparseLinear):
+        if isinstance(mod, PackedLinear):
             return mod.packed is not None and mod.kernel in ("csr", "nm", "bsr", "torch-csr", "torch-bsr")
         if type(mod) is not nn.Linear or mod.weight.dtype != torch.float32 or mod.weight.device.type != "cpu":
             return False
@@ -445,7 +446,6 @@ def fuse_chains(model: nn.Module, args: tuple, plan: list[dict], budget_s: float
     import warnings
 
     from ..errors import SparsityWarning
-    from .convert import _CACHE, _close, _time_candidates
 
     if not inference_ops.available():
         return model
@@ -490,7 +490,7 @@ def fuse_chains(model: nn.Module, args: tuple, plan: list[dict], budget_s: float
         a, kw = seen[name]
         with torch.no_grad():
             try:
-                ok = _close(after(*a, **kw), mod(*a, **kw))
+                ok = outputs_close(after(*a, **kw), mod(*a, **kw))
             except Exception:  # noqa: BLE001 - a forward that used the replaced children by name
                 ok = False
             if not ok:
@@ -512,9 +512,9 @@ def fuse_chains(model: nn.Module, args: tuple, plan: list[dict], budget_s: float
             if always:
                 times, best = {}, "fused"
             else:
-                times = {} if key in _CACHE else _time_candidates(fns, budget_s, cuda=False)
-                best = _CACHE[key] if key in _CACHE else min(times, key=times.get)
-                _CACHE[key] = best
+                times = {} if key in KERNEL_CACHE else time_candidates(fns, budget_s, cuda=False)
+                best = KERNEL_CACHE[key] if key in KERNEL_CACHE else min(times, key=times.get)
+                KERNEL_CACHE[key] = best
         prefix = f"{name}." if name else ""
         for child, f in fused:
             plan.append({"layer": prefix + child, "type": "FusedChain", "layers": list(f.names),
