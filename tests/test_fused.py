@@ -9,7 +9,8 @@ from torch import nn
 
 import sparsetorch
 from sparsetorch import SparsityWarning
-from sparsetorch.inference.fusion import ACTIVATIONS, FusedChain, find_sequential_chains, pack_for_chain
+from sparsetorch.inference.chain_discovery import find_sequential_chains
+from sparsetorch.inference.fused_chain import ACTIVATIONS, FusedChain, pack_for_chain
 from sparsetorch.inference import PackedLinear, clear_kernel_cache
 from sparsetorch.kernels import has_extension
 from sparsetorch.models import MLP

@@ -7,7 +7,7 @@ from torch import nn
 
 import sparsetorch
 from sparsetorch import SparsityError, SparsityWarning
-from sparsetorch.inference.fusion import FusedChain
+from sparsetorch.inference.fused_chain import FusedChain
 from sparsetorch.inference import PackedConv2d, PackedLinear, clear_kernel_cache
 from sparsetorch.inference.convert import detect_structure
 from sparsetorch.kernels import has_extension

@@ -1,11 +1,16 @@
-"""Fast CPU inference for pruned models. ``convert`` holds ``to_inference`` (swaps sparse layers for
-compiled kernels chosen per layer by measuring); ``packed_modules`` the layer modules it puts in place
-(PackedLinear, PackedConv2d); ``kernel_choice`` the timing and the kernel cache; ``fusion`` FusedChain
-and the pass that fuses chains of small layers into one native call."""
+"""Fast CPU inference for pruned models: ``to_inference`` swaps layers for compiled kernels chosen by measuring.
+
+* ``convert``: ``to_inference``, the entry point (structure detection, per-layer candidates).
+* ``packed_modules``: the layer modules it puts in place (PackedLinear, PackedConv2d).
+* ``kernel_choice``: timing candidates, checking they agree, and the per-process kernel cache.
+* ``fused_chain``: FusedChain, a run of small layers in one native call.
+* ``chain_discovery`` -> ``chain_rewrite`` -> ``chain_decision``: find chains, build fused copies, keep the
+  faster (the fusion pass ``to_inference`` runs last).
+"""
 import warnings
 
 from .convert import to_inference
-from .fusion import FusedChain
+from .fused_chain import FusedChain
 from .kernel_choice import clear_kernel_cache
 from .packed_modules import PackedConv2d, PackedLinear
 

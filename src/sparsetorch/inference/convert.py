@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import SparsityError, SparsityWarning
-from .fusion import fuse_chains
-from .packed_modules import PackedConv2d, PackedLinear
-from .kernel_choice import KERNEL_CACHE, clear_kernel_cache, max_error, rtol, time_candidates
-from ..kernels import extension_isa, has_extension, inference_ops
-from ..kernels.packed import BSRWeight, CSRWeight, NMWeight, PackedWeight
 from ..core.masks import remove_masks
+from ..errors import SparsityError, SparsityWarning
+from ..kernels import extension_isa, has_extension
+from ..kernels.packed import BSRWeight, CSRWeight, NMWeight
+from .chain_decision import fuse_chains
+from .kernel_choice import KERNEL_CACHE, max_error, rtol, time_candidates
+from .packed_modules import PackedConv2d, PackedLinear
 
 __all__ = ["to_inference", "detect_structure"]
 
@@ -185,7 +185,7 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
 
     With ``fuse`` (and the compiled kernels), runs of Linear layers joined by ReLU / GELU / tanh / sigmoid
     (in ``nn.Sequential`` children, or in a forward that torch.fx can trace) are then timed as one
-    :class:`~sparsetorch.inference.fusion.FusedChain` against the layers as converted, and the faster is kept: for
+    :class:`~sparsetorch.inference.fused_chain.FusedChain` against the layers as converted, and the faster is kept: for
     small layers the per-call overhead, not the arithmetic, is what a chain saves. ``fuse="always"``
     keeps every chain that reproduces the outputs without timing it; ``fuse=False`` never fuses.
     The plan (per layer: kernel, ms per timed candidate, skipped candidates and why; per chain a

@@ -56,7 +56,7 @@ def chain_tile(widest: int) -> int:
 
 def make_chain(specs: list[tuple]):
     """Native fused chain from per-layer (kind, activation code, bias address, *static) tuples; the caller
-    keeps every buffer alive and unchanged while the chain is used (see sparsetorch.inference.fusion.FusedChain)."""
+    keeps every buffer alive and unchanged while the chain is used (see sparsetorch.inference.fused_chain.FusedChain)."""
     return _load().Chain(list(specs))
 
 
