@@ -120,3 +120,17 @@ def test_readme_layout_is_generated_from_the_tree():
     script = PACKAGE.parents[1] / "tools" / "readme_layout.py"
     done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_moved_top_level_names_warn_and_still_work():
+    import warnings
+
+    import sparsetorch
+    from sparsetorch.sparsifiers import CompressedRigL
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert sparsetorch.CompressedRigL is CompressedRigL
+    assert any(issubclass(w.category, DeprecationWarning) and "sparsetorch.sparsifiers.CompressedRigL" in str(w.message)
+               for w in caught)
+    assert "CompressedRigL" not in sparsetorch.__all__

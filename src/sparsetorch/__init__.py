@@ -32,12 +32,10 @@ _LAZY = {
     "GraSP": "sparsifiers:GraSP",
     "SynFlow": "sparsifiers:SynFlow",
     "LotteryTicket": "sparsifiers:LotteryTicket",
-    "lottery_ticket": "sparsifiers:lottery_ticket",
     "set_mask": "core.masks:set_mask",
     "get_mask": "core.masks:get_mask",
     "iter_masks": "core.masks:iter_masks",
     "remove_masks": "core.masks:remove_masks",
-    "parse_pattern": "core.patterns:parse_pattern",
     "to_inference": "inference.convert:to_inference",
     "save_training_state": "integrations.training_state:save_training_state",
     "load_training_state": "integrations.training_state:load_training_state",
@@ -48,16 +46,29 @@ _LAZY = {
     "to_sparse_training": "sparse_training.layer_swap:to_sparse_training",
     "to_dense": "sparse_training.layer_swap:to_dense",
     "SparseLinear": "sparse_training.sparse_linear:SparseLinear",
-    "CompressedSET": "sparsifiers.compressed:CompressedSET",
-    "CompressedRigL": "sparsifiers.compressed:CompressedRigL",
-    "CompressedSRigL": "sparsifiers.compressed:CompressedSRigL",
     "sparse_param_groups": "sparse_training.optim:param_groups",
     "export_edge": "export.edge:export_edge",
 }
 _SUBMODULES = {"core", "formats", "sparsifiers", "oneshot", "sparse_training", "kernels", "inference", "shrink",
                "export", "edge", "explain", "integrations", "recipes", "models", "data", "cli", "testing"}
 
+# Top-level names that moved to their namespace: still reachable here, with a DeprecationWarning.
+_MOVED = {
+    "lottery_ticket": "sparsifiers", "parse_pattern": "core.patterns", "CompressedSET": "sparsifiers",
+    "CompressedRigL": "sparsifiers", "CompressedSRigL": "sparsifiers",
+}
+
 __all__ = ["SparsityError", "SparsityWarning", "__version__", *_LAZY]
 
+_lazy_getattr, __dir__ = lazy_attributes(__name__, _LAZY, _SUBMODULES)
 
-__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, _SUBMODULES)
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        import importlib
+        import warnings
+
+        warnings.warn(f"sparsetorch.{name} is deprecated; use sparsetorch.{_MOVED[name]}.{name}", DeprecationWarning,
+                      stacklevel=2)
+        return getattr(importlib.import_module(f".{_MOVED[name]}", __name__), name)
+    return _lazy_getattr(name)
