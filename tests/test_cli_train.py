@@ -29,12 +29,12 @@ def user_module(tmp_path, monkeypatch):
     sys.modules.pop("my_task", None)
 
 
-@pytest.mark.parametrize("method", ["rigl", "lottery"])
+@pytest.mark.parametrize("method", ["rigl", "lottery", "compressed-rigl"])
 def test_train_user_model_and_data(user_module, tmp_path, capsys, method):
     out = tmp_path / "r.json"
     rc = main(["train", "--method", method, "--sparsity", "0.8", "--model", f"{user_module}:model",
                "--data", f"{user_module}:data", "--epochs", "4", "--lr", "0.01", "--rounds", "1",
-               "--json", str(out), "--set", "every=2" if method == "rigl" else "scope='global'"])
+               "--json", str(out), "--set", "scope='global'" if method == "lottery" else "every=2"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "test accuracy" in printed and "sparsity: 80.00% of the pruned layers" in printed

@@ -174,6 +174,10 @@ def build_and_train(method: str, sparsity: float, model, data, *, epochs: int, l
         kwargs.pop("sparsity")
         kwargs.setdefault("rounds", rounds)
         return lottery_ticket(model, one_round, sparsity=sparsity, make_optimizer=make_opt, **kwargs)
+    if METHODS[name].compressed:  # these move the connections of SparseLinear layers: swap those in first
+        from ..sparse_training import to_sparse_training
+
+        to_sparse_training(model, sparsity=sparsity, generator=torch.Generator().manual_seed(seed))
     optimizer = make_opt(model)
     sparsifier = make_sparsifier(name, **kwargs).attach(model, optimizer)
     one_round(model, optimizer, sparsifier)
@@ -225,6 +229,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _model_sparsity(model) -> float:
-    weights = [p for name, p in model.named_parameters() if name.endswith("weight")]
-    total = sum(p.numel() for p in weights)
-    return sum(int((p == 0).sum()) for p in weights) / max(total, 1)
+    """Zeros over all weights; a SparseLinear counts its whole [out, in] matrix, of which it stores nnz."""
+    from ..sparse_training import SparseLinear
+
+    total = zeros = 0
+    for module in model.modules():
+        if isinstance(module, SparseLinear):
+            size = module.out_features * module.in_features
+            total, zeros = total + size, zeros + size - int((module.values != 0).sum())
+            continue
+        weight = module._parameters.get("weight")
+        if weight is not None:
+            total, zeros = total + weight.numel(), zeros + int((weight == 0).sum())
+    return zeros / max(total, 1)
