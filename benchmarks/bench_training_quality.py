@@ -35,10 +35,10 @@ import torch
 from torch import nn
 
 import sparsetorch
-from sparsetorch.cli.train import build_and_train, train_epochs
+from sparsetorch.cli.train import build_and_train
 from sparsetorch.data import load_digits_split
 from sparsetorch.models import MLP, SmallCNN
-from sparsetorch.recipes.training_loop import accuracy
+from sparsetorch.recipes.training_loop import accuracy, fit
 
 METHODS = ["dense", "oneshot+ft", "gmp", "static", "set", "rigl"]
 MODELS = {"mlp": (lambda: MLP((64, 256, 256, 10)), [0.9, 0.95, 0.98, 0.99]),
@@ -62,8 +62,8 @@ def run_one(model_name: str, method: str, sparsity: float, seed: int, data, *, l
         build_and_train("dense", 0.0, model, data, epochs=dense_epochs, **common)
         sparsetorch.prune(model, sparsity, include=prunable(model))
         optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-        train_epochs(model, optimizer, None, data[0], data[1], epochs=epochs - dense_epochs,
-                     batch_size=batch_size, generator=torch.Generator().manual_seed(seed + 1))
+        fit(model, data[0], data[1], optimizer=optimizer, epochs=epochs - dense_epochs,
+            batch_size=batch_size, generator=torch.Generator().manual_seed(seed + 1))
     else:
         overrides = {"include": prunable(model)} if method != "dense" else {}
         if reinit and method in ("static", "set", "rigl", "srigl"):

@@ -103,46 +103,13 @@ def _parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def train_epochs(model, optimizer, sparsifier, x, y, *, epochs: int, batch_size: int, generator,
-                 lr_schedule: str = "constant") -> None:
-    """Plain minibatch training; the sparsifier steps after every optimizer step.
-
-    ``lr_schedule="cosine"`` anneals the learning rate to zero over the run (Loshchilov & Hutter 2017).
-    """
-    import math
-
-    import torch
-
-    from ..errors import SparsityError
-
-    if lr_schedule not in ("constant", "cosine"):
-        raise SparsityError(f"unknown lr schedule {lr_schedule!r}; choose 'constant' or 'cosine'")
-    total = epochs * -(-len(x) // batch_size)
-    scheduler = None
-    if lr_schedule == "cosine":
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / total)))
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=generator)
-        for start in range(0, len(x), batch_size):
-            idx = order[start : start + batch_size]
-            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            if sparsifier is not None:
-                sparsifier.step()
-    model.eval()
-
-
 def build_and_train(method: str, sparsity: float, model, data, *, epochs: int, lr: float, batch_size: int,
                     seed: int, rounds: int = 3, overrides: dict | None = None, lr_schedule: str = "constant"):
     """Train ``model`` sparse with ``method`` ('dense' for none); returns the sparsifier (or None)."""
     import torch
 
     from ..errors import SparsityError
+    from ..recipes.training_loop import fit
     from ..sparsifiers import lottery_ticket, make_sparsifier
     from ..sparsifiers.method_registry import METHODS, for_run
 
@@ -156,8 +123,8 @@ def build_and_train(method: str, sparsity: float, model, data, *, epochs: int, l
     shuffle = torch.Generator().manual_seed(seed)
     make_opt = lambda m: torch.optim.Adam(m.parameters(), lr=lr)  # noqa: E731
     if name == "dense":
-        train_epochs(model, make_opt(model), None, x_train, y_train, epochs=epochs, batch_size=batch_size,
-                     generator=shuffle, lr_schedule=lr_schedule)
+        fit(model, x_train, y_train, optimizer=make_opt(model), epochs=epochs, batch_size=batch_size,
+            generator=shuffle, lr_schedule=lr_schedule)
         return None
     kwargs = for_run(name, sparsity=sparsity, total_steps=steps, **(overrides or {}))
     kwargs["generator"] = torch.Generator().manual_seed(seed)
@@ -167,8 +134,8 @@ def build_and_train(method: str, sparsity: float, model, data, *, epochs: int, l
         kwargs.setdefault("example_inputs", x_train[:1])
 
     def one_round(model, optimizer, sparsifier):
-        train_epochs(model, optimizer, sparsifier, x_train, y_train, epochs=epochs, batch_size=batch_size,
-                     generator=shuffle, lr_schedule=lr_schedule)
+        fit(model, x_train, y_train, optimizer=optimizer, sparsifier=sparsifier, epochs=epochs,
+            batch_size=batch_size, generator=shuffle, lr_schedule=lr_schedule)
 
     if name == "lottery":
         kwargs.pop("sparsity")

@@ -1,12 +1,18 @@
-"""A minimal, seeded training loop for the built-in demos and benchmarks (not a framework)."""
+"""The one seeded training loop of the demos, the ``sparsetorch train`` command and the benchmarks (not a framework)."""
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-__all__ = ["fit", "accuracy"]
+from ..core.rng import resolve_generator
+from ..errors import SparsityError
+
+__all__ = ["fit", "accuracy", "LR_SCHEDULES"]
+
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def fit(
@@ -19,18 +25,32 @@ def fit(
     lr: float = 1e-3,
     weight_decay: float = 0.0,
     generator: torch.Generator | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    sparsifier: object = None,
     make_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
     make_sparsifier: Callable[[nn.Module, torch.optim.Optimizer], object] | None = None,
+    lr_schedule: str = "constant",
     on_epoch: Callable[[int], None] | None = None,
 ) -> nn.Module:
-    """Train ``model`` with Adam (or ``make_optimizer``) on ``(x, y)``; returns the model.
+    """Minibatch cross-entropy training of ``model`` on ``(x, y)``; returns the model (in eval mode).
 
-    ``make_sparsifier(model, optimizer)`` returns an attached sparsifier that is stepped after
-    every optimizer step. Shuffling draws from ``generator``.
+    The optimizer is ``optimizer``, else ``make_optimizer(model)``, else Adam(lr, weight_decay). A sparsifier
+    (``sparsifier``, or ``make_sparsifier(model, optimizer)`` returning an attached one) steps after every
+    optimizer step. ``lr_schedule="cosine"`` anneals the learning rate to zero over the run (Loshchilov &
+    Hutter 2017). Shuffling draws from ``generator`` (the library's default seed when None).
     """
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    optimizer = make_optimizer(model) if make_optimizer else torch.optim.Adam(model.parameters(), lr, weight_decay=weight_decay)
-    sparsifier = make_sparsifier(model, optimizer) if make_sparsifier else None
+    if lr_schedule not in LR_SCHEDULES:
+        raise SparsityError(f"unknown lr schedule {lr_schedule!r}; choose one of {LR_SCHEDULES}")
+    generator = resolve_generator(generator)
+    if optimizer is None:
+        optimizer = make_optimizer(model) if make_optimizer else torch.optim.Adam(model.parameters(), lr,
+                                                                                   weight_decay=weight_decay)
+    if sparsifier is None and make_sparsifier is not None:
+        sparsifier = make_sparsifier(model, optimizer)
+    scheduler = None
+    if lr_schedule == "cosine":
+        total = epochs * -(-len(x) // batch_size)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / total)))
     model.train()
     for epoch in range(epochs):
         order = torch.randperm(len(x), generator=generator)
@@ -40,6 +60,8 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             if sparsifier is not None:
                 sparsifier.step()
         if on_epoch:
