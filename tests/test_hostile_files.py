@@ -196,34 +196,34 @@ def _temps(folder):
 
 @pytest.mark.parametrize("exc", [OSError("disk full"), KeyboardInterrupt()])
 def test_atomic_write_removes_temp_on_every_exit(tmp_path, monkeypatch, exc):
-    from sparsetorch.formats import files
+    from sparsetorch.formats import atomic
 
     def boom(fd):
         raise exc
-    monkeypatch.setattr(files.os, "fsync", boom)
+    monkeypatch.setattr(atomic.os, "fsync", boom)
     with pytest.raises(type(exc)):
-        files.atomic_write(tmp_path / "m.safetensors", b"x" * 100)
+        atomic.atomic_write(tmp_path / "m.safetensors", b"x" * 100)
     assert _temps(tmp_path) == []
     assert not (tmp_path / "m.safetensors").exists()
 
 
 def test_atomic_write_sigterm_mid_write_removes_temp(tmp_path):
-    code = (f"import os, signal\nfrom pathlib import Path\nfrom sparsetorch.formats import files\n"
+    code = (f"import os, signal\nfrom pathlib import Path\nfrom sparsetorch.formats import atomic\n"
             f"real = os.fsync\n"
             f"def slow(fd):\n os.kill(os.getpid(), signal.SIGTERM)\n real(fd)\n"
-            f"files.os.fsync = slow\n"
-            f"files.atomic_write(Path({str(tmp_path / 'm.bin')!r}), b'x' * 10)\n")
+            f"atomic.os.fsync = slow\n"
+            f"atomic.atomic_write(Path({str(tmp_path / 'm.bin')!r}), b'x' * 10)\n")
     res = _run_isolated(code)
     assert res.returncode != 0 and "signal" in res.stderr
     assert _temps(tmp_path) == []
 
 
 def test_stale_temp_of_killed_run_is_removed_on_next_save(tmp_path):
-    from sparsetorch.formats import files
+    from sparsetorch.formats import atomic
     # a save killed with SIGKILL between write and rename leaves its temp file
-    code = (f"import os, signal\nfrom pathlib import Path\nfrom sparsetorch.formats import files\n"
-            f"files.os.replace = lambda a, b: os.kill(os.getpid(), signal.SIGKILL)\n"
-            f"files.atomic_write(Path({str(tmp_path / 'm.bin')!r}), b'x' * 10)\n")
+    code = (f"import os, signal\nfrom pathlib import Path\nfrom sparsetorch.formats import atomic\n"
+            f"atomic.os.replace = lambda a, b: os.kill(os.getpid(), signal.SIGKILL)\n"
+            f"atomic.atomic_write(Path({str(tmp_path / 'm.bin')!r}), b'x' * 10)\n")
     res = _run_isolated(code)
     assert res.returncode == -9
     left = _temps(tmp_path)
@@ -232,13 +232,13 @@ def test_stale_temp_of_killed_run_is_removed_on_next_save(tmp_path):
     live.write_bytes(b"y")
     other = tmp_path / ".other.bin.1.abcd1234.tmp"  # another destination's temp: not ours to judge
     other.write_bytes(b"z")
-    files.atomic_write(tmp_path / "m.bin", b"new")
+    atomic.atomic_write(tmp_path / "m.bin", b"new")
     assert (tmp_path / "m.bin").read_bytes() == b"new"
     assert _temps(tmp_path) == sorted([live.name, other.name])
     old = tmp_path / ".m.bin.abcd1234.tmp"  # the older naming without pid: removed once a day old
     old.write_bytes(b"o")
     os.utime(old, (0, 0))
-    files.atomic_write(tmp_path / "m.bin", b"newer")
+    atomic.atomic_write(tmp_path / "m.bin", b"newer")
     assert _temps(tmp_path) == sorted([live.name, other.name])
 
 

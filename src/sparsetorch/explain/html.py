@@ -127,7 +127,7 @@ def build_report(
 
 def write_report(path: str | os.PathLike, model: nn.Module, **kwargs) -> str:
     """Write ``build_report`` to ``path`` atomically; returns the path."""
-    from ..formats.files import atomic_write
+    from ..formats.atomic import atomic_write
     from pathlib import Path
 
     atomic_write(Path(path), build_report(model, **kwargs).encode())

@@ -51,7 +51,7 @@ def export_edge(model: nn.Module, example_inputs, path: str | os.PathLike, value
     desc["check"] = _check(desc, arrays, x, expected.detach().float().cpu().numpy(), values)
     from safetensors.numpy import save
 
-    from ..formats.files import atomic_write
+    from ..formats.atomic import atomic_write
 
     payload = save(arrays, metadata={META_KEY: json.dumps(desc, separators=(",", ":"))})
     atomic_write(Path(path), payload)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import SparsityError
-from ..formats.files import atomic_write
+from ..formats.atomic import atomic_write
 
 __all__ = ["export_onnx", "sparsify_initializers"]
 

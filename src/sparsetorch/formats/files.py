@@ -9,14 +9,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save as _st_save
 
 from .. import formats
+from .atomic import atomic_write
+from .safetensors_file import read_safetensors
 from ..errors import SparsityError
 from ..core.masks import iter_masks, remove_mask, set_mask
 
@@ -127,114 +127,11 @@ def choose_format(value: torch.Tensor, mask: torch.Tensor | None, values: str = 
     return encode_smallest(value, mask, values)[0]
 
 
-def atomic_write(path: Path, payload: bytes) -> Path:
-    """Write bytes to ``path`` so readers see either the old file or the whole new one.
-
-    The temp file ``.NAME.<pid>.<random>.tmp`` sits next to ``path`` and is removed on every exit path
-    (exceptions, KeyboardInterrupt; SIGTERM/SIGHUP become exceptions while writing from the main thread).
-    A run killed outright (SIGKILL, power loss) leaves it behind: the next save of the same ``path`` removes
-    the temp files of that naming whose writer pid is dead, or that are older than a day; a live
-    concurrent writer's temp file is left alone."""
-    import re
-    import signal
-    import threading
-    import time
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pattern = re.compile(r"^\." + re.escape(path.name) + r"\.(?:(\d+)\.)?[A-Za-z0-9_]+\.tmp$")
-    try:
-        entries = list(os.scandir(path.parent))
-    except OSError:
-        entries = []
-    for entry in entries:
-        found = pattern.match(entry.name)
-        if not found:
-            continue
-        pid = int(found.group(1)) if found.group(1) else None  # None: older naming, judged by age only
-        try:
-            stale = time.time() - entry.stat(follow_symlinks=False).st_mtime > 86400
-            if pid is not None and pid != os.getpid() and not stale:
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    stale = True
-                except (PermissionError, OverflowError):
-                    pass  # alive (someone else's) or not a pid: leave it
-            if stale and entry.is_file(follow_symlinks=False):
-                os.unlink(entry.path)
-        except OSError:
-            pass  # raced with its owner or another cleaner
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    handlers = {}
-
-    def _raise(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum} while writing {path}")
-
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-            if sig is None:
-                continue
-            try:
-                if signal.getsignal(sig) in (signal.SIG_DFL, None):
-                    handlers[sig] = signal.signal(sig, _raise)
-            except (ValueError, OSError):
-                pass
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it a normal file's mode
-        with os.fdopen(fd, "wb") as fh:
-            fd = -1
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if fd != -1:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    finally:
-        for sig, old in handlers.items():
-            signal.signal(sig, old)
-    return path
-
-
 def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """Parse a sparsetorch file: ``(header, raw_parts)``, or raise ``SparsityError``."""
-    path = Path(path)
-    if not path.is_file():
-        raise SparsityError(f"no such file: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            metadata = fh.metadata() or {}
-            raw = {key: fh.get_tensor(key) for key in fh.keys()}
-    except SparsityError:
-        raise
-    except Exception as exc:  # safetensors raises several types for bad headers/data
-        raise SparsityError(f"{path} is not a readable safetensors file ({exc}); it is corrupted or truncated") from None
-    if _META_KEY not in metadata:
-        raise SparsityError(f"{path} is a safetensors file but not one written by sparsetorch.save")
-    try:
-        header = json.loads(metadata[_META_KEY])
-    except json.JSONDecodeError:
-        raise SparsityError(f"{path} has a corrupted sparsetorch header") from None
-    version = header.get("version") if isinstance(header, dict) else None
-    if not isinstance(version, int) or not isinstance(header.get("tensors"), dict):
-        raise SparsityError(f"{path} has a corrupted sparsetorch header")
-    if version > FILE_VERSION:
-        raise SparsityError(
-            f"{path} was written in file format version {version}; this sparsetorch reads up to "
-            f"{FILE_VERSION}. Upgrade sparsetorch to load it"
-        )
+    header, raw = read_safetensors(path, _META_KEY, newest_version=FILE_VERSION, written_by="sparsetorch.save")
+    if not isinstance(header.get("tensors"), dict):
+        raise SparsityError(f"{path} has a corrupted sparsetorch header (no tensor table)")
     return header, raw
 
 

@@ -16,18 +16,15 @@ stopped (given the same data order; put RNG states you rely on in ``extra``).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save as _st_save
 from torch import nn
 
 from ..errors import SparsityError
-from ..formats.files import atomic_write
+from ..formats.safetensors_file import read_safetensors, write_safetensors
 from ..formats.files import load as _load_model
 from ..formats.files import save as _save_model
 
@@ -98,26 +95,17 @@ def _write(path: Path, sections: dict[str, Any], info: dict[str, Any]) -> Path:
             tensors[key] = value.clone()
         seen.add(ptr)
     header = {"version": _VERSION, **info, "sections": body}
-    return atomic_write(path, _st_save(tensors, metadata={_META_KEY: json.dumps(header)}))
+    return write_safetensors(path, tensors, _META_KEY, header)
 
 
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(header, decoded sections)`` of a state file, or SparsityError."""
     if not path.is_file():
         raise SparsityError(f"no training state at {path}; pass the folder save_training_state wrote")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        header = json.loads(meta[_META_KEY])
-    except Exception as exc:  # safetensors/json raise several types for damaged files
-        raise SparsityError(f"{path} is not a readable sparsetorch training state ({exc}); it is corrupted "
-                            "or truncated") from None
-    if not isinstance(header, dict) or not isinstance(header.get("version"), int):
-        raise SparsityError(f"{path} has a corrupted header")
-    if header["version"] > _VERSION:
-        raise SparsityError(f"{path} was written by a newer sparsetorch (state version {header['version']}); "
-                            "upgrade sparsetorch to load it")
+    header, tensors = read_safetensors(path, _META_KEY, newest_version=_VERSION,
+                                       written_by="sparsetorch.save_training_state")
+    if not isinstance(header.get("sections", {}), dict):
+        raise SparsityError(f"{path} has a corrupted header (sections); the file is damaged")
     sections = {name: decode_state(value, tensors) for name, value in header.get("sections", {}).items()}
     return header, sections
 

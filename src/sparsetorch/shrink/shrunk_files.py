@@ -12,12 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save as _st_save
 from torch import nn
 
 from ..errors import SparsityError
-from ..formats.files import atomic_write
+from ..formats.atomic import atomic_write
+from ..formats.safetensors_file import read_safetensors
 from .groups import HEAD_ATTRS, adapter_for
 
 __all__ = ["save_shrunk", "load_shrunk"]
@@ -126,24 +126,11 @@ def _resize(model: nn.Module, modules: dict[str, nn.Module], header: dict, state
 
 
 def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    if not path.is_file():
-        raise SparsityError(f"no such file: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            state = {k: fh.get_tensor(k) for k in fh.keys()}
-    except Exception as exc:
-        raise SparsityError(f"{path} is not a readable safetensors file ({exc})") from None
-    if _KEY not in meta:
-        raise SparsityError(f"{path} was not written by sparsetorch.shrink.save_shrunk (use sparsetorch.load for "
-                            "files written by sparsetorch.save)")
-    try:
-        header = json.loads(meta[_KEY])
-        version, shapes = header["version"], header["shapes"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise SparsityError(f"{path} has a corrupted header") from None
-    if version > _VERSION:
-        raise SparsityError(f"{path} has shrunk-file version {version}; upgrade sparsetorch to read it")
+    header, state = read_safetensors(path, _KEY, newest_version=_VERSION, written_by="sparsetorch.shrink.save_shrunk "
+                                     "(use sparsetorch.load for files written by sparsetorch.save)")
+    shapes = header.get("shapes")
+    if not isinstance(shapes, dict):
+        raise SparsityError(f"{path} has a corrupted header (no shape table); the file is damaged")
     for key, value in state.items():
         if list(value.shape) != shapes.get(key):
             raise SparsityError(f"{path}: tensor {key} has shape {list(value.shape)} but the header says "
