@@ -23,14 +23,14 @@ def describe(path: str | os.PathLike) -> dict:
     import torch
 
     from .. import formats
-    from ..formats.files import _SEP, read_header, read_tensors
+    from ..formats.files import PART_SEPARATOR, read_header, read_tensors
 
     header, raw = read_header(path)
     state, masks = read_tensors(path)  # decodes and validates every tensor
     rows = []
     for key, meta in header["tensors"].items():
         value = state[key]
-        stored = formats.stored_bytes({n: t for n, t in raw.items() if n.rpartition(_SEP)[0] == key})
+        stored = formats.stored_bytes({n: t for n, t in raw.items() if n.rpartition(PART_SEPARATOR)[0] == key})
         dense = value.numel() * value.element_size()
         nnz = int(masks[key].sum()) if key in masks else int(torch.count_nonzero(value))
         rows.append({"name": key, "format": meta["format"], "values": meta.get("values", "exact"),

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import SparsityError
-from .edge_graph import _np, _weight
+from .edge_graph import dense_weight, to_numpy
 
 
 def handlers() -> dict:
@@ -33,7 +33,7 @@ def _ln(conv, prefix: str, ln: nn.Module) -> float:
 def _lin(conv, prefix: str, lin: nn.Module, bias: bool = True) -> None:
     if not isinstance(lin, nn.Linear) or (lin.bias is None) == bias:
         raise SparsityError(f"{prefix}: expected an nn.Linear {'with' if bias else 'without'} bias")
-    conv.g.matrices[f"{prefix}.weight"] = _np(_weight(lin))
+    conv.g.matrices[f"{prefix}.weight"] = to_numpy(dense_weight(lin))
     if bias:
         conv.g.add_raw(f"{prefix}.bias", lin.bias)
 
@@ -43,7 +43,7 @@ def export_gpt(conv, name: str, prefix: str, x: str, gpt: nn.Module) -> None:
     if cfg.width % cfg.heads:
         raise SparsityError(f"{type(gpt).__name__}: width {cfg.width} is not divisible by heads {cfg.heads}")
     for emb in ("tok", "pos"):
-        conv.g.matrices[f"{prefix}{emb}.weight"] = _np(_weight(getattr(gpt, emb)))
+        conv.g.matrices[f"{prefix}{emb}.weight"] = to_numpy(dense_weight(getattr(gpt, emb)))
     eps = {_ln(conv, f"{prefix}ln_f", gpt.ln_f)}
     for i, block in enumerate(gpt.blocks):
         p = f"{prefix}blocks.{i}."

@@ -47,11 +47,11 @@ class Graph:
         return name
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
+def to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float32).numpy().copy()
 
 
-def _weight(module: nn.Module) -> torch.Tensor:
+def dense_weight(module: nn.Module) -> torch.Tensor:
     mask = get_mask(module, "weight")
     w = module.weight.detach()
     return w if mask is None else w * mask.to(w.device)
@@ -127,7 +127,7 @@ class Converter:
         if handler is not None:
             handler(self, node.name, f"{name}.", x, m)
         elif isinstance(m, nn.Linear):
-            self.g.matrices[f"{name}.weight"] = _np(_weight(m))
+            self.g.matrices[f"{name}.weight"] = to_numpy(dense_weight(m))
             self.emit(node, "linear", [x], weight=f"{name}.weight", bias=self.g.add_raw(f"{name}.bias", m.bias),
                       module=name)
         elif isinstance(m, (nn.Conv1d, nn.Conv2d)):
@@ -170,7 +170,7 @@ class Converter:
             padding = [[t // 2, t - t // 2] for t in totals]
         else:
             padding = [[p, p] for p in _tuple(m.padding, nd)]
-        self.g.matrices[f"{node.target}.weight"] = _np(_weight(m)).reshape(m.out_channels, -1)
+        self.g.matrices[f"{node.target}.weight"] = to_numpy(dense_weight(m)).reshape(m.out_channels, -1)
         self.emit(node, "conv", [x], weight=f"{node.target}.weight", bias=self.g.add_raw(f"{node.target}.bias", m.bias),
                   groups=int(m.groups), in_channels=int(m.in_channels), kernel=kernel, stride=_tuple(m.stride, nd),
                   padding=padding, dilation=dilation, module=node.target)

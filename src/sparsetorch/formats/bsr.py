@@ -13,7 +13,7 @@ import math
 import torch
 
 from ..errors import SparsityError
-from ._sparse import flat_mask, int_meta, matrix_shape
+from .layout_helpers import flat_mask, int_meta, matrix_shape
 from .bits import pack_bits, unpack_bits
 from .format_registry import Format, need, parse_dtype, parse_shape, register_format
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import SparsityError
-from ._sparse import check_positions, flat_mask, int_meta, matrix_shape, narrowest_int, scatter
+from .layout_helpers import check_positions, flat_mask, int_meta, matrix_shape, narrowest_int, scatter
 from .format_registry import Format, need, parse_dtype, parse_shape, register_format
 
 _INDEX = {256: torch.uint8, 65536: torch.int16}  # chunk width -> column index dtype (int16 holds uint16 bits)

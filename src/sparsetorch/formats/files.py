@@ -24,7 +24,7 @@ __all__ = ["save", "load", "read_header", "FILE_VERSION"]
 
 FILE_VERSION = 2  # 2: csr/gapmask/nm/bsr formats and lossy value codecs
 _META_KEY = "sparsetorch"
-_SEP = "::"
+PART_SEPARATOR = "::"
 
 
 def save(model: torch.nn.Module, path: str | os.PathLike, *, format: str | None = None, values: str = "fp32",
@@ -63,7 +63,7 @@ def save(model: torch.nn.Module, path: str | os.PathLike, *, format: str | None 
             if part.numel() and part.untyped_storage().data_ptr() in storages:
                 part = part.clone()
             storages.add(part.untyped_storage().data_ptr())
-            tensors[f"{key}{_SEP}{suffix}"] = part
+            tensors[f"{key}{PART_SEPARATOR}{suffix}"] = part
     header = {"version": FILE_VERSION, "tensors": entries, "user": metadata or {}}
     payload = _st_save(tensors, metadata={_META_KEY: json.dumps(header)})
     return atomic_write(Path(path), payload)
@@ -161,7 +161,7 @@ def read_tensors(path: str | os.PathLike, *, max_bytes: int | None = None,
                             "corrupted or hostile (pass max_bytes= to read_tensors to allow it)")
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in raw.items():
-        key, sep, suffix = name.rpartition(_SEP)
+        key, sep, suffix = name.rpartition(PART_SEPARATOR)
         if not sep or key not in header["tensors"]:
             raise SparsityError(f"{path} holds an unexpected tensor {name!r}; it is corrupted")
         grouped.setdefault(key, {})[suffix] = tensor

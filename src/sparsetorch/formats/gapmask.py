@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import SparsityError
-from ._sparse import check_positions, flat_mask, int_meta, pack_codes, scatter, unpack_codes
+from .layout_helpers import check_positions, flat_mask, int_meta, pack_codes, scatter, unpack_codes
 from .format_registry import Format, need, parse_dtype, parse_shape, register_format
 
 _WIDTHS = (2, 4, 8)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import SparsityError
-from ._sparse import flat_mask, int_meta, matrix_shape, pack_codes, unpack_codes
+from .layout_helpers import flat_mask, int_meta, matrix_shape, pack_codes, unpack_codes
 from .format_registry import Format, need, parse_dtype, parse_shape, register_format
 
 _GROUPS = (4, 8, 16)

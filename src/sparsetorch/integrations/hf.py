@@ -18,7 +18,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from ..errors import SparsityError
-from .training_state import _inner_optimizer, load_sparsifier_state, resume_sparsifier, save_sparsifier_state, unwrap_model
+from .training_state import inner_optimizer, load_sparsifier_state, resume_sparsifier, save_sparsifier_state, unwrap_model
 
 __all__ = ["SparsityCallback", "STATE_FILE"]
 
@@ -42,7 +42,7 @@ class SparsityCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None or optimizer is None:
             raise SparsityError("SparsityCallback needs the Trainer's model and optimizer at on_train_begin")
-        model, optimizer = unwrap_model(model), _inner_optimizer(optimizer)
+        model, optimizer = unwrap_model(model), inner_optimizer(optimizer)
         if state.global_step > 0:  # the Trainer restored weights and optimizer from a checkpoint
             resume_sparsifier(self.sparsifier, model, optimizer, load_sparsifier_state(self._checkpoint_file(args, state)))
         elif self.sparsifier.model is None:

@@ -162,7 +162,7 @@ def save_training_state(
         raise SparsityError(f"{folder} is a file; save_training_state writes a folder")
     sections: dict[str, Any] = {"extra": dict(extra or {})}
     if optimizer is not None:
-        sections["optimizer"] = _inner_optimizer(optimizer).state_dict()
+        sections["optimizer"] = inner_optimizer(optimizer).state_dict()
     if sparsifier is not None:
         sections["sparsifier"] = sparsifier.state_dict()
     # encode before touching the disk: an unsavable value must not leave a half-written folder
@@ -199,7 +199,7 @@ def load_training_state(
         sparsifier.attach(model, optimizer)
     _load_model(model_path, model)
     if optimizer is not None:
-        _inner_optimizer(optimizer).load_state_dict(sections["optimizer"])
+        inner_optimizer(optimizer).load_state_dict(sections["optimizer"])
     if sparsifier is not None:
         sparsifier.load_state_dict(sections["sparsifier"])
     return sections["extra"]
@@ -218,7 +218,7 @@ def load_sparsifier_state(path: str | os.PathLike) -> dict[str, Any]:
     return sections["sparsifier"]
 
 
-def _inner_optimizer(optimizer: Any) -> Any:
+def inner_optimizer(optimizer: Any) -> Any:
     """The torch optimizer inside wrappers such as accelerate's AcceleratedOptimizer."""
     inner = getattr(optimizer, "optimizer", None)
     return inner if isinstance(inner, torch.optim.Optimizer) else optimizer
@@ -231,7 +231,7 @@ def resume_sparsifier(sparsifier: Any, model: nn.Module, optimizer: Any, state: 
     the framework just loaded; so a not-yet-attached sparsifier is attached with those tensors
     saved aside and put back once the checkpoint's masks are in place.
     """
-    optimizer = _inner_optimizer(optimizer)
+    optimizer = inner_optimizer(optimizer)
     if sparsifier.model is not None:
         sparsifier.load_state_dict(state)
         return
