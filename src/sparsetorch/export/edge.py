@@ -18,6 +18,7 @@ from torch import fx, nn
 from ..edge.model import FORMAT, META_KEY, VERSION, EdgeModel
 from ..edge.weights import VALUE_TYPES, encode_matrix
 from ..errors import SparsityError
+from ..tracing import TraceFailed, trace
 from .edge_graph import Converter, Graph
 
 __all__ = ["export_edge"]
@@ -76,15 +77,6 @@ def leaf_handlers() -> dict:
     return handlers()
 
 
-class _Tracer(fx.Tracer):
-    def __init__(self, leaves: tuple):
-        super().__init__()
-        self.leaves = leaves
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, self.leaves) or super().is_leaf_module(m, qualname)
-
-
 def build(model: nn.Module, x: torch.Tensor, values: str) -> tuple[dict, dict[str, np.ndarray]]:
     """(description, arrays) of ``model``; raises SparsityError for what the runtime cannot run."""
     handlers = leaf_handlers()
@@ -95,12 +87,11 @@ def build(model: nn.Module, x: torch.Tensor, values: str) -> tuple[dict, dict[st
         root(conv, "model", "", "ids", model)
     else:
         try:
-            graph = _Tracer(tuple(handlers)).trace(model)
-        except Exception as exc:  # fx raises many types for data-dependent control flow
-            raise SparsityError(f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc}); "
-                                "the edge exporter needs a forward without data-dependent Python control flow"
-                                ) from None
-        conv = Converter(fx.GraphModule(model, graph), handlers)
+            gm = trace(model, extra_leaves=tuple(handlers))
+        except TraceFailed as exc:
+            raise SparsityError(f"{exc}; the edge exporter needs a forward without data-dependent Python control "
+                                "flow") from None
+        conv = Converter(gm, handlers)
         conv.run()
     g = conv.g
     _split_groups(g)

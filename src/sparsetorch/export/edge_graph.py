@@ -15,11 +15,8 @@ from torch import fx, nn
 
 from ..errors import SparsityError
 from ..core.masks import get_mask
+from ..tracing.activations import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATION_MODULES
 
-_ACT_MODULES = {nn.ReLU: "relu", nn.GELU: "gelu", nn.SiLU: "silu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
-_ACT_FUNCS = {torch.relu: "relu", F.relu: "relu", F.gelu: "gelu", F.silu: "silu", torch.tanh: "tanh",
-              torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", F.tanh: "tanh"}
-_ACT_METHODS = {"relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid"}
 _BINARY_FUNCS = {operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub: "sub",
                  operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", torch.div: "div"}
 _BINARY_METHODS = {"add": "add", "sub": "sub", "mul": "mul", "div": "div"}
@@ -134,9 +131,9 @@ class Converter:
             self.conv(node, m, x)
         elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             self.batch_norm(node, m, x)
-        elif type(m) in _ACT_MODULES:
+        elif type(m) in ACTIVATION_MODULES:
             kwargs = {"approximate": m.approximate} if isinstance(m, nn.GELU) else {}
-            self.emit(node, "act", [x], kind=_ACT_MODULES[type(m)], kwargs=kwargs)
+            self.emit(node, "act", [x], kind=ACTIVATION_MODULES[type(m)], kwargs=kwargs)
         elif isinstance(m, nn.Softmax):
             if m.dim is None:
                 raise _unsupported(f"module {name!r} (Softmax without dim)", node, "pass dim=")
@@ -220,9 +217,9 @@ class Converter:
     def call_function(self, node: fx.Node) -> None:
         fn = node.target
         name = getattr(fn, "__name__", str(fn))
-        if fn in _ACT_FUNCS:
+        if fn in ACTIVATION_FUNCTIONS:
             kwargs = {"approximate": node.kwargs.get("approximate", "none")} if fn is F.gelu else {}
-            self.emit(node, "act", [self.ref(node.args[0], node)], kind=_ACT_FUNCS[fn], kwargs=kwargs)
+            self.emit(node, "act", [self.ref(node.args[0], node)], kind=ACTIVATION_FUNCTIONS[fn], kwargs=kwargs)
         elif fn in _BINARY_FUNCS:
             self.binary(node, _BINARY_FUNCS[fn])
         elif fn in (F.softmax, torch.softmax):
@@ -248,8 +245,8 @@ class Converter:
 
     def call_method(self, node: fx.Node) -> None:
         meth, x = node.target, self.ref(node.args[0], node)
-        if meth in _ACT_METHODS:
-            self.emit(node, "act", [x], kind=_ACT_METHODS[meth], kwargs={})
+        if meth in ACTIVATION_METHODS:
+            self.emit(node, "act", [x], kind=ACTIVATION_METHODS[meth], kwargs={})
         elif meth in _BINARY_METHODS:
             self.binary(node, _BINARY_METHODS[meth])
         elif meth == "softmax":

@@ -4,22 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["find_sequential_chains", "find_graph_chains", "activation_of", "module_activation", "trace_leaves"]
+from ..tracing import TraceFailed, activation_of, module_activation, trace
+from .fused_chain import ACTIVATIONS as CHAIN_ACTIVATIONS
 
-# The one table of activations a chain fuses, by how the model applies them (GELU: by its approximation).
-MODULE_ACTIVATIONS: dict[type, str] = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
-FUNCTION_ACTIVATIONS: dict[Callable, str] = {torch.relu: "relu", F.relu: "relu", torch.tanh: "tanh", F.tanh: "tanh",
-                                             torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid"}
-METHOD_ACTIVATIONS: dict[str, str] = {"relu": "relu", "relu_": "relu", "tanh": "tanh", "sigmoid": "sigmoid"}
+__all__ = ["find_sequential_chains", "find_graph_chains", "chain_activation", "trace_leaves"]
 
 # A chain is [(linear name, activation), ...]: each Linear feeds only the next step; identity modules between
 # steps (Identity, Dropout: no-ops in eval) are skipped.
-
 _NOOP_MODULES = (nn.Identity, nn.Dropout)
+
+
+def chain_activation(name: str | None) -> str | None:
+    """The activation if the chain kernels implement it (csrc/chain.h), else None: the run stops there."""
+    return name if name in CHAIN_ACTIVATIONS else None
 
 
 def find_sequential_chains(seq: nn.Sequential, is_linear: Callable[[nn.Module], bool]) -> list[list[tuple[str, str]]]:
@@ -37,8 +36,8 @@ def find_sequential_chains(seq: nn.Sequential, is_linear: Callable[[nn.Module], 
         if is_linear(mod):
             cur.append((name, "none"))
             pending_act = False
-        elif cur and not pending_act and module_activation(mod):
-            cur[-1] = (cur[-1][0], module_activation(mod))
+        elif cur and not pending_act and chain_activation(module_activation(mod)):
+            cur[-1] = (cur[-1][0], chain_activation(module_activation(mod)))
             pending_act = True
         elif cur and isinstance(mod, _NOOP_MODULES):
             continue
@@ -46,29 +45,6 @@ def find_sequential_chains(seq: nn.Sequential, is_linear: Callable[[nn.Module], 
             close()
     close()
     return chains
-
-
-def module_activation(mod: nn.Module) -> str | None:
-    """The chain activation an activation module computes (None if it is not one we fuse)."""
-    if type(mod) is nn.GELU:
-        return {"none": "gelu", "tanh": "gelu_tanh"}.get(mod.approximate)
-    return MODULE_ACTIVATIONS.get(type(mod))
-
-
-def activation_of(node, modules: dict[str, nn.Module]) -> str | None:
-    """The chain activation an fx node applies to its only tensor argument (None if not a fusable one)."""
-    if node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
-        mod = modules.get(node.target)
-        return module_activation(mod) if mod is not None else None
-    if node.op == "call_function" and len(node.args) == 1:
-        kw = dict(node.kwargs)
-        kw.pop("inplace", None)
-        if node.target is F.gelu and set(kw) <= {"approximate"}:
-            return {"none": "gelu", "tanh": "gelu_tanh"}.get(kw.get("approximate", "none"))
-        return None if kw else FUNCTION_ACTIVATIONS.get(node.target)
-    if node.op == "call_method" and len(node.args) == 1 and not node.kwargs:
-        return METHOD_ACTIVATIONS.get(node.target)
-    return None
 
 
 def find_graph_chains(gm, is_linear: Callable[[nn.Module], bool]) -> list[list]:
@@ -79,7 +55,7 @@ def find_graph_chains(gm, is_linear: Callable[[nn.Module], bool]) -> list[list]:
         return n.op == "call_module" and is_linear(modules.get(n.target)) and len(n.args) == 1 and not n.kwargs
 
     def act_of(n) -> str | None:
-        return activation_of(n, modules)
+        return chain_activation(activation_of(n, modules))
 
     def only_user(n):
         users = list(n.users)
@@ -108,14 +84,7 @@ def find_graph_chains(gm, is_linear: Callable[[nn.Module], bool]) -> list[list]:
 
 def trace_leaves(module: nn.Module):
     """fx trace of module's own forward, every submodule except containers kept as one call (or None)."""
-    from torch import fx
-
-    class Tracer(fx.Tracer):
-        def is_leaf_module(self, m, qualname):
-            return not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
-
     try:
-        graph = Tracer().trace(module)
-        return fx.GraphModule(module, graph)
-    except Exception:  # noqa: BLE001 - data-dependent control flow etc.: no fusion for this module
+        return trace(module, all_leaves=True)
+    except TraceFailed:  # data-dependent control flow etc.: no fusion for this module
         return None

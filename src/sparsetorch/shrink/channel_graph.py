@@ -17,13 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..tracing import TraceFailed, trace
+from ..tracing.activations import ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATION_MODULES
 from .groups import Group, Member, is_depthwise, is_plain_conv
 
 __all__ = ["trace_groups", "TraceFailed"]
-
-
-class TraceFailed(Exception):
-    """torch.fx could not trace the model (the message says why)."""
 
 
 @dataclass(frozen=True)
@@ -40,20 +38,19 @@ Layout = dict[int, list[Seg]]  # dim -> segments along it
 
 _ELEMENTWISE_FN = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.iadd, operator.imul,
-    torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.relu, torch.sigmoid, torch.tanh, torch.clamp,
-    torch.clip, torch.abs, torch.exp, F.relu, F.relu6, F.gelu, F.silu, F.leaky_relu, F.elu, F.hardswish,
-    F.hardsigmoid, F.hardtanh, F.sigmoid, F.tanh, F.mish, F.dropout, F.dropout1d, F.dropout2d, torch.square,
+    torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.clamp, torch.clip, torch.abs, torch.exp,
+    F.relu6, F.leaky_relu, F.elu, F.hardswish, F.hardsigmoid, F.hardtanh, F.mish, F.dropout, F.dropout1d,
+    F.dropout2d, torch.square, *ACTIVATION_FUNCTIONS,
 }
 _ELEMENTWISE_METHODS = {
-    "add", "sub", "mul", "div", "neg", "relu", "sigmoid", "tanh", "clamp", "clip", "abs", "exp", "contiguous",
-    "clone", "detach", "add_", "mul_", "relu_", "square", "float", "to", "type_as",
+    "add", "sub", "mul", "div", "neg", "clamp", "clip", "abs", "exp", "contiguous", "clone", "detach", "add_",
+    "mul_", "square", "float", "to", "type_as", *ACTIVATION_METHODS,
 }
 _SHAPE_KEEPING_FN = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
                      F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
                      F.adaptive_max_pool2d, F.interpolate}
-_ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
-                        nn.LeakyReLU, nn.ELU, nn.Mish, nn.Hardtanh, nn.Identity, nn.Dropout, nn.Dropout1d,
-                        nn.Dropout2d, nn.Dropout3d)
+_ELEMENTWISE_MODULES = (*ACTIVATION_MODULES, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU, nn.ELU,
+                        nn.Mish, nn.Hardtanh, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 _POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
                  nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
                  nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample)
@@ -63,10 +60,7 @@ _RESHAPE_METHODS = {"view", "reshape", "flatten"}
 
 def trace_groups(model: nn.Module, args: tuple) -> list[Group]:
     """Dependency groups of ``model`` run on ``args`` (raises TraceFailed if fx cannot trace it)."""
-    try:
-        gm = fx.symbolic_trace(model)
-    except Exception as exc:  # fx raises many types for dynamic control flow
-        raise TraceFailed(f"torch.fx.symbolic_trace failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    gm = trace(model)  # TraceFailed when fx cannot
     was_training = model.training
     model.eval()  # BatchNorm statistics must not move while we look
     try:
