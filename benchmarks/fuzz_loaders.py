@@ -232,8 +232,7 @@ def state_index_edit(template, rng: np.random.Generator, path: Path) -> str:
     sel = torch.from_numpy(rng.random(flat.numel()) < (1.0 if rng.random() < 0.3 else 0.1))
     sel[int(rng.integers(flat.numel()))] = True
     flat[sel] = value
-    state[key] = t
-    model.load_state_dict(state)
+    state[key].copy_(t)  # in place: load_state_dict now refuses such buffers, a hostile writer need not use it
     sparsetorch.save(model, path)
     return f"state_index:{key}={value}"
 

@@ -260,8 +260,7 @@ def build():
 model = build()
 state = model.state_dict()
 key = next(k for k in state if k.endswith("indices"))
-state[key] = torch.full_like(state[key], VALUE)  # 30000 in a 64-wide layer
-model.load_state_dict(state)
+state[key].fill_(VALUE)  # 30000 in a 64-wide layer, in place: a hostile writer skips load_state_dict's checks
 path = sparsetorch.save(model, PATH)
 fresh = build()
 try:
@@ -276,11 +275,10 @@ else:
 """
 
 
-@pytest.mark.xfail(strict=True, reason="wired in wave 2")
 @pytest.mark.parametrize("kind,value", [("inference", 30000), ("inference", -5), ("training", 30000)])
 def test_torch_load_hostile_indices_is_clean_error(tmp_path, kind, value):
-    """Before wiring: sparsetorch.load copies 30000 into a 64-wide layer's column indices and the next forward
-    segfaults (inference: FusedChain/CSRWeight; training: SparseLinear's kernels)."""
+    """Before the load-time checks: sparsetorch.load copied 30000 into a 64-wide layer's column indices and the
+    next forward segfaulted (inference: FusedChain/CSRWeight; training: SparseLinear's kernels)."""
     code = f"KIND, VALUE, PATH = {kind!r}, {value}, {str(tmp_path / 'm.safetensors')!r}\n" + _TORCH_CASE
     res = _run_isolated(code)
     assert res.returncode == 0, f"crashed with {res.returncode}: {res.stderr[-1500:]}"
@@ -288,7 +286,7 @@ def test_torch_load_hostile_indices_is_clean_error(tmp_path, kind, value):
 
 
 def test_torch_layer_validators_reject_the_hostile_buffers():
-    """The validators wave 2 calls (see index_checks.check_csr_weight) already catch these buffers."""
+    """The validators the layers' _load_from_state_dict call (index_checks.check_csr_weight) catch these buffers."""
     from sparsetorch.kernels.packed import CSRWeight
     w = torch.randn(64, 64)
     w[torch.rand_like(w) < 0.9] = 0
@@ -334,7 +332,6 @@ def test_fuzz_edge_fails_only_with_sparsity_error(fuzz_table):
     assert row["other"] == 0 and row["clean"] > FUZZ_CASES // 2, _fuzz_report(row)
 
 
-@pytest.mark.xfail(strict=True, reason="wired in wave 2")
 def test_fuzz_inference_file_no_crash(fuzz_table):
     row = fuzz_table["save_inference"]
     assert row["crash"] == row["hang"] == row["partial"] == 0, _fuzz_report(row)
