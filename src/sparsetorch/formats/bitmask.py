@@ -9,8 +9,9 @@ import math
 
 import torch
 
-from ..errors import SparsityError
+from ._sparse import int_meta
 from .bits import pack_bits, unpack_bits
+from .index_checks import check_bitmask
 from .format_registry import Format, need, parse_dtype, parse_shape, register_format
 
 
@@ -24,11 +25,11 @@ def encode(tensor: torch.Tensor, mask: torch.Tensor | None):
 def decode(parts, meta):
     shape, dtype = parse_shape(meta.get("shape")), parse_dtype(meta.get("dtype"))
     numel = math.prod(shape)
-    mask = unpack_bits(need(parts, "bitmask", (numel + 7) // 8, torch.uint8), shape)
-    nnz = int(mask.sum())
-    if meta.get("nnz") != nnz:
-        raise SparsityError(f"bitmask holds {nnz} kept weights but the file says {meta.get('nnz')}; it is corrupted")
-    values = need(parts, "values", nnz, dtype)
+    nnz = int_meta(meta, "nnz", 0, numel)
+    values = need(parts, "values", nnz, dtype)  # bounds nnz by what the file really holds
+    bits = need(parts, "bitmask", (numel + 7) // 8, torch.uint8)
+    check_bitmask("bitmask", bits.numpy(), numel, nnz, bitorder="little")  # on the packed bytes: count and padding, before unpacking
+    mask = unpack_bits(bits, shape)
     dense = torch.zeros(numel, dtype=dtype)
     dense[mask.reshape(-1)] = values
     return dense.reshape(shape), mask
