@@ -335,3 +335,47 @@ def test_fuzz_edge_fails_only_with_sparsity_error(fuzz_table):
 def test_fuzz_inference_file_no_crash(fuzz_table):
     row = fuzz_table["save_inference"]
     assert row["crash"] == row["hang"] == row["partial"] == 0, _fuzz_report(row)
+
+
+# -- shrunk files: a declared schema, not arbitrary attributes ----------------------------------------------------
+def _shrunk_seed(tmp_path):
+    from sparsetorch.models import MLP
+    from sparsetorch.shrink import save_shrunk, shrink
+
+    def base():
+        torch.manual_seed(0)
+        model = MLP((64, 48, 32, 10))
+        sparsetorch.prune(model, 0.5, pattern="channel", scope="layer")
+        return model
+    path = save_shrunk(shrink(base().eval(), torch.randn(4, 64)), tmp_path / "ok.safetensors")
+    return path, base
+
+
+def _edit_shrunk(path, out, fn):
+    with safe_open(str(path), framework="numpy") as fh:
+        meta, arrays = dict(fh.metadata()), {k: fh.get_tensor(k) for k in fh.keys()}
+    header = json.loads(meta["sparsetorch_shrunk"])
+    fn(header)
+    meta["sparsetorch_shrunk"] = json.dumps(header)
+    save_file(arrays, str(out), metadata=meta)
+    return out
+
+
+@pytest.mark.parametrize("edit,words", [
+    (lambda h: h["attrs"].update({"": {"forward": None}}), "'forward'"),
+    (lambda h: h["attrs"][next(iter(h["attrs"]))].update({"training": False}), "'training'"),
+    (lambda h: h["attrs"][next(iter(h["attrs"]))].update({"in_features": True}), "positive integer"),
+    (lambda h: h["attrs"][next(iter(h["attrs"]))].update({"in_features": 7}), "tensors imply"),
+    (lambda h: h["attrs"][next(iter(h["attrs"]))].update({"out_features": -1}), "positive integer"),
+    (lambda h: h["attrs"].update({next(iter(h["attrs"])): [1]}), "mapping"),
+    (lambda h: h["config"].update({"forward": 3}), "'forward'"),
+    (lambda h: h.update({"version": "1"}), "version"),
+    (lambda h: h.update({"version": [2]}), "version"),
+])
+def test_load_shrunk_sets_only_declared_size_attributes(tmp_path, edit, words):
+    from sparsetorch.shrink import load_shrunk
+    path, base = _shrunk_seed(tmp_path)
+    load_shrunk(path, base)(torch.randn(2, 64))  # the seed loads
+    bad = _edit_shrunk(path, tmp_path / "bad.safetensors", edit)
+    with pytest.raises(SparsityError, match=__import__("re").escape(words)):
+        load_shrunk(bad, base)
