@@ -186,12 +186,14 @@ def run_function(name: str, trials: int, rng: random.Random, work: Path) -> dict
 
 def run(trials: int, functions=FUNCTIONS, seed: int = 0) -> dict[str, dict]:
     import torch
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # no OpenMP pool across fork()
     rng = random.Random(seed)
     work = Path(tempfile.mkdtemp(prefix="kill_during_save_"))
     try:
         return {name: run_function(name, trials, rng, work) for name in functions}
     finally:
+        torch.set_num_threads(threads)
         shutil.rmtree(work, ignore_errors=True)
 
 

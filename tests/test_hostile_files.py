@@ -3,6 +3,7 @@ regressions (a valid file + one specific edit), atomic_write's temp files, and a
 (each case in a subprocess, so a segfault is reported with its seed instead of killing pytest)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -379,3 +380,97 @@ def test_load_shrunk_sets_only_declared_size_attributes(tmp_path, edit, words):
     bad = _edit_shrunk(path, tmp_path / "bad.safetensors", edit)
     with pytest.raises(SparsityError, match=__import__("re").escape(words)):
         load_shrunk(bad, base)
+
+
+# -- training state: all or nothing, never two steps mixed ------------------------------------------------------
+def _run_state(steps, seed=0):
+    """A pruned MLP trained ``steps`` SGD steps under a magnitude sparsifier (its masks in the state)."""
+    import ddp_worker
+    from sparsetorch.models import MLP
+    torch.manual_seed(seed)
+    model = MLP((12, 24, 16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sparsifier = ddp_worker.methods()["swap"](torch.Generator().manual_seed(7))
+    sparsifier.attach(model, opt)
+    for step in range(steps):
+        g = torch.Generator().manual_seed(step)
+        torch.nn.functional.cross_entropy(model(torch.randn(8, 12, generator=g)),
+                                          torch.randint(0, 3, (8,), generator=g)).backward()
+        opt.step()
+        opt.zero_grad()
+        sparsifier.step()
+    return model, opt, sparsifier
+
+
+def _fresh_state():
+    import ddp_worker
+    from sparsetorch.models import MLP
+    torch.manual_seed(1)
+    model = MLP((12, 24, 16, 3))
+    return model, ddp_worker.methods()["swap"](torch.Generator().manual_seed(7))
+
+
+def _model_unchanged(model, before):
+    after = model.state_dict()
+    return before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before) \
+        and not list(sparsetorch.iter_masks(model))
+
+
+def test_load_training_state_with_other_optimizer_changes_nothing(tmp_path):
+    from sparsetorch.integrations import load_training_state, save_training_state
+    model, opt, sp = _run_state(3)
+    save_training_state(model, tmp_path / "ckpt", opt, sp, extra={"step": 3})
+    fresh, sparsifier = _fresh_state()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    two_groups = torch.optim.SGD([{"params": [fresh.fc1.weight]},
+                                  {"params": [p for n, p in fresh.named_parameters() if n != "fc1.weight"]}],
+                                 lr=0.05, momentum=0.9)
+    with pytest.raises(SparsityError, match="parameter groups"):
+        load_training_state(fresh, tmp_path / "ckpt", two_groups, sparsifier)
+    assert _model_unchanged(fresh, before) and sparsifier.model is None and not two_groups.state
+
+
+def test_load_training_state_failing_late_undoes_model_optimizer_and_attach(tmp_path, monkeypatch):
+    from sparsetorch.integrations import load_training_state, save_training_state
+    model, opt, sp = _run_state(3)
+    save_training_state(model, tmp_path / "ckpt", opt, sp, extra={"step": 3})
+    fresh, sparsifier = _fresh_state()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    optimizer = torch.optim.SGD(fresh.parameters(), lr=0.05, momentum=0.9)
+
+    def broken(state):
+        raise RuntimeError("boom after the weights and the optimizer were loaded")
+    monkeypatch.setattr(sparsifier, "load_state_dict", broken)
+    with pytest.raises(SparsityError, match="nothing was changed"):
+        load_training_state(fresh, tmp_path / "ckpt", optimizer, sparsifier)
+    assert _model_unchanged(fresh, before) and sparsifier.model is None and not optimizer.state
+    monkeypatch.undo()
+    load_training_state(fresh, tmp_path / "ckpt", optimizer, sparsifier)  # the same objects still load it
+    assert torch.equal(fresh.fc1.weight, model.fc1.weight) and sparsifier.step_count == 3
+
+
+@pytest.mark.parametrize("victim", ["model.safetensors", "state.safetensors"])
+def test_training_state_from_two_steps_never_loads(tmp_path, victim):
+    from sparsetorch.integrations import load_training_state, save_training_state
+    for steps in (2, 4):
+        model, opt, sp = _run_state(steps)
+        save_training_state(model, tmp_path / f"step{steps}", opt, sp, extra={"step": steps})
+    shutil.copy(tmp_path / "step2" / victim, tmp_path / "step4" / victim)
+    fresh, sparsifier = _fresh_state()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    optimizer = torch.optim.SGD(fresh.parameters(), lr=0.05, momentum=0.9)
+    with pytest.raises(SparsityError, match="does not belong"):
+        load_training_state(fresh, tmp_path / "step4", optimizer, sparsifier)
+    assert _model_unchanged(fresh, before) and sparsifier.model is None
+
+
+def test_kill_during_save_short_run():
+    """5 SIGKILLed saves per save function (benchmarks/kill_during_save.py runs 50+)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("kill_during_save", ROOT / "benchmarks" / "kill_during_save.py")
+    kds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kds)
+    table = kds.run(5, seed=1)
+    for name, row in table.items():
+        assert row["mismatched_loadable"] == row["other"] == row["temps_after_next_save"] == 0, (name, row)
+        assert row["intact"] + row["clean"] == 5, (name, row)
