@@ -474,3 +474,56 @@ def test_kill_during_save_short_run():
     for name, row in table.items():
         assert row["mismatched_loadable"] == row["other"] == row["temps_after_next_save"] == 0, (name, row)
         assert row["intact"] + row["clean"] == 5, (name, row)
+
+
+# -- sparsetorch files: metadata of the wrong type is a SparsityError (was TypeError: unhashable) ---------------
+@pytest.mark.parametrize("field,value", [("format", {}), ("format", ["csr"]), ("dtype", [1, 2]), ("dtype", {}),
+                                         ("values", ["fp16"]), ("shape", ["bitmask"])])
+def test_unhashable_metadata_is_clean_error_for_load_and_info(tmp_path, capsys, field, value):
+    from sparsetorch.cli.main import main
+    from sparsetorch.models import MLP
+    torch.manual_seed(0)
+    model = MLP((64, 48, 10))
+    sparsetorch.prune(model, 0.8)
+    path = sparsetorch.save(model, tmp_path / "ok.safetensors")
+    with safe_open(str(path), framework="numpy") as fh:
+        meta, arrays = dict(fh.metadata()), {k: fh.get_tensor(k) for k in fh.keys()}
+    header = json.loads(meta["sparsetorch"])
+    for entry in header["tensors"].values():
+        entry[field] = value
+    meta["sparsetorch"] = json.dumps(header)
+    save_file(arrays, str(tmp_path / "bad.safetensors"), metadata=meta)
+    fresh = MLP((64, 48, 10))
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(SparsityError):
+        sparsetorch.load(tmp_path / "bad.safetensors", fresh)
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+    assert main(["info", str(tmp_path / "bad.safetensors")]) != 0  # a TypeError would propagate from main
+    assert "error:" in capsys.readouterr().err
+
+
+def test_load_refusing_a_later_layer_leaves_earlier_layers_unchanged(tmp_path):
+    """sparsetorch.load into an inference model whose second packed layer has hostile indices: the first
+    layer's (valid) tensors must not stay loaded."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    with torch.no_grad():
+        for lin in (m[0], m[2]):
+            lin.weight[torch.rand_like(lin.weight) < 0.9] = 0
+    fast = sparsetorch.to_inference(m.eval(), torch.randn(4, 64), budget_s=0.005, fuse="always")
+    state = fast.state_dict()
+    keys = [k for k in state if k.endswith("indices")]
+    assert len(keys) >= 2, keys
+    for k, v in state.items():
+        if v.is_floating_point():
+            v.mul_(2)  # every value changes: a partial load would show
+    state[keys[-1]].fill_(30000)
+    path = sparsetorch.save(fast, tmp_path / "bad.safetensors")
+    fresh = sparsetorch.to_inference(m.eval(), torch.randn(4, 64), budget_s=0.005, fuse="always")
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    x = torch.randn(3, 64)
+    y = fresh(x)
+    with pytest.raises(SparsityError, match="outside"):
+        sparsetorch.load(path, fresh)
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+    torch.testing.assert_close(fresh(x), y)
