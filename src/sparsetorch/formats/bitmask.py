@@ -28,7 +28,8 @@ def decode(parts, meta):
     nnz = int_meta(meta, "nnz", 0, numel)
     values = need(parts, "values", nnz, dtype)  # bounds nnz by what the file really holds
     bits = need(parts, "bitmask", (numel + 7) // 8, torch.uint8)
-    check_bitmask("bitmask", bits.numpy(), numel, nnz, bitorder="little")  # on the packed bytes: count and padding, before unpacking
+    # on the packed bytes, before unpacking: bit count and clear padding
+    check_bitmask("bitmask", bits.numpy(), numel, nnz, bitorder="little")
     mask = unpack_bits(bits, shape)
     dense = torch.zeros(numel, dtype=dtype)
     dense[mask.reshape(-1)] = values
