@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from ._sparse import int_meta
+from ..errors import SparsityError
 from .bits import pack_bits, unpack_bits
 from .index_checks import check_bitmask
 from .format_registry import Format, need, parse_dtype, parse_shape, register_format
@@ -25,7 +25,9 @@ def encode(tensor: torch.Tensor, mask: torch.Tensor | None):
 def decode(parts, meta):
     shape, dtype = parse_shape(meta.get("shape")), parse_dtype(meta.get("dtype"))
     numel = math.prod(shape)
-    nnz = int_meta(meta, "nnz", 0, numel)
+    nnz = meta.get("nnz")
+    if not isinstance(nnz, int) or isinstance(nnz, bool) or not 0 <= nnz <= numel:
+        raise SparsityError(f"bitmask tensor has an invalid 'nnz' ({nnz!r}); the file is corrupted")
     values = need(parts, "values", nnz, dtype)  # bounds nnz by what the file really holds
     bits = need(parts, "bitmask", (numel + 7) // 8, torch.uint8)
     # on the packed bytes, before unpacking: bit count and clear padding
