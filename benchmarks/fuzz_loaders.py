@@ -107,7 +107,7 @@ def write_seeds(folder: Path) -> dict[str, Path]:
     model, opt = build_target("training_state")
     model(x).sum().backward()
     opt.step()
-    seeds["training_state"] = save_training_state(folder / "ckpt", model, opt, extra={"step": 1})
+    seeds["training_state"] = save_training_state(model, folder / "ckpt", opt, extra={"step": 1})
     seeds["cli_info"] = seeds["save_masked"]
     return {k: Path(v) for k, v in seeds.items()}
 
@@ -232,8 +232,7 @@ def state_index_edit(template, rng: np.random.Generator, path: Path) -> str:
     sel = torch.from_numpy(rng.random(flat.numel()) < (1.0 if rng.random() < 0.3 else 0.1))
     sel[int(rng.integers(flat.numel()))] = True
     flat[sel] = value
-    state[key] = t
-    model.load_state_dict(state)
+    state[key].copy_(t)  # in place: load_state_dict now refuses such buffers, a hostile writer need not use it
     sparsetorch.save(model, path)
     return f"state_index:{key}={value}"
 
@@ -300,7 +299,7 @@ def run_case(loader: str, seed_path: Path, case_seed: int, work: Path, templates
                 load_shrunk(target, _shrink_base)(x)
             elif loader == "training_state":
                 from sparsetorch.integrations import load_training_state
-                load_training_state(target, model, opt)
+                load_training_state(model, target, opt)
                 model(x)
             elif loader == "cli_info":
                 from sparsetorch.cli.main import main

@@ -11,6 +11,7 @@ import torch
 
 from ..errors import SparsityError
 from .bits import pack_bits, unpack_bits
+from .index_checks import check_bitmask
 from .format_registry import Format, need, parse_dtype, parse_shape, register_format
 
 
@@ -24,11 +25,14 @@ def encode(tensor: torch.Tensor, mask: torch.Tensor | None):
 def decode(parts, meta):
     shape, dtype = parse_shape(meta.get("shape")), parse_dtype(meta.get("dtype"))
     numel = math.prod(shape)
-    mask = unpack_bits(need(parts, "bitmask", (numel + 7) // 8, torch.uint8), shape)
-    nnz = int(mask.sum())
-    if meta.get("nnz") != nnz:
-        raise SparsityError(f"bitmask holds {nnz} kept weights but the file says {meta.get('nnz')}; it is corrupted")
-    values = need(parts, "values", nnz, dtype)
+    nnz = meta.get("nnz")
+    if not isinstance(nnz, int) or isinstance(nnz, bool) or not 0 <= nnz <= numel:
+        raise SparsityError(f"bitmask tensor has an invalid 'nnz' ({nnz!r}); the file is corrupted")
+    values = need(parts, "values", nnz, dtype)  # bounds nnz by what the file really holds
+    bits = need(parts, "bitmask", (numel + 7) // 8, torch.uint8)
+    # on the packed bytes, before unpacking: bit count and clear padding
+    check_bitmask("bitmask", bits.numpy(), numel, nnz, bitorder="little")
+    mask = unpack_bits(bits, shape)
     dense = torch.zeros(numel, dtype=dtype)
     dense[mask.reshape(-1)] = values
     return dense.reshape(shape), mask

@@ -45,7 +45,7 @@ def decode(parts, meta):
     shape, dtype = parse_shape(meta.get("shape")), parse_dtype(meta.get("dtype"))
     rows, cols = matrix_shape(shape)
     width = meta.get("chunk")
-    if width not in _INDEX:
+    if not isinstance(width, int) or isinstance(width, bool) or width not in _INDEX:  # lists are unhashable
         raise SparsityError(f"CSR tensor has an invalid column chunk {width!r}; the file is corrupted")
     nnz = int_meta(meta, "nnz", 0, math.prod(shape))
     values = need(parts, "values", nnz, dtype)  # bounds nnz by what the file really holds

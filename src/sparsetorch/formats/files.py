@@ -19,6 +19,7 @@ from .atomic import atomic_write
 from .safetensors_file import read_safetensors
 from ..errors import SparsityError
 from ..core.masks import iter_masks, remove_mask, set_mask
+from ..core.rollback import rollback
 
 __all__ = ["save", "load", "read_header", "FILE_VERSION"]
 
@@ -212,11 +213,12 @@ def load(path: str | os.PathLike, model: torch.nn.Module, *, strict: bool = True
         if fqn not in modules or not isinstance(getattr(modules[fqn], pname, None), torch.nn.Parameter):
             raise SparsityError(f"{path} has a mask for {key}, which is not a parameter of the model")
         owners[key] = (modules[fqn], pname)
-    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=strict)
-    for item in list(iter_masks(model)):
-        if item.qualified_name not in masks:
-            remove_mask(item.module, item.name)  # the file says this weight is dense now
-    for key, mask in masks.items():
-        module, pname = owners[key]
-        set_mask(module, mask, pname)
+    with rollback(model, what=f"loading {path}"):  # a layer refusing its tensors undoes the layers before it
+        model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=strict)
+        for item in list(iter_masks(model)):
+            if item.qualified_name not in masks:
+                remove_mask(item.module, item.name)  # the file says this weight is dense now
+        for key, mask in masks.items():
+            module, pname = owners[key]
+            set_mask(module, mask, pname)
     return model

@@ -42,7 +42,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def parse_dtype(name: object) -> torch.dtype:
-    if name not in _DTYPES:
+    if not isinstance(name, str) or name not in _DTYPES:  # a list/dict from a hostile header is unhashable
         raise SparsityError(f"file names an unknown dtype {name!r}; it is corrupted or from a newer sparsetorch")
     return _DTYPES[name]
 
@@ -185,14 +185,14 @@ def _unsqueeze(parts: Parts, meta: Meta) -> Parts:
 
 def decode(parts: Parts, meta: Meta) -> tuple[torch.Tensor, torch.Tensor | None]:
     name = meta.get("format") if isinstance(meta, dict) else None
-    if name not in FORMATS:
+    if not isinstance(name, str) or name not in FORMATS:  # a list/dict from a hostile header is unhashable
         raise SparsityError(
             f"file uses storage format {name!r}, unknown to this sparsetorch; upgrade sparsetorch to read it"
         )
     if "z" in meta:
         parts = _unsqueeze(parts, meta)
     codec = meta.get("values", "fp32")
-    if codec not in VALUE_CODECS or codec == "fp32" and "values" in meta:
+    if not isinstance(codec, str) or codec not in VALUE_CODECS or codec == "fp32" and "values" in meta:
         raise SparsityError(f"file uses value codec {codec!r}, unknown to this sparsetorch; upgrade sparsetorch")
     if codec == "fp32":
         dense, mask = FORMATS[name].decode(parts, meta)

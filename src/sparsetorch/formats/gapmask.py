@@ -48,7 +48,7 @@ def decode(parts, meta):
     shape, dtype = parse_shape(meta.get("shape")), parse_dtype(meta.get("dtype"))
     numel = math.prod(shape)
     bits = meta.get("bits")
-    if bits not in _WIDTHS:
+    if not isinstance(bits, int) or isinstance(bits, bool) or bits not in _WIDTHS:  # 4.0 == 4 but is no width
         raise SparsityError(f"gap-coded mask has an invalid code width {bits!r}; the file is corrupted")
     nnz = int_meta(meta, "nnz", 0, numel)
     values = need(parts, "values", nnz, dtype)

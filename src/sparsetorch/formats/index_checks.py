@@ -114,15 +114,16 @@ def check_csr(name: str, indptr: np.ndarray, indices: np.ndarray, rows: int, col
     check_indices(f"{name} column indices", indices, cols)
 
 
-def check_bitmask(name: str, bits: np.ndarray, elements: int, nnz: int) -> None:
-    """A packed bitmask (np.packbits, uint8) of ``elements`` bits with exactly ``nnz`` bits set and no set
-    bits in the padding of the last byte; checked on the packed bytes, before anything is unpacked."""
+def check_bitmask(name: str, bits: np.ndarray, elements: int, nnz: int, bitorder: str = "big") -> None:
+    """A packed bitmask (np.packbits, uint8, of ``bitorder``) of ``elements`` bits with exactly ``nnz`` bits
+    set and no set bits in the padding of the last byte; checked on the packed bytes, before anything is unpacked."""
     check_dtype(name, bits, (np.uint8,))
     need = (int(elements) + 7) // 8
     if bits.size != need:
         _fail(f"{name} has {bits.size} bytes for {elements} bits (expected {need})", name=name)
     if need and elements % 8:
-        pad = int(bits.reshape(-1)[-1]) & ((1 << (8 - elements % 8)) - 1)
+        low = (1 << (8 - elements % 8)) - 1  # big: the padding is the low bits; little: the high ones
+        pad = int(bits.reshape(-1)[-1]) & (low if bitorder == "big" else 0xFF ^ ((1 << (elements % 8)) - 1))
         if pad:
             _fail(f"{name} has bits set past its {elements} weights", name=name)
     count = _popcount(bits)

@@ -82,7 +82,8 @@ def decode(parts, meta):
     numel = math.prod(shape)
     rows, cols = matrix_shape(shape)
     m = meta.get("m")
-    if m not in _GROUPS or cols % m or not isinstance(meta.get("exact"), bool):
+    if (not isinstance(m, int) or isinstance(m, bool) or m not in _GROUPS or cols % m
+            or not isinstance(meta.get("exact"), bool)):
         raise SparsityError(f"N:M tensor has an invalid group size {m!r}; the file is corrupted")
     n = int_meta(meta, "n", 0, m)
     nnz = int_meta(meta, "nnz", 0, numel)

@@ -57,6 +57,10 @@ def pack_for_chain(w: torch.Tensor, fmt: str) -> PackedWeight:
     return CSRWeight.from_dense(w)
 
 
+def _forget_native_before_load(module: "FusedChain", *args) -> None:
+    module._native = None
+
+
 def _forget_native(module: "FusedChain", incompatible_keys) -> None:
     module._native = None  # load_state_dict may have replaced buffers (assign=True)
 
@@ -88,6 +92,9 @@ class FusedChain(nn.Module):
         self.in_features, self.out_features = weights[0].in_features, weights[-1].out_features
         self.threads = threads
         self._native = None  # (run, isa level, tile, Chain), False when unavailable, None = not built yet
+        # dropped before a load touches any buffer too: a load that fails half-way (assign=True) must not
+        # leave the native handle pointing at freed tensors
+        self.register_load_state_dict_pre_hook(_forget_native_before_load)
         self.register_load_state_dict_post_hook(_forget_native)
 
     @classmethod

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.rollback import rollback
 from ..errors import SparsityError
 from ..formats.safetensors_file import read_safetensors, write_safetensors
 from ..formats.files import load as _load_model
@@ -79,9 +80,17 @@ def decode_state(data: Any, tensors: dict[str, torch.Tensor]) -> Any:
             raise SparsityError(f"training state refers to a missing tensor {data.get('key')!r}; it is corrupted")
         return tensors[data["key"]]
     if tag == "tuple":
+        if not isinstance(data.get("items"), list):
+            raise SparsityError("training state holds a corrupted tuple; it is corrupted")
         return tuple(decode_state(v, tensors) for v in data["items"])
     if tag == "dict":
-        return {k: decode_state(v, tensors) for k, v in data["items"]}
+        items = data.get("items")
+        if not isinstance(items, list) or not all(isinstance(i, list) and len(i) == 2 and
+                                                  (i[0] is None or isinstance(i[0], (bool, int, float, str)))
+                                                  for i in items):
+            raise SparsityError("training state holds a corrupted mapping (keys must be str/int/float/bool); "
+                                "it is corrupted")
+        return {k: decode_state(v, tensors) for k, v in items}
     raise SparsityError(f"training state holds an unknown entry {data!r}; it is corrupted")
 
 
@@ -194,15 +203,44 @@ def load_training_state(
     for name, given in (("optimizer", optimizer), ("sparsifier", sparsifier)):
         if given is not None and name not in sections:
             raise SparsityError(f"{folder} holds no {name} state; it was saved without one")
-    model = unwrap_model(model)
-    if sparsifier is not None and sparsifier.model is None:
-        sparsifier.attach(model, optimizer)
-    _load_model(model_path, model)
-    if optimizer is not None:
-        inner_optimizer(optimizer).load_state_dict(sections["optimizer"])
-    if sparsifier is not None:
-        sparsifier.load_state_dict(sections["sparsifier"])
+    model, inner = unwrap_model(model), inner_optimizer(optimizer) if optimizer is not None else None
+    if inner is not None:
+        check_optimizer_state(inner, sections["optimizer"], folder)
+    # all or nothing: any failure below puts model, optimizer and sparsifier back (attachment included)
+    with rollback(model, inner, sparsifier, what=f"loading the training state {folder}"):
+        if sparsifier is not None and sparsifier.model is None:
+            sparsifier.attach(model, optimizer)
+        _load_model(model_path, model)
+        if inner is not None:
+            inner.load_state_dict(sections["optimizer"])
+        if sparsifier is not None:
+            sparsifier.load_state_dict(sections["sparsifier"])
     return sections["extra"]
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, state: Any, folder: Path) -> None:
+    """A saved optimizer state_dict must fit ``optimizer``: the same number of parameter groups, each with as
+    many parameters, ids that index them, per-parameter state as mappings."""
+    fix = f"{folder} is corrupted, or the optimizer was built differently (same param groups, same order)"
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    if not isinstance(groups, list) or not isinstance(state.get("state"), dict):
+        raise SparsityError(f"the saved optimizer state has no param_groups/state; {fix}")
+    if len(groups) != len(optimizer.param_groups):
+        raise SparsityError(f"the saved optimizer has {len(groups)} parameter groups, the given one "
+                            f"{len(optimizer.param_groups)}; {fix}")
+    ids: set = set()
+    for i, (saved, given) in enumerate(zip(groups, optimizer.param_groups)):
+        params = saved.get("params") if isinstance(saved, dict) else None
+        if not isinstance(params, list) or len(params) != len(given["params"]):
+            raise SparsityError(f"the saved optimizer's parameter group {i} holds "
+                                f"{len(params) if isinstance(params, list) else params!r} parameters, the given one "
+                                f"{len(given['params'])}; {fix}")
+        ids.update(p if isinstance(p, (int, str)) and not isinstance(p, bool) else None for p in params)
+    if None in ids or len(ids) != sum(len(g["params"]) for g in optimizer.param_groups):
+        raise SparsityError(f"the saved optimizer's parameter ids are not distinct integers; {fix}")
+    for key, value in state["state"].items():
+        if key not in ids or not isinstance(value, dict):
+            raise SparsityError(f"the saved optimizer state has an entry {key!r} for no parameter; {fix}")
 
 
 def save_sparsifier_state(path: str | os.PathLike, sparsifier: Any) -> Path:

@@ -18,6 +18,8 @@ import warnings
 import torch
 from torch import nn
 
+from ..errors import SparsityError
+from ..formats import index_checks
 from . import inference_ops
 
 
@@ -113,6 +115,28 @@ class PackedWeight(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.out_features}, {self.in_features}, nnz={self.nnz}"
 
+    # ------------------------------------------------------------------ loading (issue #20)
+    def _incoming(self, state_dict, prefix: str, name: str):
+        """The array ``name`` as this load would leave it: the state_dict's tensor, else the current buffer."""
+        t = state_dict.get(prefix + name, getattr(self, name))
+        if not isinstance(t, torch.Tensor):
+            raise SparsityError(f"{prefix}{name} is a {type(t).__name__}, expected a tensor; the state_dict is "
+                                "corrupted or was edited", key=prefix + name)
+        t = t.detach().cpu()
+        if t.is_floating_point() and t.dtype not in (torch.float16, torch.float32, torch.float64):
+            t = t.float()  # bfloat16 / float8 values: numpy has no such dtype, only their count is checked
+        return t.numpy()
+
+    def _check_incoming(self, state_dict, prefix: str) -> None:
+        """Validate the index buffers a load would set; the compiled kernels index raw memory with them."""
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # before anything is copied: a failure leaves this module as it was (and its caches valid)
+        self._check_incoming(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
 
 class CSRWeight(PackedWeight):
     format = "csr"
@@ -147,6 +171,11 @@ class CSRWeight(PackedWeight):
                                        self.values, (self.out_features, self.in_features))
 
     kernel_name = "csr_linear"
+
+    def _check_incoming(self, state_dict, prefix):
+        index_checks.check_csr_weight(prefix.rstrip(".") or "CSRWeight", *(
+            self._incoming(state_dict, prefix, n) for n in ("indptr", "indices", "values")),
+            self.out_features, self.in_features)
 
     def _static(self):
         return inference_ops.csr_static(self.indptr, self.indices, self.values, self.out_features, self.in_features)
@@ -192,6 +221,11 @@ class NMWeight(PackedWeight):
         return csr._torch_weight()
 
     kernel_name = "nm_linear"
+
+    def _check_incoming(self, state_dict, prefix):
+        index_checks.check_nm_weight(prefix.rstrip(".") or "NMWeight", self._incoming(state_dict, prefix, "values"),
+                                     self._incoming(state_dict, prefix, "offsets"), self.n, self.m,
+                                     self.out_features, self.in_features)
 
     def _static(self):
         return inference_ops.nm_static(self.values, self.offsets, self.n, self.m, self.in_features)
@@ -245,6 +279,11 @@ class BSRWeight(PackedWeight):
                                        self.values, (self.out_features, self.in_features))
 
     kernel_name = "bsr_linear"
+
+    def _check_incoming(self, state_dict, prefix):
+        index_checks.check_bsr_weight(prefix.rstrip(".") or "BSRWeight", *(
+            self._incoming(state_dict, prefix, n) for n in ("indptr", "indices", "values")),
+            self.out_features, self.in_features)
 
     def _static(self):
         return inference_ops.bsr_static(self.indptr, self.indices, self.values, self.out_features, self.in_features)

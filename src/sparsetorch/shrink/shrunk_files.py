@@ -6,6 +6,7 @@ the layers' size attributes (``in_features``, ``num_heads``...) and the changed 
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Callable
@@ -117,6 +118,10 @@ def _resize(model: nn.Module, modules: dict[str, nn.Module], header: dict, state
         else:
             module._buffers[name] = new
     for name, values in header["attrs"].items():
+        _check_attrs(name, modules[name], values)
+    for key, value in header["config"].items():
+        _check_size(f"config key {key!r}", key, value, _CONFIG_KEYS)
+    for name, values in header["attrs"].items():
         for attr, value in values.items():
             setattr(modules[name], attr, value)
     config = getattr(model, "config", None)
@@ -125,12 +130,54 @@ def _resize(model: nn.Module, modules: dict[str, nn.Module], header: dict, state
             setattr(config, key, value)
 
 
+# -- the declared schema: only the size attributes save_shrunk writes, each a positive int matching the tensors
+def _schema(module: nn.Module) -> tuple[str, ...]:
+    """The attributes ``_size_attrs`` records for this module (and so the only ones a file may set)."""
+    adapter = adapter_for(module)
+    return (adapter.size_attrs if adapter else ()) + HEAD_ATTRS.get(type(module).__name__, ())
+
+
+def _check_size(what: str, attr: object, value: object, allowed: tuple[str, ...]) -> None:
+    if attr not in allowed:
+        raise SparsityError(f"the file sets {what}, which save_shrunk never writes (allowed: {list(allowed)}); "
+                            "the file is corrupted or was edited", attribute=str(attr))
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 2**40:
+        raise SparsityError(f"the file sets {what} to {value!r}; it must be a positive integer (the file is "
+                            "corrupted or was edited)", attribute=str(attr))
+
+
+def _check_attrs(name: str, module: nn.Module, values: object) -> None:
+    """The sizes a file gives layer ``name``: declared for its type, positive ints, equal to what its resized
+    tensors imply (the adapter's ``fix_sizes`` on a shallow copy), and heads dividing the width."""
+    if not isinstance(values, dict):
+        raise SparsityError(f"the file's sizes for layer {name!r} are {type(values).__name__}, expected a mapping; "
+                            "the file is corrupted")
+    allowed = _schema(module)
+    for attr, value in values.items():
+        _check_size(f"attribute {attr!r} of layer {name!r}", attr, value, allowed)
+    adapter = adapter_for(module)
+    if adapter is not None:
+        probe = copy.copy(module)  # own __dict__: fix_sizes writes the copy's ints, the module keeps its own
+        adapter.fix_sizes(probe)
+        for attr in adapter.size_attrs:
+            if attr in values and getattr(probe, attr, None) != values[attr]:
+                raise SparsityError(f"the file sets {attr}={values[attr]} on layer {name!r} but its tensors imply "
+                                    f"{getattr(probe, attr, None)}; the file is corrupted", attribute=attr)
+    heads, width = values.get("num_heads"), values.get("split_size")
+    if heads is not None and width is not None and width % heads:
+        raise SparsityError(f"the file gives layer {name!r} {heads} heads for width {width}, which they do not "
+                            "divide; the file is corrupted", attribute="num_heads")
+
+
 def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     header, state = read_safetensors(path, _KEY, newest_version=_VERSION, written_by="sparsetorch.shrink.save_shrunk "
                                      "(use sparsetorch.load for files written by sparsetorch.save)")
-    shapes = header.get("shapes")
-    if not isinstance(shapes, dict):
-        raise SparsityError(f"{path} has a corrupted header (no shape table); the file is damaged")
+    if header["version"] < 1:
+        raise SparsityError(f"{path} has shrunk-file version {header['version']!r}; the header is corrupted")
+    for part in ("shapes", "attrs", "config"):
+        if not isinstance(header.get(part), dict):
+            raise SparsityError(f"{path} has a corrupted header: {part!r} is not a mapping")
+    shapes = header["shapes"]
     for key, value in state.items():
         if list(value.shape) != shapes.get(key):
             raise SparsityError(f"{path}: tensor {key} has shape {list(value.shape)} but the header says "

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..core.rng import resolve_generator
 from ..errors import SparsityError
+from ..formats.index_checks import check_csr_weight
 from ..kernels import training_ops
 from .functional import SparseLinearFunction, row_ids
 
@@ -251,6 +252,7 @@ class SparseLinear(nn.Module):
             state_dict[prefix + "values"] = dense.flatten()[flat]
             state_dict[prefix + "indptr"] = indptr
             state_dict[prefix + "indices"] = cols.to(self.indices.dtype)
+        self._check_incoming(state_dict, prefix)  # before anything changes: the kernels trust these indices
         values = state_dict.get(prefix + "values")
         if values is not None and values.numel() != self.nnz and values.dim() == 1:
             self._resize(values.numel())  # a checkpoint of another density: take its nnz
@@ -261,6 +263,20 @@ class SparseLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self._refresh_transpose()
+
+    def _check_incoming(self, state_dict, prefix: str) -> None:
+        """The connectivity this load would set (the state_dict's tensors, else the current ones) must be a
+        valid CSR of an out x in weight (issue #20: hostile files never reach the kernels)."""
+        arrays = []
+        for name in ("indptr", "indices", "values"):
+            t = state_dict.get(prefix + name, getattr(self, name))
+            if not isinstance(t, torch.Tensor):
+                raise SparsityError(f"{prefix}{name} is a {type(t).__name__}, expected a tensor; the checkpoint is "
+                                    "corrupted or was edited", key=prefix + name)
+            t = t.detach().cpu()
+            odd = t.is_floating_point() and t.dtype not in (torch.float16, torch.float32, torch.float64)
+            arrays.append((t.float() if odd else t).numpy())  # bfloat16 values: numpy lacks it, count only
+        check_csr_weight(prefix.rstrip(".") or "SparseLinear", *arrays, self.out_features, self.in_features)
 
     def _resize(self, nnz: int) -> None:
         dev = self.values.device
