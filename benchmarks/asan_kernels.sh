@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the compiled kernels (_C and _train) with AddressSanitizer into a temporary copy of src/ (the normal
-# .so files are left alone) and run tests/test_kernels.py against them (issue #20).
+# .so files are left alone) and run the kernel, fused-chain and training-kernel tests against them (issue #20).
 #   benchmarks/asan_kernels.sh [PYTHON] [extra pytest args...]     e.g. benchmarks/asan_kernels.sh .venv/bin/python
 # Python leaks by design, so detect_leaks=0; any heap/stack overflow aborts the test run with a report.
 set -euo pipefail
@@ -36,7 +36,8 @@ import torch, sparsetorch, sparsetorch.kernels._C as c, sparsetorch.kernels._tra
 print("kernels loaded:", c.__file__, t.__file__)
 sys.exit(0 if c.__file__.startswith(sys.argv[1]) and t.__file__.startswith(sys.argv[1]) else 1)' "$TMP"
 LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
-  PYTHONPATH="$TMP/src" "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py "$@"
+  PYTHONPATH="$TMP/src" "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_fused.py \
+  tests/test_sparse_training.py "$@"
 # and the hostile-file regressions, whose subprocesses inherit LD_PRELOAD / PYTHONPATH
 LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
   PYTHONPATH="$TMP/src" "$PY" -m pytest -q -p no:cacheprovider tests/test_hostile_files.py -k "edge or check" "$@"
