@@ -201,9 +201,10 @@ class NMWeight(PackedWeight):
         w = w.detach().to("cpu", torch.float32)
         out, inp = w.shape
         if not (1 <= n <= m <= 256) or inp % m:
-            raise ValueError(f"{n}:{m} needs 1 <= n <= m <= 256 and in_features ({inp}) divisible by m")
+            raise SparsityError(f"{n}:{m} needs 1 <= n <= m <= 256 and in_features ({inp}) divisible by m; pick another "
+                                "N:M or prune with pattern=\"unstructured\"")
         if cls.group_count(w, m) > n:
-            raise ValueError(f"weight has groups of {m} with more than {n} nonzeros")
+            raise SparsityError(f"weight has groups of {m} with more than {n} nonzeros; prune it with pattern=\"{n}:{m}\" first")
         groups = w.reshape(out, inp // m, m)
         # nonzeros first (stable, so in input order), then padding zeros; keep the first n of each group
         order = torch.argsort((groups == 0).to(torch.int8), dim=-1, stable=True)[..., :n]
@@ -258,7 +259,7 @@ class BSRWeight(PackedWeight):
         w = w.detach().to("cpu", torch.float32)
         out, inp = w.shape
         if out % r or inp % c:
-            raise ValueError(f"block {r}x{c} does not tile a {out}x{inp} weight")
+            raise SparsityError(f"block {r}x{c} does not tile a {out}x{inp} weight; choose a block that divides both sizes")
         blocks = cls.blocks(w, r, c)
         keep = (blocks != 0).any(-1).any(-1)  # [out/r, in/c]
         brow, bcol = keep.nonzero(as_tuple=True)
@@ -333,4 +334,4 @@ def pack(w: torch.Tensor, fmt: str = "csr", **kw) -> PackedWeight:
         return NMWeight.from_dense(w, kw["n"], kw["m"])
     if fmt == "bsr":
         return BSRWeight.from_dense(w, kw["r"], kw["c"])
-    raise ValueError(f"unknown packed format {fmt!r}; use 'csr', 'nm' or 'bsr'")
+    raise SparsityError(f"unknown packed format {fmt!r}; use 'csr', 'nm' or 'bsr'")
