@@ -61,8 +61,16 @@ def evaluate(model: GPT, windows: torch.Tensor) -> float:
     return sum(model.loss(w).item() * len(w) for w in windows.split(64)) / len(windows)
 
 
+MODELS = {  # name -> (config, training steps)
+    "tiny": (GPTConfig(), 500),
+    # deeper, wider and trained 4x longer: outlier features grow with scale and training
+    "large": (GPTConfig(layers=6, width=192, heads=6, context=128), 2000),
+}
+
+
 def dense_model(args, split) -> GPT:
-    cfg = GPTConfig()
+    cfg, default_steps = MODELS[args.model]
+    args.steps = args.steps or default_steps
     path = HERE / "cache" / f"gpt_byte_{cfg.layers}x{cfg.width}_steps{args.steps}_seed{args.seed}.pt"
     model = GPT(cfg)
     if path.is_file():
@@ -83,6 +91,8 @@ def run_tiny(args) -> dict:
     print(f"stdlib corpus: {split.train.numel()} train bytes ({split.train_files} files), "
           f"{split.val.numel()} val bytes ({split.val_files} files)")
     dense = dense_model(args, split)
+    if args.train_only:
+        return {}
     ctx = dense.cfg.context
     val = random_windows(split.val, args.eval_windows, ctx + 1, torch.Generator().manual_seed(1234))
     dense_loss = evaluate(dense, val)
@@ -154,7 +164,9 @@ def run_gpt2_small(args) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=500, help="training steps of the tiny GPT")
+    p.add_argument("--model", choices=sorted(MODELS), default="tiny", help="which byte GPT to prune")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the model's, 500 or 2000)")
+    p.add_argument("--train-only", action="store_true", help="train and cache the dense model, then stop")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--draws", type=int, default=3, help="calibration draws per data-driven method")
@@ -175,6 +187,8 @@ def main() -> int:
         result, path = {**meta, "gpt2_small": run_gpt2_small(args)}, HERE / "results" / "oneshot_gpt2_small.json"
     else:
         result = {**meta, **run_tiny(args)}
+        if args.train_only:
+            return 0
         result["targets"] = summarize(result)
         path = HERE / "results" / "oneshot.json"
     path.write_text(json.dumps(result, indent=2))
