@@ -1,73 +1,40 @@
 """``prune_oneshot``: prune a trained model in one shot from a little calibration data.
 
-Transformers are processed block by block (SparseGPT/Wanda's sequential recipe): the inputs of
-the first decoder block are captured with a hook that stops the forward pass, then each block
-collects its layers' input statistics, is pruned, and is run again to give the next block its
-(now pruned) inputs. Peak memory is about the model plus one block's activations and Hessians.
-Any other module made of Linear layers is processed in one pass with hooks on every layer.
+A run is a composition: a method (a score such as magnitude, Wanda or RIA, or a layer-wise solver
+such as SparseGPT or ALPS), a layer-wise density distribution (uniform or OWL), a pattern
+(unstructured or N:M), then optionally a refinement (DSnoT) and a quantization grid. Transformers
+are processed block by block, anything else in one pass (see ``drivers``).
 """
 from __future__ import annotations
 
 import fnmatch
-import inspect
 import math
 import resource
 import time
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import SparsityError, SparsityWarning, check_sparsity
-from ..core.masks import set_mask
+from ..errors import SparsityError, check_sparsity
 from ..core.patterns import Pattern, check_pattern_fits, parse_pattern
 from ..core.post_training import resolve_density
 from ..core.layer_selection import as_spec_list, final_classifier, matches_spec
-from . import solvers
-from .blocks import blocks_chain, capture_first_block, find_blocks, to_device
-from .linear_layers import attach_stats, is_linear_like, to_param_layout, weight_2d
+from .blocks import blocks_chain, find_blocks
+from .calibration import prepare_calibration
+from .drivers import Job, forward_error, run_one_pass, run_sequential
+from .layer_pruner import METHOD_NEEDS, LayerPruner, Recipe
+from .linear_layers import is_linear_like, weight_2d
+from .owl import OWL
+from .results import LayerResult, OneshotStats
 
-__all__ = ["prune_oneshot", "wanda", "sparsegpt", "OneshotStats", "LayerResult", "METHODS"]
+__all__ = ["prune_oneshot", "wanda", "sparsegpt", "OneshotStats", "LayerResult", "METHODS", "OWL"]
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
+METHODS = tuple(METHOD_NEEDS)
+DISTRIBUTIONS = ("uniform", "owl")
 SparsitySpec = float | Mapping[str, float] | None
-
-
-@dataclass
-class LayerResult:
-    name: str
-    sparsity: float
-    seconds: float
-    damp: float | None = None  # SparseGPT: the damping that made H invertible
-    rel_error: float | None = None  # SparseGPT: ||(W - W')X||^2 / ||WX||^2 on the calibration inputs
-    numel: int = 0
-
-
-@dataclass
-class OneshotStats:
-    """What a one-shot run did: per-layer results, time, where it ran and its peak memory."""
-
-    method: str
-    pattern: str
-    mode: str  # "sequential" (block by block), "one-pass" (hooks on every layer) or "weights-only"
-    device: str
-    blocks: int = 0
-    seconds: float = 0.0
-    peak_memory_mb: float = 0.0
-    memory_kind: str = ""  # "cuda max allocated" or "process peak RSS"
-    layers: list[LayerResult] = field(default_factory=list)
-
-    @property
-    def sparsity(self) -> float:
-        """Fraction of weights removed over all pruned layers."""
-        total = sum(r.numel for r in self.layers)
-        return sum(r.sparsity * r.numel for r in self.layers) / total if total else 0.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def prune_oneshot(
@@ -77,6 +44,7 @@ def prune_oneshot(
     method: str = "sparsegpt",
     sparsity: SparsitySpec = 0.5,
     pattern: str | Pattern = "unstructured",
+    distribution: str | OWL = "uniform",
     include: str | type | Iterable[str | type] | None = None,
     exclude: str | type | Iterable[str | type] | None = None,
     skip: str | Iterable[str] | None = None,
@@ -92,13 +60,18 @@ def prune_oneshot(
 
     Args:
         calibration: an iterable of model inputs: token-id tensors ``[seq]`` or ``[batch, seq]``,
-            dicts of them (``{"input_ids": ..., "attention_mask": ...}``), or for a plain module any
-            tensor/tuple it takes. Not needed for ``method="magnitude"``.
+            dicts of them (``{"input_ids": ..., "attention_mask": ...}``: padded positions never enter
+            the statistics), or for a plain module any tensor/tuple it takes. Not needed for
+            ``method="magnitude"``.
         method: "sparsegpt" (OBS weight updates), "wanda" (|W| * ||X||) or "magnitude" (|W|).
         sparsity: fraction removed per layer, or a dict of name globs to sparsities, e.g.
             ``{"attn": 0.4, "mlp": 0.6}`` (a key without ``*?[`` matches as a substring; the first
             matching key wins; every pruned layer must match one). N:M patterns fix it at 1 - N/M.
         pattern: "unstructured" or "N:M" (e.g. "2:4", "4:8"); N:M groups run along the inputs.
+        distribution: how the sparsity is spread over the layers: "uniform" (every layer at
+            ``sparsity``) or "owl" (OWL: blocks with more outlier activations keep more weights, the
+            mean stays at ``sparsity``; ``OWL(m=5, lam=0.08)`` sets its threshold and spread).
+            Unstructured patterns and one ``sparsity`` value only.
         include, exclude: which Linear layers to prune, with the same rule as ``sparsetorch.prune``:
             module types or full-name globs (``"*attn*"``, ``"blocks.*.fc1"``). By default every
             Linear layer except the final classifier/lm_head; naming the head in ``include``
@@ -114,37 +87,40 @@ def prune_oneshot(
         return_stats: deprecated; the ``OneshotStats`` (per-layer results, seconds, peak memory) is
             always attached as ``model.sparsetorch_stats``. ``True`` still returns ``(model, stats)``.
 
-    Results are installed as sparsetorch masks, so the model stays sparse when fine-tuned.
-    Nothing is changed if an argument or the calibration data is invalid.
+    Results are installed as sparsetorch masks, so the model stays sparse when fine-tuned. A layer
+    that no calibration token reaches (an MoE expert nothing was routed to) is pruned by magnitude,
+    with a warning and a note in its ``LayerResult``. Nothing is changed if an argument or the
+    calibration data is invalid.
     """
     started = time.perf_counter()
-    cfg = _check_args(model, method, pattern, scope, block_size, damp)
-    method, pat, scope = cfg
+    recipe = _check_args(model, method, pattern, scope, block_size, damp)
+    owl = _check_distribution(distribution, recipe.pattern, sparsity)
     compute = _resolve_device(device)
     include, exclude = _legacy_selection(include, exclude, skip, keep_head)
     targets = _select(model, include, exclude)
-    densities = _densities(targets, sparsity, pat)
+    densities = _densities(targets, sparsity, recipe.pattern)
     for name, module in targets.items():
-        check_pattern_fits(weight_2d(module).shape, pat, name)
+        check_pattern_fits(weight_2d(module).shape, recipe.pattern, name)
         if not torch.isfinite(module.weight.detach()).all():
             raise SparsityError(f"{name} contains NaN or inf; fix the weights before pruning", layer=name)
     if compute.type == "cuda":
         torch.cuda.reset_peak_memory_stats(compute)
-    solver = _Solver(method, pat, scope, block_size, damp, compute, densities)
+    needs_data = recipe.needs_data or owl is not None
+    calib = prepare_calibration(model, calibration) if needs_data else None
+    job = Job(model, targets, calib, LayerPruner(recipe, compute), densities, owl, progress)
     was_training = model.training
     model.eval()
     try:
-        if method == "magnitude":
-            stats = OneshotStats(method, str(pat), "weights-only", str(compute))
+        if not needs_data:
+            stats = job.stats_for("weights-only")
             for name, module in targets.items():
-                stats.layers.append(solver.prune(name, module, None))
+                stats.layers.append(job.pruner.prune(name, module, None, densities[name]))
         else:
-            samples, run_model = _prepare_calibration(model, calibration)
             found = find_blocks(model)
-            if found is not None and _sequential_ok(model, found[1], run_model, samples, targets):
-                stats = _run_sequential(model, found[1], targets, samples, run_model, solver, progress)
+            if found is not None and _sequential_ok(model, found[1], calib, targets):
+                stats = run_sequential(job, found[1])
             else:
-                stats = _run_one_pass(model, targets, samples, run_model, solver)
+                stats = run_one_pass(job)
     finally:
         model.train(was_training)
     stats.seconds = time.perf_counter() - started
@@ -173,7 +149,7 @@ def sparsegpt(model: nn.Module, calibration: Iterable[Any], sparsity: SparsitySp
 
 # --- validation (everything is checked before the model is touched) ---------------------------------
 
-def _check_args(model, method, pattern, scope, block_size, damp) -> tuple[str, Pattern, str | None]:
+def _check_args(model, method, pattern, scope, block_size, damp) -> Recipe:
     if not isinstance(model, nn.Module):
         raise SparsityError(f"expected an nn.Module, got {type(model).__name__}")
     if method not in METHODS:
@@ -189,7 +165,25 @@ def _check_args(model, method, pattern, scope, block_size, damp) -> tuple[str, P
         raise SparsityError(f"block_size must be a positive integer, got {block_size!r}", block_size=block_size)
     if not isinstance(damp, (int, float)) or not math.isfinite(damp) or damp < 0:
         raise SparsityError(f"damp must be a finite number >= 0 (e.g. 0.01), got {damp!r}", damp=damp)
-    return method, pat, scope
+    return Recipe(method, pat, scope, block_size, float(damp))
+
+
+def _check_distribution(distribution, pat: Pattern, sparsity) -> OWL | None:
+    """None for uniform, the OWL settings for OWL."""
+    if isinstance(distribution, OWL):
+        owl = distribution
+    elif distribution in DISTRIBUTIONS:
+        owl = OWL() if distribution == "owl" else None
+    else:
+        raise SparsityError(f"unknown distribution {distribution!r}; choose one of {list(DISTRIBUTIONS)} "
+                            "(or pass sparsetorch.oneshot.OWL(m=..., lam=...))", distribution=distribution)
+    if owl is not None and pat.kind != "unstructured":
+        raise SparsityError(f"distribution='owl' varies the sparsity per block, which a fixed {pat} pattern cannot; "
+                            "use pattern='unstructured' or distribution='uniform'", pattern=str(pat))
+    if owl is not None and isinstance(sparsity, Mapping):
+        raise SparsityError("distribution='owl' sets each block's sparsity around one target; pass sparsity as one "
+                            "number, not a dict", distribution="owl")
+    return owl
 
 
 def _resolve_device(device) -> torch.device:
@@ -270,193 +264,15 @@ def _densities(targets: dict[str, nn.Module], sparsity: SparsitySpec, pat: Patte
     return out
 
 
-def _input_embedding(model: nn.Module) -> nn.Embedding | None:
-    getter = getattr(model, "get_input_embeddings", None)
-    try:
-        emb = getter() if callable(getter) else None
-    except (NotImplementedError, AttributeError):
-        emb = None
-    return emb if isinstance(emb, nn.Embedding) else None
-
-
-def _check_ids(ids: Any, vocab: int, i: int) -> torch.Tensor:
-    if not isinstance(ids, torch.Tensor):
-        raise SparsityError(f"calibration item {i}: expected a tensor of token ids, got {type(ids).__name__}",
-                            item=i)
-    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise SparsityError(f"calibration item {i}: token ids must be an integer tensor, got {ids.dtype}; "
-                            "tokenize the text (or use .long())", item=i, dtype=str(ids.dtype))
-    if ids.dim() not in (1, 2) or ids.numel() == 0:
-        raise SparsityError(f"calibration item {i}: token ids must have shape [seq] or [batch, seq] with at least "
-                            f"one token, got {tuple(ids.shape)}", item=i, shape=tuple(ids.shape))
-    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
-        raise SparsityError(f"calibration item {i}: token ids must lie in [0, {vocab}) (the model's vocabulary), "
-                            f"got [{int(ids.min())}, {int(ids.max())}]", item=i)
-    return ids.long() if ids.dim() == 2 else ids.long()[None, :]
-
-
-def _prepare_calibration(model: nn.Module, calibration) -> tuple[list, Any]:
-    """The calibration items as a list and a function running one through the model."""
-    if calibration is None or isinstance(calibration, (str, bytes)):
-        raise SparsityError("calibration must be an iterable of model inputs (token-id tensors or dicts of them)")
-    if isinstance(calibration, torch.Tensor):
-        calibration = [calibration] if calibration.dim() <= 1 else list(calibration)
-    try:
-        samples = list(calibration)
-    except TypeError:
-        raise SparsityError(f"calibration must be an iterable of model inputs, got "
-                            f"{type(calibration).__name__}") from None
-    if not samples:
-        raise SparsityError("calibration is empty; pass at least one input (e.g. 128 sequences of 512 tokens)")
-    param = next(model.parameters(), None)
-    home = param.device if param is not None else torch.device("cpu")
-    emb = _input_embedding(model)
-    if emb is not None:  # a language model: token ids, validated up front
-        params = inspect.signature(model.forward).parameters
-        hf_style = "input_ids" in params  # transformers: keyword inputs, no KV cache while calibrating
-        extra = {"use_cache": False} if "use_cache" in params or hf_style and any(
-            p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) else {}
-        prepared = []
-        for i, s in enumerate(samples):
-            if isinstance(s, Mapping):
-                if "input_ids" not in s:
-                    raise SparsityError(f"calibration item {i}: a dict needs 'input_ids', got keys {sorted(s)}",
-                                        item=i)
-                prepared.append({**s, "input_ids": _check_ids(s["input_ids"], emb.num_embeddings, i)})
-            else:
-                ids = _check_ids(s, emb.num_embeddings, i)
-                prepared.append({"input_ids": ids} if hf_style else ids)
-
-        def run_lm(sample):
-            sample = to_device(sample, home)
-            return model(**sample, **extra) if isinstance(sample, Mapping) else model(sample)
-
-        return prepared, run_lm
-    for i, s in enumerate(samples):
-        if not isinstance(s, (torch.Tensor, tuple, list, Mapping)):
-            raise SparsityError(f"calibration item {i}: expected a tensor, tuple or dict of model inputs, got "
-                                f"{type(s).__name__}", item=i)
-
-    def run_plain(sample):
-        sample = to_device(sample, home)
-        if isinstance(sample, Mapping):
-            return model(**sample)
-        return model(*sample) if isinstance(sample, (tuple, list)) else model(sample)
-
-    return samples, run_plain
-
-
-def _forward_error(exc: Exception) -> SparsityError:
-    return SparsityError(f"the calibration data could not be run through the model ({type(exc).__name__}: {exc}); "
-                         "check the inputs' shape and dtype against what the model's forward takes")
-
-
-def _sequential_ok(model, blocks, run_model, samples, targets) -> bool:
+def _sequential_ok(model, blocks, calib, targets) -> bool:
     """Block-by-block processing applies if the blocks hold the targets and chain exactly."""
     inside = {id(m) for b in blocks for m in b.modules()}
     if not any(id(m) in inside for m in targets.values()):
         return False
     try:
-        return blocks_chain(model, blocks, run_model, samples[0])
+        return blocks_chain(model, blocks, calib.run, calib.samples[0])
     except Exception as exc:  # noqa: BLE001 - any failure of the user's forward is a data error
-        raise _forward_error(exc) from exc
-
-
-# --- the two drivers ----------------------------------------------------------------------------
-
-class _Solver:
-    """Turns one layer plus its input statistics into new weights and a mask, and installs them."""
-
-    def __init__(self, method, pat, scope, block_size, damp, device, densities):
-        self.method, self.pat, self.scope = method, pat, scope
-        self.block_size, self.damp, self.device, self.densities = block_size, damp, device, densities
-
-    @torch.no_grad()
-    def prune(self, name: str, module: nn.Module, stats) -> LayerResult:
-        t0 = time.perf_counter()
-        density = self.densities[name]
-        W = weight_2d(module).detach().to(self.device, torch.float32)  # [out, in]
-        result = LayerResult(name, 0.0, 0.0, numel=W.numel())
-        if self.method == "magnitude":
-            keep, new_w = solvers.magnitude_mask(W, density, self.pat, self.scope or "layer"), None
-        elif self.method == "wanda":
-            keep, new_w = solvers.wanda_mask(W, stats.sq_norm, density, self.pat, self.scope or "row"), None
-        else:
-            H = stats.hessian()
-            new_w, keep, result.damp = solvers.sparsegpt_solve(W, H, density, self.pat, self.block_size, self.damp)
-            diff = W - new_w
-            base = float(((W @ H) * W).sum())
-            result.rel_error = float(((diff @ H) * diff).sum()) / base if base > 0 else 0.0
-        if new_w is not None:
-            module.weight.copy_(to_param_layout(module, new_w).to(module.weight.device, module.weight.dtype))
-        set_mask(module, to_param_layout(module, keep).to(module.weight.device))
-        result.sparsity = 1.0 - float(keep.float().mean())
-        result.seconds = time.perf_counter() - t0
-        return result
-
-
-def _skip_unused(name: str, stats) -> bool:
-    if stats.count:
-        return False
-    warnings.warn(f"{name} received no input from the calibration data; it is left dense", SparsityWarning,
-                  stacklevel=3)
-    return True
-
-
-def _run_one_pass(model, targets, samples, run_model, solver) -> OneshotStats:
-    stats, handles = attach_stats(targets, solver.device, hessian=solver.method == "sparsegpt")
-    try:
-        with torch.no_grad():
-            for sample in samples:
-                run_model(sample)
-    except Exception as exc:  # noqa: BLE001 - the model is untouched so far
-        raise _forward_error(exc) from exc
-    finally:
-        for h in handles:
-            h.remove()
-    out = OneshotStats(solver.method, str(solver.pat), "one-pass", str(solver.device))
-    for name, module in targets.items():
-        if not _skip_unused(name, stats[name]):
-            out.layers.append(solver.prune(name, module, stats[name]))
-    return out
-
-
-@torch.no_grad()
-def _run_sequential(model, blocks, targets, samples, run_model, solver, progress) -> OneshotStats:
-    from tqdm.auto import tqdm
-
-    try:
-        calls = capture_first_block(model, blocks[0], run_model, samples)
-    except Exception as exc:  # noqa: BLE001 - the model is untouched so far
-        raise _forward_error(exc) from exc
-    device = solver.device
-    hidden = [c.hidden.to(device) for c in calls]  # inputs of the current block, one per sample
-    out = OneshotStats(solver.method, str(solver.pat), "sequential", str(device), blocks=len(blocks))
-    names = {id(m): n for n, m in model.named_modules()}
-    inside = {id(m) for b in blocks for m in b.modules()}
-    outside = [n for n, m in targets.items() if id(m) not in inside]
-    if outside:
-        warnings.warn(f"{outside} lie outside the repeated blocks and are left dense; prune them with "
-                      "sparsetorch.prune if needed", SparsityWarning, stacklevel=3)
-    for block in tqdm(blocks, desc=f"{solver.method} blocks", disable=None if progress is None else not progress):
-        home = next(block.parameters()).device
-        block.to(device)
-        layers = {names[id(m)]: m for m in block.modules() if names.get(id(m)) in targets}
-        stats, handles = attach_stats(layers, device, hessian=solver.method == "sparsegpt")
-        try:
-            for call, h in zip(calls, hidden):
-                call.run(block, h, device)
-        finally:
-            for handle in handles:
-                handle.remove()
-        for name, module in layers.items():
-            if not _skip_unused(name, stats[name]):
-                out.layers.append(solver.prune(name, module, stats[name]))
-        del stats
-        # the next block sees this block's pruned outputs, as it will at inference
-        hidden = [call.run(block, h, device) for call, h in zip(calls, hidden)]
-        block.to(home)
-    return out
+        raise forward_error(exc) from exc
 
 
 def _peak_memory(device: torch.device) -> tuple[float, str]:

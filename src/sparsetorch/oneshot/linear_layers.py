@@ -36,21 +36,45 @@ def to_param_layout(module: nn.Module, tensor_2d: torch.Tensor) -> torch.Tensor:
     return tensor_2d.t().contiguous() if is_transposed(module) else tensor_2d
 
 
+class TokenMask:
+    """Which positions of the sample now running are real tokens (``[batch, seq]`` bool, None = all).
+
+    The driver sets ``current`` before each calibration item; the statistics hooks drop the
+    padded positions of any input shaped ``[batch, seq, features]`` like it."""
+
+    def __init__(self) -> None:
+        self.current: torch.Tensor | None = None
+
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., features]`` as ``[n, features]`` rows of real tokens only."""
+        mask = self.current
+        if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+            return x[mask.to(x.device)]
+        return x.reshape(-1, x.shape[-1])
+
+
 class InputStats:
-    """Running statistics of a layer's inputs X ``[n, in]``: the per-input squared norms (Wanda)
-    and, when ``hessian`` is set, X^T X (SparseGPT). Float32 on ``device``."""
+    """Running statistics of a layer's inputs X ``[n, in]``: the count, per-input sums and squared
+    norms (Wanda, OWL, RIA; the mean for DSnoT) and, when ``hessian`` is set, X^T X (SparseGPT,
+    ALPS, DSnoT). Float32 on ``device``."""
 
     def __init__(self, features: int, device: torch.device, hessian: bool) -> None:
         self.count = 0
+        self.sum = torch.zeros(features, dtype=torch.float32, device=device)  # sum_n x_j
         self.sq_norm = torch.zeros(features, dtype=torch.float32, device=device)  # sum_n x_j^2
         self.xtx = torch.zeros(features, features, dtype=torch.float32, device=device) if hessian else None
 
     def add(self, x: torch.Tensor) -> None:
+        """Add rows ``x [n, in]``."""
         x = x.detach().reshape(-1, x.shape[-1]).to(device=self.sq_norm.device, dtype=torch.float32)  # [n, in]
         self.count += x.shape[0]
+        self.sum += x.sum(dim=0)
         self.sq_norm += x.square().sum(dim=0)
         if self.xtx is not None:
             self.xtx.addmm_(x.t(), x)
+
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.count, 1)
 
     def hessian(self) -> torch.Tensor:
         """H = 2 X^T X / n (the curvature of the layer-wise squared reconstruction error)."""
@@ -58,12 +82,15 @@ class InputStats:
         return self.xtx * (2.0 / self.count)
 
 
-def attach_stats(layers: dict[str, nn.Module], device: torch.device, hessian: bool):
-    """Register forward hooks feeding an ``InputStats`` per layer; returns (stats, handles)."""
+def attach_stats(layers: dict[str, nn.Module], device: torch.device, hessian: bool,
+                 tokens: TokenMask | None = None):
+    """Register forward hooks feeding an ``InputStats`` per layer; returns (stats, handles).
+    With ``tokens``, padded positions are left out."""
     stats = {name: InputStats(in_features(m), device, hessian) for name, m in layers.items()}
     handles = []
     for name, module in layers.items():
         def hook(_module, inputs, _output, s=stats[name]):
-            s.add(inputs[0])
+            x = inputs[0]
+            s.add(tokens.select(x) if tokens is not None else x)
         handles.append(module.register_forward_hook(hook))
     return stats, handles

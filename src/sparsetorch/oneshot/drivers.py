@@ -1,0 +1,178 @@
+"""The two ways a model's layers get their calibration statistics and are pruned.
+
+* sequential (transformers): the inputs of the first block are captured, then each block collects
+  its layers' statistics, is pruned, and is run again to give the next block its (now pruned)
+  inputs (SparseGPT/Wanda's recipe). Peak memory: the model plus one block's activations and Hessians.
+* one pass (any other module of Linear layers): hooks on every layer, one pass over the data.
+
+With OWL the per-block densities come from the dense model's outlier ratios, collected in a first
+pass the same way (block by block) before anything is pruned.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import SparsityError, SparsityWarning
+from .blocks import capture_first_block
+from .calibration import Calibration
+from .layer_pruner import LayerPruner
+from .linear_layers import TokenMask, attach_stats, weight_2d
+from .owl import OWL, outlier_ratio, owl_densities
+from .results import OneshotStats
+
+
+@dataclass
+class Job:
+    """One prune_oneshot call: what to prune, with what data, how, and to which densities."""
+
+    model: nn.Module
+    targets: dict[str, nn.Module]
+    calibration: Calibration
+    pruner: LayerPruner
+    densities: dict[str, float]  # layer -> density before any OWL reallocation
+    owl: OWL | None
+    progress: bool | None
+
+    def stats_for(self, name: str) -> OneshotStats:
+        r = self.pruner.recipe
+        return OneshotStats(r.method, str(r.pattern), name, str(self.pruner.device),
+                            distribution="owl" if self.owl else "uniform")
+
+
+def forward_error(exc: Exception) -> SparsityError:
+    return SparsityError(f"the calibration data could not be run through the model ({type(exc).__name__}: {exc}); "
+                         "check the inputs' shape and dtype against what the model's forward takes")
+
+
+def _no_tokens_note(name: str, out: OneshotStats) -> str:
+    warnings.warn(f"{name} received no token from the calibration data (an expert nothing was routed to?); it is "
+                  "pruned by magnitude instead and listed in model.sparsetorch_stats", SparsityWarning, stacklevel=4)
+    return "no calibration tokens: pruned by magnitude"
+
+
+def _prune_group(job: Job, layers: dict[str, nn.Module], stats: dict, density_of, out: OneshotStats) -> None:
+    for name, module in layers.items():
+        s = stats.get(name)
+        note = _no_tokens_note(name, out) if job.pruner.recipe.needs_data and (s is None or s.count == 0) else ""
+        out.layers.append(job.pruner.prune(name, module, s, density_of(name), note))
+
+
+def _owl_ratio(layers: dict[str, nn.Module], stats: dict, owl: OWL) -> float:
+    device = next(iter(stats.values())).sq_norm.device
+    scores = [weight_2d(m).detach().to(device, torch.float32).abs() * stats[n].sq_norm.sqrt()[None, :]
+              for n, m in layers.items() if stats[n].count]  # Wanda's |W| * ||X||
+    return outlier_ratio(scores, owl.m) if scores else 0.0
+
+
+def _owl_reallocate(job: Job, groups: list[list[str]], ratios: list[float], out: OneshotStats) -> dict[str, float]:
+    """OWL's per-group densities around the uniform target, spread to every layer of the group."""
+    target = next(iter(job.densities.values()))
+    sizes = [sum(weight_2d(job.targets[n]).numel() for n in g) for g in groups]
+    dens = owl_densities(ratios, sizes, target, job.owl.lam)
+    out.outlier_ratios = list(ratios)
+    return {n: d for g, d in zip(groups, dens) for n in g}
+
+
+def run_one_pass(job: Job) -> OneshotStats:
+    tokens = TokenMask()
+    stats, handles = attach_stats(job.targets, job.pruner.device, job.pruner.recipe.needs_hessian, tokens)
+    try:
+        with torch.no_grad():
+            for sample, mask in zip(job.calibration.samples, job.calibration.token_masks):
+                tokens.current = mask
+                job.calibration.run(sample)
+    except Exception as exc:  # noqa: BLE001 - the model is untouched so far
+        raise forward_error(exc) from exc
+    finally:
+        for h in handles:
+            h.remove()
+    out = job.stats_for("one-pass")
+    densities = job.densities
+    if job.owl is not None:
+        names = list(job.targets)
+        ratios = [_owl_ratio({n: job.targets[n]}, stats, job.owl) for n in names]
+        densities = _owl_reallocate(job, [[n] for n in names], ratios, out)
+    _prune_group(job, job.targets, stats, densities.__getitem__, out)
+    return out
+
+
+class _BlockRunner:
+    """Feeds one block its calibration inputs, collecting its layers' statistics without padding."""
+
+    def __init__(self, job: Job, blocks: nn.ModuleList) -> None:
+        self.job, self.blocks, self.device = job, blocks, job.pruner.device
+        self.names = {id(m): n for n, m in job.model.named_modules()}
+        try:
+            self.calls = capture_first_block(job.model, blocks[0], job.calibration.run, job.calibration.samples)
+        except Exception as exc:  # noqa: BLE001 - the model is untouched so far
+            raise forward_error(exc) from exc
+
+    def first_inputs(self) -> list[torch.Tensor]:
+        return [c.hidden.to(self.device) for c in self.calls]  # one per sample
+
+    def layers_of(self, block: nn.Module) -> dict[str, nn.Module]:
+        return {self.names[id(m)]: m for m in block.modules() if self.names.get(id(m)) in self.job.targets}
+
+    def collect(self, block: nn.Module, layers: dict, hidden: list, hessian: bool) -> dict:
+        tokens = TokenMask()
+        stats, handles = attach_stats(layers, self.device, hessian, tokens)
+        try:
+            for call, h, mask in zip(self.calls, hidden, self.job.calibration.token_masks):
+                tokens.current = mask
+                call.run(block, h, self.device)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return stats
+
+    def forward(self, block: nn.Module, hidden: list) -> list[torch.Tensor]:
+        return [call.run(block, h, self.device) for call, h in zip(self.calls, hidden)]
+
+
+@torch.no_grad()
+def run_sequential(job: Job, blocks: nn.ModuleList) -> OneshotStats:
+    from tqdm.auto import tqdm
+
+    runner = _BlockRunner(job, blocks)
+    out = job.stats_for("sequential")
+    out.blocks = len(blocks)
+    inside = {id(m) for b in blocks for m in b.modules()}
+    outside = [n for n, m in job.targets.items() if id(m) not in inside]
+    if outside:
+        warnings.warn(f"{outside} lie outside the repeated blocks and are left dense; prune them with "
+                      "sparsetorch.prune if needed", SparsityWarning, stacklevel=3)
+    densities = job.densities
+    if job.owl is not None:
+        densities = _owl_pass(job, blocks, runner, out)
+    hidden = runner.first_inputs()
+    bar = tqdm(blocks, desc=f"{job.pruner.recipe.method} blocks", disable=None if job.progress is None else not job.progress)
+    for block in bar:
+        home = next(block.parameters()).device
+        block.to(runner.device)
+        layers = runner.layers_of(block)
+        stats = runner.collect(block, layers, hidden, job.pruner.recipe.needs_hessian)
+        _prune_group(job, layers, stats, densities.__getitem__, out)
+        del stats
+        hidden = runner.forward(block, hidden)  # the next block sees this block's pruned outputs
+        block.to(home)
+    return out
+
+
+def _owl_pass(job: Job, blocks: nn.ModuleList, runner: _BlockRunner, out: OneshotStats) -> dict[str, float]:
+    """OWL's statistics: each block's outlier ratio on the dense model, block by block."""
+    hidden, groups, ratios = runner.first_inputs(), [], []
+    for block in blocks:
+        home = next(block.parameters()).device
+        block.to(runner.device)
+        layers = runner.layers_of(block)
+        if layers:
+            stats = runner.collect(block, layers, hidden, hessian=False)
+            groups.append(list(layers))
+            ratios.append(_owl_ratio(layers, stats, job.owl))
+        hidden = runner.forward(block, hidden)
+        block.to(home)
+    return _owl_reallocate(job, groups, ratios, out)

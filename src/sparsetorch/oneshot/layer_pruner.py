@@ -1,0 +1,91 @@
+"""One layer, pruned: its input statistics go through the method's score or solver, then the optional
+refinement and quantization, and the result is installed as a sparsetorch mask.
+
+A ``Recipe`` is what ``prune_oneshot`` was asked to do, validated once; ``LayerPruner`` applies it to
+one layer at a time. The math itself lives in pure functions (``solvers``, ``owl`` ...).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..core.masks import set_mask
+from ..core.patterns import Pattern
+from . import solvers
+from .linear_layers import InputStats, to_param_layout, weight_2d
+from .results import LayerResult
+
+# method -> whether it needs calibration data, whether it needs the Hessian X^T X
+METHOD_NEEDS = {
+    "magnitude": (False, False),
+    "wanda": (True, False),
+    "sparsegpt": (True, True),
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated one-shot request: the method, its pattern and the method's own knobs."""
+
+    method: str
+    pattern: Pattern
+    scope: str | None = None  # magnitude/wanda: where weights compete, "layer" or "row"
+    block_size: int = 128  # SparseGPT's column block
+    damp: float = 0.01  # Hessian damping, a fraction of its mean diagonal
+
+    @property
+    def needs_data(self) -> bool:
+        return METHOD_NEEDS[self.method][0]
+
+    @property
+    def needs_hessian(self) -> bool:
+        return METHOD_NEEDS[self.method][1]
+
+
+class LayerPruner:
+    """Turns one layer plus its input statistics into new weights and a mask, and installs them."""
+
+    def __init__(self, recipe: Recipe, device: torch.device) -> None:
+        self.recipe, self.device = recipe, device
+
+    @torch.no_grad()
+    def prune(self, name: str, module: nn.Module, stats: InputStats | None, density: float,
+              note: str = "") -> LayerResult:
+        t0 = time.perf_counter()
+        W = weight_2d(module).detach().to(self.device, torch.float32)  # [out, in]
+        result = LayerResult(name, 0.0, 0.0, numel=W.numel(), target=1.0 - density, note=note)
+        if stats is None or stats.count == 0:  # weights only (magnitude, or a layer no token reached)
+            keep, new_w = solvers.magnitude_mask(W, density, self.recipe.pattern, self.recipe.scope or "layer"), None
+        else:
+            new_w, keep = self._solve(W, stats, density, result)
+        hessian = stats.hessian() if stats is not None and stats.xtx is not None and stats.count else None
+        if hessian is not None:
+            result.rel_error = relative_error(W, W * keep if new_w is None else new_w, hessian)
+        if new_w is not None:
+            module.weight.copy_(to_param_layout(module, new_w).to(module.weight.device, module.weight.dtype))
+        set_mask(module, to_param_layout(module, keep).to(module.weight.device))
+        result.sparsity = 1.0 - float(keep.float().mean())
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    def _solve(self, W: torch.Tensor, stats: InputStats, density: float,
+               result: LayerResult) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(new weights or None when only masked, keep-mask) for the recipe's method."""
+        r = self.recipe
+        if r.method == "magnitude":
+            return None, solvers.magnitude_mask(W, density, r.pattern, r.scope or "layer")
+        if r.method == "wanda":
+            return None, solvers.wanda_mask(W, stats.sq_norm, density, r.pattern, r.scope or "row")
+        new_w, keep, result.damp = solvers.sparsegpt_solve(W, stats.hessian(), density, r.pattern, r.block_size,
+                                                           r.damp)
+        return new_w, keep
+
+
+def relative_error(W: torch.Tensor, new_w: torch.Tensor, hessian: torch.Tensor) -> float:
+    """||(W - W')X||^2 / ||WX||^2 = tr(D H D^T) / tr(W H W^T) for H = 2 X^T X / n."""
+    diff = W - new_w
+    base = float(((W @ hessian) * W).sum())
+    return float(((diff @ hessian) * diff).sum()) / base if base > 0 else 0.0
