@@ -1,0 +1,44 @@
+"""One-shot benchmark specs: a short string per configuration, parsed into ``prune_oneshot`` keywords.
+
+    "wanda"              Wanda, uniform sparsity
+    "sparsegpt+owl"      SparseGPT with OWL's layer-wise sparsity
+    "wanda+owl+dsnot"    ... refined by DSnoT
+    "ria+perm"           RIA with its channel permutation (N:M only)
+    "sparsegpt+int8"     joint sparsity and int8 quantization (int4: "+int4", groups of 128: "+int4g128")
+    "sparsegpt+rtn8"     prune, then round to nearest on the same grid (the baseline joint quantization beats)
+    "magnitude/row"      magnitude compared per output row ("/layer" per layer)
+"""
+from __future__ import annotations
+
+import re
+
+
+def parse_spec(spec: str) -> tuple[dict, dict]:
+    """(keywords for prune_oneshot, extras the benchmark applies itself, e.g. {"rtn": (bits, group)})."""
+    method, *tags = spec.split("+")
+    kwargs, extra = {}, {}
+    if "/" in method:
+        method, kwargs["scope"] = method.split("/")
+    kwargs["method"] = method
+    for tag in tags:
+        q = re.fullmatch(r"(int|rtn)(4|8)(?:g(\d+))?", tag)
+        if tag == "owl":
+            kwargs["distribution"] = "owl"
+        elif tag == "dsnot":
+            kwargs["refine"] = "dsnot"
+        elif tag == "perm":
+            kwargs["permute"] = True
+        elif q and q.group(1) == "int":
+            kwargs["bits"] = int(q.group(2))
+            kwargs["group_size"] = int(q.group(3)) if q.group(3) else None
+        elif q:
+            extra["rtn"] = (int(q.group(2)), int(q.group(3)) if q.group(3) else None)
+        else:
+            raise ValueError(f"unknown tag {tag!r} in spec {spec!r}; see benchmarks/oneshot_specs.py")
+    return kwargs, extra
+
+
+def uses_data(spec: str) -> bool:
+    """Whether the calibration draw matters (magnitude alone ignores it)."""
+    kwargs, _ = parse_spec(spec)
+    return kwargs["method"] != "magnitude" or any(k in kwargs for k in ("distribution", "refine", "bits"))
