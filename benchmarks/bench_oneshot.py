@@ -32,8 +32,7 @@ import torch
 from sparsetorch.data.text import load_stdlib_text, random_windows
 from sparsetorch.models.gpt import GPT, GPTConfig
 from sparsetorch.oneshot import prune_oneshot
-
-from oneshot_specs import parse_spec, uses_data
+from sparsetorch.oneshot.specs import parse_spec, uses_data
 
 HERE = Path(__file__).resolve().parent
 SETTINGS = [("50%", 0.5, "unstructured"), ("60%", 0.6, "unstructured"), ("70%", 0.7, "unstructured"),

@@ -6,6 +6,7 @@ Every check raises ``AssertionError`` with a message saying what broke; none nee
 
     check_sparsifier(lambda generator: MySparsifier(sparsity=0.9, generator=generator))
     check_format("csr")                       # or a sparsetorch.formats.Format you registered
+    check_oneshot("wanda+owl", sparsity=0.7)  # a one-shot configuration (see sparsetorch.oneshot.specs)
 
 A sparsifier for SparseLinear layers (``CompressedRigL`` and the like) passes
 ``prepare=sparsetorch.to_sparse_training``-style hook: ``check_sparsifier(factory, prepare=entry.prepare)``.
@@ -21,11 +22,12 @@ from .core.masks import get_mask, iter_masks
 from .core.patterns import parse_pattern, pattern_mask
 from .formats import FORMATS, Format, decode, encode
 from .models import MLP
+from .oneshot.conformance import check_oneshot
 from .sparse_training.sparse_linear import SparseLinear
 from .sparsifiers.base import Sparsifier
 
 __all__ = ["check_sparsifier", "check_target_density", "check_masks_binary", "check_pruned_stay_zero",
-           "check_state_dict_round_trip", "check_determinism", "check_format", "connectivity"]
+           "check_state_dict_round_trip", "check_determinism", "check_format", "connectivity", "check_oneshot"]
 
 Factory = Callable[[torch.Generator], Sparsifier]
 SIZES = (16, 48, 32, 4)

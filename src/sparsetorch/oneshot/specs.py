@@ -1,4 +1,6 @@
-"""One-shot benchmark specs: a short string per configuration, parsed into ``prune_oneshot`` keywords.
+"""One-shot configurations as short strings ("wanda+owl+dsnot"), parsed into ``prune_oneshot`` keywords.
+
+Benchmarks, the conformance registry and the CLI name configurations this way:
 
     "wanda"              Wanda, uniform sparsity
     "sparsegpt+owl"      SparseGPT with OWL's layer-wise sparsity
@@ -7,10 +9,20 @@
     "sparsegpt+int8"     joint sparsity and int8 quantization (int4: "+int4", groups of 128: "+int4g128")
     "sparsegpt+rtn8"     prune, then round to nearest on the same grid (the baseline joint quantization beats)
     "magnitude/row"      magnitude compared per output row ("/layer" per layer)
+
+"rtn" is applied by the caller after pruning (``extra["rtn"] = (bits, group_size)``): it is the
+baseline, not a way we recommend quantizing.
 """
 from __future__ import annotations
 
 import re
+
+from ..errors import SparsityError
+
+__all__ = ["parse_spec", "uses_data", "CONFORMANCE_SPECS"]
+
+# every score, solver, distribution, refinement and quantization, each checked by the conformance suite
+CONFORMANCE_SPECS = ("magnitude", "magnitude/row", "wanda", "sparsegpt", "wanda+owl", "sparsegpt+owl")
 
 
 def parse_spec(spec: str) -> tuple[dict, dict]:
@@ -34,7 +46,8 @@ def parse_spec(spec: str) -> tuple[dict, dict]:
         elif q:
             extra["rtn"] = (int(q.group(2)), int(q.group(3)) if q.group(3) else None)
         else:
-            raise ValueError(f"unknown tag {tag!r} in spec {spec!r}; see benchmarks/oneshot_specs.py")
+            raise SparsityError(f"unknown tag {tag!r} in one-shot spec {spec!r}; tags are owl, dsnot, perm, int4/int8 "
+                                "(optionally g<group size>) and rtn4/rtn8", spec=spec)
     return kwargs, extra
 
 
