@@ -25,9 +25,11 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..errors import SparsityError
 from .layer_selection import Target
 
-__all__ = ["set_mask", "get_mask", "has_mask", "iter_masks", "remove_masks", "remove_mask", "MaskedParam", "apply_masks"]
+__all__ = ["set_mask", "get_mask", "has_mask", "iter_masks", "remove_masks", "remove_mask", "MaskedParam", "apply_masks",
+           "set_input_order", "get_input_order"]
 
 _SUFFIX = "_mask"
+_ORDER_SUFFIX = "_input_order"
 
 
 @dataclass
@@ -104,6 +106,36 @@ def get_mask(module: nn.Module, name: str = "weight") -> torch.Tensor | None:
     return module._buffers.get(name + _SUFFIX)
 
 
+def set_input_order(module: nn.Module, order: torch.Tensor, name: str = "weight") -> torch.Tensor:
+    """Record the input-channel order ``module.<name>``'s mask was chosen in (e.g. RIA's N:M permutation).
+
+    ``order`` is a permutation of the parameter's inputs (its 2-D view ``[out, rest]``): the mask is
+    N:M on ``mask[:, order]``. The weights are not moved, so the module computes exactly what it
+    did; this is bookkeeping for checks and for kernels that need the permuted layout. Stored as a
+    non-persistent int64 buffer ``<name>_input_order`` (``state_dict()`` stays plain, like masks).
+    Returns the buffer.
+    """
+    param = getattr(module, name, None)
+    if not isinstance(param, nn.Parameter):
+        raise SparsityError(f"{type(module).__name__} has no parameter {name!r} to order", parameter=name)
+    inputs = param.shape[1:].numel() if param.dim() > 1 else param.shape[0]
+    order = torch.as_tensor(order).to(device=param.device, dtype=torch.long).flatten()
+    if order.numel() != inputs or not torch.equal(torch.sort(order).values, torch.arange(inputs, device=order.device)):
+        raise SparsityError(
+            f"input order must be a permutation of the {inputs} inputs of {name}, got {order.numel()} indices",
+            parameter=name, inputs=inputs, length=order.numel(),
+        )
+    buffer_name = name + _ORDER_SUFFIX
+    module._buffers.pop(buffer_name, None)
+    module.register_buffer(buffer_name, order.clone(), persistent=False)
+    return module._buffers[buffer_name]
+
+
+def get_input_order(module: nn.Module, name: str = "weight") -> torch.Tensor | None:
+    """The input order recorded by ``set_input_order`` for ``module.<name>``, or None."""
+    return module._buffers.get(name + _ORDER_SUFFIX)
+
+
 def has_mask(module: nn.Module, name: str = "weight") -> bool:
     return get_mask(module, name) is not None
 
@@ -134,15 +166,20 @@ def remove_masks(model: nn.Module) -> None:
     apply_masks(model)
     for item in list(iter_masks(model)):
         remove_mask(item.module, item.name)
+    for module in model.modules():  # an input order recorded without a mask goes too
+        for buffer_name in [b for b in module._buffers if b.endswith(_ORDER_SUFFIX)]:
+            if isinstance(getattr(module, buffer_name[: -len(_ORDER_SUFFIX)], None), nn.Parameter):
+                module._buffers.pop(buffer_name, None)
 
 
 def remove_mask(module: nn.Module, name: str = "weight") -> None:
-    """Drop the mask of ``module.<name>`` and its gradient hook (the weights are left as they are)."""
+    """Drop the mask of ``module.<name>``, its gradient hook and its input order (the weights are left as they are)."""
     param = getattr(module, name, None)
     entry = _REGISTRY.pop(param, None) if isinstance(param, nn.Parameter) else None
     if entry is not None:
         entry.hook.remove()
     module._buffers.pop(name + _SUFFIX, None)
+    module._buffers.pop(name + _ORDER_SUFFIX, None)
 
 
 def _install_global_hook() -> None:

@@ -171,12 +171,25 @@ def pattern_mask(scores: torch.Tensor, density: float, pattern: Pattern | str = 
     return full[: s2.shape[0], : s2.shape[1]].reshape(scores.shape).contiguous()
 
 
-def is_valid_mask(mask: torch.Tensor, pattern: Pattern | str) -> bool:
-    """True if ``mask`` (bool) follows ``pattern`` (at most N per M group, whole blocks, whole rows)."""
+def is_valid_mask(mask: torch.Tensor, pattern: Pattern | str, input_order: torch.Tensor | None = None) -> bool:
+    """True if ``mask`` (bool) follows ``pattern`` (at most N per M group, whole blocks, whole rows).
+
+    ``input_order`` (a permutation of the inputs of the ``[out, rest]`` view, e.g. RIA's N:M channel
+    permutation) checks ``mask[:, input_order]`` instead: the pattern holds in that order. An
+    ``input_order`` that is not such a permutation makes the mask invalid.
+    """
     pattern = parse_pattern(pattern)
     m2 = as_2d(mask)
     if mask.dtype != torch.bool:
         return False
+    if input_order is not None:
+        order = torch.as_tensor(input_order).flatten().to(device=m2.device)
+        if order.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            return False
+        if order.numel() != m2.shape[1] or not torch.equal(
+                torch.sort(order.long()).values, torch.arange(m2.shape[1], device=m2.device)):
+            return False
+        m2 = m2[:, order.long()]
     if pattern.kind == "nm":
         if m2.shape[1] % pattern.m:
             return False
