@@ -227,3 +227,27 @@ def test_ria_vs_wanda_at_half_density_reported():
         e_ria, e_wanda = recon_error(W, ria, X) / total, recon_error(W, wanda, X) / total
         assert math.isfinite(e_ria) and e_ria < 0.1  # reported, not ranked: synthetic data need not match LLMs
         print(f"50% seed {seed}: relative ||(W0-W)X||^2 RIA {e_ria:.5f}  Wanda {e_wanda:.5f}")
+
+
+def test_prune_oneshot_ria_permute_records_the_order_and_keeps_outputs():
+    from sparsetorch.core.masks import get_input_order, iter_masks
+    from sparsetorch.models import MLP
+    from sparsetorch.oneshot import prune_oneshot
+
+    torch.manual_seed(0)
+    model = MLP((64, 128, 96, 10))
+    g = torch.Generator().manual_seed(1)
+    calib = [torch.randn(32, 64, generator=g) * torch.linspace(0.1, 8.0, 64) for _ in range(4)]  # uneven channels
+    prune_oneshot(model, calib, method="ria", pattern="2:4", sparsity=None, permute=True, progress=False)
+    orders = 0
+    for item in iter_masks(model):
+        order = get_input_order(item.module)
+        if order is not None:
+            orders += 1
+            assert is_valid_mask(item.mask, "2:4", input_order=order)
+        x = torch.randn(5, item.module.in_features)
+        expect = torch.nn.functional.linear(x, item.module.weight * item.mask, item.module.bias)
+        assert torch.equal(item.module(x), expect)
+    assert orders >= 1
+    with pytest.raises(SparsityError, match="permute=True"):
+        prune_oneshot(MLP((64, 32, 4)), calib, method="wanda", pattern="2:4", sparsity=None, permute=True)

@@ -41,6 +41,7 @@ _LAZY = {
     "load_training_state": "integrations.training_state:load_training_state",
     "wanda": "oneshot.api:wanda",
     "sparsegpt": "oneshot.api:sparsegpt",
+    "ria": "oneshot.api:ria",
     "prune_oneshot": "oneshot.api:prune_oneshot",
     "export_onnx": "export.onnx:export_onnx",
     "to_sparse_training": "sparse_training.layer_swap:to_sparse_training",

@@ -9,10 +9,10 @@ unstructured or N:M, block by block for transformers. See ``prune_oneshot``.
 
 or from the shell: ``sparsetorch prune-lm MODEL_DIR --method sparsegpt --pattern 2:4 --calibration FILE --out DIR``.
 """
-from .api import METHODS, prune_oneshot, sparsegpt, wanda
+from .api import METHODS, prune_oneshot, ria, sparsegpt, wanda
 from .owl import OWL, outlier_ratio, owl_densities
 from .results import LayerResult, OneshotStats
 from .solvers import magnitude_mask, sparsegpt_solve, wanda_mask
 
-__all__ = ["prune_oneshot", "wanda", "sparsegpt", "OneshotStats", "LayerResult", "METHODS", "OWL",
+__all__ = ["prune_oneshot", "wanda", "sparsegpt", "ria", "OneshotStats", "LayerResult", "METHODS", "OWL",
            "magnitude_mask", "wanda_mask", "sparsegpt_solve", "outlier_ratio", "owl_densities"]

@@ -30,7 +30,7 @@ from .linear_layers import is_linear_like, weight_2d
 from .owl import OWL
 from .results import LayerResult, OneshotStats
 
-__all__ = ["prune_oneshot", "wanda", "sparsegpt", "OneshotStats", "LayerResult", "METHODS", "OWL"]
+__all__ = ["prune_oneshot", "wanda", "sparsegpt", "ria", "OneshotStats", "LayerResult", "METHODS", "OWL"]
 
 METHODS = tuple(METHOD_NEEDS)
 DISTRIBUTIONS = ("uniform", "owl")
@@ -45,6 +45,7 @@ def prune_oneshot(
     sparsity: SparsitySpec = 0.5,
     pattern: str | Pattern = "unstructured",
     distribution: str | OWL = "uniform",
+    permute: bool = False,
     include: str | type | Iterable[str | type] | None = None,
     exclude: str | type | Iterable[str | type] | None = None,
     skip: str | Iterable[str] | None = None,
@@ -63,7 +64,8 @@ def prune_oneshot(
             dicts of them (``{"input_ids": ..., "attention_mask": ...}``: padded positions never enter
             the statistics), or for a plain module any tensor/tuple it takes. Not needed for
             ``method="magnitude"``.
-        method: "sparsegpt" (OBS weight updates), "wanda" (|W| * ||X||) or "magnitude" (|W|).
+        method: "sparsegpt" (OBS weight updates), "wanda" (|W| * ||X||), "ria" (relative importance
+            times ||X||^0.5, Zhang et al. 2024) or "magnitude" (|W|).
         sparsity: fraction removed per layer, or a dict of name globs to sparsities, e.g.
             ``{"attn": 0.4, "mlp": 0.6}`` (a key without ``*?[`` matches as a substring; the first
             matching key wins; every pruned layer must match one). N:M patterns fix it at 1 - N/M.
@@ -72,6 +74,10 @@ def prune_oneshot(
             ``sparsity``) or "owl" (OWL: blocks with more outlier activations keep more weights, the
             mean stays at ``sparsity``; ``OWL(m=5, lam=0.08)`` sets its threshold and spread).
             Unstructured patterns and one ``sparsity`` value only.
+        permute: with ``method="ria"`` and an N:M pattern, choose each layer's groups after RIA's
+            input-channel permutation (large weights spread over different groups). Weights are not
+            moved: the mask is N:M along the recorded order (``core.masks.get_input_order``), so the
+            model computes exactly what the masked dense model computes.
         include, exclude: which Linear layers to prune, with the same rule as ``sparsetorch.prune``:
             module types or full-name globs (``"*attn*"``, ``"blocks.*.fc1"``). By default every
             Linear layer except the final classifier/lm_head; naming the head in ``include``
@@ -93,7 +99,7 @@ def prune_oneshot(
     calibration data is invalid.
     """
     started = time.perf_counter()
-    recipe = _check_args(model, method, pattern, scope, block_size, damp)
+    recipe = _check_args(model, method, pattern, scope, block_size, damp, permute)
     owl = _check_distribution(distribution, recipe.pattern, sparsity)
     compute = _resolve_device(device)
     include, exclude = _legacy_selection(include, exclude, skip, keep_head)
@@ -132,6 +138,14 @@ def prune_oneshot(
     return (model, stats) if return_stats else model
 
 
+def ria(model: nn.Module, calibration: Iterable[Any], sparsity: SparsitySpec = 0.5,
+        pattern: str | Pattern = "unstructured", permute: bool = False, **kwargs):
+    """RIA (Zhang et al. 2024): keep the weights with the largest relative importance x ||X||^0.5;
+    ``permute=True`` adds its channel permutation for N:M. See ``prune_oneshot``."""
+    return prune_oneshot(model, calibration, method="ria", sparsity=sparsity, pattern=pattern, permute=permute,
+                         **kwargs)
+
+
 def wanda(model: nn.Module, calibration: Iterable[Any], sparsity: SparsitySpec = 0.5,
           pattern: str | Pattern = "unstructured", **kwargs):
     """Wanda (Sun et al. 2023): keep the weights with the largest |W| * ||X||_2 in each output row.
@@ -149,7 +163,7 @@ def sparsegpt(model: nn.Module, calibration: Iterable[Any], sparsity: SparsitySp
 
 # --- validation (everything is checked before the model is touched) ---------------------------------
 
-def _check_args(model, method, pattern, scope, block_size, damp) -> Recipe:
+def _check_args(model, method, pattern, scope, block_size, damp, permute) -> Recipe:
     if not isinstance(model, nn.Module):
         raise SparsityError(f"expected an nn.Module, got {type(model).__name__}")
     if method not in METHODS:
@@ -165,7 +179,10 @@ def _check_args(model, method, pattern, scope, block_size, damp) -> Recipe:
         raise SparsityError(f"block_size must be a positive integer, got {block_size!r}", block_size=block_size)
     if not isinstance(damp, (int, float)) or not math.isfinite(damp) or damp < 0:
         raise SparsityError(f"damp must be a finite number >= 0 (e.g. 0.01), got {damp!r}", damp=damp)
-    return Recipe(method, pat, scope, block_size, float(damp))
+    if permute and (method != "ria" or pat.kind != "nm"):
+        raise SparsityError(f"permute=True is RIA's channel permutation for N:M patterns; use method='ria' with "
+                            f"pattern='2:4' (or another N:M), got method={method!r}, pattern='{pat}'", permute=permute)
+    return Recipe(method, pat, scope, block_size, float(damp), bool(permute))
 
 
 def _check_distribution(distribution, pat: Pattern, sparsity) -> OWL | None:

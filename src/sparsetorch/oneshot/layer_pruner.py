@@ -12,16 +12,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core.masks import set_mask
+from ..core.masks import set_input_order, set_mask
 from ..core.patterns import Pattern
 from . import solvers
-from .linear_layers import InputStats, to_param_layout, weight_2d
+from .linear_layers import InputStats, is_transposed, to_param_layout, weight_2d
+from .ria import ria_mask
 from .results import LayerResult
 
 # method -> whether it needs calibration data, whether it needs the Hessian X^T X
 METHOD_NEEDS = {
     "magnitude": (False, False),
     "wanda": (True, False),
+    "ria": (True, False),
     "sparsegpt": (True, True),
 }
 
@@ -35,6 +37,7 @@ class Recipe:
     scope: str | None = None  # magnitude/wanda: where weights compete, "layer" or "row"
     block_size: int = 128  # SparseGPT's column block
     damp: float = 0.01  # Hessian damping, a fraction of its mean diagonal
+    permute: bool = False  # RIA's input-channel permutation for N:M
 
     @property
     def needs_data(self) -> bool:
@@ -57,28 +60,38 @@ class LayerPruner:
         t0 = time.perf_counter()
         W = weight_2d(module).detach().to(self.device, torch.float32)  # [out, in]
         result = LayerResult(name, 0.0, 0.0, numel=W.numel(), target=1.0 - density, note=note)
+        self.order = None
         if stats is None or stats.count == 0:  # weights only (magnitude, or a layer no token reached)
             keep, new_w = solvers.magnitude_mask(W, density, self.recipe.pattern, self.recipe.scope or "layer"), None
         else:
-            new_w, keep = self._solve(W, stats, density, result)
+            new_w, keep = self._solve(W, stats, density, result, transposed=is_transposed(module))
         hessian = stats.hessian() if stats is not None and stats.xtx is not None and stats.count else None
         if hessian is not None:
             result.rel_error = relative_error(W, W * keep if new_w is None else new_w, hessian)
         if new_w is not None:
             module.weight.copy_(to_param_layout(module, new_w).to(module.weight.device, module.weight.dtype))
         set_mask(module, to_param_layout(module, keep).to(module.weight.device))
+        if self.order is not None:
+            set_input_order(module, self.order.to(module.weight.device))
         result.sparsity = 1.0 - float(keep.float().mean())
         result.seconds = time.perf_counter() - t0
         return result
 
-    def _solve(self, W: torch.Tensor, stats: InputStats, density: float,
-               result: LayerResult) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def _solve(self, W: torch.Tensor, stats: InputStats, density: float, result: LayerResult,
+               transposed: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(new weights or None when only masked, keep-mask) for the recipe's method."""
         r = self.recipe
         if r.method == "magnitude":
             return None, solvers.magnitude_mask(W, density, r.pattern, r.scope or "layer")
         if r.method == "wanda":
             return None, solvers.wanda_mask(W, stats.sq_norm, density, r.pattern, r.scope or "row")
+        if r.method == "ria":
+            # an input order is recorded on [out, in] weights only; a transposed Conv1D keeps N:M in place
+            permute = r.permute and not transposed
+            if r.permute and transposed:
+                result.note = "Conv1D weight: pruned without the channel permutation"
+            keep, self.order = ria_mask(W, stats.sq_norm, density, r.pattern, permute=permute, scope=r.scope or "row")
+            return None, keep
         new_w, keep, result.damp = solvers.sparsegpt_solve(W, stats.hessian(), density, r.pattern, r.block_size,
                                                            r.damp)
         return new_w, keep

@@ -19,10 +19,12 @@ import re
 
 from ..errors import SparsityError
 
-__all__ = ["parse_spec", "uses_data", "CONFORMANCE_SPECS"]
+__all__ = ["parse_spec", "uses_data", "CONFORMANCE_SPECS", "NM_ONLY_SPECS"]
 
 # every score, solver, distribution, refinement and quantization, each checked by the conformance suite
-CONFORMANCE_SPECS = ("magnitude", "magnitude/row", "wanda", "sparsegpt", "wanda+owl", "sparsegpt+owl")
+CONFORMANCE_SPECS = ("magnitude", "magnitude/row", "wanda", "ria", "sparsegpt", "wanda+owl", "sparsegpt+owl",
+                     "ria+owl")
+NM_ONLY_SPECS = ("ria+perm",)  # checked with N:M patterns only
 
 
 def parse_spec(spec: str) -> tuple[dict, dict]:
