@@ -5,6 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ..oneshot.api import DISTRIBUTIONS, METHODS
+
 NAME = "prune-lm"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
 
@@ -15,7 +17,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                    "file (tokenised with the folder's tokenizer, else as raw bytes), prune block by "
                                    "block and write the pruned model with save_pretrained to --out.")
     p.add_argument("model_dir", help="a transformers model folder (config.json + weights)")
-    p.add_argument("--method", choices=["sparsegpt", "wanda", "magnitude"], default="sparsegpt")
+    p.add_argument("--method", choices=list(METHODS), default="sparsegpt")
+    p.add_argument("--distribution", choices=list(DISTRIBUTIONS), default="uniform",
+                   help="layer-wise sparsity: uniform, or owl (more weights kept where activations have outliers)")
+    p.add_argument("--permute", action="store_true", help="RIA's input-channel permutation (N:M patterns only)")
     p.add_argument("--sparsity", type=float, default=None,
                    help="fraction of weights removed per layer (default 0.5; N:M patterns fix it)")
     p.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M, e.g. 2:4 (default %(default)s)")
@@ -92,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     sparsity = args.sparsity if args.sparsity is not None else (None if ":" in args.pattern else 0.5)
     exclude = skip_to_exclude(args.skip) if args.skip else None
     model = prune_oneshot(model, calib, method=args.method, sparsity=sparsity, pattern=args.pattern,
+                          distribution=args.distribution, permute=args.permute,
                           exclude=exclude, block_size=args.block_size, damp=args.damp, device=args.device)
     stats = model.sparsetorch_stats
     out.mkdir(parents=True, exist_ok=True)
@@ -100,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
         from transformers import AutoTokenizer
 
         AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
-    save(model, out / "sparsetorch.safetensors", metadata={"oneshot": {"method": args.method, "pattern": args.pattern}})
+    save(model, out / "sparsetorch.safetensors", metadata={"oneshot": {"method": args.method, "pattern": args.pattern,
+                                                                             "distribution": args.distribution}})
     (out / "oneshot.json").write_text(json.dumps(stats.to_dict(), indent=2))
     print(f"{'layer':48s} {'sparsity':>8s} {'seconds':>8s}")
     for r in stats.layers:
