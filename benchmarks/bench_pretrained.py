@@ -11,10 +11,10 @@ from the Python stdlib's docstrings, calibration and evaluation from disjoint fi
 
     pip install "sparsetorch[pretrained]"
     nice .venv/bin/python benchmarks/bench_pretrained.py --threads 1
-    nice .venv/bin/python benchmarks/bench_pretrained.py --methods wanda sparsegpt+dsnot wanda@owl
+    nice .venv/bin/python benchmarks/bench_pretrained.py --methods wanda sparsegpt+dsnot wanda+owl
 
-A method spec is METHOD[+REFINE][@DISTRIBUTION]: "sparsegpt+dsnot" passes refine="dsnot",
-"wanda@owl" passes distribution="owl"; only the keywords a spec names are passed to prune_oneshot.
+Method specs are sparsetorch.oneshot.specs strings: "sparsegpt+dsnot" passes refine="dsnot",
+"wanda+owl" passes distribution="owl".
 Results go to benchmarks/results/pretrained.json.
 """
 from __future__ import annotations
@@ -22,11 +22,9 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import inspect
 import json
 import platform
 import random
-import re
 import statistics
 import sys
 import time
@@ -37,37 +35,17 @@ import torch
 from sparsetorch.data.pretrained import DEFAULT_CACHE, bundled_zip, extract_bundle, load_minilm, mean_pooled_embeddings
 from sparsetorch.data.text import stdlib_sentences
 from sparsetorch.oneshot import METHODS, prune_oneshot
+from sparsetorch.oneshot.specs import parse_spec, uses_data
 
 HERE = Path(__file__).resolve().parent
 SETTINGS = [("50%", 0.5, "unstructured"), ("60%", 0.6, "unstructured"), ("70%", 0.7, "unstructured"),
             ("2:4", None, "2:4"), ("4:8", None, "4:8")]
-SPEC = re.compile(r"(?P<method>[a-z0-9_]+)(?:\+(?P<refine>[a-z0-9_]+))?(?:@(?P<distribution>[a-z0-9_]+))?")
-
-
-def parse_method_spec(spec: str) -> dict:
-    """``"sparsegpt+dsnot@owl"`` -> ``{"method": "sparsegpt", "refine": "dsnot", "distribution": "owl"}``;
-    only the parts present become keywords, so a spec runs on any prune_oneshot that takes them."""
-    match = SPEC.fullmatch(spec)
-    if match is None:
-        raise ValueError(f"bad method spec {spec!r}; write METHOD[+REFINE][@DISTRIBUTION], e.g. 'wanda@owl'")
-    return {k: v for k, v in match.groupdict().items() if v is not None}
-
-
 def check_specs(specs: list[str]) -> None:
-    """Fail before any work if today's prune_oneshot cannot run a spec."""
-    params = inspect.signature(prune_oneshot).parameters
+    """Fail before any work on a spec prune_oneshot cannot run."""
     for spec in specs:
-        kwargs = parse_method_spec(spec)
+        kwargs, _ = parse_spec(spec)
         if kwargs["method"] not in METHODS:
             raise SystemExit(f"{spec}: prune_oneshot has no method {kwargs['method']!r} (it has {list(METHODS)})")
-        missing = [k for k in kwargs if k not in params]
-        if missing:
-            raise SystemExit(f"{spec}: this prune_oneshot takes no {missing} keyword")
-
-
-def uses_data(kwargs: dict) -> bool:
-    """Whether the calibration draw matters (magnitude alone ignores it)."""
-    return kwargs["method"] != "magnitude" or len(kwargs) > 1
 
 
 def tokenize_batches(tokenizer, sentences: list[str], batch_size: int, max_length: int) -> list[dict]:
@@ -143,11 +121,13 @@ def run(args) -> dict:
     rows = []
     for label, sparsity, pattern in [s for s in SETTINGS if s[0] in args.settings]:
         for spec in args.methods:
-            kwargs = parse_method_spec(spec)
+            kwargs, _ = parse_spec(spec)
             if pattern != "unstructured" and "distribution" in kwargs:
                 continue  # OWL varies the sparsity per block: unstructured only
+            if kwargs.get("permute") and pattern == "unstructured":
+                continue  # RIA's permutation is for N:M
             runs = []
-            for calib in calibs if uses_data(kwargs) else calibs[:1]:
+            for calib in calibs if uses_data(spec) else calibs[:1]:
                 model = copy.deepcopy(dense)
                 start = time.perf_counter()
                 prune_oneshot(model, calib, sparsity=sparsity, pattern=pattern, progress=False, **kwargs)
@@ -193,7 +173,7 @@ def table(result: dict) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt"],
-                   help="method specs METHOD[+REFINE][@DISTRIBUTION]")
+                   help="one-shot specs, e.g. wanda+owl (see sparsetorch.oneshot.specs)")
     p.add_argument("--settings", nargs="+", default=[lab for lab, *_ in SETTINGS], help="sparsities/patterns")
     p.add_argument("--draws", type=int, default=3, help="calibration draws per data-driven method")
     p.add_argument("--calib", type=int, default=128, help="calibration sentences per draw")

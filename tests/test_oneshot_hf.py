@@ -138,3 +138,21 @@ def test_gpt2_pruned_on_cuda(model_on_gpu):
     prune_oneshot(reference, _calib(), method="sparsegpt", pattern="2:4", sparsity=None, device="cpu", progress=False)
     for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
         assert torch.allclose(a.cpu(), b, atol=1e-3), name
+
+
+def test_layers_outside_the_blocks_are_pruned_when_included_and_tied_heads_are_not():
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                  vocab_size=VOCAB, max_position_embeddings=64)
+    bert = transformers.BertModel(cfg).eval()
+    ids = torch.randint(0, VOCAB, (2, 16))
+    calib = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    prune_oneshot(bert, calib, method="wanda", sparsity=0.5, include=["*"], progress=False)
+    assert bert.sparsetorch_stats.mode == "sequential"
+    names = {r.name for r in bert.sparsetorch_stats.layers}
+    assert "pooler.dense" in names and len(names) == 2 * 6 + 1
+    gpt2 = _gpt2()
+    with pytest.warns(sparsetorch.SparsityWarning, match="tied"):
+        prune_oneshot(gpt2, _calib(), method="wanda", sparsity=0.5, include=["*"], progress=False)
+    assert "lm_head" not in {r.name for r in gpt2.sparsetorch_stats.layers}
+    assert (gpt2.transformer.wte.weight != 0).all()

@@ -11,7 +11,7 @@ pass the same way (block by block) before anything is pruned.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -141,10 +141,12 @@ def run_sequential(job: Job, blocks: nn.ModuleList) -> OneshotStats:
     out = job.stats_for("sequential")
     out.blocks = len(blocks)
     inside = {id(m) for b in blocks for m in b.modules()}
-    outside = [n for n, m in job.targets.items() if id(m) not in inside]
-    if outside:
-        warnings.warn(f"{outside} lie outside the repeated blocks and are left dense; prune them with "
-                      "sparsetorch.prune if needed", SparsityWarning, stacklevel=3)
+    outside = {n: m for n, m in job.targets.items() if id(m) not in inside}
+    tied = [n for n, m in outside.items() if _shares_an_embedding(job.model, m)]
+    if tied:
+        warnings.warn(f"{tied} share their weight with an embedding (tied weights) and are left dense: pruning them "
+                      "would prune the embedding too", SparsityWarning, stacklevel=3)
+        outside = {n: m for n, m in outside.items() if n not in tied}
     densities = job.densities
     if job.owl is not None:
         densities = _owl_pass(job, blocks, runner, out)
@@ -159,7 +161,15 @@ def run_sequential(job: Job, blocks: nn.ModuleList) -> OneshotStats:
         del stats
         hidden = runner.forward(block, hidden)  # the next block sees this block's pruned outputs
         block.to(home)
+    if outside:  # e.g. a pooler or a layer the user included by name: one pass over the pruned model
+        rest = run_one_pass(replace(job, targets=outside, owl=None, densities={n: densities.get(n, job.densities[n])
+                                                                                 for n in outside}))
+        out.layers.extend(rest.layers)
     return out
+
+
+def _shares_an_embedding(model: nn.Module, layer: nn.Module) -> bool:
+    return any(isinstance(m, nn.Embedding) and m.weight is layer.weight for m in model.modules())
 
 
 def _owl_pass(job: Job, blocks: nn.ModuleList, runner: _BlockRunner, out: OneshotStats) -> dict[str, float]:
