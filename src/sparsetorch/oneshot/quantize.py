@@ -35,8 +35,8 @@ def quantize_to_grid(weight: torch.Tensor, scales: torch.Tensor, grid: QuantGrid
 
 def quantize_column(w: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
     """``w`` to the grid of ``scale`` (same shape, or broadcastable): the one rounding every caller shares, so
-    a weight quantized anywhere is the same float32 bits."""
-    q = (w / scale.clamp_min(torch.finfo(torch.float32).tiny)).round().clamp(-qmax, qmax)
+    a weight quantized anywhere is the same float32 bits (a weight rounding to 0 is +0.0, as decoding gives)."""
+    q = (w / scale.clamp_min(torch.finfo(torch.float32).tiny)).round().clamp(-qmax, qmax) + 0.0  # -0.0 -> 0.0
     return torch.where(scale > 0, q * scale, torch.zeros_like(w))
 
 
