@@ -112,8 +112,24 @@ def encode_smallest(value: torch.Tensor, mask: torch.Tensor | None, values: str 
     if value.numel() and (mask is not None and _exact_outside(value, mask)
                           or mask is None and int(torch.count_nonzero(value)) <= 0.75 * value.numel()):
         names += _SPARSE_FORMATS
-    best = None
     prepared = formats.format_registry.prepare(value, values, grid, key)
+    candidates = [prepared]
+    if prepared[2] == "int4" and grid is not None:
+        # 4-bit grid codes also as int8: on small layers their Huffman squeeze beats the packed pairs'
+        candidates.append(formats.format_registry.prepare(value, "int8", grid, key))
+    best = None
+    for candidate in candidates:
+        name, parts, meta = _smallest_format(value, mask, values, names, candidate)
+        parts, meta = formats.squeeze(parts, meta)  # same gain for every format: done once, on the winner
+        size = formats.stored_bytes(parts) + len(json.dumps(meta))
+        if best is None or size < best[0]:
+            best = (size, name, parts, meta)
+    return best[1:]
+
+
+def _smallest_format(value, mask, values, names, prepared):
+    """``(name, parts, meta)`` of the smallest of ``names`` for one prepared codec, before the squeeze."""
+    best = None
     nnz = int(mask.sum()) if mask is not None else int(torch.count_nonzero(value))
     isz = formats.format_registry.stored_itemsize(value, prepared[2])
     for name in names:
@@ -131,8 +147,7 @@ def encode_smallest(value: torch.Tensor, mask: torch.Tensor | None, values: str 
         size = formats.stored_bytes(parts) + len(json.dumps(meta))
         if best is None or size < best[0]:
             best = (size, name, parts, meta)
-    parts, meta = formats.squeeze(best[2], best[3])  # same gain for every format: done once, on the winner
-    return best[1], parts, meta
+    return best[1:]
 
 
 def choose_format(value: torch.Tensor, mask: torch.Tensor | None, values: str = "fp32") -> str:

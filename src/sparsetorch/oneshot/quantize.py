@@ -12,7 +12,7 @@ import torch
 
 from ..core.quant_grid import QuantGrid, expand_scales, grid_codes
 
-__all__ = ["QuantGrid", "group_scales", "quantize_to_grid", "round_to_nearest", "grid_codes"]
+__all__ = ["QuantGrid", "group_scales", "quantize_to_grid", "quantize_column", "round_to_nearest", "grid_codes"]
 
 
 def group_scales(weight: torch.Tensor, keep: torch.Tensor, grid: QuantGrid) -> torch.Tensor:
