@@ -527,3 +527,158 @@ def test_load_refusing_a_later_layer_leaves_earlier_layers_unchanged(tmp_path):
         sparsetorch.load(path, fresh)
     assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
     torch.testing.assert_close(fresh(x), y)
+
+
+# -- int4 / grid codecs: every new field is checked before a weight is set ------------------------------------------
+def _int4_file(tmp_path):
+    """A valid values='grid' file of a 4-bit grid (group 16), forced to bitmask so its parts are plain (no squeeze):
+    ``(path, header, parts, build)``; an odd number of kept codes, so the last byte has a padding nibble."""
+    from sparsetorch.core.quant_grid import set_quant_grid
+    from sparsetorch.oneshot.quantize import QuantGrid, round_to_nearest
+
+    def build(quantized=True):
+        torch.manual_seed(0)
+        layer = nn.Linear(32, 8, bias=False)
+        if quantized:
+            keep = torch.rand(8, 32, generator=torch.Generator().manual_seed(1)) < 0.5
+            if int(keep.sum()) % 2 == 0:
+                keep[0, 0] = not keep[0, 0]  # an odd count of codes
+            w, scales = round_to_nearest(layer.weight.detach(), keep, QuantGrid(4, 16))
+            with torch.no_grad():
+                layer.weight.copy_(w)
+            sparsetorch.set_mask(layer, keep)
+            set_quant_grid(layer, scales, QuantGrid(4, 16))
+        return layer
+    layer = build()
+    path = sparsetorch.save(layer, tmp_path / "ok.safetensors", format="bitmask", values="grid")
+    with safe_open(str(path), framework="pt") as fh:
+        meta, parts = dict(fh.metadata()), {k: fh.get_tensor(k) for k in fh.keys()}
+    header = json.loads(meta["sparsetorch"])
+    entry = header["tensors"]["weight"]
+    assert entry["values"] == "int4" and entry["nibbles"] % 2 == 1 and "z" not in entry, entry
+    return path, header, parts, build
+
+
+def _write_sparsetorch(path, header, parts):
+    from safetensors.torch import save_file as save_torch
+    save_torch({k: v.contiguous() for k, v in parts.items()}, str(path), metadata={"sparsetorch": json.dumps(header)})
+    return path
+
+
+def _set_code(parts, index, nibble):
+    """Put a raw 4-bit pattern at code ``index`` of the packed values."""
+    v = parts["weight::values"].clone()
+    byte, high = divmod(index, 2)
+    b = int(v[byte])
+    v[byte] = (b & 0x0F) | (nibble << 4) if high else (b & 0xF0) | nibble
+    parts["weight::values"] = v
+
+
+def _scales(fn):
+    def edit(header, parts):
+        parts["weight::scales"] = fn(parts["weight::scales"].clone())
+    return edit
+
+
+def _meta(key, value):
+    def edit(header, parts):
+        header["tensors"]["weight"][key] = value
+    return edit
+
+
+def _drop_byte(header, parts):
+    parts["weight::values"] = parts["weight::values"][:-1].clone()
+
+
+def _int8_values(header, parts):
+    parts["weight::values"] = parts["weight::values"].view(torch.int8).clone()
+
+
+def _padding_nibble(header, parts):
+    _set_code(parts, header["tensors"]["weight"]["nibbles"], 3)
+
+
+def _minus_eight(header, parts):
+    _set_code(parts, 0, 8)
+
+
+def _drop_scales(header, parts):
+    del parts["weight::scales"]
+
+
+def _neg(s):
+    s[0] = -1.0
+    return s
+
+
+def _nan(s):
+    s[1] = float("nan")
+    return s
+
+
+def _inf(s):
+    s[2] = float("inf")
+    return s
+
+
+INT4_CASES = {
+    "values_short": (_drop_byte, "bytes for"),
+    "values_int8": (_int8_values, "expected uint8"),
+    "padding_nibble": (_padding_nibble, "past their"),
+    "code_minus_8": (_minus_eight, "-8"),
+    "nibbles_negative": (_meta("nibbles", -1), "nibbles"),
+    "nibbles_bool": (_meta("nibbles", True), "nibbles"),
+    "nibbles_text": (_meta("nibbles", "3"), "nibbles"),
+    "nibbles_huge": (_meta("nibbles", 2**40), "nibbles"),
+    "nibbles_off_by_two": (lambda h, p: h["tensors"]["weight"].update(nibbles=h["tensors"]["weight"]["nibbles"] - 2),
+                           "bytes for"),
+    "scales_negative": (_scales(_neg), "negative or not finite"),
+    "scales_nan": (_scales(_nan), "negative or not finite"),
+    "scales_inf": (_scales(_inf), "negative or not finite"),
+    "scales_fp16": (_scales(lambda s: s.half()), "float32"),
+    "scales_short": (_scales(lambda s: s[:-1]), "float32"),
+    "scales_missing": (_drop_scales, "lacks the scales"),
+    "group_zero": (_meta("group_size", 0), "group_size"),
+    "group_too_wide": (_meta("group_size", 33), "group_size"),
+    "group_bool": (_meta("group_size", True), "group_size"),
+    "group_changes_count": (_meta("group_size", 8), "float32"),
+    "grid_bits_3": (_meta("grid_bits", 3), "grid_bits"),
+    "grid_bits_8_in_int4": (_meta("grid_bits", 8), "grid_bits"),
+    "grid_flag_text": (_meta("grid", "yes"), "'grid'"),
+    "transposed_text": (_meta("transposed", 1), "'transposed'"),
+    "values_int3": (_meta("values", "int3"), "value codec"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INT4_CASES))
+def test_hostile_int4_grid_file_is_clean_error_before_any_weight_is_set(tmp_path, case):
+    from sparsetorch.core.quant_grid import get_quant_grid
+    path, header, parts, build = _int4_file(tmp_path)
+    fresh = build(quantized=False)
+    sparsetorch.load(path, fresh)  # the seed loads, bit for bit, with its grid
+    assert torch.equal(fresh.weight, build().weight) and get_quant_grid(fresh) is not None
+    edit, words = INT4_CASES[case]
+    edit(header, parts)
+    bad = _write_sparsetorch(tmp_path / "bad.safetensors", header, parts)
+    fresh = build(quantized=False)
+    before = fresh.weight.detach().clone()
+    with pytest.raises(SparsityError, match=__import__("re").escape(words)):
+        sparsetorch.load(bad, fresh)
+    assert torch.equal(fresh.weight, before) and sparsetorch.get_mask(fresh) is None and get_quant_grid(fresh) is None
+
+
+def test_hostile_int8_code_minus_128_is_refused(tmp_path):
+    from sparsetorch.models import MLP
+    torch.manual_seed(0)
+    model = MLP((16, 8, 4))
+    path = sparsetorch.save(model, tmp_path / "ok.safetensors", values="int8")
+    with safe_open(str(path), framework="pt") as fh:
+        meta, parts = dict(fh.metadata()), {k: fh.get_tensor(k) for k in fh.keys()}
+    header = json.loads(meta["sparsetorch"])
+    key = next(k for k, e in header["tensors"].items() if e.get("values") == "int8" and "z" not in e)
+    name = f"{key}::values"
+    parts[name] = parts[name].clone()
+    parts[name].view(-1)[0] = -128
+    bad = _write_sparsetorch(tmp_path / "bad.safetensors", header, parts)
+    with pytest.raises(SparsityError, match=r"outside \[-127, 127\]"):
+        sparsetorch.load(bad, MLP((16, 8, 4)))

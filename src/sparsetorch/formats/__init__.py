@@ -7,12 +7,13 @@ and must validate everything it reads (files may be corrupted or hostile).
 
 Formats: ``dense``, ``bitmask`` (1 bit per weight), ``csr`` (narrow chunk-local indices),
 ``gapmask`` (gap-coded positions, near the entropy of a random mask), ``nm`` (N:M group codes),
-``bsr`` (block bits). Value codecs (``fp32`` exact, ``fp16``/``bf16``/``int8`` lossy) wrap any format.
+``bsr`` (block bits). Value codecs (``fp32`` exact, ``fp16``/``bf16``/``int8``/``int4`` lossy; int8/int4
+codes of a weight on its quantization grid exact, see ``grid_codec``) wrap any format.
 """
 from __future__ import annotations
 
-from .format_registry import (FORMATS, VALUE_CODECS, Format, decode, encode, register_format,  # noqa: F401
-                       squeeze, stored_bytes)
+from .format_registry import (FORMATS, SAVE_VALUES, VALUE_CODECS, Format, decode, encode,  # noqa: F401
+                              register_format, squeeze, stored_bytes)
 from . import dense as _dense
 from . import bitmask as _bitmask
 from . import csr as _csr
@@ -20,4 +21,4 @@ from . import gapmask as _gapmask
 from . import nm as _nm
 from . import bsr as _bsr
 
-__all__ = ["FORMATS", "VALUE_CODECS", "Format", "encode", "decode", "register_format", "squeeze", "stored_bytes"]
+__all__ = ["FORMATS", "VALUE_CODECS", "SAVE_VALUES", "Format", "encode", "decode", "register_format", "squeeze", "stored_bytes"]

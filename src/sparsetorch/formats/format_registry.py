@@ -10,7 +10,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.quant_grid import QuantGridState
 from ..errors import SparsityError
+from . import grid_codec
 
 Parts = dict[str, torch.Tensor]
 Meta = dict[str, Any]
@@ -68,17 +70,25 @@ def need(parts: Parts, key: str, numel: int | None = None, dtype: torch.dtype | 
 
 
 # value codecs: how kept values are stored. "fp32" means exact (whatever the tensor's dtype is);
-# the others are lossy and used only when asked for.
-VALUE_CODECS = ("fp32", "fp16", "bf16", "int8")
+# the others are lossy and used only when asked for, except the integer codes of a weight on its
+# module's quantization grid (grid_codec), which are exact. save() also takes "grid" (SAVE_VALUES).
+VALUE_CODECS = ("fp32", "fp16", "bf16", "int8", "int4")
+SAVE_VALUES = VALUE_CODECS + ("grid",)
 _CAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+_ITEMSIZE = {"fp16": 2, "bf16": 2, "int8": 1, "int4": 0.5}
 
 
 def lossy_applies(tensor: torch.Tensor, values: str) -> bool:
-    """Lossy codecs touch only floating tensors wider than 16 bits; int8 only matrices (>= 2-D), whose
+    """Lossy codecs touch only floating tensors wider than 16 bits; int8/int4 only matrices (>= 2-D), whose
     rows get their own scale (a bias or norm vector stays exact: it is tiny and sensitive)."""
-    if values == "fp32" or not tensor.is_floating_point() or tensor.element_size() <= 2 or not tensor.numel():
+    if values in ("fp32", "grid") or not tensor.is_floating_point() or tensor.element_size() <= 2 or not tensor.numel():
         return False
-    return values != "int8" or tensor.dim() >= 2
+    return values not in grid_codec.INT_CODECS or tensor.dim() >= 2
+
+
+def stored_itemsize(tensor: torch.Tensor, codec: str | None) -> float:
+    """Bytes one stored value takes under ``codec`` (None: as it is)."""
+    return _ITEMSIZE[codec] if codec in _ITEMSIZE else tensor.element_size()
 
 
 def quantize(tensor: torch.Tensor, values: str) -> tuple[torch.Tensor, Parts]:
@@ -89,29 +99,23 @@ def quantize(tensor: torch.Tensor, values: str) -> tuple[torch.Tensor, Parts]:
         if values == "fp16" and tensor.numel() and float(tensor.abs().max()) > torch.finfo(torch.float16).max:
             raise SparsityError("weights exceed the fp16 range (65504); save with values='bf16' or 'fp32'")
         return tensor.to(_CAST[values]), {}
-    # symmetric per-row int8 (LLM.int8()/absmax quantization): scale = max|row| / 127, error <= scale / 2
-    rows = tensor.detach().reshape(tensor.shape[0], -1).float()  # [out, in * k...]
-    scale = rows.abs().amax(dim=1) / 127  # [out]
-    q = torch.where(scale[:, None] > 0, rows / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None],
-                    torch.zeros_like(rows))
-    return q.round().clamp(-127, 127).to(torch.int8).reshape(tensor.shape), {"scales": scale}
+    # symmetric per-row int8/int4 (LLM.int8()/absmax quantization): scale = max|row| / qmax, error <= scale / 2
+    return grid_codec.rows_quantize(tensor, values)[:2]
 
 
-def _dequantize(dense: torch.Tensor, parts: Parts, meta: Meta, dtype: torch.dtype) -> torch.Tensor:
-    if meta["values"] in _CAST:
-        return dense.to(dtype)
-    rows = dense.shape[0] if dense.dim() else 1
-    scale = need(parts, "scales", rows, torch.float32)
-    if not bool((torch.isfinite(scale) & (scale >= 0)).all()):
-        raise SparsityError("int8 row scales are negative or not finite; the file is corrupted")
-    return (dense.reshape(rows, -1).float() * scale[:, None]).reshape(dense.shape).to(dtype)
+def prepare(tensor: torch.Tensor, values: str, grid: QuantGridState | None = None,
+            key: str = "tensor") -> tuple[torch.Tensor, Parts, str | None, Meta]:
+    """What the formats encode for codec ``values``: (stored tensor, extra parts, stored codec or None, extra meta).
 
-
-def prepare(tensor: torch.Tensor, values: str) -> tuple[torch.Tensor, Parts, str | None]:
-    """What the formats encode for codec ``values``: (stored tensor, extra parts, lossy codec or None)."""
+    A tensor with a quantization ``grid`` is stored as its exact grid codes under "grid" (int8 or int4 by the
+    grid's bits), "int8" (any grid) and "int4" (a 4-bit grid); under the other codecs the grid is ignored."""
+    if grid is not None and values in ("int8", "int4", "grid") and tensor.numel():
+        codec = values if values != "grid" else "int8" if grid.grid.bits == 8 else "int4"
+        codes, extra, cmeta = grid_codec.grid_quantize(tensor, grid, codec, key)
+        return codes, extra, codec, cmeta
     if lossy_applies(tensor, values):
-        return (*quantize(tensor, values), values)
-    return tensor, {}, None
+        return (*quantize(tensor, values), values, {})
+    return tensor, {}, None, {}
 
 
 def encode(fmt: str, tensor: torch.Tensor, mask: torch.Tensor | None, values: str = "fp32",
@@ -119,13 +123,16 @@ def encode(fmt: str, tensor: torch.Tensor, mask: torch.Tensor | None, values: st
     """Encode ``tensor`` (and its mask) in format ``fmt`` with value codec ``values``: ``(parts, meta)``.
     ``prepared`` is ``prepare(tensor, values)`` when trying several formats (quantize once)."""
     meta: Meta = {"format": fmt, "shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype)}
-    tensor, extra, codec = prepared or prepare(tensor, values)
+    tensor, extra, codec, cmeta = prepared or prepare(tensor, values)
     if codec is not None:
         meta["values"] = codec
     parts, fmeta = FORMATS[fmt].encode(tensor, mask)
     if mask is None and fmt != "dense":
         fmeta["masked"] = False  # a sparse code of an unmasked tensor: decode gives no mask
-    return {**parts, **extra}, {**meta, **fmeta}
+    if codec == "int4":  # the format chose which codes to keep; now two to a byte
+        fmeta["nibbles"] = int(parts["values"].numel())
+        parts = {**parts, "values": grid_codec.pack_int4(parts["values"])}
+    return {**parts, **extra}, {**meta, **cmeta, **fmeta}
 
 
 # Lossless squeeze of any part: split it into byte planes (byte i of every element; the sign/exponent
@@ -184,6 +191,12 @@ def _unsqueeze(parts: Parts, meta: Meta) -> Parts:
 
 
 def decode(parts: Parts, meta: Meta) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(dense tensor, mask or None)`` of one file entry (see ``decode_with_grid``)."""
+    return decode_with_grid(parts, meta)[:2]
+
+
+def decode_with_grid(parts: Parts, meta: Meta) -> tuple[torch.Tensor, torch.Tensor | None, QuantGridState | None]:
+    """``(dense tensor, mask or None, quantization grid or None)`` of one file entry, everything validated."""
     name = meta.get("format") if isinstance(meta, dict) else None
     if not isinstance(name, str) or name not in FORMATS:  # a list/dict from a hostile header is unhashable
         raise SparsityError(
@@ -194,18 +207,28 @@ def decode(parts: Parts, meta: Meta) -> tuple[torch.Tensor, torch.Tensor | None]
     codec = meta.get("values", "fp32")
     if not isinstance(codec, str) or codec not in VALUE_CODECS or codec == "fp32" and "values" in meta:
         raise SparsityError(f"file uses value codec {codec!r}, unknown to this sparsetorch; upgrade sparsetorch")
+    grid = None
     if codec == "fp32":
         dense, mask = FORMATS[name].decode(parts, meta)
     else:
         dtype = parse_dtype(meta.get("dtype"))
         if not dtype.is_floating_point:
             raise SparsityError(f"value codec {codec!r} on a {dtype} tensor; the file is corrupted")
+        if codec == "int4":
+            numel = math.prod(parse_shape(meta.get("shape")))
+            count = meta.get("nibbles")
+            if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= numel:
+                raise SparsityError(f"int4 tensor has an invalid 'nibbles' ({count!r}); the file is corrupted")
+            parts = {**parts, "values": grid_codec.unpack_int4(need(parts, "values"), count)}
         stored = _CAST.get(codec, torch.int8)
         dense, mask = FORMATS[name].decode(parts, {**meta, "dtype": dtype_name(stored)})
-        dense = _dequantize(dense, parts, meta, dtype)
+        if codec in _CAST:
+            dense = dense.to(dtype)
+        else:
+            dense, grid = grid_codec.dequantize(dense, parts, meta, dtype)
     if meta.get("masked", True) is False:
         mask = None
-    return dense, mask
+    return dense, mask, grid
 
 
 def stored_bytes(parts: Parts) -> int:

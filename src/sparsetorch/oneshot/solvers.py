@@ -6,10 +6,14 @@ updated weights. Inputs are float32; nothing here touches a module.
 from __future__ import annotations
 
 import math
+from typing import overload
 
 import torch
 
 from ..core.patterns import Pattern
+from ..errors import SparsityError
+from ..core.quant_grid import expand_scales
+from .quantize import QuantGrid, group_scales, quantize_column, round_to_nearest
 
 __all__ = ["magnitude_mask", "wanda_mask", "sparsegpt_solve", "row_topk_mask", "inverse_hessian_cholesky"]
 
@@ -87,9 +91,20 @@ def _prune_counts(numel_rows: int, cols: int, density: float, block: int) -> lis
     return [int(round(total * b / cols)) - int(round(total * a / cols)) for a, b in zip(edges[:-1], edges[1:])]
 
 
-@torch.no_grad()
+@overload
 def sparsegpt_solve(weight: torch.Tensor, hessian: torch.Tensor, density: float, pattern: Pattern,
-                    block_size: int = 128, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, float]:
+                    block_size: int = 128, damp: float = 0.01, *,
+                    grid: None = None) -> tuple[torch.Tensor, torch.Tensor, float]: ...
+
+
+@overload
+def sparsegpt_solve(weight: torch.Tensor, hessian: torch.Tensor, density: float, pattern: Pattern,
+                    block_size: int = 128, damp: float = 0.01, *,
+                    grid: QuantGrid) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]: ...
+
+
+@torch.no_grad()
+def sparsegpt_solve(weight, hessian, density, pattern, block_size=128, damp=0.01, *, grid=None):
     """SparseGPT (Frantar & Alistarh 2023): prune ``W [out, in]`` and update the kept weights.
 
     ``hessian`` is H = 2 X X^T / n ``[in, in]`` of the layer's inputs. Columns are processed
@@ -97,10 +112,25 @@ def sparsegpt_solve(weight: torch.Tensor, hessian: torch.Tensor, density: float,
     w^2 / [H^-1]_jj^2, each pruned column's error is spread over the later columns of the block
     (row of U, the upper Cholesky factor of H^-1), and the block's accumulated errors update
     the rest of the matrix in one matmul ("lazy batch" update). Returns (new W, keep-mask, damping used).
+
+    With ``grid`` (a ``QuantGrid``), each kept weight is also rounded to the grid when its column is
+    processed and the rounding error is spread like a pruning error (GPTQ; SparseGPT section 4); the
+    return is then (new W, keep-mask, damping, scales ``[out, n_groups]``), every kept weight exactly
+    ``q * scale`` in float32 and every pruned one 0. The scales are fixed before the rounding sweep, by
+    a first grid-free sweep: max |w| over each group's kept weights there. (Scales taken from the current
+    weights when the sweep reaches a group's first column undershoot: the pruning updates that follow grow
+    the kept weights past them, and the clamping lost to prune-then-round by up to 2x at 2:4, group 128.)
+    The rounding sweep's result is returned unless the first sweep's weights rounded to nearest (what
+    ``round_to_nearest`` gives) have a smaller tr(D H D^T), so the answer is never worse than
+    prune-then-round on the calibration data. Costs two sweeps. ``grid=None`` is SparseGPT exactly as before.
     """
+    if grid is not None and not isinstance(grid, QuantGrid):
+        raise SparsityError(f"grid must be a QuantGrid(bits, group_size) or None, got {type(grid).__name__}")
     W = weight.float().clone(memory_format=torch.contiguous_format)  # [out, in]
     H = hessian.float().clone(memory_format=torch.contiguous_format)  # [in, in]
     rows, cols = W.shape
+    if grid is not None:
+        grid.width(cols)  # a group wider than the layer is an error before any work
     dead = torch.diagonal(H) <= 0  # inputs that were always zero: no information, prune them first
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
@@ -108,6 +138,39 @@ def sparsegpt_solve(weight: torch.Tensor, hessian: torch.Tensor, density: float,
     if pattern.kind == "nm":
         block_size = max(pattern.m, block_size - block_size % pattern.m)
     counts = _prune_counts(rows, cols, density, block_size)
+    if grid is None:
+        keep = _sweep(W, U, pattern, block_size, counts)
+        return _finite_or_masked(W, weight, keep), keep, used_damp
+    W0 = W.clone()
+    keep0 = _sweep(W0, U, pattern, block_size, counts)  # where the weights go without rounding
+    W0 = _finite_or_masked(W0, weight, keep0)
+    scales = group_scales(W0, keep0, grid)  # [out, n_groups]
+    full = expand_scales(scales, grid.width(cols), cols)  # [out, in]
+    keep = _sweep(W, U, pattern, block_size, counts, (full, grid.qmax))
+    rounded = quantize_column(W0, full, grid.qmax)  # the candidate without error feedback: round_to_nearest
+    if not torch.isfinite(W).all() or _output_error(weight, W, hessian) > _output_error(weight, rounded, hessian):
+        W, keep = rounded, keep0
+    return W, keep, used_damp, scales
+
+
+def _output_error(weight: torch.Tensor, new_w: torch.Tensor, hessian: torch.Tensor) -> float:
+    """tr(D H D^T) for D = W - W': the calibration outputs' squared error, up to the factor 2/n."""
+    diff = weight.float() - new_w
+    return float(((diff @ hessian.float()) * diff).sum())
+
+
+def _finite_or_masked(W: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``W``, or when the sweep produced inf/NaN the OBS-selected mask on the original weights, without updates."""
+    if torch.isfinite(W).all():
+        return W
+    return torch.nan_to_num(weight.float() * keep, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _sweep(W: torch.Tensor, U: torch.Tensor, pattern: Pattern, block_size: int, counts: list[int],
+           quant: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+    """The SparseGPT sweep over ``W`` in place (pruned weights end 0); returns the keep-mask. With ``quant`` =
+    (scale per weight ``[out, in]``, qmax), each kept weight is rounded to its grid as its column is processed."""
+    rows, cols = W.shape
     keep = torch.ones_like(W, dtype=torch.bool)
     for k, i1 in enumerate(range(0, cols, block_size)):
         i2 = min(i1 + block_size, cols)
@@ -124,7 +187,8 @@ def sparsegpt_solve(weight: torch.Tensor, hessian: torch.Tensor, density: float,
                 j = slice(i, i + pattern.m)
                 prune1[:, j] = ~row_topk_mask(W1[:, j].square() / diag1[:, j], 0.0, pattern)
             w = W1[:, i]  # [out]
-            q = torch.where(prune1[:, i], torch.zeros_like(w), w)
+            kept = w if quant is None else quantize_column(w, quant[0][:, i1 + i], quant[1])
+            q = torch.where(prune1[:, i], torch.zeros_like(w), kept)
             e = (w - q) / U1[i, i]  # [out]
             W1[:, i:] -= e[:, None] * U1[i, i:][None, :]
             W1[:, i] = q
@@ -133,7 +197,4 @@ def sparsegpt_solve(weight: torch.Tensor, hessian: torch.Tensor, density: float,
         W[:, i2:] -= err1 @ U[i1:i2, i2:]
         keep[:, i1:i2] = ~prune1
     W[~keep] = 0.0
-    if not torch.isfinite(W).all():  # never hand back NaN: fall back to the OBS-selected mask without updates
-        W = weight.float() * keep
-        W = torch.nan_to_num(W, nan=0.0, posinf=0.0, neginf=0.0)
-    return W, keep, used_damp
+    return keep
