@@ -324,3 +324,37 @@ def test_lossy_int4_rows_without_a_grid(tmp_path):
     assert torch.equal(fresh[0].bias, layer[0].bias) and get_quant_grid(fresh[0]) is None  # vectors exact
     assert torch.equal(get_mask(fresh[0]), get_mask(layer[0]))
     assert os.path.getsize(path) < os.path.getsize(sparsetorch.save(layer, tmp_path / "q8.safetensors", values="int8"))
+
+
+@pytest.mark.parametrize("method,bits,group", [("sparsegpt", 8, None), ("sparsegpt", 4, 16), ("wanda", 4, None)])
+def test_prune_oneshot_bits_puts_kept_weights_on_the_grid_and_saves_exactly(tmp_path, method, bits, group):
+    import sparsetorch
+    from sparsetorch.core.masks import iter_masks
+    from sparsetorch.core.quant_grid import get_quant_grid
+    from sparsetorch.oneshot import prune_oneshot
+    from sparsetorch.oneshot.conformance import tiny_calibration, tiny_lm
+
+    model = tiny_lm()
+    prune_oneshot(model, tiny_calibration(), method=method, sparsity=0.5, bits=bits, group_size=group, progress=False)
+    assert model.sparsetorch_stats.bits == bits
+    for item in iter_masks(model):
+        state = get_quant_grid(item.module)
+        assert state is not None and state.grid.bits == bits
+        codes, off = grid_codes(item.module.weight.detach(), state.scales, state.grid)
+        assert off == 0 and int(codes.abs().max()) <= state.grid.qmax
+    path = tmp_path / "m.safetensors"
+    sparsetorch.save(model, path, values="grid")
+    fresh = tiny_lm(seed=1)
+    sparsetorch.load(path, fresh)
+    for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_bits_needs_float32_and_group_size_needs_bits():
+    from sparsetorch.oneshot import prune_oneshot
+    from sparsetorch.oneshot.conformance import tiny_calibration, tiny_lm
+
+    with pytest.raises(SparsityError, match="pass bits"):
+        prune_oneshot(tiny_lm(), tiny_calibration(), method="wanda", group_size=16)
+    with pytest.raises(SparsityError, match="float32"):
+        prune_oneshot(tiny_lm().to(torch.bfloat16), tiny_calibration(), method="wanda", bits=8)

@@ -28,6 +28,7 @@ from .drivers import Job, forward_error, run_one_pass, run_sequential
 from .layer_pruner import METHOD_NEEDS, LayerPruner, Recipe
 from .linear_layers import is_linear_like, weight_2d
 from .owl import OWL
+from .quantize import QuantGrid
 from .results import LayerResult, OneshotStats
 
 __all__ = ["prune_oneshot", "wanda", "sparsegpt", "ria", "OneshotStats", "LayerResult", "METHODS", "OWL"]
@@ -46,6 +47,8 @@ def prune_oneshot(
     pattern: str | Pattern = "unstructured",
     distribution: str | OWL = "uniform",
     permute: bool = False,
+    bits: int | None = None,
+    group_size: int | None = None,
     include: str | type | Iterable[str | type] | None = None,
     exclude: str | type | Iterable[str | type] | None = None,
     skip: str | Iterable[str] | None = None,
@@ -78,6 +81,11 @@ def prune_oneshot(
             input-channel permutation (large weights spread over different groups). Weights are not
             moved: the mask is N:M along the recorded order (``core.masks.get_input_order``), so the
             model computes exactly what the masked dense model computes.
+        bits, group_size: quantize the kept weights onto a symmetric int8 (``bits=8``) or int4 grid with one
+            scale per output row and ``group_size`` inputs (None: per row). SparseGPT chooses the mask and
+            the quantization in the same pass (GPTQ error feedback); other methods prune, then round to
+            nearest. The grid is remembered on each layer, so ``sparsetorch.save(model, path,
+            values="grid")`` stores the integer codes exactly (int4: two per byte).
         include, exclude: which Linear layers to prune, with the same rule as ``sparsetorch.prune``:
             module types or full-name globs (``"*attn*"``, ``"blocks.*.fc1"``). By default every
             Linear layer except the final classifier/lm_head; naming the head in ``include``
@@ -99,7 +107,7 @@ def prune_oneshot(
     calibration data is invalid.
     """
     started = time.perf_counter()
-    recipe = _check_args(model, method, pattern, scope, block_size, damp, permute)
+    recipe = _check_args(model, method, pattern, scope, block_size, damp, permute, bits, group_size)
     owl = _check_distribution(distribution, recipe.pattern, sparsity)
     compute = _resolve_device(device)
     include, exclude = _legacy_selection(include, exclude, skip, keep_head)
@@ -163,7 +171,7 @@ def sparsegpt(model: nn.Module, calibration: Iterable[Any], sparsity: SparsitySp
 
 # --- validation (everything is checked before the model is touched) ---------------------------------
 
-def _check_args(model, method, pattern, scope, block_size, damp, permute) -> Recipe:
+def _check_args(model, method, pattern, scope, block_size, damp, permute, bits, group_size) -> Recipe:
     if not isinstance(model, nn.Module):
         raise SparsityError(f"expected an nn.Module, got {type(model).__name__}")
     if method not in METHODS:
@@ -182,7 +190,17 @@ def _check_args(model, method, pattern, scope, block_size, damp, permute) -> Rec
     if permute and (method != "ria" or pat.kind != "nm"):
         raise SparsityError(f"permute=True is RIA's channel permutation for N:M patterns; use method='ria' with "
                             f"pattern='2:4' (or another N:M), got method={method!r}, pattern='{pat}'", permute=permute)
-    return Recipe(method, pat, scope, block_size, float(damp), bool(permute))
+    grid = None
+    if bits is not None:
+        grid = QuantGrid(bits, group_size)
+        wrong = {str(p.dtype) for p in model.parameters() if p.dim() == 2 and p.dtype != torch.float32}
+        if wrong:
+            raise SparsityError(f"bits={bits} puts the kept weights exactly on an int{bits} grid, which needs float32 "
+                                f"weights; the model has {sorted(wrong)} (load it with torch_dtype=torch.float32)",
+                                bits=bits)
+    elif group_size is not None:
+        raise SparsityError("group_size applies to quantization; pass bits=8 or bits=4 with it", group_size=group_size)
+    return Recipe(method, pat, scope, block_size, float(damp), bool(permute), grid)
 
 
 def _check_distribution(distribution, pat: Pattern, sparsity) -> OWL | None:

@@ -40,7 +40,7 @@ class Job:
     def stats_for(self, name: str) -> OneshotStats:
         r = self.pruner.recipe
         return OneshotStats(r.method, str(r.pattern), name, str(self.pruner.device),
-                            distribution="owl" if self.owl else "uniform")
+                            distribution="owl" if self.owl else "uniform", bits=r.grid.bits if r.grid else None)
 
 
 def forward_error(exc: Exception) -> SparsityError:

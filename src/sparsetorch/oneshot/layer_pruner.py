@@ -13,9 +13,11 @@ import torch
 from torch import nn
 
 from ..core.masks import set_input_order, set_mask
+from ..core.quant_grid import set_quant_grid
 from ..core.patterns import Pattern
 from . import solvers
 from .linear_layers import InputStats, is_transposed, to_param_layout, weight_2d
+from .quantize import QuantGrid, round_to_nearest
 from .ria import ria_mask
 from .results import LayerResult
 
@@ -38,6 +40,7 @@ class Recipe:
     block_size: int = 128  # SparseGPT's column block
     damp: float = 0.01  # Hessian damping, a fraction of its mean diagonal
     permute: bool = False  # RIA's input-channel permutation for N:M
+    grid: QuantGrid | None = None  # kept weights quantized: jointly by SparseGPT, else rounded to nearest
 
     @property
     def needs_data(self) -> bool:
@@ -60,11 +63,13 @@ class LayerPruner:
         t0 = time.perf_counter()
         W = weight_2d(module).detach().to(self.device, torch.float32)  # [out, in]
         result = LayerResult(name, 0.0, 0.0, numel=W.numel(), target=1.0 - density, note=note)
-        self.order = None
+        self.order, self.scales = None, None
         if stats is None or stats.count == 0:  # weights only (magnitude, or a layer no token reached)
             keep, new_w = solvers.magnitude_mask(W, density, self.recipe.pattern, self.recipe.scope or "layer"), None
         else:
             new_w, keep = self._solve(W, stats, density, result, transposed=is_transposed(module))
+        if self.recipe.grid is not None and self.scales is None:  # prune, then round to nearest
+            new_w, self.scales = round_to_nearest(W * keep if new_w is None else new_w, keep, self.recipe.grid)
         hessian = stats.hessian() if stats is not None and stats.xtx is not None and stats.count else None
         if hessian is not None:
             result.rel_error = relative_error(W, W * keep if new_w is None else new_w, hessian)
@@ -73,6 +78,8 @@ class LayerPruner:
         set_mask(module, to_param_layout(module, keep).to(module.weight.device))
         if self.order is not None:
             set_input_order(module, self.order.to(module.weight.device))
+        if self.scales is not None:
+            set_quant_grid(module, self.scales, self.recipe.grid, transposed=is_transposed(module))
         result.sparsity = 1.0 - float(keep.float().mean())
         result.seconds = time.perf_counter() - t0
         return result
@@ -92,8 +99,12 @@ class LayerPruner:
                 result.note = "Conv1D weight: pruned without the channel permutation"
             keep, self.order = ria_mask(W, stats.sq_norm, density, r.pattern, permute=permute, scope=r.scope or "row")
             return None, keep
-        new_w, keep, result.damp = solvers.sparsegpt_solve(W, stats.hessian(), density, r.pattern, r.block_size,
-                                                           r.damp)
+        if r.grid is None:
+            new_w, keep, result.damp = solvers.sparsegpt_solve(W, stats.hessian(), density, r.pattern, r.block_size,
+                                                               r.damp)
+        else:  # the mask and the quantization chosen in the same pass (SparseGPT section 4)
+            new_w, keep, result.damp, self.scales = solvers.sparsegpt_solve(
+                W, stats.hessian(), density, r.pattern, r.block_size, r.damp, grid=r.grid)
         return new_w, keep
 
 
