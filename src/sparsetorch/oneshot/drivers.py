@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import SparsityError, SparsityWarning
-from .blocks import capture_first_block
+from .blocks import capture_block_calls
 from .calibration import Calibration
 from .layer_pruner import LayerPruner
 from .linear_layers import TokenMask, attach_stats, weight_2d
@@ -106,13 +106,14 @@ class _BlockRunner:
     def __init__(self, job: Job, blocks: nn.ModuleList) -> None:
         self.job, self.blocks, self.device = job, blocks, job.pruner.device
         self.names = {id(m): n for n, m in job.model.named_modules()}
-        try:
-            self.calls = capture_first_block(job.model, blocks[0], job.calibration.run, job.calibration.samples)
+        self.index = {id(b): i for i, b in enumerate(blocks)}
+        try:  # calls[block][sample]: each block is replayed with the arguments the model gives it
+            self.calls = capture_block_calls(job.model, blocks, job.calibration.run, job.calibration.samples)
         except Exception as exc:  # noqa: BLE001 - the model is untouched so far
             raise forward_error(exc) from exc
 
     def first_inputs(self) -> list[torch.Tensor]:
-        return [c.hidden.to(self.device) for c in self.calls]  # one per sample
+        return [c.hidden.to(self.device) for c in self.calls[0]]  # one per sample
 
     def layers_of(self, block: nn.Module) -> dict[str, nn.Module]:
         return {self.names[id(m)]: m for m in block.modules() if self.names.get(id(m)) in self.job.targets}
@@ -121,7 +122,7 @@ class _BlockRunner:
         tokens = TokenMask()
         stats, handles = attach_stats(layers, self.device, hessian, tokens)
         try:
-            for call, h, mask in zip(self.calls, hidden, self.job.calibration.token_masks):
+            for call, h, mask in zip(self.calls[self.index[id(block)]], hidden, self.job.calibration.token_masks):
                 tokens.current = mask
                 call.run(block, h, self.device)
         finally:
@@ -130,7 +131,7 @@ class _BlockRunner:
         return stats
 
     def forward(self, block: nn.Module, hidden: list) -> list[torch.Tensor]:
-        return [call.run(block, h, self.device) for call, h in zip(self.calls, hidden)]
+        return [call.run(block, h, self.device) for call, h in zip(self.calls[self.index[id(block)]], hidden)]
 
 
 @torch.no_grad()
