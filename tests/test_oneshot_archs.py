@@ -7,6 +7,7 @@ from sparsetorch.core.masks import iter_masks
 from sparsetorch.oneshot import prune_oneshot
 from sparsetorch.oneshot.blocks import capture_block_calls, find_blocks, first_tensor
 from sparsetorch.oneshot.calibration import prepare_calibration
+from sparsetorch.oneshot.linear_layers import TokenMask
 
 transformers = pytest.importorskip("transformers")
 T = transformers
@@ -103,3 +104,34 @@ def test_sequential_statistics_of_later_blocks_match_one_pass(arch, monkeypatch,
     reference = {m.fqn: m.mask for m in iter_masks(b)}
     for item in iter_masks(a):
         assert torch.equal(item.mask, reference[item.fqn]), item.fqn
+
+
+# --- padding never enters the statistics (encoders; fix: flattened [batch * seq, H] inputs of MoE layers) ------------
+
+@pytest.mark.parametrize("arch", ["bert", "qwen2_moe"])
+def test_padded_calibration_gives_the_unpadded_masks(arch, one_thread):
+    """BERT's blocks take the attention mask; an MoE block flattens tokens to [batch * seq, H] before its shared
+    expert and experts. Padded positions must be dropped in both, so masks equal those of unpadded samples."""
+    g = torch.Generator().manual_seed(3)
+    ids = [torch.randint(2, VOCAB, (1, n), generator=g) for n in (9, 14, 20, 6)]
+    plain = [{"input_ids": x} for x in ids]
+    padded = [{"input_ids": torch.cat([x, torch.zeros(1, 24 - x.shape[1], dtype=torch.long)], 1),
+               "attention_mask": torch.cat([torch.ones(1, x.shape[1]), torch.zeros(1, 24 - x.shape[1])], 1).long()}
+              for x in ids]
+    a, b = _build(arch), _build(arch)
+    prune_oneshot(a, plain, method="wanda", sparsity=0.5, progress=False)
+    prune_oneshot(b, padded, method="wanda", sparsity=0.5, progress=False)
+    reference = {(m.fqn, m.name): m.mask for m in iter_masks(a)}
+    masks = list(iter_masks(b))
+    assert len(masks) == len(reference)
+    for item in masks:
+        assert torch.equal(item.mask, reference[item.fqn, item.name]), f"{item.fqn}.{item.name}"
+
+
+def test_token_mask_selects_flattened_rows():
+    tokens = TokenMask()
+    tokens.current = torch.tensor([[True, True, False], [True, False, False]])
+    x = torch.arange(6.0)[:, None].repeat(1, 4)  # [batch * seq, features]
+    assert tokens.select(x)[:, 0].tolist() == [0.0, 1.0, 3.0]
+    assert tokens.select(x.reshape(2, 3, 4))[:, 0].tolist() == [0.0, 1.0, 3.0]
+    assert tokens.select(x[:5]).shape == (5, 4)  # not the sample's tokens: kept whole
