@@ -51,7 +51,6 @@ ARCHS = {
         **{**DEC, "intermediate_size": 32}, head_dim=16, num_local_experts=4, num_experts_per_tok=2, **MIXED,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})), 24),
 }
-ENCODERS = ("bert", "roberta")
 ROUTERS = (".gate", ".router", ".shared_expert_gate")  # name endings
 
 

@@ -46,7 +46,7 @@ _DOWN_NAME = "down_proj"
 @dataclass(frozen=True)
 class FusedExperts:
     """One fused-experts module and how it computes expert ``e`` on its routed tokens ``x [n, H]``:
-    ``down(gate(x @ up[e]^T + up_bias[e])) `` with ``[E, out, in]`` weights (``transposed``: ``[E, in, out]``)."""
+    ``down(gate(x @ up[e]^T + up_bias[e]))`` with ``[E, out, in]`` weights (``transposed``: ``[E, in, out]``)."""
 
     module: nn.Module
     up: str  # "gate_up_proj" (gated: act(gate) * up) or "up_proj" (act(up))
