@@ -21,12 +21,14 @@ from torch import nn
 from ..errors import SparsityError, check_sparsity
 from ..core.patterns import Pattern, check_pattern_fits, parse_pattern
 from ..core.post_training import resolve_density
-from ..core.layer_selection import as_spec_list, final_classifier, matches_spec
+from ..core.layer_selection import as_spec_list, final_classifier
 from .blocks import blocks_chain, find_blocks
 from .calibration import prepare_calibration
 from .drivers import Job, forward_error, run_one_pass, run_sequential
+from .experts import (ExpertSlice, check_experts_understood, install_expert_masks, layer_matches, layer_module,
+                      prunable_layers, router_names)
 from .layer_pruner import METHOD_NEEDS, LayerPruner, Recipe
-from .linear_layers import is_linear_like, weight_2d
+from .linear_layers import weight_2d
 from .owl import OWL
 from .quantize import QuantGrid
 from .results import LayerResult, OneshotStats
@@ -89,7 +91,10 @@ def prune_oneshot(
         include, exclude: which Linear layers to prune, with the same rule as ``sparsetorch.prune``:
             module types or full-name globs (``"*attn*"``, ``"blocks.*.fc1"``). By default every
             Linear layer except the final classifier/lm_head; naming the head in ``include``
-            prunes it. Embeddings are not Linear and are never pruned.
+            prunes it. Embeddings are not Linear and are never pruned. Mixture-of-experts layers whose
+            experts are fused 3-D parameters (transformers 5.x) are pruned one expert at a time, each named
+            like ``"model.layers.0.mlp.experts.gate_up_proj[3]"`` (``exclude="*experts*"`` skips them);
+            their routers stay dense unless ``include`` names them (see ``oneshot.experts``).
         skip, keep_head: deprecated; ``skip=["attn"]`` is ``exclude=["*attn*"]`` and
             ``keep_head=False`` is ``include=["*"]`` (or list the head by name).
         scope: where weights compete: "layer" or "row" (per output row). Defaults: magnitude
@@ -129,6 +134,7 @@ def prune_oneshot(
             stats = job.stats_for("weights-only")
             for name, module in targets.items():
                 stats.layers.append(job.pruner.prune(name, module, None, densities[name]))
+            install_expert_masks(targets)
         else:
             found = find_blocks(model)
             if found is not None and _sequential_ok(model, found[1], calib, targets):
@@ -261,22 +267,25 @@ def _legacy_selection(include, exclude, skip, keep_head):
 
 
 def _select(model: nn.Module, include, exclude) -> dict[str, nn.Module]:
-    """Linear-like layers to prune, in module order, chosen as ``sparsetorch.prune`` does."""
-    linears = [(name, m) for name, m in model.named_modules() if is_linear_like(m)]
+    """Linear-like layers (and MoE experts, one target per expert) to prune, in module order, chosen as
+    ``sparsetorch.prune`` does; the head and MoE routers stay dense unless ``include`` names them."""
+    linears = prunable_layers(model)
     if not linears:
         raise SparsityError(f"{type(model).__name__} has no Linear layer to prune; one-shot pruning works on "
                             "nn.Linear (and transformers Conv1D) layers")
     includes, excludes = as_spec_list(include), as_spec_list(exclude)
     for spec in includes:
-        if not any(matches_spec(n, m, [spec]) for n, m in linears):
+        if not any(layer_matches(n, m, [spec]) for n, m in linears):
             raise SparsityError(f"include pattern {spec!r} matches no Linear layer; layers are named like "
                                 f"{[n for n, _ in linears[:5]]}", include=spec)
     if includes:
-        chosen = [(n, m) for n, m in linears if matches_spec(n, m, includes)]
+        chosen = [(n, m) for n, m in linears if layer_matches(n, m, includes)]
     else:
-        head = final_classifier(model, linears)
-        chosen = [(n, m) for n, m in linears if n != head]
-    chosen = {n: m for n, m in chosen if not matches_spec(n, m, excludes)}
+        dense = {final_classifier(model, [(n, m) for n, m in linears if not isinstance(m, ExpertSlice)])}
+        dense |= router_names(model)
+        chosen = [(n, m) for n, m in linears if n not in dense]
+    chosen = {n: m for n, m in chosen if not layer_matches(n, m, excludes)}
+    check_experts_understood(model, includes, excludes)
     if not chosen:
         raise SparsityError(f"no layer left to prune after include={includes} and exclude={excludes}; "
                             f"layers are named like {[n for n, _ in linears[:5]]}", exclude=excludes)
@@ -302,7 +311,7 @@ def _densities(targets: dict[str, nn.Module], sparsity: SparsitySpec, pat: Patte
 def _sequential_ok(model, blocks, calib, targets) -> bool:
     """Block-by-block processing applies if the blocks hold the targets and chain exactly."""
     inside = {id(m) for b in blocks for m in b.modules()}
-    if not any(id(m) in inside for m in targets.values()):
+    if not any(id(layer_module(m)) in inside for m in targets.values()):
         return False
     try:
         return blocks_chain(model, blocks, calib.run, calib.samples[0])

@@ -18,8 +18,10 @@ class _Stop(Exception):
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     """The model's stack of repeated blocks: the longest ModuleList of same-class, non-Linear
-    modules that each contain Linear layers (GPT-2 ``transformer.h``, OPT/Llama ``...layers``)."""
-    best = None
+    modules that each contain Linear layers (GPT-2 ``transformer.h``, OPT/Llama ``...layers``),
+    not counting lists nested inside another such list's blocks (the per-expert MLPs of an MoE
+    layer outnumber the decoder layers of a small model but are not the model's blocks)."""
+    found = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
@@ -27,6 +29,10 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
         child = module[0]
         if len(kinds) != 1 or is_linear_like(child) or not any(is_linear_like(m) for m in child.modules()):
             continue
+        found.append((name, module))
+    outer = [(n, m) for n, m in found if not any(n.startswith(f"{o}.") for o, _ in found if o != n)]
+    best = None
+    for name, module in outer:
         if best is None or len(module) > len(best[1]):
             best = (name, module)
     return best
@@ -74,6 +80,75 @@ class BlockCall:
         if self.key is None:
             return first_tensor(block(hidden, *args, **kwargs))
         return first_tensor(block(**{self.key: hidden}, **kwargs))
+
+
+def same_argument(a: Any, b: Any) -> bool:
+    """Whether two blocks were handed the same argument: the same tensor object (a model that builds
+    one attention mask or rotary table and passes it to every layer), recursively inside containers,
+    or equal plain values. Equal-valued but distinct tensors count as different: a sliding-window mask
+    can equal the full one on a short sample and not on a longer one."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return a is b
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(same_argument(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_argument(a[k], b[k]) for k in a)
+    if a is b:
+        return True
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:  # noqa: BLE001 - an object without a usable ==
+        return False
+
+
+def _same_call(a: BlockCall, b: BlockCall) -> bool:
+    return a.key == b.key and same_argument(a.args, b.args) and same_argument(a.kwargs, b.kwargs)
+
+
+def capture_block_calls(model: nn.Module, blocks: nn.ModuleList, run_model: Callable[[Any], Any],
+                        samples: list) -> list[list[BlockCall]]:
+    """How each block is called for each sample: ``calls[block][sample]`` (only block 0's calls keep
+    their hidden states; the sequential driver feeds later blocks the pruned outputs instead).
+
+    Most models pass every layer the same mask and position embeddings; then only block 0 is reached
+    (each sample stops there) and its calls serve every block. Models whose layers differ (Gemma 2/3
+    and Qwen2 alternate sliding-window and full attention, Gemma 3 also local and global rotary
+    tables) are detected on the first sample and then run through all their blocks, dense, once per
+    sample, so that each block is replayed with its own arguments."""
+    first = _capture_all(blocks, run_model, samples[0])
+    if all(_same_call(c, first[0]) for c in first[1:]):
+        rest = capture_first_block(model, blocks[0], run_model, samples[1:]) if len(samples) > 1 else []
+        return [[first[0], *rest]] * len(blocks)
+    per_sample = [first] + [_capture_all(blocks, run_model, s) for s in samples[1:]]
+    return [[calls[i] for calls in per_sample] for i in range(len(blocks))]
+
+
+def _capture_all(blocks: nn.ModuleList, run_model: Callable[[Any], Any], sample: Any) -> list[BlockCall]:
+    """Run ``sample`` through the (dense) model up to the end of its last block, recording every block's call."""
+    calls: list[BlockCall] = []
+
+    def pre(_module, args, kwargs):
+        calls.append(BlockCall(args, kwargs))
+        if len(calls) > 1:
+            calls[-1].hidden = None  # later blocks get the pruned outputs of the block before them
+
+    def post(_module, _args, _kwargs, _output):
+        raise _Stop
+
+    handles = [b.register_forward_pre_hook(pre, with_kwargs=True) for b in blocks]
+    handles.append(blocks[-1].register_forward_hook(post, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            run_model(sample)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    if len(calls) != len(blocks):
+        raise SparsityError(f"the model's forward called its {len(blocks)} blocks {len(calls)} times for one sample; "
+                            "block-by-block pruning needs each block called once")
+    return calls
 
 
 def capture_first_block(model: nn.Module, block: nn.Module, run_model: Callable[[Any], Any],

@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from ..errors import SparsityError, SparsityWarning
-from .blocks import capture_first_block
+from .blocks import capture_block_calls
 from .calibration import Calibration
 from .layer_pruner import LayerPruner
-from .linear_layers import TokenMask, attach_stats, weight_2d
+from .experts import attach_layer_stats, install_expert_masks, layer_module
+from .linear_layers import TokenMask, weight_2d
 from .owl import OWL, outlier_ratio, owl_densities
 from .results import OneshotStats
 
@@ -51,6 +52,7 @@ def forward_error(exc: Exception) -> SparsityError:
 def _no_tokens_note(name: str, out: OneshotStats) -> str:
     warnings.warn(f"{name} received no token from the calibration data (an expert nothing was routed to?); it is "
                   "pruned by magnitude instead and listed in model.sparsetorch_stats", SparsityWarning, stacklevel=4)
+    out.unrouted.append(name)
     return "no calibration tokens: pruned by magnitude"
 
 
@@ -59,6 +61,7 @@ def _prune_group(job: Job, layers: dict[str, nn.Module], stats: dict, density_of
         s = stats.get(name)
         note = _no_tokens_note(name, out) if job.pruner.recipe.needs_data and (s is None or s.count == 0) else ""
         out.layers.append(job.pruner.prune(name, module, s, density_of(name), note))
+    install_expert_masks(layers)  # expert slices' masks become one mask per fused 3-D parameter
 
 
 def _owl_ratio(layers: dict[str, nn.Module], stats: dict, owl: OWL) -> float:
@@ -79,7 +82,7 @@ def _owl_reallocate(job: Job, groups: list[list[str]], ratios: list[float], out:
 
 def run_one_pass(job: Job) -> OneshotStats:
     tokens = TokenMask()
-    stats, handles = attach_stats(job.targets, job.pruner.device, job.pruner.recipe.needs_hessian, tokens)
+    stats, handles = attach_layer_stats(job.targets, job.pruner.device, job.pruner.recipe.needs_hessian, tokens)
     try:
         with torch.no_grad():
             for sample, mask in zip(job.calibration.samples, job.calibration.token_masks):
@@ -105,23 +108,24 @@ class _BlockRunner:
 
     def __init__(self, job: Job, blocks: nn.ModuleList) -> None:
         self.job, self.blocks, self.device = job, blocks, job.pruner.device
-        self.names = {id(m): n for n, m in job.model.named_modules()}
-        try:
-            self.calls = capture_first_block(job.model, blocks[0], job.calibration.run, job.calibration.samples)
+        self.index = {id(b): i for i, b in enumerate(blocks)}
+        try:  # calls[block][sample]: each block is replayed with the arguments the model gives it
+            self.calls = capture_block_calls(job.model, blocks, job.calibration.run, job.calibration.samples)
         except Exception as exc:  # noqa: BLE001 - the model is untouched so far
             raise forward_error(exc) from exc
 
     def first_inputs(self) -> list[torch.Tensor]:
-        return [c.hidden.to(self.device) for c in self.calls]  # one per sample
+        return [c.hidden.to(self.device) for c in self.calls[0]]  # one per sample
 
     def layers_of(self, block: nn.Module) -> dict[str, nn.Module]:
-        return {self.names[id(m)]: m for m in block.modules() if self.names.get(id(m)) in self.job.targets}
+        inside = {id(m) for m in block.modules()}
+        return {n: m for n, m in self.job.targets.items() if id(layer_module(m)) in inside}
 
     def collect(self, block: nn.Module, layers: dict, hidden: list, hessian: bool) -> dict:
         tokens = TokenMask()
-        stats, handles = attach_stats(layers, self.device, hessian, tokens)
+        stats, handles = attach_layer_stats(layers, self.device, hessian, tokens)
         try:
-            for call, h, mask in zip(self.calls, hidden, self.job.calibration.token_masks):
+            for call, h, mask in zip(self.calls[self.index[id(block)]], hidden, self.job.calibration.token_masks):
                 tokens.current = mask
                 call.run(block, h, self.device)
         finally:
@@ -130,7 +134,7 @@ class _BlockRunner:
         return stats
 
     def forward(self, block: nn.Module, hidden: list) -> list[torch.Tensor]:
-        return [call.run(block, h, self.device) for call, h in zip(self.calls, hidden)]
+        return [call.run(block, h, self.device) for call, h in zip(self.calls[self.index[id(block)]], hidden)]
 
 
 @torch.no_grad()
@@ -141,8 +145,8 @@ def run_sequential(job: Job, blocks: nn.ModuleList) -> OneshotStats:
     out = job.stats_for("sequential")
     out.blocks = len(blocks)
     inside = {id(m) for b in blocks for m in b.modules()}
-    outside = {n: m for n, m in job.targets.items() if id(m) not in inside}
-    tied = [n for n, m in outside.items() if _shares_an_embedding(job.model, m)]
+    outside = {n: m for n, m in job.targets.items() if id(layer_module(m)) not in inside}
+    tied = [n for n, m in outside.items() if _shares_an_embedding(job.model, layer_module(m))]
     if tied:
         warnings.warn(f"{tied} share their weight with an embedding (tied weights) and are left dense: pruning them "
                       "would prune the embedding too", SparsityWarning, stacklevel=3)
@@ -165,11 +169,13 @@ def run_sequential(job: Job, blocks: nn.ModuleList) -> OneshotStats:
         rest = run_one_pass(replace(job, targets=outside, owl=None, densities={n: densities.get(n, job.densities[n])
                                                                                  for n in outside}))
         out.layers.extend(rest.layers)
+        out.unrouted.extend(rest.unrouted)
     return out
 
 
 def _shares_an_embedding(model: nn.Module, layer: nn.Module) -> bool:
-    return any(isinstance(m, nn.Embedding) and m.weight is layer.weight for m in model.modules())
+    weight = getattr(layer, "weight", None)
+    return weight is not None and any(isinstance(m, nn.Embedding) and m.weight is weight for m in model.modules())
 
 
 def _owl_pass(job: Job, blocks: nn.ModuleList, runner: _BlockRunner, out: OneshotStats) -> dict[str, float]:

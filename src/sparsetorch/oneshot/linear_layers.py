@@ -40,16 +40,25 @@ class TokenMask:
     """Which positions of the sample now running are real tokens (``[batch, seq]`` bool, None = all).
 
     The driver sets ``current`` before each calibration item; the statistics hooks drop the
-    padded positions of any input shaped ``[batch, seq, features]`` like it."""
+    padded positions of any input shaped ``[batch, seq, features]`` like it, or flattened to
+    ``[batch * seq, features]`` (what an MoE layer hands its shared expert and its experts)."""
 
     def __init__(self) -> None:
         self.current: torch.Tensor | None = None
+
+    def rows(self, n: int) -> torch.Tensor | None:
+        """Which of ``n`` flattened token positions are real (``[n]`` bool), None if unknown for ``n``."""
+        mask = self.current
+        return mask.reshape(-1) if mask is not None and mask.numel() == n else None
 
     def select(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., features]`` as ``[n, features]`` rows of real tokens only."""
         mask = self.current
         if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
             return x[mask.to(x.device)]
+        real = self.rows(x.shape[0]) if x.dim() == 2 else None
+        if real is not None:
+            return x[real.to(x.device)]
         return x.reshape(-1, x.shape[-1])
 
 

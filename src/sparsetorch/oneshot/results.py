@@ -33,6 +33,7 @@ class OneshotStats:
     refine: str | None = None
     bits: int | None = None
     outlier_ratios: list[float] = field(default_factory=list)  # OWL: one per block (or layer)
+    unrouted: list[str] = field(default_factory=list)  # layers/experts no calibration token reached
     layers: list[LayerResult] = field(default_factory=list)
 
     @property

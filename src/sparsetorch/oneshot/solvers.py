@@ -13,7 +13,7 @@ import torch
 from ..core.patterns import Pattern
 from ..errors import SparsityError
 from ..core.quant_grid import expand_scales
-from .quantize import QuantGrid, group_scales, quantize_column, round_to_nearest
+from .quantize import QuantGrid, group_scales, quantize_column
 
 __all__ = ["magnitude_mask", "wanda_mask", "sparsegpt_solve", "row_topk_mask", "inverse_hessian_cholesky"]
 
