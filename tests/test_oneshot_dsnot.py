@@ -147,3 +147,32 @@ def test_bad_arguments():
         dsnot_refine(W0, W0, keep, pattern="block:2x2", n_tokens=4, **stats)
     with pytest.raises(SparsityError, match="divisible"):
         dsnot_refine(W0, W0, keep, pattern="2:3", n_tokens=4, **stats)
+
+
+def test_prune_oneshot_refine_dsnot_never_worsens_any_layer():
+    import copy
+
+    from sparsetorch.core.masks import iter_masks
+    from sparsetorch.models import MLP
+    from sparsetorch.oneshot import prune_oneshot
+
+    torch.manual_seed(0)
+    dense = MLP((64, 128, 96, 10))
+    g = torch.Generator().manual_seed(1)
+    mix = torch.randn(16, 64, generator=g)
+    calib = [torch.randn(64, 16, generator=g) @ mix + 0.1 * torch.randn(64, 64, generator=g) for _ in range(4)]
+    X = {"fc1": torch.cat(calib)}
+    X["fc2"] = torch.relu(dense.fc1(X["fc1"])).detach()
+    errors = {}
+    for refine in (None, "dsnot"):
+        model = copy.deepcopy(dense)
+        prune_oneshot(model, calib, method="wanda", sparsity=0.7, refine=refine, progress=False)
+        assert model.sparsetorch_stats.mode == "one-pass" and model.sparsetorch_stats.refine == refine
+        for item in iter_masks(model):
+            w0 = dict(dense.named_modules())[item.fqn].weight.detach()
+            x = X[item.fqn]
+            errors[(refine, item.fqn)] = float(((x @ (w0 - item.module.weight.detach()).T) ** 2).sum())
+            assert (~item.mask).sum().item() == round(0.7 * item.mask.numel())
+    for name in ("fc1", "fc2"):
+        assert errors[("dsnot", name)] <= errors[(None, name)] * (1 + 1e-5)
+    assert errors[("dsnot", "fc1")] < 0.99 * errors[(None, "fc1")]

@@ -37,6 +37,7 @@ __all__ = ["prune_oneshot", "wanda", "sparsegpt", "ria", "OneshotStats", "LayerR
 
 METHODS = tuple(METHOD_NEEDS)
 DISTRIBUTIONS = ("uniform", "owl")
+REFINEMENTS = (None, "dsnot")
 SparsitySpec = float | Mapping[str, float] | None
 
 
@@ -49,6 +50,7 @@ def prune_oneshot(
     pattern: str | Pattern = "unstructured",
     distribution: str | OWL = "uniform",
     permute: bool = False,
+    refine: str | None = None,
     bits: int | None = None,
     group_size: int | None = None,
     include: str | type | Iterable[str | type] | None = None,
@@ -83,6 +85,9 @@ def prune_oneshot(
             input-channel permutation (large weights spread over different groups). Weights are not
             moved: the mask is N:M along the recorded order (``core.masks.get_input_order``), so the
             model computes exactly what the masked dense model computes.
+        refine: "dsnot" refines the method's mask without training (DSnoT, Zhang et al. 2024): per row,
+            swap a pruned weight back in (at its dense value) for a kept one, proposed by the paper's
+            rules and taken only if it lowers the layer's exact reconstruction error. Any method, any pattern.
         bits, group_size: quantize the kept weights onto a symmetric int8 (``bits=8``) or int4 grid with one
             scale per output row and ``group_size`` inputs (None: per row). SparseGPT chooses the mask and
             the quantization in the same pass (GPTQ error feedback); other methods prune, then round to
@@ -112,7 +117,7 @@ def prune_oneshot(
     calibration data is invalid.
     """
     started = time.perf_counter()
-    recipe = _check_args(model, method, pattern, scope, block_size, damp, permute, bits, group_size)
+    recipe = _check_args(model, method, pattern, scope, block_size, damp, permute, bits, group_size, refine)
     owl = _check_distribution(distribution, recipe.pattern, sparsity)
     compute = _resolve_device(device)
     include, exclude = _legacy_selection(include, exclude, skip, keep_head)
@@ -177,7 +182,7 @@ def sparsegpt(model: nn.Module, calibration: Iterable[Any], sparsity: SparsitySp
 
 # --- validation (everything is checked before the model is touched) ---------------------------------
 
-def _check_args(model, method, pattern, scope, block_size, damp, permute, bits, group_size) -> Recipe:
+def _check_args(model, method, pattern, scope, block_size, damp, permute, bits, group_size, refine) -> Recipe:
     if not isinstance(model, nn.Module):
         raise SparsityError(f"expected an nn.Module, got {type(model).__name__}")
     if method not in METHODS:
@@ -206,7 +211,9 @@ def _check_args(model, method, pattern, scope, block_size, damp, permute, bits, 
                                 bits=bits)
     elif group_size is not None:
         raise SparsityError("group_size applies to quantization; pass bits=8 or bits=4 with it", group_size=group_size)
-    return Recipe(method, pat, scope, block_size, float(damp), bool(permute), grid)
+    if refine not in REFINEMENTS:
+        raise SparsityError(f"unknown refine {refine!r}; choose one of {list(REFINEMENTS)}", refine=refine)
+    return Recipe(method, pat, scope, block_size, float(damp), bool(permute), grid, refine)
 
 
 def _check_distribution(distribution, pat: Pattern, sparsity) -> OWL | None:

@@ -41,7 +41,8 @@ class Job:
     def stats_for(self, name: str) -> OneshotStats:
         r = self.pruner.recipe
         return OneshotStats(r.method, str(r.pattern), name, str(self.pruner.device),
-                            distribution="owl" if self.owl else "uniform", bits=r.grid.bits if r.grid else None)
+                            distribution="owl" if self.owl else "uniform", bits=r.grid.bits if r.grid else None,
+                            refine=r.refine)
 
 
 def forward_error(exc: Exception) -> SparsityError:

@@ -17,6 +17,7 @@ from ..core.quant_grid import set_quant_grid
 from ..core.patterns import Pattern
 from . import solvers
 from .linear_layers import InputStats, is_transposed, to_param_layout, weight_2d
+from .dsnot import dsnot_refine
 from .quantize import QuantGrid, round_to_nearest
 from .ria import ria_mask
 from .results import LayerResult
@@ -41,14 +42,15 @@ class Recipe:
     damp: float = 0.01  # Hessian damping, a fraction of its mean diagonal
     permute: bool = False  # RIA's input-channel permutation for N:M
     grid: QuantGrid | None = None  # kept weights quantized: jointly by SparseGPT, else rounded to nearest
+    refine: str | None = None  # "dsnot": prune-and-grow swaps after the method, before quantization
 
     @property
     def needs_data(self) -> bool:
-        return METHOD_NEEDS[self.method][0]
+        return METHOD_NEEDS[self.method][0] or self.refine is not None
 
     @property
-    def needs_hessian(self) -> bool:
-        return METHOD_NEEDS[self.method][1]
+    def needs_hessian(self) -> bool:  # DSnoT accepts a swap only if it lowers the exact error, from H
+        return METHOD_NEEDS[self.method][1] or self.refine is not None
 
 
 class LayerPruner:
@@ -68,6 +70,8 @@ class LayerPruner:
             keep, new_w = solvers.magnitude_mask(W, density, self.recipe.pattern, self.recipe.scope or "layer"), None
         else:
             new_w, keep = self._solve(W, stats, density, result, transposed=is_transposed(module))
+        if self.recipe.refine is not None and stats is not None and stats.count:
+            new_w, keep = self._refine(W, new_w, keep, stats, result)
         if self.recipe.grid is not None and self.scales is None:  # prune, then round to nearest
             new_w, self.scales = round_to_nearest(W * keep if new_w is None else new_w, keep, self.recipe.grid)
         hessian = stats.hessian() if stats is not None and stats.xtx is not None and stats.count else None
@@ -83,6 +87,22 @@ class LayerPruner:
         result.sparsity = 1.0 - float(keep.float().mean())
         result.seconds = time.perf_counter() - t0
         return result
+
+    def _refine(self, W: torch.Tensor, new_w: torch.Tensor | None, keep: torch.Tensor, stats: InputStats,
+                result: LayerResult) -> tuple[torch.Tensor, torch.Tensor]:
+        """DSnoT on the method's result: swaps that lower ||(W - W')X||^2, regrown weights at their dense value."""
+        current = W * keep if new_w is None else new_w
+        p = self.order if self.order is not None else slice(None)  # N:M groups along RIA's input order
+        refined, kept, info = dsnot_refine(W[:, p], current[:, p], keep[:, p], x_mean=stats.mean()[p],
+                                           x_sq_norm=stats.sq_norm[p], hessian=stats.hessian()[p][:, p],
+                                           pattern=self.recipe.pattern)
+        if self.order is not None:
+            refined, keep = torch.empty_like(refined).index_copy_(1, self.order, refined), \
+                torch.empty_like(kept).index_copy_(1, self.order, kept)
+        else:
+            keep = kept
+        result.note = (result.note + "; " if result.note else "") + f"dsnot: {info['swaps']} swaps"
+        return refined, keep
 
     def _solve(self, W: torch.Tensor, stats: InputStats, density: float, result: LayerResult,
                transposed: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -100,6 +120,9 @@ class LayerPruner:
             keep, self.order = ria_mask(W, stats.sq_norm, density, r.pattern, permute=permute, scope=r.scope or "row")
             return None, keep
         if r.grid is None:
+            new_w, keep, result.damp = solvers.sparsegpt_solve(W, stats.hessian(), density, r.pattern, r.block_size,
+                                                               r.damp)
+        elif r.refine is not None:  # quantize after DSnoT has moved the mask (a regrown weight is off the grid)
             new_w, keep, result.damp = solvers.sparsegpt_solve(W, stats.hessian(), density, r.pattern, r.block_size,
                                                                r.damp)
         else:  # the mask and the quantization chosen in the same pass (SparseGPT section 4)
