@@ -258,6 +258,7 @@ def main() -> int:
     p.add_argument("--eval-windows", type=int, default=256)
     p.add_argument("--specs", nargs="+", default=SPECS, help="configurations (see benchmarks/oneshot_specs.py)")
     p.add_argument("--settings", nargs="+", default=[lab for lab, *_ in SETTINGS], help="sparsities/patterns")
+    p.add_argument("--append", action="store_true", help="merge these rows into the model's existing results file")
     p.add_argument("--gpt2-small", action="store_true", help="instead: time SparseGPT on a 124M GPT-2 on CPU")
     p.add_argument("--gpt2-nsamples", type=int, default=128)
     p.add_argument("--gpt2-specs", nargs="+", default=["sparsegpt", "magnitude", "wanda", "ria", "alps", "wanda+owl",
@@ -278,11 +279,18 @@ def main() -> int:
     if args.gpt2_small:
         result, path = {**meta, "gpt2_small": run_gpt2_small(args)}, HERE / "results" / "oneshot_gpt2_small.json"
     else:
+        path = HERE / "results" / f"oneshot_{args.model}.json"
         result = {**meta, **run_table(args)}
         if args.train_only:
             return 0
+        if args.append and path.is_file():  # add these specs' rows to an earlier run of the same model
+            old = json.loads(path.read_text())
+            assert old["dense_loss"] == result["dense_loss"], "--append needs the same model and evaluation windows"
+            new_keys = {(r["setting"], r["spec"]) for r in result["rows"]}
+            result["rows"] = [r for r in old["rows"] if (r["setting"], r["spec"]) not in new_keys] + \
+                [r for r in result["rows"] if r["spec"] != "dense" or not any(o["spec"] == "dense" for o in old["rows"])]
+            result["commands"] = old.get("commands", [old["command"]]) + [meta["command"]]
         result["targets"] = summarize(result)
-        path = HERE / "results" / f"oneshot_{args.model}.json"
     path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path.relative_to(HERE.parent)}")
     return 0

@@ -58,3 +58,20 @@ def test_prune_lm_uses_the_folders_tokenizer(model_dir):
     assert main(["prune-lm", str(model_dir / "tiny"), "--method", "wanda", "--calibration", str(model_dir / "calib.txt"),
                  "--out", str(out), "--nsamples", "4", "--seqlen", "8"]) == 0
     assert (out / "tokenizer.json").is_file()
+
+
+def test_prune_lm_owl_dsnot_int4(model_dir):
+    import sparsetorch
+    from sparsetorch.core.quant_grid import get_quant_grid
+
+    out = model_dir / "owl"
+    rc = main(["prune-lm", str(model_dir / "tiny"), "--method", "wanda", "--sparsity", "0.6", "--distribution", "owl",
+               "--refine", "dsnot", "--bits", "4", "--group-size", "32", "--calibration", str(model_dir / "calib.txt"),
+               "--out", str(out), "--nsamples", "4", "--seqlen", "32"])
+    assert rc == 0
+    stats = json.loads((out / "oneshot.json").read_text())
+    assert stats["distribution"] == "owl" and stats["refine"] == "dsnot" and stats["bits"] == 4
+    assert len({round(r["target"], 6) for r in stats["layers"]}) == 2  # one sparsity per block
+    model = transformers.GPT2LMHeadModel.from_pretrained(out)
+    sparsetorch.load(out / "sparsetorch.safetensors", model)
+    assert get_quant_grid(model.transformer.h[0].mlp.c_fc).grid.bits == 4

@@ -21,6 +21,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--distribution", choices=list(DISTRIBUTIONS), default="uniform",
                    help="layer-wise sparsity: uniform, or owl (more weights kept where activations have outliers)")
     p.add_argument("--permute", action="store_true", help="RIA's input-channel permutation (N:M patterns only)")
+    p.add_argument("--refine", choices=["dsnot"], default=None, help="refine the mask without training (DSnoT)")
+    p.add_argument("--bits", type=int, choices=[4, 8], default=None,
+                   help="quantize the kept weights onto an int8/int4 grid (SparseGPT: jointly with the mask)")
+    p.add_argument("--group-size", type=int, default=None, help="inputs per quantization scale (default: per row)")
     p.add_argument("--sparsity", type=float, default=None,
                    help="fraction of weights removed per layer (default 0.5; N:M patterns fix it)")
     p.add_argument("--pattern", default="unstructured", help="'unstructured' or N:M, e.g. 2:4 (default %(default)s)")
@@ -97,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
     sparsity = args.sparsity if args.sparsity is not None else (None if ":" in args.pattern else 0.5)
     exclude = skip_to_exclude(args.skip) if args.skip else None
     model = prune_oneshot(model, calib, method=args.method, sparsity=sparsity, pattern=args.pattern,
-                          distribution=args.distribution, permute=args.permute,
+                          distribution=args.distribution, permute=args.permute, refine=args.refine,
+                          bits=args.bits, group_size=args.group_size,
                           exclude=exclude, block_size=args.block_size, damp=args.damp, device=args.device)
     stats = model.sparsetorch_stats
     out.mkdir(parents=True, exist_ok=True)
@@ -106,8 +111,9 @@ def run(args: argparse.Namespace) -> int:
         from transformers import AutoTokenizer
 
         AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
-    save(model, out / "sparsetorch.safetensors", metadata={"oneshot": {"method": args.method, "pattern": args.pattern,
-                                                                             "distribution": args.distribution}})
+    save(model, out / "sparsetorch.safetensors", values="grid" if args.bits else "fp32", metadata={"oneshot": {"method": args.method, "pattern": args.pattern,
+                                                                             "distribution": args.distribution,
+                                                                             "refine": args.refine, "bits": args.bits}})
     (out / "oneshot.json").write_text(json.dumps(stats.to_dict(), indent=2))
     print(f"{'layer':48s} {'sparsity':>8s} {'seconds':>8s}")
     for r in stats.layers:
