@@ -66,15 +66,16 @@ class LayerPruner:
         W = weight_2d(module).detach().to(self.device, torch.float32)  # [out, in]
         result = LayerResult(name, 0.0, 0.0, numel=W.numel(), target=1.0 - density, note=note)
         self.order, self.scales = None, None
-        if stats is None or stats.count == 0:  # weights only (magnitude, or a layer no token reached)
+        has_data = stats is not None and stats.count > 0
+        hessian = stats.hessian() if has_data and stats.xtx is not None else None  # [in, in], once per layer
+        if not has_data:  # weights only (magnitude, or a layer no token reached)
             keep, new_w = solvers.magnitude_mask(W, density, self.recipe.pattern, self.recipe.scope or "layer"), None
         else:
-            new_w, keep = self._solve(W, stats, density, result, transposed=is_transposed(module))
-        if self.recipe.refine is not None and stats is not None and stats.count:
-            new_w, keep = self._refine(W, new_w, keep, stats, result)
+            new_w, keep = self._solve(W, stats, hessian, density, result, transposed=is_transposed(module))
+        if self.recipe.refine is not None and has_data:
+            new_w, keep = self._refine(W, new_w, keep, stats, hessian, result)
         if self.recipe.grid is not None and self.scales is None:  # prune, then round to nearest
             new_w, self.scales = round_to_nearest(W * keep if new_w is None else new_w, keep, self.recipe.grid)
-        hessian = stats.hessian() if stats is not None and stats.xtx is not None and stats.count else None
         if hessian is not None:
             result.rel_error = relative_error(W, W * keep if new_w is None else new_w, hessian)
         if new_w is not None:
@@ -89,12 +90,12 @@ class LayerPruner:
         return result
 
     def _refine(self, W: torch.Tensor, new_w: torch.Tensor | None, keep: torch.Tensor, stats: InputStats,
-                result: LayerResult) -> tuple[torch.Tensor, torch.Tensor]:
+                hessian: torch.Tensor, result: LayerResult) -> tuple[torch.Tensor, torch.Tensor]:
         """DSnoT on the method's result: swaps that lower ||(W - W')X||^2, regrown weights at their dense value."""
         current = W * keep if new_w is None else new_w
         p = self.order if self.order is not None else slice(None)  # N:M groups along RIA's input order
         refined, kept, info = dsnot_refine(W[:, p], current[:, p], keep[:, p], x_mean=stats.mean()[p],
-                                           x_sq_norm=stats.sq_norm[p], hessian=stats.hessian()[p][:, p],
+                                           x_sq_norm=stats.sq_norm[p], hessian=hessian[p][:, p],
                                            pattern=self.recipe.pattern)
         if self.order is not None:
             refined, keep = torch.empty_like(refined).index_copy_(1, self.order, refined), \
@@ -104,8 +105,8 @@ class LayerPruner:
         result.note = (result.note + "; " if result.note else "") + f"dsnot: {info['swaps']} swaps"
         return refined, keep
 
-    def _solve(self, W: torch.Tensor, stats: InputStats, density: float, result: LayerResult,
-               transposed: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def _solve(self, W: torch.Tensor, stats: InputStats, hessian: torch.Tensor | None, density: float,
+               result: LayerResult, transposed: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(new weights or None when only masked, keep-mask) for the recipe's method."""
         r = self.recipe
         if r.method == "magnitude":
@@ -119,15 +120,12 @@ class LayerPruner:
                 result.note = "Conv1D weight: pruned without the channel permutation"
             keep, self.order = ria_mask(W, stats.sq_norm, density, r.pattern, permute=permute, scope=r.scope or "row")
             return None, keep
-        if r.grid is None:
-            new_w, keep, result.damp = solvers.sparsegpt_solve(W, stats.hessian(), density, r.pattern, r.block_size,
-                                                               r.damp)
-        elif r.refine is not None:  # quantize after DSnoT has moved the mask (a regrown weight is off the grid)
-            new_w, keep, result.damp = solvers.sparsegpt_solve(W, stats.hessian(), density, r.pattern, r.block_size,
-                                                               r.damp)
+        # with DSnoT, quantization waits until the mask has moved (a regrown weight is off the grid)
+        if r.grid is None or r.refine is not None:
+            new_w, keep, result.damp = solvers.sparsegpt_solve(W, hessian, density, r.pattern, r.block_size, r.damp)
         else:  # the mask and the quantization chosen in the same pass (SparseGPT section 4)
             new_w, keep, result.damp, self.scales = solvers.sparsegpt_solve(
-                W, stats.hessian(), density, r.pattern, r.block_size, r.damp, grid=r.grid)
+                W, hessian, density, r.pattern, r.block_size, r.damp, grid=r.grid)
         return new_w, keep
 
 
