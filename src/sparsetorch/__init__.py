@@ -42,6 +42,7 @@ _LAZY = {
     "wanda": "oneshot.api:wanda",
     "sparsegpt": "oneshot.api:sparsegpt",
     "ria": "oneshot.api:ria",
+    "alps": "oneshot.api:alps",
     "prune_oneshot": "oneshot.api:prune_oneshot",
     "export_onnx": "export.onnx:export_onnx",
     "to_sparse_training": "sparse_training.layer_swap:to_sparse_training",

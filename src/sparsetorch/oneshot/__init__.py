@@ -1,5 +1,6 @@
-"""One-shot pruning of trained models from calibration data: SparseGPT, Wanda and magnitude,
-unstructured or N:M, block by block for transformers. See ``prune_oneshot``.
+"""One-shot pruning of trained models from calibration data: magnitude, Wanda, RIA, SparseGPT and
+ALPS, uniform or OWL sparsity, unstructured or N:M, DSnoT refinement and joint int8/int4
+quantization, block by block for transformers (MoE experts included). See ``prune_oneshot``.
 
     import sparsetorch
     calib = [ids[i : i + 512][None] for i in range(0, 128 * 512, 512)]    # token-id tensors
@@ -9,10 +10,10 @@ unstructured or N:M, block by block for transformers. See ``prune_oneshot``.
 
 or from the shell: ``sparsetorch prune-lm MODEL_DIR --method sparsegpt --pattern 2:4 --calibration FILE --out DIR``.
 """
-from .api import METHODS, prune_oneshot, ria, sparsegpt, wanda
+from .api import METHODS, alps, prune_oneshot, ria, sparsegpt, wanda
 from .owl import OWL, outlier_ratio, owl_densities
 from .results import LayerResult, OneshotStats
 from .solvers import magnitude_mask, sparsegpt_solve, wanda_mask
 
-__all__ = ["prune_oneshot", "wanda", "sparsegpt", "ria", "OneshotStats", "LayerResult", "METHODS", "OWL",
+__all__ = ["prune_oneshot", "wanda", "sparsegpt", "ria", "alps", "OneshotStats", "LayerResult", "METHODS", "OWL",
            "magnitude_mask", "wanda_mask", "sparsegpt_solve", "outlier_ratio", "owl_densities"]

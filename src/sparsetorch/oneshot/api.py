@@ -33,7 +33,7 @@ from .owl import OWL
 from .quantize import QuantGrid
 from .results import LayerResult, OneshotStats
 
-__all__ = ["prune_oneshot", "wanda", "sparsegpt", "ria", "OneshotStats", "LayerResult", "METHODS", "OWL"]
+__all__ = ["prune_oneshot", "wanda", "sparsegpt", "ria", "alps", "OneshotStats", "LayerResult", "METHODS", "OWL"]
 
 METHODS = tuple(METHOD_NEEDS)
 DISTRIBUTIONS = ("uniform", "owl")
@@ -71,8 +71,9 @@ def prune_oneshot(
             dicts of them (``{"input_ids": ..., "attention_mask": ...}``: padded positions never enter
             the statistics), or for a plain module any tensor/tuple it takes. Not needed for
             ``method="magnitude"``.
-        method: "sparsegpt" (OBS weight updates), "wanda" (|W| * ||X||), "ria" (relative importance
-            times ||X||^0.5, Zhang et al. 2024) or "magnitude" (|W|).
+        method: "sparsegpt" (OBS weight updates), "alps" (ADMM + conjugate gradients on the same
+            layer-wise problem, Meng et al. 2024: stronger at high sparsity), "wanda" (|W| * ||X||),
+            "ria" (relative importance times ||X||^0.5, Zhang et al. 2024) or "magnitude" (|W|).
         sparsity: fraction removed per layer, or a dict of name globs to sparsities, e.g.
             ``{"attn": 0.4, "mlp": 0.6}`` (a key without ``*?[`` matches as a substring; the first
             matching key wins; every pruned layer must match one). N:M patterns fix it at 1 - N/M.
@@ -163,6 +164,13 @@ def ria(model: nn.Module, calibration: Iterable[Any], sparsity: SparsitySpec = 0
     ``permute=True`` adds its channel permutation for N:M. See ``prune_oneshot``."""
     return prune_oneshot(model, calibration, method="ria", sparsity=sparsity, pattern=pattern, permute=permute,
                          **kwargs)
+
+
+def alps(model: nn.Module, calibration: Iterable[Any], sparsity: SparsitySpec = 0.5,
+         pattern: str | Pattern = "unstructured", **kwargs):
+    """ALPS (Meng et al. 2024): the layer-wise reconstruction problem solved by ADMM with a growing
+    penalty, then conjugate gradients on the final support. See ``prune_oneshot``."""
+    return prune_oneshot(model, calibration, method="alps", sparsity=sparsity, pattern=pattern, **kwargs)
 
 
 def wanda(model: nn.Module, calibration: Iterable[Any], sparsity: SparsitySpec = 0.5,

@@ -17,6 +17,7 @@ from ..core.quant_grid import set_quant_grid
 from ..core.patterns import Pattern
 from . import solvers
 from .linear_layers import InputStats, is_transposed, to_param_layout, weight_2d
+from .alps import alps_solve
 from .dsnot import dsnot_refine
 from .quantize import QuantGrid, round_to_nearest
 from .ria import ria_mask
@@ -28,6 +29,7 @@ METHOD_NEEDS = {
     "wanda": (True, False),
     "ria": (True, False),
     "sparsegpt": (True, True),
+    "alps": (True, True),
 }
 
 
@@ -120,6 +122,10 @@ class LayerPruner:
                 result.note = "Conv1D weight: pruned without the channel permutation"
             keep, self.order = ria_mask(W, stats.sq_norm, density, r.pattern, permute=permute, scope=r.scope or "row")
             return None, keep
+        if r.method == "alps":  # ADMM + PCG on the support; a grid is applied after (round to nearest)
+            new_w, keep, info = alps_solve(W, hessian, density, r.pattern, damp=r.damp)
+            result.damp = info["damp"]
+            return new_w, keep
         # with DSnoT, quantization waits until the mask has moved (a regrown weight is off the grid)
         if r.grid is None or r.refine is not None:
             new_w, keep, result.damp = solvers.sparsegpt_solve(W, hessian, density, r.pattern, r.block_size, r.damp)

@@ -24,7 +24,8 @@ __all__ = ["parse_spec", "uses_data", "CONFORMANCE_SPECS", "NM_ONLY_SPECS"]
 # every score, solver, distribution, refinement and quantization, each checked by the conformance suite
 CONFORMANCE_SPECS = ("magnitude", "magnitude/row", "wanda", "ria", "sparsegpt", "wanda+owl", "sparsegpt+owl",
                      "ria+owl", "sparsegpt+int8", "sparsegpt+int4g16", "wanda+int4", "wanda+dsnot", "sparsegpt+dsnot",
-                     "wanda+owl+dsnot", "magnitude+dsnot", "sparsegpt+dsnot+int8")
+                     "wanda+owl+dsnot", "magnitude+dsnot", "sparsegpt+dsnot+int8", "alps", "alps+owl", "alps+dsnot",
+                     "alps+int8")
 NM_ONLY_SPECS = ("ria+perm", "ria+perm+dsnot")  # checked with N:M patterns only
 
 
