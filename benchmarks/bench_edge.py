@@ -116,7 +116,7 @@ def worker(kind: str, path: str, backend: str, quick: bool) -> dict:
         if kind == "torch-mlp":
             from sparsetorch.models import MLP
 
-            model = sparsetorch.load(path, MLP((64, 256, 256, 10))).eval()
+            model = sparsetorch.load(MLP((64, 256, 256, 10)), path).eval()
             x1, x256 = torch.from_numpy(g.random((1, 64), np.float32)), torch.from_numpy(g.random((256, 64), np.float32))
             result["load_s"] = time.perf_counter() - t0
             with torch.no_grad():
@@ -126,7 +126,7 @@ def worker(kind: str, path: str, backend: str, quick: bool) -> dict:
             from sparsetorch.export.edge_gpt import torch_generate
             from sparsetorch.models.gpt import GPT
 
-            model = sparsetorch.load(path, GPT()).eval()
+            model = sparsetorch.load(GPT(), path).eval()
             result["load_s"] = time.perf_counter() - t0
             result["generate_s"] = _median_time(lambda: torch_generate(model, GPT_PROMPT, GPT_NEW), 3 if quick else 5)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -97,7 +97,7 @@ def layer_rows(n: int, tmp: Path) -> list[dict]:
                 row["ratio"][f"{fmt}/{values}"] = os.path.getsize(path) / dense_bytes
                 if values == "fp32":
                     fresh = nn.Linear(n, n, bias=False)
-                    load_s, _ = best_of(lambda: sparsetorch.load(path, fresh), reps=1)
+                    load_s, _ = best_of(lambda: sparsetorch.load(fresh, path), reps=1)
                     assert torch.equal(fresh.weight, w), fmt
                     row["time"][f"{fmt}/save"], row["time"][f"{fmt}/load"] = t, load_s
                     if fmt != "auto":
@@ -127,7 +127,7 @@ def model_rows(tmp: Path) -> dict:
     out = {"dense_acc": dense_acc, "sparse_acc": accuracy(model, data.x_test, data.y_test), "codecs": {}}
     for values in VALUES:
         path = sparsetorch.save(model, tmp / f"model-{values}.safetensors", values=values)
-        fresh = sparsetorch.load(path, MLP((64, 256, 256, 10)))
+        fresh = sparsetorch.load(MLP((64, 256, 256, 10)), path)
         from sparsetorch.cli.info import describe
 
         out["codecs"][values] = {"ratio": os.path.getsize(path) / dense_bytes,

@@ -289,7 +289,7 @@ def run_case(loader: str, seed_path: Path, case_seed: int, work: Path, templates
     try:
         with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()), torch.no_grad():
             if loader in ("save_masked", "save_inference"):
-                sparsetorch.load(target, model)
+                sparsetorch.load(model, target)
                 model(x)
             elif loader == "edge":
                 import sparsetorch.edge as edge

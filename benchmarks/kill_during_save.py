@@ -89,7 +89,7 @@ class Case:
         import torch
         import sparsetorch
         if self.name == "save":
-            model = sparsetorch.load(folder / "m.safetensors", _mlp(2).eval())
+            model = sparsetorch.load(_mlp(2).eval(), folder / "m.safetensors")
             y, recorded = self._fingerprint(model), None
         elif self.name == "training_state":
             from sparsetorch.integrations import load_training_state

@@ -87,7 +87,7 @@ def test_save_load_round_trip(tiny_net, tiny_batch, tmp_path, method, pattern, s
     with torch.no_grad():
         for p in fresh.parameters():
             p.add_(1.0)
-    sparsetorch.load(sparsetorch.save(model, tmp_path / "m.safetensors"), fresh)
+    sparsetorch.load(fresh, sparsetorch.save(model, tmp_path / "m.safetensors"))
     for (k, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
         assert torch.equal(a, b), k
     assert {m.qualified_name: m.mask for m in iter_masks(model)}.keys() == {

@@ -142,7 +142,7 @@ def test_save_load_values_within_documented_bound(tmp_path, values):
     layer = nn.Sequential(_layer(64, 0.2), nn.Linear(64, 8))
     path = sparsetorch.save(layer, tmp_path / "m.safetensors", values=values)
     fresh = nn.Sequential(nn.Linear(64, 64, bias=False), nn.Linear(64, 8))
-    sparsetorch.load(path, fresh)
+    sparsetorch.load(fresh, path)
     w, got = layer[0].weight, fresh[0].weight
     assert torch.equal(get_mask(fresh[0]), get_mask(layer[0]))
     assert torch.equal(got[~get_mask(layer[0])], torch.zeros_like(got[~get_mask(layer[0])]))
@@ -173,7 +173,7 @@ def test_forced_format(tmp_path):
     for name in ["dense", "bitmask", "csr", "gapmask", "nm"]:
         path = sparsetorch.save(layer, tmp_path / f"{name}.safetensors", format=name)
         fresh = nn.Linear(64, 64, bias=False)
-        sparsetorch.load(path, fresh)
+        sparsetorch.load(fresh, path)
         assert torch.equal(fresh.weight, layer.weight) and torch.equal(get_mask(fresh), get_mask(layer))
     with pytest.raises(SparsityError, match="cannot be stored as 'bsr'"):
         sparsetorch.save(layer, tmp_path / "b.safetensors", format="bsr")
@@ -189,5 +189,5 @@ def test_int8_keeps_the_mask_of_weights_that_round_to_zero(tmp_path):
         kept = get_mask(layer).nonzero()[0]
         layer.weight[kept[0], kept[1]] = 1e-9  # far below the row's int8 step
     fresh = nn.Linear(32, 32, bias=False)
-    sparsetorch.load(sparsetorch.save(layer, tmp_path / "q.safetensors", values="int8"), fresh)
+    sparsetorch.load(fresh, sparsetorch.save(layer, tmp_path / "q.safetensors", values="int8"))
     assert torch.equal(get_mask(fresh), get_mask(layer)) and fresh.weight[kept[0], kept[1]] == 0

@@ -496,7 +496,7 @@ def test_unhashable_metadata_is_clean_error_for_load_and_info(tmp_path, capsys, 
     fresh = MLP((64, 48, 10))
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
     with pytest.raises(SparsityError):
-        sparsetorch.load(tmp_path / "bad.safetensors", fresh)
+        sparsetorch.load(fresh, tmp_path / "bad.safetensors")
     assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
     assert main(["info", str(tmp_path / "bad.safetensors")]) != 0  # a TypeError would propagate from main
     assert "error:" in capsys.readouterr().err
@@ -524,7 +524,7 @@ def test_load_refusing_a_later_layer_leaves_earlier_layers_unchanged(tmp_path):
     x = torch.randn(3, 64)
     y = fresh(x)
     with pytest.raises(SparsityError, match="outside"):
-        sparsetorch.load(path, fresh)
+        sparsetorch.load(fresh, path)
     assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
     torch.testing.assert_close(fresh(x), y)
 
@@ -655,7 +655,7 @@ def test_hostile_int4_grid_file_is_clean_error_before_any_weight_is_set(tmp_path
     from sparsetorch.core.quant_grid import get_quant_grid
     path, header, parts, build = _int4_file(tmp_path)
     fresh = build(quantized=False)
-    sparsetorch.load(path, fresh)  # the seed loads, bit for bit, with its grid
+    sparsetorch.load(fresh, path)  # the seed loads, bit for bit, with its grid
     assert torch.equal(fresh.weight, build().weight) and get_quant_grid(fresh) is not None
     edit, words = INT4_CASES[case]
     edit(header, parts)
@@ -663,7 +663,7 @@ def test_hostile_int4_grid_file_is_clean_error_before_any_weight_is_set(tmp_path
     fresh = build(quantized=False)
     before = fresh.weight.detach().clone()
     with pytest.raises(SparsityError, match=__import__("re").escape(words)):
-        sparsetorch.load(bad, fresh)
+        sparsetorch.load(fresh, bad)
     assert torch.equal(fresh.weight, before) and sparsetorch.get_mask(fresh) is None and get_quant_grid(fresh) is None
 
 
@@ -681,4 +681,4 @@ def test_hostile_int8_code_minus_128_is_refused(tmp_path):
     parts[name].view(-1)[0] = -128
     bad = _write_sparsetorch(tmp_path / "bad.safetensors", header, parts)
     with pytest.raises(SparsityError, match=r"outside \[-127, 127\]"):
-        sparsetorch.load(bad, MLP((16, 8, 4)))
+        sparsetorch.load(MLP((16, 8, 4)), bad)

@@ -114,14 +114,14 @@ def test_tampered_files_fail_cleanly(files, tmp_path, target, pattern, how):
         # flipped values are still valid numbers, and a flipped code may decode to another valid
         # mask: either the file is rejected or it loads something, never anything out of bounds
         try:
-            sparsetorch.load(bad, fresh)
+            sparsetorch.load(fresh, bad)
         except SparsityError:
             pass
         else:
             return
     else:
         with pytest.raises(SparsityError) as info:
-            sparsetorch.load(bad, fresh)
+            sparsetorch.load(fresh, bad)
         assert "\n" not in str(info.value)
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())
     assert all(torch.equal(get_mask(fresh[i]), m) for i, m in zip((0, 2, 3), masks_before))
@@ -136,7 +136,7 @@ def test_truncated_files_fail_cleanly(files, tmp_path, cut):
     fresh = _net(seed=1)
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
     with pytest.raises(SparsityError):
-        sparsetorch.load(bad, fresh)
+        sparsetorch.load(fresh, bad)
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())
 
 
@@ -158,7 +158,7 @@ def test_model_mismatch_is_caught_before_decoding(files):
     other = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 64, bias=False), nn.Linear(64, 32))
     before = {k: v.clone() for k, v in other.state_dict().items()}
     with pytest.raises(SparsityError, match="shape"):
-        sparsetorch.load(path, other)
+        sparsetorch.load(other, path)
     assert all(torch.equal(other.state_dict()[k], v) for k, v in before.items())
 
 

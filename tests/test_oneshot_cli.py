@@ -73,5 +73,5 @@ def test_prune_lm_owl_dsnot_int4(model_dir):
     assert stats["distribution"] == "owl" and stats["refine"] == "dsnot" and stats["bits"] == 4
     assert len({round(r["target"], 6) for r in stats["layers"]}) == 2  # one sparsity per block
     model = transformers.GPT2LMHeadModel.from_pretrained(out)
-    sparsetorch.load(out / "sparsetorch.safetensors", model)
+    sparsetorch.load(model, out / "sparsetorch.safetensors")
     assert get_quant_grid(model.transformer.h[0].mlp.c_fc).grid.bits == 4

@@ -71,7 +71,7 @@ def test_gpt2_pruned_saved_reloaded_and_generating(tmp_path):
     assert out.shape == (1, 9)
     sparsetorch.save(model, tmp_path / "model.safetensors")
     fresh = _gpt2()
-    sparsetorch.load(tmp_path / "model.safetensors", fresh)
+    sparsetorch.load(fresh, tmp_path / "model.safetensors")
     assert torch.allclose(fresh(x).logits, logits, atol=1e-5)
 
 

@@ -235,7 +235,7 @@ def test_save_load_bit_exact_and_smaller(tmp_path, capsys, pattern, bits, group)
         path = sparsetorch.save(layer, tmp_path / f"{values}.safetensors", values=values)
         sizes[values] = os.path.getsize(path)
         fresh = nn.Linear(128, 64)
-        sparsetorch.load(path, fresh)
+        sparsetorch.load(fresh, path)
         assert torch.equal(bits_of(fresh.weight.detach()), bits_of(layer.weight.detach())), values
         assert torch.equal(fresh.bias, layer.bias) and torch.equal(get_mask(fresh), get_mask(layer))
         state, want = get_quant_grid(fresh), get_quant_grid(layer)
@@ -263,7 +263,7 @@ def test_grid_codes_over_every_format(tmp_path, fmt, bits):
     set_quant_grid(layer, scales, QuantGrid(bits, 16))
     path = sparsetorch.save(layer, tmp_path / "m.safetensors", format=fmt, values="grid")
     fresh = nn.Linear(64, 9, bias=False)
-    sparsetorch.load(path, fresh)
+    sparsetorch.load(fresh, path)
     assert torch.equal(bits_of(fresh.weight.detach()), bits_of(W)) and torch.equal(get_mask(fresh), keep)
 
 
@@ -284,7 +284,7 @@ def test_transposed_weight_grid_round_trips(tmp_path):
         layer.weight.copy_(W.t())
     set_mask(layer, keep.t())
     set_quant_grid(layer, scales, QuantGrid(4, 16), transposed=True)
-    fresh = sparsetorch.load(sparsetorch.save(layer, tmp_path / "t.safetensors", values="int4"), Conv1D(64, 48))
+    fresh = sparsetorch.load(Conv1D(64, 48), sparsetorch.save(layer, tmp_path / "t.safetensors", values="int4"))
     assert torch.equal(bits_of(fresh.weight.detach()), bits_of(layer.weight.detach()))
     assert get_quant_grid(fresh).transposed
 
@@ -308,7 +308,7 @@ def test_what_the_grid_codecs_refuse(tmp_path):
 def test_loading_a_file_without_grids_drops_stale_ones(tmp_path):
     layer = _quantized_linear(bits=4, group=32)
     path = sparsetorch.save(nn.Linear(128, 64), tmp_path / "plain.safetensors")
-    sparsetorch.load(path, layer)
+    sparsetorch.load(layer, path)
     assert get_quant_grid(layer) is None and get_mask(layer) is None
 
 
@@ -318,7 +318,7 @@ def test_lossy_int4_rows_without_a_grid(tmp_path):
     set_mask(layer[0], torch.rand(33, 64) < 0.3)
     path = sparsetorch.save(layer, tmp_path / "q.safetensors", values="int4")
     fresh = nn.Sequential(nn.Linear(64, 33), nn.Linear(33, 5))
-    sparsetorch.load(path, fresh)
+    sparsetorch.load(fresh, path)
     w, got = layer[0].weight, fresh[0].weight
     assert (got - w).abs().le(w.abs().amax(1, keepdim=True) / 14 + 1e-7).all()
     assert torch.equal(fresh[0].bias, layer[0].bias) and get_quant_grid(fresh[0]) is None  # vectors exact
@@ -345,7 +345,7 @@ def test_prune_oneshot_bits_puts_kept_weights_on_the_grid_and_saves_exactly(tmp_
     path = tmp_path / "m.safetensors"
     sparsetorch.save(model, path, values="grid")
     fresh = tiny_lm(seed=1)
-    sparsetorch.load(path, fresh)
+    sparsetorch.load(fresh, path)
     for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), k
 

@@ -101,7 +101,7 @@ def test_state_folder_is_safetensors_and_json_only(tmp_path):
     assert header["sections"]["sparsifier"]["t"] == "dict" and any(k.startswith("sparsifier/masks/") for k in keys)
     # the model file alone is an ordinary sparsetorch checkpoint
     fresh = MLP((12, 24, 16, 3))
-    sparsetorch.load(folder / "model.safetensors", fresh)
+    sparsetorch.load(fresh, folder / "model.safetensors")
     assert torch.equal(fresh.fc1.weight, model.fc1.weight) and torch.equal(fresh.fc1.weight_mask, model.fc1.weight_mask)
 
 

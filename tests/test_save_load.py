@@ -98,7 +98,7 @@ def test_damaged_files_are_rejected(saved, tmp_path, damage):
     fresh = copy.deepcopy(model)
     state = _state(fresh)
     with pytest.raises(SparsityError) as info:
-        sparsetorch.load(bad, fresh)
+        sparsetorch.load(fresh, bad)
     assert str(info.value)
     assert _unchanged(fresh, state)
 
@@ -108,7 +108,7 @@ def test_mismatched_model_is_rejected_untouched(saved):
     other = nn.Sequential(nn.Linear(3, 3))
     state = _state(other)
     with pytest.raises(SparsityError, match="does not match the model"):
-        sparsetorch.load(path, other)
+        sparsetorch.load(other, path)
     assert _unchanged(other, state)
 
 
@@ -118,18 +118,29 @@ def test_shape_mismatch_is_rejected(saved, tmp_path):
     other.fc2 = nn.Linear(48, 33, bias=False)
     other.classifier = nn.Linear(33, 5)
     with pytest.raises(SparsityError, match="shape"):
-        sparsetorch.load(path, other)
+        sparsetorch.load(other, path)
 
 
 def test_loading_dense_file_clears_stale_masks(tiny_net, tmp_path):
     dense_path = sparsetorch.save(tiny_net, tmp_path / "dense.safetensors")
     pruned = copy.deepcopy(tiny_net)
     sparsetorch.prune(pruned, 0.9)
-    sparsetorch.load(dense_path, pruned)
+    sparsetorch.load(pruned, dense_path)
     assert not list(iter_masks(pruned))
     assert all(torch.equal(a, b) for a, b in zip(pruned.state_dict().values(), tiny_net.state_dict().values()))
 
 
 def test_missing_file():
     with pytest.raises(SparsityError, match="no such file"):
-        sparsetorch.load("/nonexistent/model.safetensors", nn.Linear(2, 2))
+        sparsetorch.load(nn.Linear(2, 2), "/nonexistent/model.safetensors")
+
+
+def test_load_takes_the_model_first_and_the_old_order_warns(tmp_path):
+    model = nn.Linear(4, 3)
+    path = sparsetorch.save(model, tmp_path / "m.safetensors")
+    fresh = nn.Linear(4, 3)
+    assert sparsetorch.load(fresh, path) is fresh and torch.equal(fresh.weight, model.weight)
+    with pytest.warns(DeprecationWarning, match="load\\(model, path\\)"):
+        sparsetorch.load(path, nn.Linear(4, 3))
+    with pytest.raises(sparsetorch.SparsityError, match="nn.Module first"):
+        sparsetorch.load(path, "other.safetensors")

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     header, _ = read_header(args.checkpoint)
     user = header.get("user") or {}
     model = build_model(args.model, user)
-    load(args.checkpoint, model)
+    load(model, args.checkpoint)
     desc = export_edge(model, example_input(model, args.input_shape, user), args.edge,
                        values="int8" if args.int8 else "fp32")
     layouts: dict[str, int] = {}

@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     header, _ = read_header(args.checkpoint)
     user = header.get("user") or {}
     model = build_model(args.model, user)
-    load(args.checkpoint, model)
+    load(model, args.checkpoint)
     x, y, image_shape = load_data(args.data)
     example = x[:1] if x is not None else _example_input(user)
     write_report(args.out, model, example_inputs=example, data=x, targets=y, image_shape=image_shape or _image(user),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -216,13 +217,20 @@ def read_tensors_and_grids(path: str | os.PathLike, *, max_bytes: int | None = N
     return state, masks, grids
 
 
-def load(path: str | os.PathLike, model: torch.nn.Module, *, strict: bool = True) -> torch.nn.Module:
+def load(model: torch.nn.Module, path: str | os.PathLike, *, strict: bool = True) -> torch.nn.Module:
     """Load weights, masks and quantization grids from ``path`` into ``model`` (in place) and return it.
 
     The file's header is checked against the model (names, shapes) before anything is decoded,
     then every tensor is decoded and validated; on any problem ``SparsityError`` says what is
-    wrong and the model is left untouched.
+    wrong and the model is left untouched. (The old order ``load(path, model)`` still works, with a
+    DeprecationWarning.)
     """
+    if isinstance(path, torch.nn.Module) and not isinstance(model, torch.nn.Module):
+        warnings.warn("sparsetorch.load(path, model) is deprecated; write load(model, path), like save(model, path)",
+                      DeprecationWarning, stacklevel=2)
+        model, path = path, model
+    if not isinstance(model, torch.nn.Module):
+        raise SparsityError(f"load(model, path) needs an nn.Module first, got {type(model).__name__}")
     expected = model.state_dict()
 
     def check(header: dict) -> None:

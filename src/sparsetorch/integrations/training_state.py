@@ -210,7 +210,7 @@ def load_training_state(
     with rollback(model, inner, sparsifier, what=f"loading the training state {folder}"):
         if sparsifier is not None and sparsifier.model is None:
             sparsifier.attach(model, optimizer)
-        _load_model(model_path, model)
+        _load_model(model, model_path)
         if inner is not None:
             inner.load_state_dict(sections["optimizer"])
         if sparsifier is not None:
