@@ -16,7 +16,7 @@ import torch
 
 from ..core.patterns import Pattern, check_pattern_fits
 from ..errors import SparsityError
-from .solvers import row_topk_mask
+from .solvers import dampened, mean_diagonal, row_topk_mask
 
 __all__ = ["alps_solve", "backsolve_on_support"]
 
@@ -55,13 +55,8 @@ def _eigh_dampened(hessian: torch.Tensor, damp: float, max_tries: int = 6
     The damping rule and its tenfold retries are ``inverse_hessian_cholesky``'s; as a last resort H
     is replaced by its diagonal (L = 1, Q = I), which makes ALPS select by |W| * sqrt(diag H).
     """
-    cols = hessian.shape[0]
-    eye = torch.eye(cols, dtype=hessian.dtype, device=hessian.device)
-    scale = float(torch.diagonal(hessian).mean())
-    scale = scale if math.isfinite(scale) and scale > 0 else 1.0
-    for attempt in range(max_tries):
-        d = damp * 10**attempt
-        h = hessian + (d * scale) * eye
+    scale = mean_diagonal(hessian)
+    for h, d in dampened(hessian, damp, max_tries):
         s = torch.diagonal(h).clamp_min(0).sqrt()
         if not torch.isfinite(h).all():
             break  # more damping cannot help a NaN/inf Hessian
@@ -76,6 +71,7 @@ def _eigh_dampened(hessian: torch.Tensor, damp: float, max_tries: int = 6
             return h, L.clamp_min(0), Q, s, d
     diag = torch.diagonal(hessian).clamp_min(0) + max(damp, 1e-2) * scale
     diag = torch.nan_to_num(diag, nan=scale, posinf=scale)
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     return eye.clone(), torch.ones_like(diag), eye, diag.sqrt(), float("nan")
 
 

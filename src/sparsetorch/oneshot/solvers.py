@@ -60,19 +60,30 @@ def wanda_mask(weight: torch.Tensor, input_sq_norm: torch.Tensor, density: float
     return layer_topk_mask(scores, density)
 
 
+def mean_diagonal(hessian: torch.Tensor) -> float:
+    """mean(diag H), the unit of every damping (1.0 when H is all zeros or not finite)."""
+    scale = float(torch.diagonal(hessian).mean())
+    return scale if math.isfinite(scale) and scale > 0 else 1.0
+
+
+def dampened(hessian: torch.Tensor, damp: float, max_tries: int = 6):
+    """Yield (H + d * mean(diag H) * I, d) for d = damp, 10 damp, 100 damp, ...: the damping every
+    solver retries with until its factorisation succeeds."""
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    scale = mean_diagonal(hessian)
+    for attempt in range(max_tries):
+        d = damp * 10**attempt
+        yield hessian + (d * scale) * eye, d
+
+
 def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float, max_tries: int = 6) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor U of H^-1 (H^-1 = U^T U) of the dampened Hessian, and the damping used.
 
     H + damp * mean(diag H) * I; if a factorisation fails (a singular or badly scaled H), the
     damping grows tenfold and it retries; as a last resort H is replaced by its diagonal.
     """
-    cols = hessian.shape[0]
-    eye = torch.eye(cols, dtype=hessian.dtype, device=hessian.device)
-    scale = float(torch.diagonal(hessian).mean())
-    scale = scale if math.isfinite(scale) and scale > 0 else 1.0
-    for attempt in range(max_tries):
-        d = damp * 10**attempt
-        h = hessian + (d * scale) * eye
+    scale = mean_diagonal(hessian)
+    for h, d in dampened(hessian, damp, max_tries):
         lower, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
             hinv = torch.cholesky_inverse(lower)
