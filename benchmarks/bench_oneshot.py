@@ -32,7 +32,7 @@ import torch
 from sparsetorch.data.text import load_stdlib_text, random_windows
 from sparsetorch.models.gpt import GPT, GPTConfig
 from sparsetorch.oneshot import prune_oneshot
-from sparsetorch.oneshot.specs import parse_spec, uses_data
+from sparsetorch.oneshot.specs import applies_to, parse_spec, uses_data
 
 HERE = Path(__file__).resolve().parent
 SETTINGS = [("50%", 0.5, "unstructured"), ("60%", 0.6, "unstructured"), ("70%", 0.7, "unstructured"),
@@ -149,11 +149,8 @@ def run_table(args) -> dict:
     settings = [st for st in SETTINGS if st[0] in args.settings]
     for label, sparsity, pattern in settings:
         for spec in args.specs:
-            kwargs, _ = parse_spec(spec)
-            if pattern != "unstructured" and "distribution" in kwargs:
-                continue  # OWL varies the sparsity per block: unstructured only
-            if kwargs.get("permute") and pattern == "unstructured":
-                continue  # RIA's permutation is for N:M
+            if not applies_to(spec, pattern):
+                continue
             losses, seconds = [], []
             for calib in draws if uses_data(spec) else draws[:1]:
                 model = copy.deepcopy(dense)

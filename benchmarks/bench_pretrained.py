@@ -35,7 +35,7 @@ import torch
 from sparsetorch.data.pretrained import DEFAULT_CACHE, bundled_zip, extract_bundle, load_minilm, mean_pooled_embeddings
 from sparsetorch.data.text import stdlib_sentences
 from sparsetorch.oneshot import METHODS, prune_oneshot
-from sparsetorch.oneshot.specs import parse_spec, uses_data
+from sparsetorch.oneshot.specs import applies_to, parse_spec, uses_data
 
 HERE = Path(__file__).resolve().parent
 SETTINGS = [("50%", 0.5, "unstructured"), ("60%", 0.6, "unstructured"), ("70%", 0.7, "unstructured"),
@@ -121,11 +121,9 @@ def run(args) -> dict:
     rows = []
     for label, sparsity, pattern in [s for s in SETTINGS if s[0] in args.settings]:
         for spec in args.methods:
+            if not applies_to(spec, pattern):
+                continue
             kwargs, _ = parse_spec(spec)
-            if pattern != "unstructured" and "distribution" in kwargs:
-                continue  # OWL varies the sparsity per block: unstructured only
-            if kwargs.get("permute") and pattern == "unstructured":
-                continue  # RIA's permutation is for N:M
             runs = []
             for calib in calibs if uses_data(spec) else calibs[:1]:
                 model = copy.deepcopy(dense)

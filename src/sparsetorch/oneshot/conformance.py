@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core.masks import iter_masks
+from ..core.masks import get_input_order, iter_masks
 from ..core.patterns import is_valid_mask, parse_pattern
 from ..errors import SparsityError
 from ..models.gpt import GPT, GPTConfig
@@ -51,7 +51,7 @@ def check_exact_sparsity(model: nn.Module, pattern: str) -> None:
     for item in masks:
         view = _view(item)
         if pat.kind == "nm":
-            order = getattr(item.module, "weight_input_order", None)
+            order = get_input_order(item.module)
             assert is_valid_mask(view, pat, **({"input_order": order} if order is not None else {})), \
                 f"{item.fqn}: mask is not a valid {pat} mask"
             assert (view.sum() * pat.m == pat.n * view.numel()), f"{item.fqn}: not exactly {pat.n} of {pat.m} kept"

@@ -19,7 +19,7 @@ import re
 
 from ..errors import SparsityError
 
-__all__ = ["parse_spec", "uses_data", "CONFORMANCE_SPECS", "NM_ONLY_SPECS"]
+__all__ = ["parse_spec", "uses_data", "applies_to", "CONFORMANCE_SPECS", "NM_ONLY_SPECS"]
 
 # every score, solver, distribution, refinement and quantization, each checked by the conformance suite
 CONFORMANCE_SPECS = ("magnitude", "magnitude/row", "wanda", "ria", "sparsegpt", "wanda+owl", "sparsegpt+owl",
@@ -59,3 +59,12 @@ def uses_data(spec: str) -> bool:
     """Whether the calibration draw matters (magnitude alone ignores it)."""
     kwargs, _ = parse_spec(spec)
     return kwargs["method"] != "magnitude" or any(k in kwargs for k in ("distribution", "refine", "bits"))
+
+
+def applies_to(spec: str, pattern: str) -> bool:
+    """Whether ``spec`` makes sense with ``pattern``: OWL varies the sparsity per block (unstructured
+    only), RIA's permutation is for N:M only."""
+    kwargs, _ = parse_spec(spec)
+    if pattern != "unstructured" and "distribution" in kwargs:
+        return False
+    return not (kwargs.get("permute") and pattern == "unstructured")
