@@ -75,7 +75,11 @@ def _lsa_position(s: torch.Tensor, n: int, m: int, k: int) -> torch.Tensor:
     or a column of the assignment matrix (which no assignment can change), the gain of putting
     candidate r into group g is the L1 distance between column v_r and column t_g over the outputs.
     """
-    from scipy.optimize import linear_sum_assignment
+    try:
+        from scipy.optimize import linear_sum_assignment
+    except ImportError:
+        raise ImportError("RIA's channel permutation (permute=True) needs scipy: pip install "
+                          "'sparsetorch[oneshot]'") from None
 
     rows, cols = s.shape
     groups = cols // m
