@@ -27,6 +27,7 @@ from torch import nn
 from ..core.masks import remove_masks
 from ..errors import SparsityError, SparsityWarning
 from ..kernels import extension_isa, has_extension
+from ..kernels.bitmask_weight import BitmaskWeight, has_vnni
 from ..kernels.packed import BSRWeight, CSRWeight, NMWeight
 from .chain_decision import fuse_chains
 from .kernel_choice import KERNEL_CACHE, max_error, rtol, time_candidates
@@ -69,13 +70,17 @@ def _signature(structure: dict) -> str:
 # ---------------------------------------------------------------------------------------------- candidates
 
 
-def _cpu_candidates(w: torch.Tensor, bias: torch.Tensor | None, structure: dict) -> dict[str, Callable[[], PackedLinear | None]]:
-    """name -> builder of the PackedLinear (None = keep the dense layer)."""
+def _cpu_candidates(w: torch.Tensor, bias: torch.Tensor | None, structure: dict,
+                    values: str = "fp32") -> dict[str, Callable[[], PackedLinear | None]]:
+    """name -> builder of the PackedLinear (None = keep the dense layer). With lossy ``values`` only the
+    bitmask kernels with those values are candidates (the user asked for that storage)."""
     out, inp = w.shape
+    if values != "fp32":
+        return _lossy_candidates(w, bias, values)
     cands: dict[str, Callable] = {"dense": lambda: None}
     csr = CSRWeight.from_dense(w)
     if has_extension():
-        packed = {"csr": csr}
+        packed = {"csr": csr, "bitmask": BitmaskWeight.from_dense(w)}
         if structure["nm"]:
             n, m = structure["nm"]
             packed[f"nm:{n}:{m}"] = NMWeight.from_dense(w, n, m)
@@ -90,6 +95,25 @@ def _cpu_candidates(w: torch.Tensor, bias: torch.Tensor | None, structure: dict)
     for r, c in structure["blocks"][:1]:
         bsr_t = BSRWeight.from_dense(w, r, c)
         cands[f"torch-bsr:{r}x{c}"] = lambda: PackedLinear(inp, out, bias, "torch-bsr", bsr_t)
+    return cands
+
+
+VALUES = ("fp32", "bf16", "fp16", "int8")
+
+
+def _lossy_candidates(w: torch.Tensor, bias: torch.Tensor | None, values: str,
+                      dense: bool = False) -> dict[str, Callable]:
+    """bitmask kernels over bf16 / fp16 / int8 values (int8 also with int8 activations where VNNI runs)."""
+    if not has_extension():
+        raise SparsityError(f"values={values!r} needs sparsetorch's compiled kernels, which are not built here",
+                            fix="reinstall with a C++17 compiler, or use values='fp32'")
+    out, inp = w.shape
+    options = [False, True] if values == "int8" and has_vnni() else [False]
+    cands: dict[str, Callable] = {}
+    for qx in options:
+        p = BitmaskWeight.from_dense(w, values, quantize_input=qx, dense=dense)
+        cands[("dense-" if dense else "bitmask-") + values + ("-q8" if qx else "")] = (
+            lambda p=p: PackedLinear(inp, out, bias, p.format, p))
     return cands
 
 
@@ -122,8 +146,11 @@ def _choose(key: tuple, dense: nn.Module, x: torch.Tensor, cands: dict[str, Call
             try:
                 mod = build()
                 if mod is not None:
-                    err = float((mod(x).float() - ref.float()).abs().max())
-                    if not err <= rtol(x.dtype) * scale + 1e-5 * x.shape[-1] ** 0.5:
+                    lossy = isinstance(mod.packed, BitmaskWeight) and mod.packed.values.dtype != torch.float32
+                    own = F.linear(x.float(), mod.packed.to_dense(), mod.bias) if lossy else ref
+                    err = float((mod(x).float() - own.float()).abs().max())
+                    tol = 3e-2 if lossy and mod.packed.quantize_input else rtol(x.dtype)
+                    if not err <= tol * scale + 1e-5 * x.shape[-1] ** 0.5:
                         skipped[name] = f"disagrees with dense (max error {err:.3g})"
                         warnings.warn(f"kernel {name} {skipped[name]}; not used", SparsityWarning, stacklevel=3)
                         continue
@@ -134,8 +161,8 @@ def _choose(key: tuple, dense: nn.Module, x: torch.Tensor, cands: dict[str, Call
         if key in KERNEL_CACHE and KERNEL_CACHE[key] in built:
             return KERNEL_CACHE[key], built[KERNEL_CACHE[key]], {}, skipped
         fns = {name: (lambda m=(mod or dense): m(x)) for name, mod in built.items()}
-        times = time_candidates(fns, budget_s, cuda) if len(fns) > 1 else {"dense": float("nan")}
-    best = min(times, key=lambda k: times[k]) if len(times) > 1 else "dense"
+        times = time_candidates(fns, budget_s, cuda) if len(fns) > 1 else {name: float("nan") for name in fns}
+    best = min(times, key=lambda k: times[k]) if len(times) > 1 else next(iter(times), "dense")
     KERNEL_CACHE[key] = best
     return best, built.get(best), times, skipped
 
@@ -175,7 +202,8 @@ def _sparse_params(mod: nn.Module) -> bool:
 
 
 def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min_sparsity: float = 0.3,
-                 fuse: bool | str = True, verbose: bool = False) -> nn.Module:
+                 fuse: bool | str = True, values: str = "fp32", decode: bool | None = None,
+                 verbose: bool = False) -> nn.Module:
     """A copy of ``model`` for inference (eval mode, no grad) in which each sparse Linear / Conv2d runs on
     the kernel measured fastest for its shape, sparsity, pattern and the batch of ``example_inputs``.
 
@@ -191,7 +219,20 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
     The plan (per layer: kernel, ms per timed candidate, skipped candidates and why; per chain a
     ``FusedChain`` row, and ``fused_into`` on its layers when the fused version won) is in
     ``result.sparsetorch_plan``.
+
+    ``values`` ("fp32" exact; "bf16", "fp16" or "int8", lossy) stores the kept weights of the sparse layers
+    in that type on the bitmask kernels (csrc/decode_impl.inc): fewer bytes per decode step. int8 uses a
+    scale per row and, where the CPU has AVX-512 VNNI, is also timed with int8 activations. Each such layer
+    must agree with its own dequantized weight; the model as a whole then differs from the fp32 one by
+    the rounding of its weights (not checked against it). With lossy values the dense Linear layers (an
+    LLM's lm_head) are stored in that type too, on the same kernels without a mask.
+
+    ``decode`` times every layer on one row of its input (the matrix-vector work of generating one token
+    at a time) instead of the whole example batch; the default is True for models with a ``generate``
+    method (Hugging Face decoders), whose example prompt would otherwise pick the prefill kernel.
     """
+    if values not in VALUES:
+        raise SparsityError(f"unknown values {values!r}; use one of {list(VALUES)}")
     if not isinstance(model, nn.Module):
         raise SparsityError("to_inference takes an nn.Module", got=type(model).__name__)
     args = _as_args(example_inputs)
@@ -200,9 +241,10 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
     inf.eval().requires_grad_(False)
     seen, ref_out = _capture_inputs(inf, args)
     threads = torch.get_num_threads()
+    decode = hasattr(model, "generate") if decode is None else bool(decode)
     plan = []
     for name, mod in list(inf.named_modules()):
-        if not _sparse_params(mod):
+        if not _sparse_params(mod) and not (values != "fp32" and isinstance(mod, nn.Linear) and name in seen):
             continue
         supported = isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and mod.groups == 1
                                                     and mod.padding_mode == "zeros" and not isinstance(mod.padding, str))
@@ -215,7 +257,8 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
             continue
         w = mod.weight.detach().reshape(mod.weight.shape[0], -1)  # [out, in(*kh*kw)]
         density = float((w != 0).float().mean())
-        if density > 1 - min_sparsity:
+        dense_lossy = density > 1 - min_sparsity and values != "fp32" and isinstance(mod, nn.Linear)
+        if density > 1 - min_sparsity and not dense_lossy:
             continue
         x = seen[name]
         if isinstance(mod, nn.Conv2d):  # the matmul the unfold path runs: [N*L, C*kh*kw]
@@ -223,12 +266,16 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
             dense_fn = lambda t, m=mod, w=w: F.linear(t, w, m.bias)  # noqa: E731
         else:
             x = x.reshape(-1, w.shape[1])
+            x = x[:1] if decode else x
             dense_fn = mod
         structure = detect_structure(w)
         cuda = w.is_cuda
         key = (type(mod).__name__, *w.shape, round(density, 3), _signature(structure), x.shape[0], threads,
-               str(w.device), extension_isa())
-        cands = (_cuda_candidates if cuda else _cpu_candidates)(w, mod.bias, structure)
+               str(w.device), extension_isa(), values)
+        if dense_lossy:
+            cands = _lossy_candidates(w, mod.bias, values, dense=True)
+        else:
+            cands = _cuda_candidates(w, mod.bias, structure) if cuda else _cpu_candidates(w, mod.bias, structure, values)
         kernel, new, times, skipped = _choose(key, dense_fn, x, cands, budget_s, cuda)
         plan.append({"layer": name, "type": type(mod).__name__, "shape": list(w.shape), "density": density,
                      "pattern": _signature(structure), "batch": int(x.shape[0]), "kernel": kernel,
@@ -245,7 +292,8 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
         inf = fuse_chains(inf, args, plan, budget_s, min_sparsity, verbose, always=fuse == "always")
     with torch.no_grad():
         out = inf(*args)
-    _check_same(out, ref_out)
+    if values == "fp32":  # lossy values were checked layer by layer against their own rounding
+        _check_same(out, ref_out)
     inf.sparsetorch_plan = plan
     return inf
 

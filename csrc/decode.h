@@ -1,0 +1,63 @@
+// Bitmask-compressed Linear kernels for LLM decode (memory-bound: every byte of weight counts).
+// Y [B, out] = X [B, in] @ W^T (+ bias), W stored as one bit per weight plus the kept values in column order:
+// at 50-90% sparsity that is fewer bytes than any index format (CSR pays 16 bits per kept weight), and
+// N:M patterns are just bitmasks (2:4 costs 1 bit per weight, the same as 2-bit in-group positions).
+#pragma once
+#include <cstdint>
+
+namespace st {
+
+enum ValueType { VALUES_F32 = 0, VALUES_BF16 = 1, VALUES_F16 = 2, VALUES_I8 = 3 };
+
+struct Bitmask {
+  // bit j of mask[o * words + c] says W[o, 16c + j] is kept; null mask = every weight kept (dense values)
+  const uint16_t* mask;
+  int64_t words;                // 16-bit mask words per row, ceil(in / 16)
+  const int64_t* row_start;     // [out + 1]: row o's values are [row_start[o], row_start[o+1])
+  const void* values;           // kept values in row-major column order, type vtype
+  int vtype;
+  const float* scales;          // int8: [out, groups] scale per row and group of `group` columns, else null
+  int64_t group;                // int8 group size in columns, a multiple of 16 (in rounded up: one per row)
+  const float* row_corr;        // int8 x quantized (qx kernels): 128 * sum_g scale * sum(W codes in g), per row
+  int64_t in;
+};
+
+// Activations quantized per row for the int8 x int8 kernels: codes + 128 (uint8), padded to `ld` (a multiple
+// of 64) with 128 (code 0), and the scale per row (x ~= (code - 128) * scale).
+struct QuantX {
+  const uint8_t* codes;
+  int64_t ld;
+  const float* scale;
+};
+
+#define ST_DECLARE_DECODE(NS)                                                                                \
+  namespace NS {                                                                                             \
+  /* y[b * ys + o] = W[o, :] . x[b * xs : ...] + bias[o] for rows o in [r0, r1) and batch rows b < nb */      \
+  void bitmask_rows(const Bitmask& w, const float* x, int64_t xs, int64_t nb, const float* bias, float* y,    \
+                    int64_t ys, int64_t r0, int64_t r1);                                                      \
+  /* dense[o * in + c] = W[o, c] for rows [r0, r1) (float32, zeros in place) */                              \
+  void bitmask_unpack(const Bitmask& w, float* dense, int64_t r0, int64_t r1);                               \
+  /* quantize rows of x: codes [nb, q.ld], scale [nb] */                                                     \
+  void quantize_rows(const float* x, int64_t xs, int64_t nb, int64_t in, uint8_t* codes, int64_t ld,        \
+                     float* scale);                                                                           \
+  }
+
+ST_DECLARE_DECODE(generic)
+ST_DECLARE_DECODE(avx2)
+ST_DECLARE_DECODE(avx512)
+
+namespace vnni {
+// int8 weights x int8 activations (AVX-512 VNNI + VBMI2): y[b * ys + o] for rows [r0, r1), b < nb
+void bitmask_rows_q8(const Bitmask& w, const QuantX& qx, int64_t nb, const float* bias, float* y, int64_t ys,
+                     int64_t r0, int64_t r1);
+}  // namespace vnni
+bool has_vnni();  // the CPU has AVX-512 VNNI and VBMI2 (and the F/BW/VL/DQ tier)
+
+// Threaded drivers (decode_dispatch.cpp).
+void bitmask_linear(int isa, int threads, const Bitmask& w, int64_t out, const float* x, int64_t nb, int64_t xs,
+                    const float* bias, float* y);
+void bitmask_linear_q8(int threads, const Bitmask& w, int64_t out, const float* x, int64_t nb, int64_t xs,
+                       const float* bias, float* y);
+void bitmask_to_dense(int isa, int threads, const Bitmask& w, int64_t out, float* dense);
+
+}  // namespace st

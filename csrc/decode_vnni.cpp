@@ -1,0 +1,102 @@
+// int8 weights x int8 activations with AVX-512 VNNI (vpdpbusd: 64 u8 x s8 products per instruction) and VBMI2
+// (vpexpandb: 64 kept int8 values placed at their mask bits). Only called when has_vnni() says the CPU has both.
+// Activations are quantized per row to code + 128 (uint8); the +128 is removed with the per-row correction
+// 128 * sum_g scale_g * sum(W codes in g) computed once at packing time.
+#include <algorithm>
+#include <cstring>
+
+#include "decode.h"
+#include "isa.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define ST_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi2,bmi,bmi2,popcnt")))
+#endif
+
+namespace st {
+
+bool has_vnni() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  return st_isa::detect() == 2 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi2");
+#else
+  return false;
+#endif
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+namespace vnni {
+namespace {
+
+// Mask bits of row o for columns [64 c, 64 c + 64) (four 16-bit words; the row's last chunk may have fewer).
+ST_VNNI inline uint64_t mask64(const Bitmask& w, int64_t o, int64_t c) {
+  if (!w.mask) {
+    const int64_t left = w.in - 64 * c;
+    return left >= 64 ? ~0ull : (1ull << left) - 1ull;
+  }
+  uint64_t m = 0;
+  const int64_t n = std::min<int64_t>(4, w.words - 4 * c);
+  std::memcpy(&m, w.mask + o * w.words + 4 * c, (size_t)n * 2);
+  return m;
+}
+
+template <int NB, bool DENSE>
+ST_VNNI void rows(const Bitmask& w, const QuantX& qx, const float* bias, float* y, int64_t ys, int64_t r0,
+                  int64_t r1) {
+  const int64_t chunks = (w.in + 63) / 64, gc = w.group / 64, ng = (chunks + gc - 1) / gc;
+  const int8_t* val = (const int8_t*)w.values;
+  for (int64_t o = r0; o < r1; ++o) {
+    int64_t p = w.row_start[o];
+    __m512 tot[NB];
+    for (int b = 0; b < NB; ++b) tot[b] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; ++g) {
+      __m512i a0[NB], a1[NB];
+      for (int b = 0; b < NB; ++b) a0[b] = a1[b] = _mm512_setzero_si512();
+      const int64_t c1 = std::min((g + 1) * gc, chunks);
+      for (int64_t c = g * gc; c < c1; ++c) {
+        const uint64_t m = mask64(w, o, c);
+        const int64_t cnt = __builtin_popcountll(m);
+        __m512i wv;
+        if constexpr (DENSE) wv = _mm512_maskz_loadu_epi8((__mmask64)m, val + p);
+        else wv = _mm512_maskz_expand_epi8((__mmask64)m, _mm512_maskz_loadu_epi8((__mmask64)_bzhi_u64(~0ull, cnt), val + p));
+        p += cnt;
+        for (int b = 0; b < NB; ++b) {
+          const __m512i xv = _mm512_loadu_si512(qx.codes + b * qx.ld + 64 * c);
+          if (c & 1) a1[b] = _mm512_dpbusd_epi32(a1[b], xv, wv);
+          else a0[b] = _mm512_dpbusd_epi32(a0[b], xv, wv);
+        }
+      }
+      const __m512 s = _mm512_set1_ps(w.scales[o * ng + g]);
+      for (int b = 0; b < NB; ++b)
+        tot[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0[b], a1[b])), s, tot[b]);
+    }
+    const float bo = bias ? bias[o] : 0.f, corr = w.row_corr[o];
+    for (int b = 0; b < NB; ++b) y[b * ys + o] = (_mm512_reduce_add_ps(tot[b]) - corr) * qx.scale[b] + bo;
+  }
+}
+
+template <bool DENSE>
+ST_VNNI void rows_nb(const Bitmask& w, const QuantX& qx, int64_t nb, const float* bias, float* y, int64_t ys,
+                     int64_t r0, int64_t r1) {
+  int64_t b = 0;
+  auto shifted = [&](int64_t b0) { return QuantX{qx.codes + b0 * qx.ld, qx.ld, qx.scale + b0}; };
+  for (; b + 4 <= nb; b += 4) rows<4, DENSE>(w, shifted(b), bias, y + b * ys, ys, r0, r1);
+  for (; b + 2 <= nb; b += 2) rows<2, DENSE>(w, shifted(b), bias, y + b * ys, ys, r0, r1);
+  if (b < nb) rows<1, DENSE>(w, shifted(b), bias, y + b * ys, ys, r0, r1);
+}
+
+}  // namespace
+
+void bitmask_rows_q8(const Bitmask& w, const QuantX& qx, int64_t nb, const float* bias, float* y, int64_t ys,
+                     int64_t r0, int64_t r1) {
+  if (w.mask) rows_nb<false>(w, qx, nb, bias, y, ys, r0, r1);
+  else rows_nb<true>(w, qx, nb, bias, y, ys, r0, r1);
+}
+
+}  // namespace vnni
+#else
+namespace vnni {
+void bitmask_rows_q8(const Bitmask&, const QuantX&, int64_t, const float*, float*, int64_t, int64_t, int64_t) {}
+}  // namespace vnni
+#endif
+
+}  // namespace st

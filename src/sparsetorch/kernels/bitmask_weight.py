@@ -1,0 +1,164 @@
+"""Bitmask-packed weights for memory-bound LLM decode: one bit per weight plus the kept values.
+
+At 50-90% sparsity this streams fewer bytes than any index format (CSR pays 16 bits per kept weight; the
+bitmask pays 1 bit per weight), and an N:M pattern is just a bitmask (2:4 costs 1 bit per weight, the same
+as 2-bit in-group positions). Values may be fp32 (exact), bf16 / fp16 (half the value bytes) or int8 with a
+scale per row or per group of columns. With int8 values, ``quantize_input=True`` also quantizes the
+activations per row and runs AVX-512 VNNI dot products (where the CPU has VNNI and VBMI2).
+
+Layout (kernels in csrc/decode_impl.inc, csrc/decode_vnni.cpp): ``mask`` int16 [out, ceil(in/16)] whose bit
+j of word c says W[o, 16c+j] is kept; ``row_start`` int64 [out+1]; ``values`` the kept values row by row in
+column order; ``scales`` fp32 [out, groups] for int8; ``row_corr`` the VNNI kernel's +128 offset correction.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import SparsityError
+from . import inference_ops, loader
+from .packed import PackedWeight
+
+__all__ = ["BitmaskWeight", "VALUE_TYPES", "has_vnni"]
+
+VALUE_TYPES = {"fp32": (0, torch.float32), "bf16": (1, torch.bfloat16), "fp16": (2, torch.float16),
+               "int8": (3, torch.int8)}
+_BITS = torch.tensor([1 << j for j in range(16)], dtype=torch.int32)
+
+
+def has_vnni() -> bool:
+    """Whether the int8 x int8 kernel can run here (AVX-512 VNNI + VBMI2, compiled kernels built)."""
+    ext = loader.load(loader.INFERENCE)
+    return bool(ext is not None and hasattr(ext, "has_vnni") and ext.has_vnni()
+                and inference_ops.isa_level() == 2)
+
+
+def pack_mask(keep: torch.Tensor) -> torch.Tensor:
+    """[out, in] bool -> int16 [out, ceil(in/16)] with bit j of word c = keep[:, 16c + j]."""
+    out, n = keep.shape
+    words = (n + 15) // 16
+    padded = torch.zeros(out, words * 16, dtype=torch.int32)
+    padded[:, :n] = keep.to(torch.int32)
+    packed = (padded.view(out, words, 16) * _BITS).sum(-1)  # [out, words] in [0, 65536)
+    return torch.where(packed >= 32768, packed - 65536, packed).to(torch.int16)
+
+
+def unpack_mask(mask: torch.Tensor, n: int) -> torch.Tensor:
+    bits = (mask.to(torch.int32).unsqueeze(-1) & _BITS) != 0  # [out, words, 16]
+    return bits.reshape(mask.shape[0], -1)[:, :n]
+
+
+class BitmaskWeight(PackedWeight):
+    """W [out, in] as bitmask + kept values (fp32, bf16, fp16 or int8 with scales)."""
+
+    format = "bitmask"
+    kernel_name = "bitmask_linear"
+
+    def __init__(self, mask, row_start, values, out_features: int, in_features: int, scales=None,
+                 group: int = 0, quantize_input: bool = False):
+        super().__init__(out_features, in_features)
+        self.dense_values = mask is None
+        self.register_buffer("mask", None if mask is None else mask.to(torch.int16).contiguous())
+        self.register_buffer("row_start", row_start.to(torch.int64).contiguous())
+        self.register_buffer("values", values.contiguous())
+        self.register_buffer("scales", None if scales is None else scales.to(torch.float32).contiguous())
+        self.group = int(group)
+        self.quantize_input = bool(quantize_input)
+        self.register_buffer("row_corr", self._row_corr() if self.quantize_input else None)
+
+    # ---------------------------------------------------------------- packing
+    @classmethod
+    def from_dense(cls, w: torch.Tensor, values: str = "fp32", group_size: int | None = None,
+                   quantize_input: bool = False, dense: bool = False) -> "BitmaskWeight":
+        """Pack w's nonzeros (all of w with ``dense=True``: a dense fp32/bf16/int8 layer without a mask).
+
+        int8: symmetric scales per row (``group_size=None``) or per group of ``group_size`` columns (a
+        multiple of 16; of 64 with ``quantize_input``), values = round(w / scale)."""
+        if values not in VALUE_TYPES:
+            raise SparsityError(f"unknown value type {values!r}; use one of {sorted(VALUE_TYPES)}")
+        if quantize_input and values != "int8":
+            raise SparsityError("quantize_input needs values='int8'")
+        w = w.detach().to("cpu", torch.float32)
+        if not torch.isfinite(w).all():
+            raise SparsityError("weight has NaN or infinite entries; fix the model before packing it")
+        out, n = w.shape
+        keep = torch.ones_like(w, dtype=torch.bool) if dense else w != 0
+        scales, group = None, 0
+        if values == "int8":
+            unit = 64 if quantize_input else 16
+            group = -(-n // unit) * unit if group_size is None else int(group_size)
+            if group % unit:
+                raise SparsityError(f"group_size must be a multiple of {unit}", got=group_size)
+            ng = -(-n // group)
+            wp = torch.zeros(out, ng * group)
+            wp[:, :n] = w
+            scales = (wp.view(out, ng, group).abs().amax(-1) / 127).clamp_min(1e-12)  # [out, ng]
+            codes = torch.round(wp.view(out, ng, group) / scales.unsqueeze(-1)).clamp(-127, 127).view(out, -1)[:, :n]
+            kept = codes[keep].to(torch.int8)
+        else:
+            kept = w[keep].to(VALUE_TYPES[values][1])
+        counts = keep.sum(1)
+        row_start = torch.zeros(out + 1, dtype=torch.int64)
+        row_start[1:] = counts.cumsum(0)
+        mask = None if dense else pack_mask(keep)
+        return cls(mask, row_start, kept, out, n, scales, group, quantize_input)
+
+    def _row_corr(self) -> torch.Tensor:
+        """128 * sum_g scale_g * sum(codes in g) per row: what the +128 activation offset adds (VNNI kernel)."""
+        codes = self._codes_dense()  # [out, in] int codes
+        ng = self.scales.shape[1]
+        padded = torch.zeros(self.out_features, ng * self.group)
+        padded[:, :self.in_features] = codes
+        return 128 * (padded.view(self.out_features, ng, self.group).sum(-1) * self.scales).sum(-1)
+
+    def _keep(self) -> torch.Tensor:
+        if self.mask is None:
+            return torch.ones(self.out_features, self.in_features, dtype=torch.bool)
+        return unpack_mask(self.mask, self.in_features)
+
+    def _codes_dense(self) -> torch.Tensor:
+        dense = torch.zeros(self.out_features, self.in_features)
+        dense[self._keep()] = self.values.float()
+        return dense
+
+    def to_dense(self) -> torch.Tensor:
+        dense = self._codes_dense()
+        if self.scales is not None:
+            scale = self.scales.repeat_interleave(self.group, dim=1)[:, :self.in_features]
+            dense = dense * scale
+        return dense
+
+    def _torch_weight(self):
+        return self.to_dense().to_sparse_csr()
+
+    # ---------------------------------------------------------------- kernels
+    @property
+    def nnz(self) -> int:
+        return int(self.row_start[-1])
+
+    def _static(self) -> tuple:
+        vtype = VALUE_TYPES[{torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+                             torch.int8: "int8"}[self.values.dtype]][0]
+        addr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+        return (self.out_features, self.in_features, addr(self.mask), (self.in_features + 15) // 16,
+                self.row_start.data_ptr(), self.values.data_ptr(), vtype, addr(self.scales), self.group,
+                addr(self.row_corr), int(self.quantize_input))
+
+    def linear(self, x, bias=None, backend="ext", threads=None):
+        if backend == "ext":
+            return super().linear(x, bias, backend, threads)
+        return torch.nn.functional.linear(x.float(), self.to_dense(), None if bias is None else bias.float())
+
+    def unpack(self, threads: int | None = None) -> torch.Tensor:
+        """The dense fp32 weight (zeros in place), rebuilt by the compiled kernel (for large batches)."""
+        dense = torch.empty(self.out_features, self.in_features)
+        ext = loader.load(loader.INFERENCE)
+        if ext is None:
+            return self.to_dense()
+        s = self._static()
+        ext.bitmask_to_dense(inference_ops.isa_level(), threads or torch.get_num_threads(), *s[:9], dense.data_ptr())
+        return dense
+
+    def extra_repr(self) -> str:
+        kind = "dense" if self.mask is None else f"nnz={self.nnz}"
+        q = ", int8 activations" if self.quantize_input else ""
+        return f"{self.out_features}, {self.in_features}, {kind}, values={self.values.dtype}{q}"

@@ -1,0 +1,93 @@
+"""Bitmask decode kernels (csrc/decode_impl.inc, csrc/decode_vnni.cpp) against torch on the same weights."""
+import pytest
+import torch
+
+from sparsetorch.errors import SparsityError
+from sparsetorch.kernels import has_extension, inference_ops
+from sparsetorch.kernels.bitmask_weight import BitmaskWeight, has_vnni, pack_mask, unpack_mask
+
+pytestmark = pytest.mark.skipif(not has_extension(), reason="compiled kernels not built")
+
+
+def _weight(out, n, sparsity, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, n, generator=g)
+    w[torch.rand(out, n, generator=g) < sparsity] = 0
+    return w
+
+
+def test_mask_round_trip():
+    keep = torch.rand(7, 37, generator=torch.Generator().manual_seed(1)) < 0.5
+    assert torch.equal(unpack_mask(pack_mask(keep), 37), keep)
+
+
+@pytest.mark.parametrize("shape", [(37, 100), (64, 128), (130, 300)])
+@pytest.mark.parametrize("values", ["fp32", "bf16", "fp16", "int8"])
+@pytest.mark.parametrize("dense", [False, True])
+def test_matches_dequantized_weight(shape, values, dense):
+    out, n = shape
+    w = _weight(out, n, 0.7)
+    bias = torch.randn(out, generator=torch.Generator().manual_seed(2))
+    group = 64 if values == "int8" and out % 2 == 0 else None
+    p = BitmaskWeight.from_dense(w, values, group_size=group, dense=dense)
+    if values == "fp32":
+        assert torch.equal(p.to_dense(), w)
+    assert torch.allclose(p.unpack(), p.to_dense())
+    isas = ["generic"] + ([inference_ops.best_isa()] if inference_ops.best_isa() != "generic" else [])
+    for batch in (1, 3, 8, 11):
+        x = torch.randn(batch, n, generator=torch.Generator().manual_seed(batch))
+        ref = torch.nn.functional.linear(x, p.to_dense(), bias)
+        for isa in isas:
+            y = inference_ops.call("bitmask_linear", p._static(), x, bias, isa=isa)
+            assert torch.allclose(y, ref, rtol=1e-4, atol=1e-4), (isa, batch)
+
+
+@pytest.mark.skipif(not has_vnni(), reason="needs AVX-512 VNNI + VBMI2")
+@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("group", [None, 64, 128])
+def test_int8_activations_close(dense, group):
+    w = _weight(96, 320, 0.7)
+    p = BitmaskWeight.from_dense(w, "int8", group_size=group, quantize_input=True, dense=dense)
+    x = torch.randn(5, 320, generator=torch.Generator().manual_seed(3))
+    ref = torch.nn.functional.linear(x, p.to_dense())
+    y = p.linear(x)
+    # activations rounded to 1/127 of each row's max: a relative error of about 1%
+    assert (y - ref).abs().max() <= 0.02 * ref.abs().max()
+
+
+def test_bad_input():
+    with pytest.raises(SparsityError, match="unknown value type"):
+        BitmaskWeight.from_dense(torch.ones(4, 16), "int4")
+    with pytest.raises(SparsityError, match="NaN"):
+        BitmaskWeight.from_dense(torch.full((4, 16), float("nan")))
+    with pytest.raises(SparsityError, match="multiple of 64"):
+        BitmaskWeight.from_dense(torch.ones(4, 128), "int8", group_size=48, quantize_input=True)
+
+
+def test_to_inference_decoder_values():
+    transformers = pytest.importorskip("transformers")
+    import sparsetorch
+
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=96)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and "lm_head" not in name:
+                mod.weight.mul_(torch.rand(mod.weight.shape) > 0.7)
+    ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=6, do_sample=False)
+    fast = sparsetorch.to_inference(model, (ids,), budget_s=0.02)
+    assert all(p["batch"] == 1 for p in fast.sparsetorch_plan)  # a decoder is timed on one row (decode)
+    with torch.no_grad():
+        assert torch.equal(fast.generate(ids, max_new_tokens=6, do_sample=False), ref)
+    low = sparsetorch.to_inference(model, (ids,), budget_s=0.02, values="bf16")
+    kinds = {p["kernel"] for p in low.sparsetorch_plan}
+    assert kinds <= {"bitmask-bf16", "dense-bf16"} and "dense-bf16" in kinds  # lm_head in bf16 too
+    with torch.no_grad():
+        out = low(ids).logits
+        assert (out - model(ids).logits).abs().max() < 0.05 * model(ids).logits.abs().max()
+    with pytest.raises(SparsityError, match="unknown values"):
+        sparsetorch.to_inference(model, (ids,), values="int3")
