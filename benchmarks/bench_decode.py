@@ -1,0 +1,184 @@
+"""LLM decode and prefill on CPU: a pruned Llama-architecture model through ``to_inference`` vs dense.
+
+A Llama model from a config with random weights (presets: ``small`` 4 x 1024, vocab 32000; ``1b`` TinyLlama's
+shapes, 22 x 2048 with GQA, about 1.1B parameters, fp32 4.4 GB), every block Linear pruned by magnitude per
+row (50%, 70%, 2:4; the lm_head stays dense). For each sparsity and value type (fp32 exact, bf16, int8 with
+int8 activations where VNNI runs): greedy ``generate`` at batch 1 (and --batch8), decode tokens/s from the
+difference of two generate lengths (prompt prefill excluded), prefill tokens/s of a --prefill-token prompt,
+weight bytes, and the agreement of greedy tokens with the masked dense model. Baselines in the same run:
+dense fp32 torch, torch's dynamic int8 (``torch.ao.quantization.quantize_dynamic``, when present) and our
+dense int8 (``to_inference(dense, values="int8")``). Dense fp32 is timed before, between and after the
+candidates; ratios use its median.
+
+    python benchmarks/bench_decode.py --preset small --threads 2
+    python benchmarks/bench_decode.py --preset 1b --threads 2 --new-tokens 128 --prompt 128
+
+Results go to benchmarks/results/decode_<preset>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import platform
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import sparsetorch
+
+PRESETS = {
+    "small": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
+                  num_key_value_heads=16, vocab_size=32000),
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, vocab_size=32000),
+}
+
+
+def build(preset: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**PRESETS[preset])).eval()
+
+
+def prune(model, sparsity) -> None:
+    """Magnitude per row: a fraction, or "2:4" (the 2 largest of every 4 inputs)."""
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and "lm_head" not in name:
+                w = mod.weight
+                if sparsity == "2:4":
+                    g = w.view(w.shape[0], -1, 4)
+                    keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, g.abs().topk(2, -1).indices, True)
+                    w.mul_(keep.view_as(w))
+                else:
+                    k = int(w.shape[1] * sparsity)
+                    w.mul_(w.abs() > w.abs().kthvalue(k, dim=1, keepdim=True).values)
+
+
+def weight_bytes(model) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen and t.dim() >= 1 and t.numel() > 1024:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def timed_generate(model, ids, new: int) -> tuple[torch.Tensor, float]:
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        return out, time.perf_counter() - t0
+
+
+def measure(model, ids, args) -> dict:
+    """Decode tokens/s at batch 1 (and 8), prefill tokens/s, greedy tokens at batch 1."""
+    timed_generate(model, ids[:1], 2)  # warm-up
+    short, long_ = [], []
+    for _ in range(args.repeats):
+        short.append(timed_generate(model, ids[:1], 1)[1])
+        tokens, t = timed_generate(model, ids[:1], args.new_tokens)
+        long_.append(t)
+    row = {"decode_tok_s": (args.new_tokens - 1) / max(statistics.median(long_) - statistics.median(short), 1e-9),
+           "tokens": tokens[0].tolist()}
+    if args.batch8:
+        s8 = timed_generate(model, ids[:8], 1)[1]
+        l8 = timed_generate(model, ids[:8], args.new_tokens)[1]
+        row["decode8_tok_s"] = 8 * (args.new_tokens - 1) / max(l8 - s8, 1e-9)
+    prompt = torch.randint(0, 32000, (1, args.prefill), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model(prompt)
+        t0 = time.perf_counter()
+        model(prompt)
+        row["prefill_tok_s"] = args.prefill / (time.perf_counter() - t0)
+    row["weight_bytes"] = weight_bytes(model)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--prefill", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--batch8", action="store_true")
+    ap.add_argument("--sparsities", default="0.5,0.7,2:4")
+    ap.add_argument("--values", default="fp32,bf16,int8")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    ids = torch.randint(0, 32000, (8, args.prompt), generator=torch.Generator().manual_seed(0))
+    rows, dense_runs = [], []
+
+    def dense_run():
+        dense_runs.append(measure(build(args.preset), ids, args))
+        print(f"dense fp32: {dense_runs[-1]['decode_tok_s']:.2f} tok/s", flush=True)
+
+    dense_run()
+    base = build(args.preset)
+    if hasattr(torch, "ao") and hasattr(torch.ao, "quantization"):
+        try:
+            q = torch.ao.quantization.quantize_dynamic(base, {torch.nn.Linear}, dtype=torch.qint8)
+            rows.append({"model": "dense", "values": "torch int8 (quantize_dynamic)", **measure(q, ids, args)})
+            del q
+        except Exception as exc:  # removed or broken in this torch
+            print("torch dynamic int8 unavailable:", exc)
+    ours = sparsetorch.to_inference(base, (ids[:1],), values="int8")
+    rows.append({"model": "dense", "values": "int8 (ours)", **measure(ours, ids, args)})
+    del ours, base
+    gc.collect()
+    reference_tokens = {}
+    for sp in args.sparsities.split(","):
+        sp = sp if sp == "2:4" else float(sp)
+        model = build(args.preset)
+        prune(model, sp)
+        reference_tokens[sp] = timed_generate(model, ids[:1], args.new_tokens)[0][0].tolist()
+        for values in args.values.split(","):
+            t0 = time.perf_counter()
+            fast = sparsetorch.to_inference(model, (ids[:1],), values=values)
+            convert_s = time.perf_counter() - t0
+            row = {"model": f"{sp}", "values": values, "convert_s": convert_s, **measure(fast, ids, args),
+                   "kernels": sorted({p["kernel"] for p in fast.sparsetorch_plan})}
+            row["token_agreement"] = sum(a == b for a, b in zip(row["tokens"], reference_tokens[sp])) / len(row["tokens"])
+            rows.append(row)
+            print(f"{sp} {values}: {row['decode_tok_s']:.2f} tok/s, agreement {row['token_agreement']:.2f}", flush=True)
+            del fast
+            gc.collect()
+        del model
+        gc.collect()
+        if sp == 0.7:
+            dense_run()
+    dense_run()
+    dense = {k: statistics.median(r[k] for r in dense_runs) for k in dense_runs[0] if k.endswith("tok_s") or k == "weight_bytes"}
+    print(f"\n{dt.date.today()}  {platform.processor() or platform.machine()}  threads={args.threads}  "
+          f"preset={args.preset}  torch {torch.__version__}")
+    print(f"dense fp32: decode {dense['decode_tok_s']:.2f} tok/s, prefill {dense['prefill_tok_s']:.1f} tok/s, "
+          f"{dense['weight_bytes'] / 2**20:.0f} MiB")
+    head = "| model | values | decode b=1 (x dense) |" + (" decode b=8 |" if args.batch8 else "") + \
+        " prefill | weights | greedy tokens = masked dense |"
+    print(head + "\n" + "|---" * (head.count("|") - 1) + "|")
+    for r in rows:
+        r["decode_x"] = r["decode_tok_s"] / dense["decode_tok_s"]
+        r["prefill_x"] = r["prefill_tok_s"] / dense["prefill_tok_s"]
+        r["bytes_x"] = r["weight_bytes"] / dense["weight_bytes"]
+        b8 = f" {r['decode8_tok_s'] / dense['decode8_tok_s']:.2f}x |" if args.batch8 else ""
+        agree = f"{r['token_agreement']:.2f}" if "token_agreement" in r else "-"
+        print(f"| {r['model']} | {r['values']} | {r['decode_tok_s']:.2f} tok/s ({r['decode_x']:.2f}x) |{b8} "
+              f"{r['prefill_x']:.2f}x | {r['bytes_x']:.2f} | {agree} |")
+    out = Path(__file__).parent / "results" / f"decode_{args.preset}.json"
+    out.write_text(json.dumps({"date": str(dt.date.today()), "machine": platform.processor() or platform.machine(),
+                               "threads": args.threads, "args": vars(args), "dense_fp32": dense, "dense_runs": dense_runs,
+                               "rows": [{k: v for k, v in r.items() if k != "tokens"} for r in rows]}, indent=1))
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()
