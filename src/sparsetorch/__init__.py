@@ -21,6 +21,7 @@ _LAZY = {
     "prune": "core.post_training:prune",
     "save": "formats.files:save",
     "load": "formats.files:load",
+    "load_compressed_tensors": "formats.compressed_tensors:load_compressed_tensors",
     "report": "explain.layer_report:report",
     "Sparsifier": "sparsifiers.base:Sparsifier",
     "GMP": "sparsifiers:GMP",

@@ -1,4 +1,5 @@
-"""``sparsetorch info FILE``: what a file written by ``sparsetorch.save`` holds, tensor by tensor."""
+"""``sparsetorch info FILE``: what a file written by ``sparsetorch.save`` holds, tensor by tensor; given a
+compressed-tensors checkpoint folder (llm-compressor), its format and sparse weights."""
 from __future__ import annotations
 
 import argparse
@@ -12,8 +13,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(NAME, help="list the tensors of a saved sparse model: format, sparsity, bytes",
                        description="Per tensor of a file written by sparsetorch.save: storage format, value codec, "
                                    "shape, dtype, kept weights and sparsity, stored bytes and the ratio to dense; "
-                                   "then totals. Every tensor is decoded, so a corrupted file is reported.")
-    p.add_argument("file", help="a .safetensors file written by sparsetorch.save")
+                                   "then totals. Every tensor is decoded, so a corrupted file is reported. A folder "
+                                   "is read as a compressed-tensors checkpoint (sparse-bitmask / sparse-24-bitmask).")
+    p.add_argument("file", help="a .safetensors file written by sparsetorch.save, or a compressed-tensors checkpoint "
+                                "folder")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     return p
 
@@ -55,7 +58,36 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def describe_folder(path: str | os.PathLike) -> dict:
+    """The sparse weights of a compressed-tensors checkpoint folder; raises ``SparsityError`` if it is bad."""
+    from ..formats.compressed_tensors import read_compressed_tensors
+
+    _, info = read_compressed_tensors(path)
+    return {"folder": str(path), **info}
+
+
+def _run_folder(args) -> int:
+    info = describe_folder(args.file)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"compressed-tensors checkpoint, format {info['format']} (config version "
+          f"{info['compressed_tensors_version']}), structure {info['sparsity_structure']}, "
+          f"files: {', '.join(info['files'])}")
+    head = f"{'weight':<44} {'pattern':<12} {'shape':<12} {'dtype':<9} {'nnz':>10} {'sparsity':>8}"
+    print(head)
+    print("-" * len(head))
+    for name, w in info["sparse_weights"].items():
+        print(f"{name:<44} {w['pattern']:<12} {'x'.join(map(str, w['shape'])):<12} {w['dtype']:<9} {w['nnz']:>10} "
+              f"{w['sparsity']:>8.1%}")
+    print("-" * len(head))
+    print(f"{len(info['sparse_weights'])} sparse weights, {info['sparsity_of_sparse_weights']:.1%} sparse together")
+    return 0
+
+
 def run(args) -> int:
+    if os.path.isdir(args.file):
+        return _run_folder(args)
     info = describe(args.file)
     if args.json:
         print(json.dumps(info, indent=1))

@@ -18,7 +18,23 @@ from safetensors.torch import save as safetensors_bytes
 from ..errors import SparsityError
 from .atomic import atomic_write
 
-__all__ = ["read_safetensors", "write_safetensors"]
+__all__ = ["read_safetensors", "read_safetensors_file", "write_safetensors"]
+
+
+def read_safetensors_file(path: str | os.PathLike, *, written_by: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """``(metadata, tensors)`` of any safetensors file (another library's too); a missing, truncated or
+    corrupted file raises ``SparsityError``. ``written_by`` names the writer for the error messages."""
+    path = Path(path)
+    if not path.is_file():
+        raise SparsityError(f"no such file: {path}; pass a file written by {written_by}", path=str(path))
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for bad headers and data
+        raise SparsityError(f"{path} is not a readable safetensors file ({exc}); it is corrupted or truncated",
+                            path=str(path)) from None
+    return metadata, tensors
 
 
 def read_safetensors(path: str | os.PathLike, meta_key: str, *, newest_version: int,
@@ -26,14 +42,7 @@ def read_safetensors(path: str | os.PathLike, meta_key: str, *, newest_version: 
     """``(header, tensors)`` of the file at ``path`` whose metadata holds a JSON header under ``meta_key``
     with an int ``version`` <= ``newest_version``; ``written_by`` names the writer for the error messages."""
     path = Path(path)
-    if not path.is_file():
-        raise SparsityError(f"no such file: {path}; pass a file written by {written_by}")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            metadata = fh.metadata() or {}
-            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
-    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for bad headers and data
-        raise SparsityError(f"{path} is not a readable safetensors file ({exc}); it is corrupted or truncated") from None
+    metadata, tensors = read_safetensors_file(path, written_by=written_by)
     if meta_key not in metadata:
         raise SparsityError(f"{path} is a safetensors file but was not written by {written_by}")
     try:
