@@ -14,8 +14,6 @@ using RowsFn = decltype(&generic::bitmask_rows);
 using UnpackFn = decltype(&generic::bitmask_unpack);
 const RowsFn kRows[3] = {generic::bitmask_rows, avx2::bitmask_rows, avx512::bitmask_rows};
 const UnpackFn kUnpack[3] = {generic::bitmask_unpack, avx2::bitmask_unpack, avx512::bitmask_unpack};
-using QuantFn = decltype(&generic::quantize_rows);
-const QuantFn kQuant[3] = {generic::quantize_rows, avx2::quantize_rows, avx512::quantize_rows};
 
 // run(r0, r1) over the rows of w on up to `threads` threads (one when the call is too small to split)
 template <class Run>
@@ -45,7 +43,7 @@ void bitmask_linear_q8(int threads, const Bitmask& w, int64_t out, const float* 
   const int64_t ld = (w.in + 63) / 64 * 64;
   std::vector<uint8_t> codes((size_t)(nb * ld));
   std::vector<float> scale((size_t)nb);
-  kQuant[2](x, xs, nb, w.in, codes.data(), ld, scale.data());
+  avx512::quantize_rows(x, xs, nb, w.in, codes.data(), ld, scale.data());
   const QuantX qx{codes.data(), ld, scale.data()};
   over_rows(threads, w, out, nb, [&](int64_t r0, int64_t r1) { vnni::bitmask_rows_q8(w, qx, nb, bias, y, out, r0, r1); });
 }

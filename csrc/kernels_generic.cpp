@@ -3,3 +3,4 @@
 #define ST_ISA 0
 #define ST_NS generic
 #include "kernels_impl.inc"
+#include "decode_impl.inc"
