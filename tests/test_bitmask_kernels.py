@@ -91,3 +91,42 @@ def test_to_inference_decoder_values():
         assert (out - model(ids).logits).abs().max() < 0.05 * model(ids).logits.abs().max()
     with pytest.raises(SparsityError, match="unknown values"):
         sparsetorch.to_inference(model, (ids,), values="int3")
+
+
+def _hostile(state, case):
+    if case == "bits_past_in":
+        state["mask"][0, -1] = -1  # 70 inputs: bits 6..15 of the last word are past the row
+    elif case == "row_start_decreases":
+        state["row_start"][1], state["row_start"][2] = state["row_start"][2] + 5, state["row_start"][1]
+    elif case == "row_start_overruns":
+        state["row_start"][-1] += 1000
+    elif case == "popcount_differs":
+        state["mask"][3, 0] ^= 1
+    elif case == "scales_shape":
+        state["scales"] = state["scales"][:, :1].clone()
+    return state
+
+
+@pytest.mark.parametrize("case", ["bits_past_in", "row_start_decreases", "row_start_overruns",
+                                  "popcount_differs", "scales_shape"])
+def test_hostile_state_is_refused_before_any_buffer_changes(case):
+    """The kernels index values by row_start and advance by each mask word's popcount: a state_dict whose
+    buffers disagree would read past the arrays, so load_state_dict refuses it and leaves the layer as it was."""
+    w = _weight(12, 70, 0.6)
+    layer = BitmaskWeight.from_dense(w, "int8", group_size=32)
+    state = _hostile({k: v.clone() for k, v in layer.state_dict().items()}, case)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(SparsityError, match="corrupted"):
+        layer.load_state_dict(state)
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    x = torch.randn(2, 70)
+    torch.testing.assert_close(layer.linear(x, backend="torch"), x @ layer.to_dense().t())
+
+
+def test_clean_state_round_trips():
+    w = _weight(12, 70, 0.6)
+    for values in ("fp32", "bf16", "int8"):
+        a, b = BitmaskWeight.from_dense(w, values), BitmaskWeight.from_dense(w * 2, values)
+        b.load_state_dict(a.state_dict())
+        assert torch.equal(a.to_dense(), b.to_dense())

@@ -208,3 +208,56 @@ def check_bsr_weight(name: str, indptr: np.ndarray, indices: np.ndarray, values:
     check_dtype(f"{name} block indices", indices, (np.int16, np.uint16, np.int32, np.int64))
     check_csr(name, indptr.reshape(-1), unsigned16(indices.reshape(-1)), out_features // r, in_features // c,
               nnz=nblocks)
+
+
+def _row_popcounts(words: np.ndarray) -> np.ndarray:
+    """Set bits per row of a 2-D integer array (int16 words read as uint16)."""
+    as_bytes = np.ascontiguousarray(words).view(np.uint8).reshape(words.shape[0], -1)
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(as_bytes).sum(axis=1, dtype=np.int64)
+    return _POP8[as_bytes].sum(axis=1, dtype=np.int64)
+
+
+def check_bitmask_weight(name: str, mask: np.ndarray | None, row_start: np.ndarray, values: np.ndarray,
+                         out_features: int, in_features: int, scales: np.ndarray | None = None, group: int = 0,
+                         row_corr: np.ndarray | None = None) -> None:
+    """A BitmaskWeight: mask int16 [out, ceil(in/16)] (None: every weight kept) with no bits past ``in``;
+    row_start int64 [out+1] from 0, non-decreasing, each row's step equal to that row's set bits and the last
+    equal to values.size; int8 values need scales [out, ceil(in/group)] with group a positive multiple of 16;
+    row_corr (int8 activations) [out]."""
+    out_features, in_features = check_shape(name, [out_features, in_features], ndim=2)
+    words = (in_features + 15) // 16
+    check_dtype(f"{name} row starts", row_start, (np.int64,))
+    if row_start.ndim != 1 or row_start.size != out_features + 1:
+        _fail(f"{name} has {row_start.size} row starts for {out_features} rows (expected {out_features + 1})",
+              name=name)
+    if mask is None:
+        counts = np.full(out_features, in_features, np.int64)
+    else:
+        check_dtype(f"{name} mask", mask, (np.int16, np.uint16))
+        if mask.shape != (out_features, words):
+            _fail(f"{name} mask has shape {list(mask.shape)}, expected [{out_features}, {words}]", name=name)
+        if in_features % 16 and out_features:
+            past = (mask[:, -1].view(np.uint16).astype(np.int64) >> (in_features % 16)) != 0
+            if past.any():
+                _fail(f"{name} mask sets bits past its {in_features} inputs in row {int(np.flatnonzero(past)[0])}",
+                      name=name)
+        counts = _row_popcounts(mask)
+    if int(row_start[0]) != 0:
+        _fail(f"{name} row starts begin at {int(row_start[0])}, expected 0", name=name)
+    steps = np.diff(row_start)
+    if (steps != counts).any():
+        row = int(np.flatnonzero(steps != counts)[0])
+        _fail(f"{name} row {row} keeps {int(counts[row])} weights by its mask but its row starts give "
+              f"{int(steps[row])}", name=name, row=row)
+    check_size(f"{name} values", values, int(row_start[-1]))
+    if values.dtype == np.int8:
+        if scales is None or not (isinstance(group, (int, np.integer)) and group > 0 and group % 16 == 0):
+            _fail(f"{name} has int8 values but no scales or a bad group size {group!r}", name=name)
+        groups = -(-in_features // int(group))
+        if scales.shape != (out_features, groups):
+            _fail(f"{name} scales have shape {list(scales.shape)}, expected [{out_features}, {groups}]", name=name)
+        if not np.isfinite(scales).all():
+            _fail(f"{name} scales hold NaN or infinite values", name=name)
+    if row_corr is not None and row_corr.shape != (out_features,):
+        _fail(f"{name} row corrections have shape {list(row_corr.shape)}, expected [{out_features}]", name=name)

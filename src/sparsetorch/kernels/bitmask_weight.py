@@ -12,9 +12,11 @@ column order; ``scales`` fp32 [out, groups] for int8; ``row_corr`` the VNNI kern
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..errors import SparsityError
+from ..formats import index_checks
 from . import inference_ops, loader
 from .packed import PackedWeight
 
@@ -129,6 +131,15 @@ class BitmaskWeight(PackedWeight):
 
     def _torch_weight(self):
         return self.to_dense().to_sparse_csr()
+
+    def _check_incoming(self, state_dict, prefix):
+        get = lambda name: None if getattr(self, name) is None else self._incoming(state_dict, prefix, name)  # noqa: E731
+        values = self._incoming(state_dict, prefix, "values")
+        if self.values.dtype == torch.int8 and values.dtype != np.int8:
+            values = values.astype(np.int8)  # load_state_dict copies into our int8 buffer: only the count matters
+        index_checks.check_bitmask_weight(prefix.rstrip(".") or "BitmaskWeight", get("mask"), get("row_start"),
+                                          values, self.out_features, self.in_features, get("scales"), self.group,
+                                          get("row_corr"))
 
     # ---------------------------------------------------------------- kernels
     @property
