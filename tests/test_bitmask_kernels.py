@@ -130,3 +130,19 @@ def test_clean_state_round_trips():
         a, b = BitmaskWeight.from_dense(w, values), BitmaskWeight.from_dense(w * 2, values)
         b.load_state_dict(a.state_dict())
         assert torch.equal(a.to_dense(), b.to_dense())
+
+
+@pytest.mark.parametrize("values", ["fp32", "bf16", "int8"])
+def test_prefill_rows_take_the_unpacked_gemm(values):
+    """From PREFILL_ROWS rows on, linear rebuilds the weight (compiled unpack into a reused buffer) and runs a
+    dense GEMM: same answer as the dequantized weight, and a buffer reused across calls and layers."""
+    from sparsetorch.kernels import bitmask_weight as bwm
+    w = _weight(48, 70, 0.6)
+    layer = BitmaskWeight.from_dense(w, values)
+    x = torch.randn(bwm.PREFILL_ROWS + 3, 70)
+    torch.testing.assert_close(layer.linear(x), x @ layer.to_dense().t(), rtol=1e-4, atol=1e-4)
+    assert torch.equal(layer.unpack(), layer.to_dense())
+    buf = torch.empty(48 * 70 + 5)
+    assert layer.unpack(out=buf).data_ptr() == buf.data_ptr()
+    with pytest.raises(SparsityError, match="buffer"):
+        layer.unpack(out=torch.empty(10))
