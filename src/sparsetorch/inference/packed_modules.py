@@ -32,13 +32,13 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., in]
         if self.kernel == "semi-structured":
             return F.linear(x, self.sparse_weight, self.bias)
-        if self._backend == "ext":  # hot path for small layers: skip the general checks
-            x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # [B(*T), in]
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # [B(*T), in]
+        # hot path for small layers: skip the general checks (long prompts go to the weight's own prefill path)
+        if self._backend == "ext" and x2.shape[0] < getattr(self.packed, "prefill_rows", 1 << 62):
             y = inference_ops.call_fast(self._fast(), x2, 0 if self.bias is None else self.bias.data_ptr(), self.out_features,
                                self.threads)
             if y is not None:
                 return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
-        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # [B, in]
         if self.kernel == "cuda-bsr":
             y = (self.sparse_weight @ x2.t()).t()
             y = y if self.bias is None else y + self.bias

@@ -66,6 +66,7 @@ class BitmaskWeight(PackedWeight):
 
     format = "bitmask"
     kernel_name = "bitmask_linear"
+    prefill_rows = PREFILL_ROWS  # PackedLinear sends this many rows or more to linear(), not the fast path
 
     def __init__(self, mask, row_start, values, out_features: int, in_features: int, scales=None,
                  group: int = 0, quantize_input: bool = False):
@@ -168,7 +169,7 @@ class BitmaskWeight(PackedWeight):
 
     def linear(self, x, bias=None, backend="ext", threads=None):
         if backend == "ext":
-            if x.dim() == 2 and x.shape[0] >= PREFILL_ROWS and loader.load(loader.INFERENCE) is not None:
+            if x.dim() == 2 and x.shape[0] >= self.prefill_rows and loader.load(loader.INFERENCE) is not None:
                 # prefill: a dense GEMM over the weight rebuilt in a reused buffer beats any per-row kernel
                 # here, and the rebuild (one pass, ~1/30 of the GEMM at 512 rows) keeps the file small
                 dense = self.unpack(threads, out=_scratch(self.out_features * self.in_features))
