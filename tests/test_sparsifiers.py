@@ -1,6 +1,7 @@
 """Conformance of every training-time method in the registry, and bad input."""
 import pytest
 import torch
+from torch import nn
 
 import sparsetorch
 from sparsetorch.errors import SparsityError
@@ -142,3 +143,28 @@ def test_attach_twice_step_before_attach_and_missing_params(name, build):
     with pytest.raises(SparsityError, match="already attached"):
         sparsifier.attach(model, optimizer)
     assert all(torch.equal(a, b.mask) for a, b in zip(masks, sparsetorch.iter_masks(model)))
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "assign"])
+def test_copies_of_a_masked_model_keep_their_zeros(how):
+    """A deep copy (or a load_state_dict(assign=True)) has the mask buffers but new Parameters: before, the
+    copy's pruned weights came back to life at the first Adam step, silently."""
+    import copy
+
+    from sparsetorch.core.masks import iter_masks, set_mask
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    set_mask(model[0], torch.rand(16, 16) > 0.5)
+    if how == "deepcopy":
+        twin = copy.deepcopy(model)
+    else:
+        twin = copy.deepcopy(model)
+        twin.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    opt = torch.optim.Adam(twin.parameters(), lr=0.1)
+    for _ in range(3):
+        twin(torch.randn(8, 16)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    (item,) = list(iter_masks(twin))
+    assert not item.module.weight[~item.mask].any()

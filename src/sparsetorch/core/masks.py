@@ -82,12 +82,35 @@ def set_mask(module: nn.Module, mask: torch.Tensor, name: str = "weight") -> tor
         param.mul_(module._buffers[buffer_name])
     entry = _REGISTRY.get(param)
     if entry is None:
-        _install_global_hook()
-        hook = param.register_hook(_grad_masker(module, buffer_name))
-        _REGISTRY[param] = _Entry(weakref.ref(module), name, 1, hook)
+        _register(module, name, param)
     else:
         entry.version += 1
     return module._buffers[buffer_name]
+
+
+def _register(module: nn.Module, name: str, param: nn.Parameter) -> None:
+    _install_global_hook()
+    hook = param.register_hook(_grad_masker(module, name + _SUFFIX))
+    _REGISTRY[param] = _Entry(weakref.ref(module), name, 1, hook)
+    if not getattr(module, "_sparsetorch_mask_hook", False):
+        module.register_forward_pre_hook(_register_copies)
+        module._sparsetorch_mask_hook = True
+
+
+def _register_copies(module: nn.Module, _args) -> None:
+    """Forward pre-hook: a copy of a masked module (``copy.deepcopy``, ``load_state_dict(assign=True)``) has its
+    mask buffer but new Parameters, which the tensor hooks and the registry do not know; register them before
+    their first backward, so the copy keeps its pruned weights zero like the original."""
+    if torch.compiler.is_compiling():
+        return
+    for buffer_name, mask in module._buffers.items():
+        if mask is None or not buffer_name.endswith(_SUFFIX):
+            continue
+        param = module._parameters.get(buffer_name[: -len(_SUFFIX)])
+        if param is not None and param not in _REGISTRY:
+            with torch.no_grad():
+                param.mul_(mask)
+            _register(module, buffer_name[: -len(_SUFFIX)], param)
 
 
 def _grad_masker(module: nn.Module, buffer_name: str):
