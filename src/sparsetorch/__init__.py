@@ -51,9 +51,10 @@ _LAZY = {
     "SparseLinear": "sparse_training.sparse_linear:SparseLinear",
     "sparse_param_groups": "sparse_training.optim:param_groups",
     "export_edge": "export.edge:export_edge",
+    "distill": "recovery.loop:distill",
 }
 _SUBMODULES = {"core", "formats", "sparsifiers", "oneshot", "sparse_training", "kernels", "inference", "shrink",
-               "export", "edge", "explain", "integrations", "recipes", "models", "data", "cli", "testing"}
+               "export", "edge", "explain", "integrations", "recipes", "recovery", "models", "data", "cli", "testing"}
 
 # Top-level names that moved to their namespace: still reachable here, with a DeprecationWarning.
 _MOVED = {
