@@ -211,3 +211,49 @@ def test_unmasked_lora_merge_still_sparse_and_refuses_unknown_patterns():
     with pytest.raises(SparsityError, match="no mask"):
         merge_lora(wrapped)
     assert get_mask(bare.blocks[0].mlp.fc) is None
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_trainer_with_peft_keeps_the_pattern_through_merge(tmp_path, arch):
+    """Trainer + PEFT + SparsityCallback() on a one-shot 2:4 model: after training and merge_lora the model
+    is still exactly 2:4 with the same masks, and it loads with plain from_pretrained."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from sparsetorch.integrations.hf import SparsityCallback
+
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16, bos_token_id=0,
+                                      eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        model = transformers.GPT2LMHeadModel(cfg)
+    else:
+        cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                       num_key_value_heads=1, vocab_size=64)
+        model = transformers.LlamaForCausalLM(cfg)
+    ids = torch.randint(0, 64, (24, 16), generator=torch.Generator().manual_seed(0))
+    prune_oneshot(model, [ids[i : i + 1] for i in range(4)], method="wanda", pattern="2:4", progress=False)
+    masks = {m.fqn: m.mask.clone() for m in iter_masks(model)}
+    wrapped = add_lora(model, r=4)
+    ds = [{"input_ids": r, "labels": r} for r in ids]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=4,
+                                          per_device_train_batch_size=4, learning_rate=1e-2, save_strategy="no",
+                                          logging_strategy="no", disable_tqdm=True, seed=0)
+    transformers.Trainer(model=wrapped, args=args, train_dataset=ds, callbacks=[SparsityCallback()]).train()
+    merged = merge_lora(wrapped)
+    got = {m.fqn: m.mask for m in iter_masks(merged)}
+    assert got.keys() == masks.keys() and all(torch.equal(got[k], masks[k]) for k in masks)
+    for m in iter_masks(merged):
+        w = getattr(m.module, m.name)
+        assert not w[~m.mask].any()
+        w2 = w if arch == "llama" else w.t()
+        assert ((w2 != 0).view(w2.shape[0], -1, 4).sum(-1) <= 2).all()
+    merged.save_pretrained(tmp_path / "out")
+    plain = type(merged).from_pretrained(tmp_path / "out")
+    for (n, a), b in zip(merged.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+def test_callback_without_sparsifier_refuses_a_dense_model():
+    from sparsetorch.integrations.hf import keep_masks
+    with pytest.raises(SparsityError, match="no masks"):
+        keep_masks(torch.nn.Sequential(torch.nn.Linear(4, 4)))

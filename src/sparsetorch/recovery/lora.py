@@ -21,8 +21,9 @@ from torch import nn
 
 from ..core.masks import get_mask, set_mask
 from ..errors import SparsityError
+from ..oneshot.linear_layers import is_linear_like
 
-__all__ = ["add_lora", "merge_lora", "lora_layers"]
+__all__ = ["add_lora", "merge_lora", "lora_layers", "mask_adapters"]
 
 
 def _peft():
@@ -43,7 +44,7 @@ def _default_targets(model: nn.Module, exclude: Sequence[str]) -> list[str]:
     names = []
     for name, module in model.named_modules():
         w = getattr(module, "weight", None)
-        if not isinstance(module, nn.Linear) or w is None or any(name.endswith(e) for e in exclude):
+        if not is_linear_like(module) or w is None or any(name.endswith(e) for e in exclude):
             continue
         if get_mask(module) is not None or bool((w == 0).any()):
             names.append(name)
@@ -69,12 +70,27 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float =
         module = modules.get(name)
         if module is not None and getattr(module, "weight", None) is not None and get_mask(module) is None:
             set_mask(module, module.weight.detach() != 0)
-    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
+    conv1d = any(type(modules.get(n)).__name__ == "Conv1D" for n in targets)  # GPT-2 stores W as [in, out]
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
+                             fan_in_fan_out=conv1d)
     wrapped = peft.get_peft_model(model, config)
     if masked:
-        for _, layer in lora_layers(wrapped):
-            layer.forward = types.MethodType(_masked_forward, layer)
+        mask_adapters(wrapped)
     return wrapped
+
+
+def mask_adapters(model: nn.Module) -> int:
+    """Make every LoRA layer of ``model`` compute its update through its base layer's mask (see the module
+    docstring); a base layer with zeros but no mask gets one from its zeros. Returns the layers changed."""
+    changed = 0
+    for _, layer in lora_layers(model):
+        base = layer.get_base_layer()
+        if get_mask(base) is None and bool((base.weight == 0).any()):
+            set_mask(base, base.weight.detach() != 0)
+        if getattr(layer.forward, "__func__", None) is not _masked_forward:
+            layer.forward = types.MethodType(_masked_forward, layer)
+            changed += 1
+    return changed
 
 
 def _delta(layer: nn.Module) -> torch.Tensor | None:
