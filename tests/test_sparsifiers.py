@@ -168,3 +168,14 @@ def test_copies_of_a_masked_model_keep_their_zeros(how):
         opt.zero_grad()
     (item,) = list(iter_masks(twin))
     assert not item.module.weight[~item.mask].any()
+
+
+def test_a_masked_layer_resized_by_hand_says_to_drop_its_mask():
+    """Replacing a masked weight by one of another shape leaves a stale mask; the first forward says so."""
+    from sparsetorch.core.masks import set_mask
+
+    layer = nn.Linear(8, 6)
+    set_mask(layer, torch.rand(6, 8) > 0.5)
+    layer.weight = nn.Parameter(torch.randn(3, 8))
+    with pytest.raises(SparsityError, match="remove_mask"):
+        layer(torch.randn(2, 8))

@@ -108,6 +108,13 @@ def _register_copies(module: nn.Module, _args) -> None:
             continue
         param = module._parameters.get(buffer_name[: -len(_SUFFIX)])
         if param is not None and param not in _REGISTRY:
+            if tuple(param.shape) != tuple(mask.shape):
+                raise SparsityError(
+                    f"{type(module).__name__}.{buffer_name[: -len(_SUFFIX)]} was replaced by a tensor of shape "
+                    f"{tuple(param.shape)}, but its mask has shape {tuple(mask.shape)}; call "
+                    "sparsetorch.remove_masks(model) (or remove_mask(module)) before resizing a masked layer",
+                    mask_shape=tuple(mask.shape), param_shape=tuple(param.shape),
+                )
             with torch.no_grad():
                 param.mul_(mask)
             _register(module, buffer_name[: -len(_SUFFIX)], param)

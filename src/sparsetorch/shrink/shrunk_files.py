@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save as _st_save
 from torch import nn
 
+from ..core.masks import remove_masks
 from ..errors import SparsityError
 from ..formats.atomic import atomic_write
 from ..formats.safetensors_file import read_safetensors
@@ -72,6 +73,7 @@ def load_shrunk(path: str | os.PathLike, model_factory: Callable[[], nn.Module])
     model = model_factory()
     if not isinstance(model, nn.Module):
         raise SparsityError(f"model_factory must return an nn.Module, got {type(model).__name__}")
+    remove_masks(model)  # a shrunk file holds no masks (shrink drops them); a masked factory's would be stale
     modules = dict(model.named_modules())
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
