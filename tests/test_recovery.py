@@ -257,3 +257,82 @@ def test_callback_without_sparsifier_refuses_a_dense_model():
     from sparsetorch.integrations.hf import keep_masks
     with pytest.raises(SparsityError, match="no masks"):
         keep_masks(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+
+def test_distill_trains_compressed_sparse_linear_layers():
+    """A student whose Linear layers only exist compressed (SparseLinear, nnz values) distils like a masked one."""
+    from sparsetorch.sparse_training import to_sparse_training
+    from sparsetorch.sparse_training.sparse_linear import SparseLinear
+
+    teacher, data = _teacher(), _data()
+    student = to_sparse_training(copy.deepcopy(teacher), sparsity=0.6, init="magnitude",
+                                 generator=torch.Generator().manual_seed(0))
+    layers = [m for m in student.modules() if isinstance(m, SparseLinear)]
+    assert layers
+    before = [(m.indptr.clone(), m.indices.clone()) for m in layers]
+    result = distill(student, teacher, data, steps=25, batch_size=8, lr=3e-3, generator=torch.Generator().manual_seed(0))
+    losses = [h["total"] for h in result.history]
+    assert sum(losses[-5:]) < sum(losses[:5])
+    for m, (indptr, indices) in zip(layers, before):  # the connectivity is the structure: it cannot move
+        assert torch.equal(m.indptr, indptr) and torch.equal(m.indices, indices)
+
+
+# -- the recipe: prune -> recover -> save, in one call and one command ------------------------------------------
+@pytest.mark.parametrize("recovery,pattern", [("distill", "unstructured"), ("lora", "2:4"), ("finetune", "unstructured")])
+def test_recover_recipe_prunes_recovers_and_saves(tmp_path, recovery, pattern):
+    import sparsetorch
+    from sparsetorch.recipes.prune_and_recover import recover
+
+    teacher, data = _teacher(), _data(64)
+    dense_state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    report = recover(teacher, [data[i : i + 1] for i in range(8)], data, sparsity=None if ":" in pattern else 0.7,
+                     pattern=pattern, recovery=recovery, steps=30, lr=1e-2 if recovery == "lora" else 3e-3,
+                     generator=torch.Generator().manual_seed(0), progress=False, out=tmp_path / "m.safetensors")
+    dense, pruned, final = report.stages
+    assert pruned.loss > dense.loss and final.loss < pruned.loss  # pruning cost something; recovery won some back
+    assert final.sparsity == pruned.sparsity == pytest.approx(0.5 if pattern == "2:4" else 0.7, abs=1e-3)
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in dense_state.items())  # the teacher is untouched
+    model = report.model
+    _zeros_hold(model)
+    if pattern == "2:4":
+        for m in iter_masks(model):
+            assert (m.mask.view(m.mask.shape[0], -1, 4).sum(-1) == 2).all()
+    table = str(report)
+    assert "vs dense" in table and recovery in table and "KiB" in table
+    loaded = sparsetorch.load(GPT(CFG), tmp_path / "m.safetensors")
+    assert torch.equal(loaded(data[:2]), model(data[:2]))
+    assert report.to_dict()["stages"][2]["stage"] == recovery
+
+
+def test_recover_recipe_bad_input():
+    from sparsetorch.recipes.prune_and_recover import recover
+
+    teacher, data = _teacher(), _data(16)
+    with pytest.raises(SparsityError, match="recovery must be one of"):
+        recover(teacher, [data[:1]], data, recovery="magic", progress=False)
+    with pytest.raises(SparsityError, match="token ids"):
+        recover(teacher, [data[:1]], torch.randn(4, 16), progress=False)
+
+
+def test_recover_command_on_a_transformers_folder(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    from sparsetorch.cli.main import main
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, vocab_size=256, max_position_embeddings=64)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tiny")
+    (tmp_path / "text.txt").write_text("def f(x):\n    return x + 1\n" * 200)
+    argv = ["recover", str(tmp_path / "tiny"), "--calibration", str(tmp_path / "text.txt"), "--out",
+            str(tmp_path / "out"), "--pattern", "2:4", "--recovery", "lora", "--steps", "4", "--batch-size", "4",
+            "--nsamples", "4", "--train-samples", "32", "--seqlen", "32", "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "vs dense" in out and "lora" in out
+    report = __import__("json").loads((tmp_path / "out" / "recover.json").read_text())
+    assert report["stages"][1]["sparsity"] == report["stages"][2]["sparsity"] == 0.5
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out")
+    w = model.model.layers[0].mlp.up_proj.weight
+    assert ((w != 0).view(w.shape[0], -1, 4).sum(-1) <= 2).all()
+    assert main(argv[:-1] + ["--seqlen", "4096"]) == 2  # past the context: a clear error, exit 2
+    assert "context" in capsys.readouterr().err

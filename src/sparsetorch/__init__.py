@@ -52,6 +52,7 @@ _LAZY = {
     "sparse_param_groups": "sparse_training.optim:param_groups",
     "export_edge": "export.edge:export_edge",
     "distill": "recovery.loop:distill",
+    "recover": "recipes.prune_and_recover:recover",
 }
 _SUBMODULES = {"core", "formats", "sparsifiers", "oneshot", "sparse_training", "kernels", "inference", "shrink",
                "export", "edge", "explain", "integrations", "recipes", "recovery", "models", "data", "cli", "testing"}

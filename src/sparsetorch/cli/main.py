@@ -10,7 +10,7 @@ import sys
 from ..errors import SparsityError
 
 # subcommand modules, in the order --help lists them
-COMMANDS = ["demo", "report", "bench", "prune_lm", "info", "export", "train"]
+COMMANDS = ["demo", "report", "bench", "prune_lm", "recover", "info", "export", "train"]
 
 
 def build_parser() -> argparse.ArgumentParser:

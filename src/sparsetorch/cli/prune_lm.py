@@ -77,25 +77,44 @@ def _max_positions(config) -> int | None:
     return None
 
 
-def run(args: argparse.Namespace) -> int:
+def load_lm(model_dir: Path, seqlen: int):
+    """AutoModelForCausalLM from ``model_dir``, checked to be a model folder whose context holds ``seqlen``."""
     from ..errors import SparsityError
 
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
-        raise ImportError("prune-lm needs transformers: pip install 'sparsetorch[transformers]'") from None
-    from ..formats.files import save
-    from ..oneshot import prune_oneshot
-    from ..oneshot.api import skip_to_exclude
-
-    model_dir, out = Path(args.model_dir), Path(args.out)
+        raise ImportError("this command needs transformers: pip install 'sparsetorch[transformers]'") from None
     if not (model_dir / "config.json").is_file():
         raise SparsityError(f"{model_dir} is not a transformers model folder (no config.json); pass the "
                             "folder written by save_pretrained", model_dir=str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     limit = _max_positions(model.config)
-    if limit is not None and args.seqlen > limit:
-        raise SparsityError(f"--seqlen {args.seqlen} exceeds the model's context of {limit} tokens; pass --seqlen {limit}")
+    if limit is not None and seqlen > limit:
+        raise SparsityError(f"--seqlen {seqlen} exceeds the model's context of {limit} tokens; pass --seqlen {limit}")
+    return model
+
+
+def write_lm(model, model_dir: Path, out: Path, metadata: dict, values: str = "fp32") -> None:
+    """``out``: the model by save_pretrained (any transformers code loads it), the source folder's tokenizer and
+    ``sparsetorch.safetensors`` (masks and compressed storage, for sparsetorch.load)."""
+    from ..formats.files import save
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    if any((model_dir / f).is_file() for f in _TOKENIZER_FILES):
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    save(model, out / "sparsetorch.safetensors", values=values, metadata=metadata)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..oneshot import prune_oneshot
+    from ..oneshot.api import skip_to_exclude
+
+    model_dir, out = Path(args.model_dir), Path(args.out)
+    model = load_lm(model_dir, args.seqlen)
     vocab = model.get_input_embeddings().num_embeddings
     calib = calibration_ids(model_dir, Path(args.calibration), args.nsamples, args.seqlen, args.seed, vocab)
     sparsity = args.sparsity if args.sparsity is not None else (None if ":" in args.pattern else 0.5)
@@ -105,15 +124,10 @@ def run(args: argparse.Namespace) -> int:
                           bits=args.bits, group_size=args.group_size,
                           exclude=exclude, block_size=args.block_size, damp=args.damp, device=args.device)
     stats = model.sparsetorch_stats
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    if any((model_dir / f).is_file() for f in _TOKENIZER_FILES):
-        from transformers import AutoTokenizer
-
-        AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
-    save(model, out / "sparsetorch.safetensors", values="grid" if args.bits else "fp32", metadata={"oneshot": {"method": args.method, "pattern": args.pattern,
-                                                                             "distribution": args.distribution,
-                                                                             "refine": args.refine, "bits": args.bits}})
+    write_lm(model, model_dir, out, {"oneshot": {"method": args.method, "pattern": args.pattern,
+                                                 "distribution": args.distribution, "refine": args.refine,
+                                                 "bits": args.bits}},
+             values="grid" if args.bits else "fp32")
     (out / "oneshot.json").write_text(json.dumps(stats.to_dict(), indent=2))
     print(f"{'layer':48s} {'sparsity':>8s} {'seconds':>8s}")
     for r in stats.layers:
