@@ -179,3 +179,28 @@ def test_a_masked_layer_resized_by_hand_says_to_drop_its_mask():
     layer.weight = nn.Parameter(torch.randn(3, 8))
     with pytest.raises(SparsityError, match="remove_mask"):
         layer(torch.randn(2, 8))
+
+
+def test_frozen_masked_weights_and_frozen_copies():
+    """PEFT freezes the base weights before the first forward of a deep copy: masking a frozen weight (or a copy
+    of one) must work, and unfreezing it later must bring back the gradient mask."""
+    import copy
+
+    from sparsetorch.core.masks import set_mask
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    set_mask(model[0], torch.rand(16, 16) > 0.5)
+    twin = copy.deepcopy(model)
+    twin.requires_grad_(False)
+    twin(torch.randn(2, 16))                    # registers the frozen copy
+    frozen = nn.Linear(8, 8).requires_grad_(False)
+    set_mask(frozen, torch.rand(8, 8) > 0.5)   # masking a frozen layer
+    twin.requires_grad_(True)
+    opt = torch.optim.SGD(twin.parameters(), lr=0.5, momentum=0.9)
+    for _ in range(3):
+        twin(torch.randn(8, 16)).square().sum().backward()
+        assert not twin[0].weight.grad[~twin[0].weight_mask].any()
+        opt.step()
+        opt.zero_grad()
+    assert not twin[0].weight[~twin[0].weight_mask].any()

@@ -37,7 +37,7 @@ class _Entry:
     module: weakref.ref
     name: str
     version: int
-    hook: torch.utils.hooks.RemovableHandle
+    hook: torch.utils.hooks.RemovableHandle | None  # None while the parameter is frozen (no gradient to mask)
 
     def mask(self) -> torch.Tensor | None:
         module = self.module()
@@ -90,7 +90,7 @@ def set_mask(module: nn.Module, mask: torch.Tensor, name: str = "weight") -> tor
 
 def _register(module: nn.Module, name: str, param: nn.Parameter) -> None:
     _install_global_hook()
-    hook = param.register_hook(_grad_masker(module, name + _SUFFIX))
+    hook = param.register_hook(_grad_masker(module, name + _SUFFIX)) if param.requires_grad else None
     _REGISTRY[param] = _Entry(weakref.ref(module), name, 1, hook)
     if not getattr(module, "_sparsetorch_mask_hook", False):
         module.register_forward_pre_hook(_register_copies)
@@ -107,7 +107,10 @@ def _register_copies(module: nn.Module, _args) -> None:
         if mask is None or not buffer_name.endswith(_SUFFIX):
             continue
         param = module._parameters.get(buffer_name[: -len(_SUFFIX)])
-        if param is not None and param not in _REGISTRY:
+        entry = None if param is None else _REGISTRY.get(param)
+        if entry is not None and entry.hook is None and param.requires_grad:  # masked while frozen, now unfrozen
+            entry.hook = param.register_hook(_grad_masker(module, buffer_name))
+        if param is not None and entry is None:
             if tuple(param.shape) != tuple(mask.shape):
                 raise SparsityError(
                     f"{type(module).__name__}.{buffer_name[: -len(_SUFFIX)]} was replaced by a tensor of shape "
@@ -206,7 +209,7 @@ def remove_mask(module: nn.Module, name: str = "weight") -> None:
     """Drop the mask of ``module.<name>``, its gradient hook and its input order (the weights are left as they are)."""
     param = getattr(module, name, None)
     entry = _REGISTRY.pop(param, None) if isinstance(param, nn.Parameter) else None
-    if entry is not None:
+    if entry is not None and entry.hook is not None:
         entry.hook.remove()
     module._buffers.pop(name + _SUFFIX, None)
     module._buffers.pop(name + _ORDER_SUFFIX, None)
