@@ -170,6 +170,35 @@ def run_compressed(steps: int, rank: int, world: int):
     return model, sparsifier, train(DDP(model), optimizer, sparsifier, steps, rank, world)
 
 
+def distill_pair():
+    """A random dense GPT (teacher) and a 60%-magnitude-pruned copy (student), with its training rows."""
+    import copy
+
+    from sparsetorch.models.gpt import GPT, GPTConfig
+    from sparsetorch.oneshot import prune_oneshot
+
+    torch.manual_seed(0)
+    teacher = GPT(GPTConfig(layers=1, width=16, heads=2, context=8)).eval()
+    student = copy.deepcopy(teacher)
+    prune_oneshot(student, None, method="magnitude", sparsity=0.6, progress=False)
+    data = torch.randint(0, 256, (16, 8), generator=torch.Generator().manual_seed(1))
+    return teacher, student, data
+
+
+def run_distill(steps: int, world: int = 1):
+    """distill() under DDP when world > 1: each rank takes its half of every batch, DDP averages the gradients."""
+    from sparsetorch.recovery import distill
+
+    teacher, student, data = distill_pair()
+    trained = student
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        trained = DDP(student)
+    distill(trained, teacher, data, steps=steps, batch_size=4, lr=1e-2, generator=torch.Generator().manual_seed(3))
+    return student
+
+
 def main(out_dir: str, steps: int) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -191,6 +220,8 @@ def main(out_dir: str, steps: int) -> None:
     report["compressed_rigl"] = {"digests": digests, "history": sparsifier.history}
     for name, positions in connectivity(model).items():
         tensors[f"compressed_rigl/{name}"] = positions
+    for name, value in run_distill(steps, world).state_dict().items():
+        tensors[f"distill/{name}"] = value.clone()
     save_file(tensors, os.path.join(out_dir, f"rank{rank}.safetensors"))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
         json.dump(report, fh)

@@ -73,3 +73,19 @@ def test_compressed_rigl_under_ddp_equals_a_single_process_on_the_whole_batch(ra
     for name, positions in ddp_worker.connectivity(model).items():
         assert torch.equal(tensors0[f"compressed_rigl/{name}"], tensors1[f"compressed_rigl/{name}"]), name
         assert torch.equal(tensors0[f"compressed_rigl/{name}"], positions), name
+
+
+def test_distill_under_ddp_equals_a_single_process_on_the_whole_batch(ranks):
+    """Each rank distils on its half of every batch; the replicas stay equal, the masks exact, and the result is
+    the single-process run on the whole batch (up to the all-reduce's float rounding)."""
+    (_, tensors0), (_, tensors1) = ranks
+    single = ddp_worker.run_distill(STEPS).state_dict()
+    for name, value in single.items():
+        key = f"distill/{name}"
+        assert torch.equal(tensors0[key], tensors1[key]), name
+        torch.testing.assert_close(tensors0[key], value, rtol=1e-4, atol=1e-5)
+    student = ddp_worker.run_distill(STEPS)
+    assert any(True for _ in sparsetorch.iter_masks(student))
+    for item in sparsetorch.iter_masks(student):
+        w = tensors0[f"distill/{item.qualified_name}"]
+        assert not w[~item.mask].any(), item.qualified_name
