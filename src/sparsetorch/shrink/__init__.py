@@ -11,12 +11,17 @@ Example::
     small = sparsetorch.shrink(model, x)                             # a smaller nn.Module, same outputs
     sparsetorch.shrink.save_shrunk(small, "small.safetensors")
     small = sparsetorch.shrink.load_shrunk("small.safetensors", lambda: ResNet())
+
+Depth: ``remove_blocks(model, 0.25, calibration)`` drops the transformer blocks that matter least
+(ShortGPT's Block Influence, or the loss rise when a block is skipped); the model keeps its class and
+config, so ``from_pretrained`` loads it.
 """
+from .block_removal import block_importance, remove_blocks
 from .channel_selection import prune_channels
 from .shrunk_files import load_shrunk, save_shrunk
 from .surgery import find_groups, shrink
 
-__all__ = ["shrink", "prune_channels", "find_groups", "save_shrunk", "load_shrunk"]
+__all__ = ["shrink", "prune_channels", "find_groups", "save_shrunk", "load_shrunk", "block_importance", "remove_blocks"]
 
 import sys as _sys
 import types as _types
