@@ -126,3 +126,17 @@ def test_remove_blocks_bad_input():
     with pytest.raises(SparsityError, match="no stack of repeated blocks"):
         remove_blocks(torch.nn.Sequential(torch.nn.Linear(4, 4)), [0])
     assert len(model.blocks) == 4  # nothing half-done
+
+
+def test_a_depth_pruned_student_distils_with_hidden_states_of_the_matching_teacher_blocks():
+    from sparsetorch.recovery import DistillLoss, distill
+
+    teacher, calib = _gpt_with_an_idle_block(1)
+    with torch.no_grad():  # the removed block now matters, so there is something to win back
+        teacher.blocks[1].mlp.proj.weight.normal_(0, 0.05)
+    student = remove_blocks(copy.deepcopy(teacher), [1])
+    data = torch.cat(calib + [c.roll(3, 1) for c in calib])
+    result = distill(student, teacher, data, steps=20, batch_size=4, lr=3e-3, loss=DistillLoss(hidden=1.0),
+                     generator=torch.Generator().manual_seed(0))
+    hidden = [h["hidden"] for h in result.history]
+    assert sum(hidden[-4:]) < sum(hidden[:4])

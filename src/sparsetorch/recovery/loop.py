@@ -64,12 +64,13 @@ def batch_rows(step: int, micro: int, rows: int, batch: int, accumulate: int, se
 class _BlockOutputs:
     """Forward hooks that record each block's output tensor (the first, for blocks returning tuples)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, only: list[int] | None = None):
         found = find_blocks(model)
         if found is None:
             raise SparsityError(f"hidden-state matching needs a stack of blocks; none found in {type(model).__name__}")
         self.outputs: list[torch.Tensor] = []
-        self.hooks = [b.register_forward_hook(self._record) for b in found[1]]
+        blocks = list(found[1]) if only is None else [found[1][i] for i in only]
+        self.hooks = [b.register_forward_hook(self._record) for b in blocks]
 
     def _record(self, _module, _args, out) -> None:
         self.outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
@@ -81,6 +82,16 @@ class _BlockOutputs:
     def close(self) -> None:
         for h in self.hooks:
             h.remove()
+
+
+def _kept_blocks(student: nn.Module, teacher: nn.Module) -> list[int] | None:
+    """For a depth-pruned student (``shrink.remove_blocks``), the teacher blocks its blocks correspond to."""
+    removed = getattr(student, "sparsetorch_removed_blocks", None)
+    found = find_blocks(teacher)
+    if not removed or found is None:
+        return None
+    kept = [i for i in range(len(found[1])) if i not in set(removed["removed"])]
+    return kept if len(kept) == len(find_blocks(student)[1]) else None
 
 
 def _rank_world() -> tuple[int, int]:
@@ -135,7 +146,7 @@ def distill(student: nn.Module, teacher: nn.Module | None, data: torch.Tensor, *
             if cache is not None:
                 raise SparsityError("hidden-state matching needs the live teacher; a teacher cache holds logits only")
             hidden_s = _BlockOutputs(unwrap_model(student))
-            hidden_t = _BlockOutputs(teacher)
+            hidden_t = _BlockOutputs(teacher, _kept_blocks(unwrap_model(student), teacher))
             stack.callback(hidden_s.close)
             stack.callback(hidden_t.close)
         if teacher is not None:
