@@ -194,6 +194,21 @@ def test_lora_merge_keeps_masks_and_sparsity_exact(pattern):
             assert (m.mask.view(m.mask.shape[0], -1, 4).sum(-1) == 2).all()
 
 
+def test_lora_init_draws_from_the_generator_not_the_global_one():
+    _, student, _ = _pair()
+
+    def adapters(seed, global_seed):
+        torch.manual_seed(global_seed)
+        model = add_lora(copy.deepcopy(student), r=4, generator=torch.Generator().manual_seed(seed))
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+    first, again, other = adapters(0, global_seed=1), adapters(0, global_seed=2), adapters(1, global_seed=1)
+    assert first.keys() == again.keys() and first
+    assert all(torch.equal(first[n], again[n]) for n in first)
+    assert any(not torch.equal(first[n], other[n]) for n in first if "lora_A" in n)
+    assert all(not p.any() for n, p in first.items() if "lora_B" in n)  # B = 0: starts equal to the base model
+
+
 def test_unmasked_lora_merge_still_sparse_and_refuses_unknown_patterns():
     teacher, student, data = _pair()
     model = add_lora(student, r=4, masked=False)

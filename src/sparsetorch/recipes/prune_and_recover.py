@@ -241,7 +241,7 @@ def _train(student, teacher, train, recovery, steps, batch_size, lr, loss, lora_
         return student, result
     from ..recovery.lora import add_lora, merge_lora
 
-    adapted = add_lora(student, r=lora_rank, alpha=2.0 * lora_rank)
+    adapted = add_lora(student, r=lora_rank, alpha=2.0 * lora_rank, generator=gen)
     result = distill(adapted, teacher, train, steps=steps, batch_size=batch_size, lr=lr or 1e-3, loss=loss,
                      generator=gen, progress=progress)
     return merge_lora(adapted), result

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.masks import get_mask, set_mask
+from ..core.rng import resolve_generator
 from ..errors import SparsityError
 from ..oneshot.linear_layers import is_linear_like
 
@@ -52,12 +53,14 @@ def _default_targets(model: nn.Module, exclude: Sequence[str]) -> list[str]:
 
 
 def add_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-             target_modules: Sequence[str] | None = None, masked: bool = True, exclude: Sequence[str] = ("lm_head",)):
+             target_modules: Sequence[str] | None = None, masked: bool = True, exclude: Sequence[str] = ("lm_head",),
+             generator: torch.Generator | None = None):
     """Wrap ``model`` with PEFT LoRA adapters of rank ``r`` on its pruned Linear layers; returns the PeftModel.
 
     By default every Linear that has a mask or holds zeros is adapted (``exclude`` suffixes skipped); a layer
     without a registered mask gets one from its zeros first, so the merge knows its pattern. The base weights
-    are frozen by PEFT; only the adapters train.
+    are frozen by PEFT; only the adapters train. The A matrices are drawn from ``generator`` (PEFT's own
+    init draws from the global generator, so two runs would differ).
     """
     peft = _peft()
     if r < 1:
@@ -74,9 +77,22 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float =
     config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
                              fan_in_fan_out=conv1d)
     wrapped = peft.get_peft_model(model, config)
+    init_adapters(wrapped, resolve_generator(generator))
     if masked:
         mask_adapters(wrapped)
     return wrapped
+
+
+@torch.no_grad()
+def init_adapters(model: nn.Module, generator: torch.Generator) -> None:
+    """PEFT's LoRA init from ``generator``: A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming_uniform with a = sqrt(5), as
+    PEFT and nn.Linear use), B = 0, so the adapted model starts equal to the base model."""
+    for _, layer in lora_layers(model):
+        for name in layer.lora_A:
+            a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+            bound = a.shape[1] ** -0.5
+            a.copy_(torch.rand(a.shape, generator=generator, dtype=torch.float64).mul_(2 * bound).sub_(bound).to(a))
+            b.zero_()
 
 
 def mask_adapters(model: nn.Module) -> int:
