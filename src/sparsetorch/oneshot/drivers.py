@@ -7,6 +7,11 @@
 
 With OWL the per-block densities come from the dense model's outlier ratios, collected in a first
 pass the same way (block by block) before anything is pruned.
+
+Under torchrun each rank runs its own calibration shard through the same steps: a block's (or the one
+pass's) statistics are summed over the ranks as soon as they are collected (``_share_stats``), so every
+rank prunes from the whole set's statistics, and the pruned layers are then checked identical on every
+rank (``_agree``) before the next block's inputs are computed from them.
 """
 from __future__ import annotations
 
@@ -16,12 +21,13 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from ..core.distributed import agree_with_rank0, is_distributed, rank_and_world
 from ..errors import SparsityError, SparsityWarning
 from .blocks import capture_block_calls
 from .calibration import Calibration
 from .layer_pruner import LayerPruner
 from .experts import attach_layer_stats, install_expert_masks, layer_module
-from .linear_layers import TokenMask, weight_2d
+from .linear_layers import TokenMask, all_reduce_stats, weight_2d
 from .owl import OWL, outlier_ratio, owl_densities
 from .results import OneshotStats
 
@@ -42,7 +48,7 @@ class Job:
         r = self.pruner.recipe
         return OneshotStats(r.method, str(r.pattern), name, str(self.pruner.device),
                             distribution="owl" if self.owl else "uniform", bits=r.grid.bits if r.grid else None,
-                            refine=r.refine)
+                            refine=r.refine, world_size=rank_and_world()[1])
 
 
 def forward_error(exc: Exception) -> SparsityError:
@@ -57,12 +63,44 @@ def _no_tokens_note(name: str, out: OneshotStats) -> str:
     return "no calibration tokens: pruned by magnitude"
 
 
+def _share_stats(stats: dict, error: Exception | None) -> None:
+    """Sum ``stats`` over the ranks (torchrun); if another rank could not run its shard, fail here too
+    rather than wait for it forever. The caller raises its own ``error``."""
+    if all_reduce_stats(stats, failed=error is not None) and error is None:
+        raise SparsityError("another rank could not run its calibration shard through the model (see that rank's "
+                            "error); every rank must pass inputs the model accepts")
+
+
+def _agree(layers: dict[str, nn.Module], out: OneshotStats) -> None:
+    """Under torchrun, make the pruned layers identical on every rank: rank 0's weights, masks and any input
+    order or quantization grid where a rank differs (listed in ``out.from_rank0``).
+
+    The statistics are already bitwise identical on every rank (the all-reduce hands each the same sum), so
+    with a deterministic solver on identical hardware the ranks agree by themselves; a fingerprint
+    comparison (one small all-reduce per block) proves it rather than broadcasting every weight. Ranks on
+    different GPUs or kernels that pick different reduction orders could still break a tie differently,
+    and then the broadcast guarantees identical masks (the next block's inputs depend on them)."""
+    if not is_distributed():
+        return
+    owners: dict[int, tuple[nn.Module, list[str]]] = {}
+    for name, layer in layers.items():
+        owners.setdefault(id(layer_module(layer)), (layer_module(layer), []))[1].append(name)
+    tensors, names = [], []
+    for module, layer_names in owners.values():
+        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            tensors.append(t.detach())
+            names.append(layer_names)
+    for i in agree_with_rank0(tensors):
+        out.from_rank0.extend(n for n in names[i] if n not in out.from_rank0)
+
+
 def _prune_group(job: Job, layers: dict[str, nn.Module], stats: dict, density_of, out: OneshotStats) -> None:
     for name, module in layers.items():
         s = stats.get(name)
         note = _no_tokens_note(name, out) if job.pruner.recipe.needs_data and (s is None or s.count == 0) else ""
         out.layers.append(job.pruner.prune(name, module, s, density_of(name), note))
     install_expert_masks(layers)  # expert slices' masks become one mask per fused 3-D parameter
+    _agree(layers, out)
 
 
 def _owl_ratio(layers: dict[str, nn.Module], stats: dict, owl: OWL) -> float:
@@ -84,16 +122,20 @@ def _owl_reallocate(job: Job, groups: list[list[str]], ratios: list[float], out:
 def run_one_pass(job: Job) -> OneshotStats:
     tokens = TokenMask()
     stats, handles = attach_layer_stats(job.targets, job.pruner.device, job.pruner.recipe.needs_hessian, tokens)
+    error = None
     try:
         with torch.no_grad():
             for sample, mask in zip(job.calibration.samples, job.calibration.token_masks):
                 tokens.current = mask
                 job.calibration.run(sample)
     except Exception as exc:  # noqa: BLE001 - the model is untouched so far
-        raise forward_error(exc) from exc
+        error = exc
     finally:
         for h in handles:
             h.remove()
+    _share_stats(stats, error)
+    if error is not None:
+        raise forward_error(error) from error
     out = job.stats_for("one-pass")
     densities = job.densities
     if job.owl is not None:
@@ -125,13 +167,19 @@ class _BlockRunner:
     def collect(self, block: nn.Module, layers: dict, hidden: list, hessian: bool) -> dict:
         tokens = TokenMask()
         stats, handles = attach_layer_stats(layers, self.device, hessian, tokens)
+        error = None
         try:
             for call, h, mask in zip(self.calls[self.index[id(block)]], hidden, self.job.calibration.token_masks):
                 tokens.current = mask
                 call.run(block, h, self.device)
+        except Exception as exc:  # noqa: BLE001 - re-raised below, once the other ranks know
+            error = exc
         finally:
             for handle in handles:
                 handle.remove()
+        _share_stats(stats, error)
+        if error is not None:
+            raise error
         return stats
 
     def forward(self, block: nn.Module, hidden: list) -> list[torch.Tensor]:

@@ -6,8 +6,12 @@ All math uses the ``[out, in]`` view.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
+
+from ..core.distributed import all_reduce_sum, is_distributed
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -89,6 +93,31 @@ class InputStats:
         """H = 2 X^T X / n (the curvature of the layer-wise squared reconstruction error)."""
         assert self.xtx is not None and self.count > 0
         return self.xtx * (2.0 / self.count)
+
+
+def all_reduce_stats(stats: Mapping[str, InputStats], failed: bool = False) -> bool:
+    """Sum every layer's statistics over the ranks of a torch.distributed run, in place, so that each rank
+    holds those of the whole calibration set; returns whether ``failed`` was True on any rank.
+
+    The counts, sums, squared norms and X^T X are all sums over tokens, so adding them across shards is
+    adding them across samples: a rank with fewer real tokens (shorter or padded items, a smaller shard,
+    an expert few of its tokens were routed to) weighs exactly its tokens, as in one process on the whole
+    set (a mean of per-rank means would not). An expert is unrouted only if no rank routed a token to it.
+    Every rank passes the same layers in the same order. One process: nothing to do, returns ``failed``."""
+    if not is_distributed():
+        return failed
+    items = list(stats.values())
+    device = items[0].sq_norm.device if items else torch.device("cpu")
+    counts = torch.tensor([s.count for s in items] + [int(failed)], dtype=torch.int64, device=device)  # [n + 1]
+    tensors = {"counts": counts}
+    for name, s in stats.items():
+        tensors |= {f"{name}.sum": s.sum, f"{name}.sq_norm": s.sq_norm}
+        if s.xtx is not None:
+            tensors[f"{name}.xtx"] = s.xtx
+    all_reduce_sum(tensors)
+    for s, count in zip(items, counts[:-1].tolist()):
+        s.count = int(count)
+    return bool(counts[-1])
 
 
 def attach_stats(layers: dict[str, nn.Module], device: torch.device, hessian: bool,
