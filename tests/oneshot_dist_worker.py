@@ -120,7 +120,8 @@ def collectives(rank: int) -> dict:
 
 
 def errors(rank: int) -> dict:
-    """An invalid shard on rank 1 only, and different weights on each rank: every rank raises, none hangs."""
+    """An invalid shard, a forward failing on one item, different weights, each on rank 1 only: every rank
+    raises, none hangs."""
     from sparsetorch import SparsityError
     from sparsetorch.oneshot import prune_oneshot
 
@@ -132,6 +133,13 @@ def errors(rank: int) -> dict:
         prune_oneshot(byte_gpt(), items, method="wanda", **GPT_KW)
     except SparsityError as exc:
         out["bad_shard"] = str(exc)
+    items = gpt_items()[:2]
+    if rank == 1:  # valid ids, but the second item is longer than the model's context: its forward fails
+        items = [items[0], torch.randint(0, 256, (1, 40))]
+    try:
+        prune_oneshot(byte_gpt(), items, method="sparsegpt", **GPT_KW)
+    except SparsityError as exc:
+        out["failed_forward"] = str(exc)
     model = byte_gpt()
     if rank == 1:
         with torch.no_grad():

@@ -129,6 +129,8 @@ def test_bad_input_on_one_rank_raises_on_every_rank(ranks):
     (report0, _), (report1, _) = ranks
     e0, e1 = report0["errors"], report1["errors"]
     assert "integer tensor" in e1["bad_shard"] and "another rank rejected its calibration shard" in e0["bad_shard"]
+    assert "could not be run through the model" in e1["failed_forward"]
+    assert "another rank could not run its calibration shard" in e0["failed_forward"]
     assert e0["different_models"] == e1["different_models"]
     assert "ranks hold different weights" in e0["different_models"] and "blocks.1.attn.proj" in e0["different_models"]
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from ..core.distributed import agree_with_rank0, is_distributed, rank_and_world
+from ..core.distributed import agree_with_rank0, any_rank, is_distributed, rank_and_world
 from ..errors import SparsityError, SparsityWarning
 from .blocks import capture_block_calls
 from .calibration import Calibration
@@ -67,8 +67,12 @@ def _share_stats(stats: dict, error: Exception | None) -> None:
     """Sum ``stats`` over the ranks (torchrun); if another rank could not run its shard, fail here too
     rather than wait for it forever. The caller raises its own ``error``."""
     if all_reduce_stats(stats, failed=error is not None) and error is None:
-        raise SparsityError("another rank could not run its calibration shard through the model (see that rank's "
-                            "error); every rank must pass inputs the model accepts")
+        raise _failed_elsewhere()
+
+
+def _failed_elsewhere() -> SparsityError:
+    return SparsityError("another rank could not run its calibration shard through the model (see that rank's "
+                         "error); every rank must pass inputs the model accepts")
 
 
 def _agree(layers: dict[str, nn.Module], out: OneshotStats) -> None:
@@ -152,10 +156,15 @@ class _BlockRunner:
     def __init__(self, job: Job, blocks: nn.ModuleList) -> None:
         self.job, self.blocks, self.device = job, blocks, job.pruner.device
         self.index = {id(b): i for i, b in enumerate(blocks)}
+        error = None
         try:  # calls[block][sample]: each block is replayed with the arguments the model gives it
             self.calls = capture_block_calls(job.model, blocks, job.calibration.run, job.calibration.samples)
         except Exception as exc:  # noqa: BLE001 - the model is untouched so far
-            raise forward_error(exc) from exc
+            error = exc
+        if any_rank(error is not None):  # torchrun: one rank's failure stops every rank before any collective
+            if error is not None:
+                raise forward_error(error) from error
+            raise _failed_elsewhere()
 
     def first_inputs(self) -> list[torch.Tensor]:
         return [c.hidden.to(self.device) for c in self.calls[0]]  # one per sample
@@ -204,7 +213,9 @@ def run_sequential(job: Job, blocks: nn.ModuleList) -> OneshotStats:
     if job.owl is not None:
         densities = _owl_pass(job, blocks, runner, out)
     hidden = runner.first_inputs()
-    bar = tqdm(blocks, desc=f"{job.pruner.recipe.method} blocks", disable=None if job.progress is None else not job.progress)
+    auto = None if rank_and_world()[0] == 0 else True  # by default one bar (rank 0's) under torchrun
+    bar = tqdm(blocks, desc=f"{job.pruner.recipe.method} blocks",
+               disable=auto if job.progress is None else not job.progress)
     for block in bar:
         home = next(block.parameters()).device
         block.to(runner.device)
