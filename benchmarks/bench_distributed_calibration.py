@@ -2,12 +2,13 @@
 set, statistics all-reduced over gloo) against 1 process on the whole set, on the same data.
 
 A Llama-architecture model built from a config (random weights, nothing downloaded) is pruned with each
-method by 1 process x 1 thread (the baseline), 1 process x 2 threads and 2 processes x 1 thread. Per run: seconds inside
-``prune_oneshot`` (the slowest rank), split into the layer solves (replicated on every rank: they do not
-get faster) and the rest (block forwards, statistics, all-reduces: what the ranks share), plus the whole
-command's wall time (process start and imports included); then whether both ranks hold bitwise identical
-masks and weights, whether the masks equal the 1-process run's, and the largest weight difference to it
-relative to each tensor's max|W| (SparseGPT's updates see the statistics summed in another order).
+method by 1 process (the baseline), by the same process on the items in reverse order (the method's own
+float noise: the same sums in another order) and by 2 processes (``--runs`` adds 1 process x 2 threads).
+Per run: seconds inside ``prune_oneshot`` (the slowest rank), split into the layer solves (replicated on
+every rank: they do not get faster) and the rest (block forwards, statistics, all-reduces: what the ranks
+share), the whole command's wall time (process start and imports included); whether both ranks hold
+bitwise identical masks and weights; how many mask entries differ from the baseline's; and the largest
+difference of a weight both keep, relative to its tensor's max|W| (SparseGPT's updates).
 
     OMP_NUM_THREADS=1 PYTHONPATH=src nice .venv/bin/python benchmarks/bench_distributed_calibration.py
     ... --layers 8 --width 512 --samples 128 --seq 256       # a larger run
@@ -30,7 +31,10 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-RUNS = [(1, 1), (1, 2), (2, 1)]  # (processes, threads per process); the first is the baseline
+# (processes, threads per process, items reversed); the first is the baseline. One process on the items in
+# reverse order measures the float noise of the method itself: what summing in another order changes.
+RUNS = {"1 x 1": (1, 1, False), "1 x 1 rev": (1, 1, True), "2 x 1": (2, 1, False), "1 x 2": (1, 2, False)}
+DEFAULT_RUNS = "1 x 1,1 x 1 rev,2 x 1"
 
 
 def build_model(args):
@@ -65,7 +69,8 @@ def worker(args) -> None:
     if world > 1:
         dist.init_process_group("gloo")
     rank = dist.get_rank() if world > 1 else 0
-    items = shard_calibration(calibration(args))
+    items = calibration(args)
+    items = shard_calibration(items[::-1] if args.reverse else items)
     prune_oneshot(build_model(args), items[:1], method="wanda", device="cpu", progress=False)  # warm-up, not timed
     report, tensors = {}, {}
     for method in args.methods.split(","):
@@ -87,12 +92,13 @@ def worker(args) -> None:
         dist.destroy_process_group()
 
 
-def launch(args, procs: int, threads: int, out: Path) -> float:
+def launch(args, procs: int, threads: int, reverse: bool, out: Path) -> float:
     exe = Path(sys.executable).with_name("torchrun")
     run = [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
     cmd = [*run, "--standalone", f"--nproc_per_node={procs}", __file__, "--worker", "--out", str(out),
            "--threads", str(threads), "--layers", str(args.layers), "--width", str(args.width),
-           "--samples", str(args.samples), "--seq", str(args.seq), "--methods", args.methods]
+           "--samples", str(args.samples), "--seq", str(args.seq), "--methods", args.methods,
+           *(["--reverse"] if reverse else [])]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -101,13 +107,19 @@ def launch(args, procs: int, threads: int, out: Path) -> float:
     return time.perf_counter() - t0
 
 
-def compare(a: dict, b: dict, method: str) -> tuple[bool, float]:
-    """(masks equal, max over weights of max|a - b| / max|b|) for one method's tensors."""
-    keys = [k for k in b if k.startswith(f"{method}/")]
-    masks = all(torch.equal(a[k], b[k]) for k in keys if "/mask/" in k)
-    worst = max(float((a[k] - b[k]).abs().max()) / (float(b[k].abs().max()) or 1.0)
-                for k in keys if "/state/" in k and b[k].is_floating_point())
-    return masks, worst
+def compare(a: dict, b: dict, method: str) -> tuple[int, int, float]:
+    """One method's tensors ``a`` against the baseline ``b``: (mask entries that differ, mask entries, largest
+    difference of a weight both keep, relative to its tensor's max|W|)."""
+    keys = [k for k in b if k.startswith(f"{method}/mask/")]
+    flips = sum(int((a[k] != b[k]).sum()) for k in keys)
+    total = sum(b[k].numel() for k in keys)
+    worst = 0.0
+    for k in keys:
+        w = k.replace("/mask/", "/state/", 1)  # masks are named like the parameter they mask
+        both = a[k] & b[k]
+        diff = float(((a[w] - b[w]).abs() * both).max()) / (float(b[w].abs().max()) or 1.0)
+        worst = max(worst, diff)
+    return flips, total, worst
 
 
 def main() -> None:
@@ -117,7 +129,10 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=64, help="calibration sequences (split over the ranks)")
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--methods", default="wanda,sparsegpt")
+    p.add_argument("--runs", default=DEFAULT_RUNS, help=f"comma-separated, from {list(RUNS)}; the first is the "
+                   "baseline (1 x 2 is meaningless on a machine whose cores are busy: its threads spin-wait)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--reverse", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -130,38 +145,44 @@ def main() -> None:
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "load_before": os.getloadavg(),
             "model": f"Llama {args.layers} layers x {args.width}, random weights", "calibration":
             f"{args.samples} x {args.seq} stdlib bytes", "sparsity": 0.5}
+    runs = {name: RUNS[name] for name in args.runs.split(",")}
     rows, results = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        for procs, threads in RUNS:
-            out = Path(tmp, f"{procs}x{threads}")
+        for name, (procs, threads, reverse) in runs.items():
+            out = Path(tmp, name.replace(" ", "_"))
             out.mkdir()
-            wall = launch(args, procs, threads, out)
+            wall = launch(args, procs, threads, reverse, out)
             reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(procs)]
-            results[(procs, threads)] = (wall, reports, [load_file(out / f"rank{r}.safetensors") for r in range(procs)])
-        _, _, base = results[RUNS[0]]
-        for (procs, threads), (wall, reports, tensors) in results.items():
+            results[name] = (wall, reports, [load_file(out / f"rank{r}.safetensors") for r in range(procs)])
+        base_name = next(iter(runs))
+        base = results[base_name][2][0]
+        for name, (wall, reports, tensors) in results.items():
+            procs, threads, reverse = runs[name]
             for method in args.methods.split(","):
                 seconds = max(r[method]["seconds"] for r in reports)
                 solve = max(r[method]["solve"] for r in reports)
                 ranks_equal = all(torch.equal(tensors[0][k], t[k]) for t in tensors[1:] for k in tensors[0]
                                   if k.startswith(f"{method}/"))
-                masks, worst = compare(tensors[0], base[0], method)
-                rows.append({"method": method, "processes": procs, "threads": threads, "prune_seconds": seconds,
-                             "solve_seconds": solve, "shared_seconds": seconds - solve, "wall_seconds": wall,
-                             "tokens_per_rank": [r[method]["tokens"] for r in reports],
-                             "ranks_identical": ranks_equal, "masks_equal_1proc": masks, "max_rel_weight_diff": worst,
-                             "from_rank0": reports[0][method]["from_rank0"]})
+                flips, entries, worst = compare(tensors[0], base, method)
+                rows.append({"run": name, "method": method, "processes": procs, "threads": threads,
+                             "items_reversed": reverse, "prune_seconds": seconds, "solve_seconds": solve,
+                             "shared_seconds": seconds - solve, "wall_seconds": wall,
+                             "tokens_per_rank": [r[method]["tokens"] for r in reports], "ranks_identical": ranks_equal,
+                             "mask_entries_differing": flips, "mask_entries": entries,
+                             "max_rel_kept_weight_diff": worst, "from_rank0": reports[0][method]["from_rank0"]})
     header = (f"{meta['command']}\n{meta['machine']}, {meta['cpus']} cpus, torch {meta['torch']}, {meta['date']}, "
               f"load average {' '.join(f'{x:.2f}' for x in meta['load_before'])}\n{meta['model']}, calibration "
-              f"{meta['calibration']}, 50% unstructured; baseline (speed-up, masks, weights): 1 process x 1 thread\n")
-    lines = [header, f"{'method':<10} {'procs x thr':>11} {'prune s':>8} {'solve s':>8} {'rest s':>7} {'wall s':>7} "
-             f"{'vs 1x1':>7} {'ranks equal':>11} {'masks = 1 proc':>14} {'max rel dW':>10}"]
+              f"{meta['calibration']}, 50% unstructured. Baseline (speed-up, masks, weights): {base_name}; "
+              "'rev' = the items in reverse order (the float noise of summing in another order)\n")
+    lines = [header, f"{'method':<10} {'run':<10} {'prune s':>8} {'solve s':>8} {'rest s':>7} {'wall s':>7} "
+             f"{'speed-up':>8} {'ranks equal':>11} {'mask entries != base':>21} {'max rel dW kept':>15}"]
     for row in rows:
-        ref = next(r for r in rows if r["method"] == row["method"] and (r["processes"], r["threads"]) == RUNS[0])
-        lines.append(f"{row['method']:<10} {row['processes']:>5} x {row['threads']:<3} {row['prune_seconds']:>8.2f} "
-                     f"{row['solve_seconds']:>8.2f} {row['shared_seconds']:>7.2f} {row['wall_seconds']:>7.1f} "
-                     f"{ref['prune_seconds'] / row['prune_seconds']:>6.2f}x {str(row['ranks_identical']):>11} "
-                     f"{str(row['masks_equal_1proc']):>14} {row['max_rel_weight_diff']:>10.1e}")
+        ref = next(r for r in rows if r["method"] == row["method"] and r["run"] == base_name)
+        flips = f"{row['mask_entries_differing']} / {row['mask_entries']}"
+        lines.append(f"{row['method']:<10} {row['run']:<10} {row['prune_seconds']:>8.2f} {row['solve_seconds']:>8.2f} "
+                     f"{row['shared_seconds']:>7.2f} {row['wall_seconds']:>7.1f} "
+                     f"{ref['prune_seconds'] / row['prune_seconds']:>7.2f}x {str(row['ranks_identical']):>11} "
+                     f"{flips:>21} {row['max_rel_kept_weight_diff']:>15.1e}")
     text = "\n".join(lines)
     print(text)
     out = HERE / "results" / "bench_distributed_calibration"

@@ -1,16 +1,17 @@
 """Distributed calibration: two gloo processes launched with torchrun, each pruning with its own shard of the
 calibration set, end with identical models, equal to one process on the whole set.
 
-Masks must be exactly equal to the single process's. Weights: a rank's statistics are sums in a different
-order than one process's (each rank sums its shard, then the two sums are added), which changes them by a
-few float32 ulps; SparseGPT and ALPS turn those into weight updates through the (damped, here near-singular:
-fewer tokens than inputs) inverse Hessian and later blocks see the slightly different outputs, so updated
-weights differ by up to about 1e-4 x max|W| (measured: 7e-5 for ALPS). That is the float noise of the
-method itself: one process given the same items in reverse order moves them as much (5e-5 for ALPS). So
-the tolerance is stated relative to that noise: per case, the largest weight difference to one process,
-relative to each tensor's max|W|, is at most ``NOISE_FACTOR`` x that of the reversed order in one process
-(plus 1e-6), and never above ``REL_ATOL``. Methods that only mask keep the dense values: exactly equal.
-Between the two ranks everything is bitwise identical.
+The tolerance: every statistic is accumulated in float64 from per-item float32 terms and handed to the
+solvers in float32 (``InputStats``). One process sums the items in order; the ranks sum their shards and
+the all-reduce adds the two sums: the float64 totals differ by a few float64 ulps, which round to the
+same float32 value unless a total lies within them of a float32 rounding boundary (about one entry in
+10^8), and then that entry differs by one float32 ulp. So the ranks' masks and weights are bitwise those
+of one process except in that rare case (a large model has a few such entries, and a mask can then differ
+where two weights tie within that ulp); on the fixed data below no entry is in it, and the test asserts
+bitwise equality for every method. (With float32 accumulation, SparseGPT on a 4 x 256 Llama flipped 0.3% of
+its mask entries between 2 processes and 1, exactly as much as one process given the items in reverse
+order: benchmarks/bench_distributed_calibration.py.) Between the two ranks everything is always bitwise
+identical: the all-reduce hands each the same bits, and the pruned layers are checked after each block.
 """
 import json
 import os
@@ -23,11 +24,9 @@ import torch
 from safetensors.torch import load_file
 
 import oneshot_dist_worker as worker
+from sparsetorch.oneshot.linear_layers import InputStats
 
 pytest.importorskip("transformers")  # the MoE case is a tiny Mixtral built from a config
-MASK_ONLY = {"wanda", "wanda_2:4", "owl", "ria_dsnot"}  # dense values kept (DSnoT regrows at dense values)
-REL_ATOL = 2e-4
-NOISE_FACTOR = 4
 
 
 def torchrun() -> list[str]:
@@ -59,45 +58,18 @@ def test_both_ranks_end_bitwise_identical(ranks):
 
 
 @pytest.mark.parametrize("name", list(worker.CASES))
-def test_each_case_equals_one_process_on_the_whole_set(ranks, name, one_thread):
+def test_each_case_equals_one_process_on_the_whole_set_bitwise(ranks, name, one_thread):
     (report0, tensors0), _ = ranks
     model = worker.prune_case(name)
     single = worker.tensors_of(model)
     mine = {k.split("/", 1)[1]: v for k, v in tensors0.items() if k.startswith(f"{name}/")}
     assert mine.keys() == single.keys()
-    masks = [k for k in single if k.startswith("mask/")]
-    assert masks
-    for key in masks:
-        assert torch.equal(mine[key], single[key]), f"{name}: mask {key} differs from one process's"
-    if name in MASK_ONLY:
-        for key in single:
-            assert torch.equal(mine[key], single[key]), key
-    else:
-        reordered = worker.tensors_of(worker.prune_case(name, worker.CASES[name][1]()[::-1]))
-        distributed, noise = _worst_relative(mine, single), _worst_relative(reordered, single)
-        assert distributed <= min(NOISE_FACTOR * noise + 1e-6, REL_ATOL), (name, distributed, noise)
+    assert any(k.startswith("mask/") for k in single)
+    for key in single:
+        assert torch.equal(mine[key], single[key]), f"{name}: {key} differs from one process on the whole set"
     stats = model.sparsetorch_stats
     assert report0["cases"][name]["targets"] == [r.target for r in stats.layers]  # OWL: the same per-block targets
     assert report0["cases"][name]["unrouted"] == stats.unrouted
-
-
-def _worst_relative(a: dict, b: dict) -> float:
-    """max over float tensors of max|a - b| / max|b|."""
-    return max(float((a[k] - b[k]).abs().max()) / (float(b[k].abs().max()) or 1.0)
-               for k in b if b[k].is_floating_point())
-
-
-def test_a_rank_that_solves_differently_takes_rank_0s_result(ranks):
-    """Rank 1's solver was perturbed: its layers differ before the check, so every layer is taken from rank 0
-    (listed on both ranks), and the result is exactly the unperturbed distributed run's."""
-    (report0, tensors0), (report1, tensors1) = ranks
-    taken = report0["disagree"]["from_rank0"]
-    assert taken == report1["disagree"]["from_rank0"]
-    assert "blocks.0.attn.qkv" in taken and "blocks.1.mlp.proj" in taken
-    for key in tensors0:
-        if key.startswith("disagree/"):
-            assert torch.equal(tensors0[key], tensors1[key]), key
-            assert torch.equal(tensors0[key], tensors0[key.replace("disagree/", "sparsegpt/", 1)]), key
 
 
 def test_owl_case_spreads_sparsity_over_blocks(ranks):
@@ -116,9 +88,12 @@ def test_statistics_sum_over_ranks_with_uneven_tokens_and_an_expert_routed_on_on
     g0, g1 = torch.Generator().manual_seed(10), torch.Generator().manual_seed(11)
     x0, x1 = torch.randn(3, 4, generator=g0), torch.randn(4, 4, generator=g1)
     expert = torch.randn(2, 4, generator=g1)
-    whole = torch.cat([x0, x1])
-    assert torch.allclose(torch.tensor(c0["hessians"]["a"]), (whole.T @ whole).flatten(), atol=1e-5)
-    assert torch.allclose(torch.tensor(c0["hessians"]["expert"]), (expert.T @ expert).flatten(), atol=1e-5)
+    one = {"a": InputStats(4, torch.device("cpu"), True), "expert": InputStats(4, torch.device("cpu"), True)}
+    one["a"].add(x0)  # one process, the same rows as two items
+    one["a"].add(x1)
+    one["expert"].add(expert)
+    for key in ("a", "expert"):  # the float32 statistics one process hands the solvers, bit for bit
+        assert torch.equal(torch.tensor(c0["hessians"][key]), one[key].xtx.flatten()), key
     assert c0["failed"] is False
     # a tensor that differs on rank 1 is replaced by rank 0's; the one already equal is left alone
     assert c0["taken"] == c1["taken"] == [1]

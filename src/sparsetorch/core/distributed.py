@@ -83,12 +83,14 @@ def fingerprint(tensor: torch.Tensor) -> int:
     Integer sums do not depend on the order of the additions, so equal tensors give equal fingerprints
     on any device; one changed bit changes it."""
     raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-    words = raw.view(torch.int32) if raw.numel() % 4 == 0 else raw
+    aligned = raw.numel() % 4 == 0 and raw.storage_offset() % 4 == 0
+    words = raw.view(torch.int32) if aligned else raw
     total = torch.zeros((), dtype=torch.int64, device=words.device)
+    positions = torch.arange(1, min(_CHUNK, words.numel()) + 1, dtype=torch.int64, device=words.device)
     for start in range(0, words.numel(), _CHUNK):
         part = words[start:start + _CHUNK].to(torch.int64)
-        weight = torch.arange(start + 1, start + 1 + part.numel(), dtype=torch.int64, device=words.device)
-        total += (part * weight).sum()
+        # sum_i part_i * (start + i + 1), without building the shifted positions
+        total += (part * positions[:part.numel()]).sum() + start * part.sum()
     return int(total.item()) & ((1 << 62) - 1)
 
 

@@ -108,7 +108,7 @@ def _prune_group(job: Job, layers: dict[str, nn.Module], stats: dict, density_of
 
 
 def _owl_ratio(layers: dict[str, nn.Module], stats: dict, owl: OWL) -> float:
-    device = next(iter(stats.values())).sq_norm.device
+    device = next(iter(stats.values())).device
     scores = [weight_2d(m).detach().to(device, torch.float32).abs() * stats[n].sq_norm.sqrt()[None, :]
               for n, m in layers.items() if stats[n].count]  # Wanda's |W| * ||X||
     return outlier_ratio(scores, owl.m) if scores else 0.0
