@@ -122,3 +122,17 @@ def test_shard_calibration_covers_every_item_once():
         shard_calibration(items[:2], rank=0, world_size=3)
     with pytest.raises(SparsityError, match="0 <= rank < world_size"):
         shard_calibration(items, rank=3, world_size=3)
+
+
+def test_fingerprint_is_exact_and_order_free():
+    from sparsetorch.core.distributed import agree_with_rank0, disagreeing, fingerprint
+
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    y = x.clone()
+    y[123] = torch.nextafter(y[123], torch.tensor(1.0))  # one ulp
+    assert fingerprint(x) == fingerprint(x.clone()) != fingerprint(y)
+    assert fingerprint(x) != fingerprint(x.flip(0))  # positions count, not only the multiset of values
+    assert fingerprint(x.reshape(10, 100).t().contiguous()) != fingerprint(x)
+    mask = torch.rand(9, generator=torch.Generator().manual_seed(1)) > 0.5
+    assert fingerprint(mask[1:]) == fingerprint(mask[1:].clone())  # a bool view at an odd byte offset
+    assert disagreeing([x]) == agree_with_rank0([x]) == []  # one process: nothing to compare

@@ -82,9 +82,11 @@ def fingerprint(tensor: torch.Tensor) -> int:
     not a multiple of 4), in int64 arithmetic modulo 2^64, kept to 62 bits (so that it can be negated).
     Integer sums do not depend on the order of the additions, so equal tensors give equal fingerprints
     on any device; one changed bit changes it."""
-    raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-    aligned = raw.numel() % 4 == 0 and raw.storage_offset() % 4 == 0
-    words = raw.view(torch.int32) if aligned else raw
+    flat = tensor.detach().contiguous().reshape(-1)
+    if flat.storage_offset() * flat.element_size() % 4:  # a view at an odd byte offset: words need alignment
+        flat = flat.clone()
+    raw = flat.view(torch.uint8)
+    words = raw.view(torch.int32) if raw.numel() % 4 == 0 else raw  # the layout depends on the size alone
     total = torch.zeros((), dtype=torch.int64, device=words.device)
     positions = torch.arange(1, min(_CHUNK, words.numel()) + 1, dtype=torch.int64, device=words.device)
     for start in range(0, words.numel(), _CHUNK):
