@@ -154,7 +154,7 @@ def prune_oneshot(
         else:
             found = find_blocks(model)
             sequential = found is not None and _on_every_rank(_sequential_ok, model, found[1], calib, targets)
-            if sequential and is_distributed():  # each rank checked its own first item: all must run the same way
+            if found is not None and is_distributed():  # each rank checked its own first item: all run one way
                 sequential = not any_rank(not sequential)
             if sequential:
                 stats = run_sequential(job, found[1])
