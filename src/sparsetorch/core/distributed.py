@@ -1,11 +1,123 @@
-"""torch.distributed helpers shared by the sparsifiers and the compressed layers (no sparsetorch imports)."""
+"""torch.distributed helpers shared by the sparsifiers, the compressed layers and one-shot calibration
+(no sparsetorch imports).
+
+Every collective here works on any backend: gloo reduces CPU tensors, NCCL only CUDA tensors, so each
+tensor travels on ``collective_device`` and is copied back in place (a no-op when it already lives there).
+"""
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
+import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed"]
+__all__ = ["is_distributed", "rank_and_world", "collective_device", "all_reduce_sum", "any_rank", "fingerprint",
+           "disagreeing", "agree_with_rank0"]
 
 
 def is_distributed() -> bool:
     """True inside a torch.distributed run of more than one process (DDP): ranks must agree."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, the number of processes); (0, 1) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def collective_device(tensor: torch.Tensor) -> torch.device:
+    """Where ``tensor`` must be for the default process group's collectives: NCCL needs this rank's
+    GPU, gloo (and the others) the CPU; a CUDA tensor under a mixed "cpu:gloo,cuda:nccl" group stays put."""
+    backend = str(dist.get_backend()).lower()
+    if "nccl" in backend and (tensor.device.type == "cuda" or "gloo" not in backend):
+        return tensor.device if tensor.device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _on_device(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself if a collective can use it as it is, else a contiguous copy on the collective's
+    device (bool as uint8, which every backend carries) to be copied back afterwards."""
+    device = collective_device(tensor)
+    if tensor.dtype == torch.bool:
+        return tensor.to(device=device, dtype=torch.uint8).contiguous()
+    return tensor if tensor.device == device and tensor.is_contiguous() else tensor.to(device).contiguous()
+
+
+def all_reduce_sum(tensors: Mapping[str, torch.Tensor]) -> None:
+    """Replace each tensor by its sum over the ranks, in place (nothing happens on one process).
+
+    Every rank must pass the same keys in the same order with the same shapes and dtypes. The reduced
+    values are bitwise identical on every rank (gloo and NCCL both hand each rank the same result); they
+    differ from a single process's sum only by the order of the float additions."""
+    if not is_distributed():
+        return
+    pending = []
+    for tensor in tensors.values():
+        buf = _on_device(tensor)
+        pending.append((tensor, buf, dist.all_reduce(buf, op=dist.ReduceOp.SUM, async_op=True)))
+    for tensor, buf, work in pending:
+        work.wait()
+        if buf is not tensor:
+            tensor.copy_(buf)
+
+
+def any_rank(flag: bool, *, device: torch.device | None = None) -> bool:
+    """Whether ``flag`` is True on at least one rank (``flag`` itself on one process): one tiny all-reduce,
+    so that a decision taken from local data (an invalid calibration shard) is taken by every rank."""
+    if not is_distributed():
+        return bool(flag)
+    t = torch.tensor([int(bool(flag))], dtype=torch.int64, device=device or "cpu")
+    t = _on_device(t)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+_CHUNK = 1 << 22  # words per step: bounds the int64 temporaries of fingerprint to 32 MiB
+
+
+def fingerprint(tensor: torch.Tensor) -> int:
+    """An exact hash of ``tensor``'s bytes: sum_i word_i * (i + 1) over its 32-bit words (bytes if its size is
+    not a multiple of 4), in int64 arithmetic modulo 2^64, kept to 62 bits (so that it can be negated).
+    Integer sums do not depend on the order of the additions, so equal tensors give equal fingerprints
+    on any device; one changed bit changes it."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    if flat.storage_offset() * flat.element_size() % 4:  # a view at an odd byte offset: words need alignment
+        flat = flat.clone()
+    raw = flat.view(torch.uint8)
+    words = raw.view(torch.int32) if raw.numel() % 4 == 0 else raw  # the layout depends on the size alone
+    total = torch.zeros((), dtype=torch.int64, device=words.device)
+    positions = torch.arange(1, min(_CHUNK, words.numel()) + 1, dtype=torch.int64, device=words.device)
+    for start in range(0, words.numel(), _CHUNK):
+        part = words[start:start + _CHUNK].to(torch.int64)
+        # sum_i part_i * (start + i + 1), without building the shifted positions
+        total += (part * positions[:part.numel()]).sum() + start * part.sum()
+    return int(total.item()) & ((1 << 62) - 1)
+
+
+def disagreeing(tensors: Sequence[torch.Tensor]) -> list[int]:
+    """Indices of ``tensors`` that are not bitwise identical on every rank (the same list on every rank; empty
+    on one process), by comparing fingerprints in one small all-reduce. Every rank passes the same number
+    of tensors, in the same order."""
+    if not is_distributed() or not tensors:
+        return []
+    prints = torch.tensor([fingerprint(t) for t in tensors], dtype=torch.int64)  # [n]
+    both = _on_device(torch.cat([prints, -prints]))  # one MAX gives the max and (minus) the min of each
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    both = both.cpu()
+    n = len(tensors)
+    return [i for i in range(n) if int(both[i]) != -int(both[n + i])]
+
+
+def agree_with_rank0(tensors: Sequence[torch.Tensor]) -> list[int]:
+    """Make ``tensors`` identical on every rank: those that differ somewhere (``disagreeing``) take rank 0's
+    values in place (broadcast); the others cost nothing but their fingerprint. Returns the indices taken
+    from rank 0 (the same list on every rank). Same shapes on every rank, in the same order."""
+    differ = disagreeing(tensors)
+    for i in differ:
+        buf = _on_device(tensors[i])
+        dist.broadcast(buf, src=0)
+        if buf is not tensors[i]:
+            tensors[i].copy_(buf)
+    return differ

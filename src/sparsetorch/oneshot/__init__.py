@@ -9,11 +9,15 @@ quantization, block by block for transformers (MoE experts included). See ``prun
     model.save_pretrained("pruned")                                      # an ordinary model
 
 or from the shell: ``sparsetorch prune-lm MODEL_DIR --method sparsegpt --pattern 2:4 --calibration FILE --out DIR``.
+
+Under torchrun, every rank passes its own shard (``shard_calibration(calib)``) and the statistics are
+summed over the ranks: every rank ends with the same pruned model, that of one process on the whole set.
 """
 from .api import METHODS, alps, prune_oneshot, ria, sparsegpt, wanda
+from .calibration import shard_calibration
 from .owl import OWL, outlier_ratio, owl_densities
 from .results import LayerResult, OneshotStats
 from .solvers import magnitude_mask, sparsegpt_solve, wanda_mask
 
 __all__ = ["prune_oneshot", "wanda", "sparsegpt", "ria", "alps", "OneshotStats", "LayerResult", "METHODS", "OWL",
-           "magnitude_mask", "wanda_mask", "sparsegpt_solve", "outlier_ratio", "owl_densities"]
+           "shard_calibration", "magnitude_mask", "wanda_mask", "sparsegpt_solve", "outlier_ratio", "owl_densities"]

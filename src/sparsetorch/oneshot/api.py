@@ -22,6 +22,7 @@ from ..errors import SparsityError, check_sparsity
 from ..core.patterns import Pattern, check_pattern_fits, parse_pattern
 from ..core.post_training import resolve_density
 from ..core.layer_selection import as_spec_list, final_classifier
+from ..core.distributed import any_rank, disagreeing, is_distributed
 from .blocks import blocks_chain, find_blocks
 from .calibration import prepare_calibration
 from .drivers import Job, forward_error, run_one_pass, run_sequential
@@ -112,6 +113,13 @@ def prune_oneshot(
         return_stats: deprecated; the ``OneshotStats`` (per-layer results, seconds, peak memory) is
             always attached as ``model.sparsetorch_stats``. ``True`` still returns ``(model, stats)``.
 
+    Under torchrun (torch.distributed initialised, several processes), each rank passes its own shard of
+    the calibration set (``shard_calibration``) and the same model: every statistic (input norms, Hessians,
+    OWL's outlier scores, per-expert token counts) is summed over the ranks before it is used, so every rank
+    ends with the same masks and weights, those of one process on the whole set up to the order of the
+    float additions (see docs/oneshot.md). Works with gloo (CPU) and NCCL (call
+    ``torch.cuda.set_device(local_rank)`` first).
+
     Results are installed as sparsetorch masks, so the model stays sparse when fine-tuned. A layer
     that no calibration token reaches (an MoE expert nothing was routed to) is pruned by magnitude,
     with a warning and a note in its ``LayerResult``. Nothing is changed if an argument or the
@@ -131,7 +139,9 @@ def prune_oneshot(
     if compute.type == "cuda":
         torch.cuda.reset_peak_memory_stats(compute)
     needs_data = recipe.needs_data or owl is not None
-    calib = prepare_calibration(model, calibration) if needs_data else None
+    if needs_data and is_distributed():
+        _check_same_model(targets)
+    calib = _on_every_rank(prepare_calibration, model, calibration) if needs_data else None
     job = Job(model, targets, calib, LayerPruner(recipe, compute), densities, owl, progress)
     was_training = model.training
     model.eval()
@@ -143,7 +153,10 @@ def prune_oneshot(
             install_expert_masks(targets)
         else:
             found = find_blocks(model)
-            if found is not None and _sequential_ok(model, found[1], calib, targets):
+            sequential = found is not None and _on_every_rank(_sequential_ok, model, found[1], calib, targets)
+            if found is not None and is_distributed():  # each rank checked its own first item: all run one way
+                sequential = not any_rank(not sequential)
+            if sequential:
                 stats = run_sequential(job, found[1])
             else:
                 stats = run_one_pass(job)
@@ -332,6 +345,36 @@ def _sequential_ok(model, blocks, calib, targets) -> bool:
         return blocks_chain(model, blocks, calib.run, calib.samples[0])
     except Exception as exc:  # noqa: BLE001 - any failure of the user's forward is a data error
         raise forward_error(exc) from exc
+
+
+def _on_every_rank(step, *args):
+    """``step(*args)``; under torchrun a ``SparsityError`` on any rank (an invalid calibration shard) is raised
+    on every rank, which would otherwise wait forever for it in the next collective."""
+    try:
+        result, error = step(*args), None
+    except SparsityError as exc:
+        result, error = None, exc
+    if any_rank(error is not None):
+        if error is not None:
+            raise error
+        raise SparsityError("another rank rejected its calibration shard (see that rank's error); every rank must "
+                            "pass valid, non-empty inputs (sparsetorch.oneshot.shard_calibration splits a list)")
+    return result
+
+
+def _check_same_model(targets: dict[str, nn.Module]) -> None:
+    """Under torchrun every rank must prune the same model: statistics of different weights cannot be pooled."""
+    modules = {id(layer_module(m)): (n, layer_module(m)) for n, m in targets.items()}
+    tensors, names = [], []
+    for name, module in modules.values():
+        for p in module.parameters(recurse=False):
+            if p.device.type != "meta":
+                tensors.append(p.detach())
+                names.append(name)
+    differ = sorted({names[i] for i in disagreeing(tensors)})
+    if differ:
+        raise SparsityError(f"the ranks hold different weights (e.g. {differ[:3]}); load the same model on every rank "
+                            "(the same checkpoint, or the same seed) before prune_oneshot", layers=differ[:10])
 
 
 def _peak_memory(device: torch.device) -> tuple[float, str]:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.distributed import rank_and_world
 from ..errors import SparsityError
 from .blocks import to_device
 
@@ -81,6 +82,31 @@ def _as_list(calibration) -> list:
     if not samples:
         raise SparsityError("calibration is empty; pass at least one input (e.g. 128 sequences of 512 tokens)")
     return samples
+
+
+def shard_calibration(calibration, rank: int | None = None, world_size: int | None = None) -> list:
+    """This rank's share of ``calibration`` for ``prune_oneshot`` under torchrun: the contiguous slice
+    ``items[rank * n // world_size : (rank + 1) * n // world_size]`` (shares differ by at most one item), so
+    that the ranks together cover every item exactly once. ``rank``/``world_size`` default to the
+    torch.distributed run's (one process: the whole list). Items may hold different numbers of tokens:
+    the statistics are pooled as sums over tokens, so uneven shards weigh correctly.
+
+        calib = sparsetorch.oneshot.shard_calibration(all_items)   # on every rank, the same all_items
+        sparsetorch.sparsegpt(model, calib, sparsity=0.5)           # every rank ends with the same model
+    """
+    samples = _as_list(calibration)
+    here, world = rank_and_world()
+    rank = here if rank is None else rank
+    world = world if world_size is None else world_size
+    if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
+        raise SparsityError(f"shard_calibration needs 0 <= rank < world_size, got rank={rank!r}, "
+                            f"world_size={world!r}", rank=rank, world_size=world)
+    if len(samples) < world:
+        raise SparsityError(f"calibration has {len(samples)} items for {world} ranks; every rank needs at least one "
+                            "(pass more items, or split the batches into more items)", items=len(samples),
+                            world_size=world)
+    n = len(samples)
+    return samples[rank * n // world:(rank + 1) * n // world]
 
 
 def prepare_calibration(model: nn.Module, calibration) -> Calibration:

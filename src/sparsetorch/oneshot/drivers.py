@@ -7,6 +7,11 @@
 
 With OWL the per-block densities come from the dense model's outlier ratios, collected in a first
 pass the same way (block by block) before anything is pruned.
+
+Under torchrun each rank runs its own calibration shard through the same steps: a block's (or the one
+pass's) statistics are summed over the ranks as soon as they are collected (``_share_stats``), so every
+rank prunes from the whole set's statistics, and the pruned layers are then checked identical on every
+rank (``_agree``) before the next block's inputs are computed from them.
 """
 from __future__ import annotations
 
@@ -16,12 +21,13 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from ..core.distributed import agree_with_rank0, any_rank, is_distributed, rank_and_world
 from ..errors import SparsityError, SparsityWarning
 from .blocks import capture_block_calls
 from .calibration import Calibration
 from .layer_pruner import LayerPruner
 from .experts import attach_layer_stats, install_expert_masks, layer_module
-from .linear_layers import TokenMask, weight_2d
+from .linear_layers import TokenMask, all_reduce_stats, weight_2d
 from .owl import OWL, outlier_ratio, owl_densities
 from .results import OneshotStats
 
@@ -42,7 +48,7 @@ class Job:
         r = self.pruner.recipe
         return OneshotStats(r.method, str(r.pattern), name, str(self.pruner.device),
                             distribution="owl" if self.owl else "uniform", bits=r.grid.bits if r.grid else None,
-                            refine=r.refine)
+                            refine=r.refine, world_size=rank_and_world()[1])
 
 
 def forward_error(exc: Exception) -> SparsityError:
@@ -57,16 +63,52 @@ def _no_tokens_note(name: str, out: OneshotStats) -> str:
     return "no calibration tokens: pruned by magnitude"
 
 
+def _share_stats(stats: dict, error: Exception | None) -> None:
+    """Sum ``stats`` over the ranks (torchrun); if another rank could not run its shard, fail here too
+    rather than wait for it forever. The caller raises its own ``error``."""
+    if all_reduce_stats(stats, failed=error is not None) and error is None:
+        raise _failed_elsewhere()
+
+
+def _failed_elsewhere() -> SparsityError:
+    return SparsityError("another rank could not run its calibration shard through the model (see that rank's "
+                         "error); every rank must pass inputs the model accepts")
+
+
+def _agree(layers: dict[str, nn.Module], out: OneshotStats) -> None:
+    """Under torchrun, make the pruned layers identical on every rank: rank 0's weights, masks and any input
+    order or quantization grid where a rank differs (listed in ``out.from_rank0``).
+
+    The statistics are already bitwise identical on every rank (the all-reduce hands each the same sum), so
+    with a deterministic solver on identical hardware the ranks agree by themselves; a fingerprint
+    comparison (one small all-reduce per block) proves it rather than broadcasting every weight. Ranks on
+    different GPUs or kernels that pick different reduction orders could still break a tie differently,
+    and then the broadcast guarantees identical masks (the next block's inputs depend on them)."""
+    if not is_distributed():
+        return
+    owners: dict[int, tuple[nn.Module, list[str]]] = {}
+    for name, layer in layers.items():
+        owners.setdefault(id(layer_module(layer)), (layer_module(layer), []))[1].append(name)
+    tensors, names = [], []
+    for module, layer_names in owners.values():
+        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            tensors.append(t.detach())
+            names.append(layer_names)
+    for i in agree_with_rank0(tensors):
+        out.from_rank0.extend(n for n in names[i] if n not in out.from_rank0)
+
+
 def _prune_group(job: Job, layers: dict[str, nn.Module], stats: dict, density_of, out: OneshotStats) -> None:
     for name, module in layers.items():
         s = stats.get(name)
         note = _no_tokens_note(name, out) if job.pruner.recipe.needs_data and (s is None or s.count == 0) else ""
         out.layers.append(job.pruner.prune(name, module, s, density_of(name), note))
     install_expert_masks(layers)  # expert slices' masks become one mask per fused 3-D parameter
+    _agree(layers, out)
 
 
 def _owl_ratio(layers: dict[str, nn.Module], stats: dict, owl: OWL) -> float:
-    device = next(iter(stats.values())).sq_norm.device
+    device = next(iter(stats.values())).device
     scores = [weight_2d(m).detach().to(device, torch.float32).abs() * stats[n].sq_norm.sqrt()[None, :]
               for n, m in layers.items() if stats[n].count]  # Wanda's |W| * ||X||
     return outlier_ratio(scores, owl.m) if scores else 0.0
@@ -84,16 +126,20 @@ def _owl_reallocate(job: Job, groups: list[list[str]], ratios: list[float], out:
 def run_one_pass(job: Job) -> OneshotStats:
     tokens = TokenMask()
     stats, handles = attach_layer_stats(job.targets, job.pruner.device, job.pruner.recipe.needs_hessian, tokens)
+    error = None
     try:
         with torch.no_grad():
             for sample, mask in zip(job.calibration.samples, job.calibration.token_masks):
                 tokens.current = mask
                 job.calibration.run(sample)
     except Exception as exc:  # noqa: BLE001 - the model is untouched so far
-        raise forward_error(exc) from exc
+        error = exc
     finally:
         for h in handles:
             h.remove()
+    _share_stats(stats, error)
+    if error is not None:
+        raise forward_error(error) from error
     out = job.stats_for("one-pass")
     densities = job.densities
     if job.owl is not None:
@@ -110,10 +156,15 @@ class _BlockRunner:
     def __init__(self, job: Job, blocks: nn.ModuleList) -> None:
         self.job, self.blocks, self.device = job, blocks, job.pruner.device
         self.index = {id(b): i for i, b in enumerate(blocks)}
+        error = None
         try:  # calls[block][sample]: each block is replayed with the arguments the model gives it
             self.calls = capture_block_calls(job.model, blocks, job.calibration.run, job.calibration.samples)
         except Exception as exc:  # noqa: BLE001 - the model is untouched so far
-            raise forward_error(exc) from exc
+            error = exc
+        if any_rank(error is not None):  # torchrun: one rank's failure stops every rank before any collective
+            if error is not None:
+                raise forward_error(error) from error
+            raise _failed_elsewhere()
 
     def first_inputs(self) -> list[torch.Tensor]:
         return [c.hidden.to(self.device) for c in self.calls[0]]  # one per sample
@@ -125,13 +176,19 @@ class _BlockRunner:
     def collect(self, block: nn.Module, layers: dict, hidden: list, hessian: bool) -> dict:
         tokens = TokenMask()
         stats, handles = attach_layer_stats(layers, self.device, hessian, tokens)
+        error = None
         try:
             for call, h, mask in zip(self.calls[self.index[id(block)]], hidden, self.job.calibration.token_masks):
                 tokens.current = mask
                 call.run(block, h, self.device)
+        except Exception as exc:  # noqa: BLE001 - re-raised below, once the other ranks know
+            error = exc
         finally:
             for handle in handles:
                 handle.remove()
+        _share_stats(stats, error)
+        if error is not None:
+            raise error
         return stats
 
     def forward(self, block: nn.Module, hidden: list) -> list[torch.Tensor]:
@@ -156,7 +213,9 @@ def run_sequential(job: Job, blocks: nn.ModuleList) -> OneshotStats:
     if job.owl is not None:
         densities = _owl_pass(job, blocks, runner, out)
     hidden = runner.first_inputs()
-    bar = tqdm(blocks, desc=f"{job.pruner.recipe.method} blocks", disable=None if job.progress is None else not job.progress)
+    auto = None if rank_and_world()[0] == 0 else True  # by default one bar (rank 0's) under torchrun
+    bar = tqdm(blocks, desc=f"{job.pruner.recipe.method} blocks",
+               disable=auto if job.progress is None else not job.progress)
     for block in bar:
         home = next(block.parameters()).device
         block.to(runner.device)

@@ -6,8 +6,12 @@ All math uses the ``[out, in]`` view.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
+
+from ..core.distributed import all_reduce_sum, is_distributed
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -65,30 +69,81 @@ class TokenMask:
 class InputStats:
     """Running statistics of a layer's inputs X ``[n, in]``: the count, per-input sums and squared
     norms (Wanda, OWL, RIA; the mean for DSnoT) and, when ``hessian`` is set, X^T X (SparseGPT,
-    ALPS, DSnoT). Float32 on ``device``."""
+    ALPS, DSnoT), on ``device``.
+
+    Each ``add`` (one calibration item) is computed in float32 and accumulated in float64 (``totals``);
+    the statistics are handed out in float32. The same items summed in any order (another item order,
+    shards on several ranks then all-reduced) then round to the same float32 values except within one
+    float64 ulp of a rounding boundary, so a distributed run solves the single process's problems, rather
+    than problems a float32 ulp apart whose near-tied weights SparseGPT would choose differently."""
 
     def __init__(self, features: int, device: torch.device, hessian: bool) -> None:
         self.count = 0
-        self.sum = torch.zeros(features, dtype=torch.float32, device=device)  # sum_n x_j
-        self.sq_norm = torch.zeros(features, dtype=torch.float32, device=device)  # sum_n x_j^2
-        self.xtx = torch.zeros(features, features, dtype=torch.float32, device=device) if hessian else None
+        zeros = dict(dtype=torch.float64, device=device)
+        self.totals = {"sum": torch.zeros(features, **zeros),  # sum_n x_j
+                       "sq_norm": torch.zeros(features, **zeros)}  # sum_n x_j^2
+        if hessian:
+            self.totals["xtx"] = torch.zeros(features, features, **zeros)  # sum_n x x^T
+
+    @property
+    def device(self) -> torch.device:
+        return self.totals["sum"].device
+
+    @property
+    def has_hessian(self) -> bool:
+        return "xtx" in self.totals
+
+    @property
+    def sum(self) -> torch.Tensor:
+        return self.totals["sum"].float()
+
+    @property
+    def sq_norm(self) -> torch.Tensor:
+        return self.totals["sq_norm"].float()
+
+    @property
+    def xtx(self) -> torch.Tensor | None:
+        return self.totals["xtx"].float() if self.has_hessian else None
 
     def add(self, x: torch.Tensor) -> None:
         """Add rows ``x [n, in]``."""
-        x = x.detach().reshape(-1, x.shape[-1]).to(device=self.sq_norm.device, dtype=torch.float32)  # [n, in]
+        x = x.detach().reshape(-1, x.shape[-1]).to(device=self.device, dtype=torch.float32)  # [n, in]
         self.count += x.shape[0]
-        self.sum += x.sum(dim=0)
-        self.sq_norm += x.square().sum(dim=0)
-        if self.xtx is not None:
-            self.xtx.addmm_(x.t(), x)
+        self.totals["sum"] += x.sum(dim=0)
+        self.totals["sq_norm"] += x.square().sum(dim=0)
+        if self.has_hessian:
+            self.totals["xtx"] += x.t() @ x
 
     def mean(self) -> torch.Tensor:
-        return self.sum / max(self.count, 1)
+        return (self.totals["sum"] / max(self.count, 1)).float()
 
     def hessian(self) -> torch.Tensor:
-        """H = 2 X^T X / n (the curvature of the layer-wise squared reconstruction error)."""
-        assert self.xtx is not None and self.count > 0
-        return self.xtx * (2.0 / self.count)
+        """H = 2 X^T X / n (the curvature of the layer-wise squared reconstruction error), float32."""
+        assert self.has_hessian and self.count > 0
+        return self.totals["xtx"].float().mul_(2.0 / self.count)
+
+
+def all_reduce_stats(stats: Mapping[str, InputStats], failed: bool = False) -> bool:
+    """Sum every layer's statistics over the ranks of a torch.distributed run, in place, so that each rank
+    holds those of the whole calibration set; returns whether ``failed`` was True on any rank.
+
+    The counts, sums, squared norms and X^T X are all sums over tokens, so adding them across shards is
+    adding them across samples: a rank with fewer real tokens (shorter or padded items, a smaller shard,
+    an expert few of its tokens were routed to) weighs exactly its tokens, as in one process on the whole
+    set (a mean of per-rank means would not). An expert is unrouted only if no rank routed a token to it.
+    Every rank passes the same layers in the same order. One process: nothing to do, returns ``failed``."""
+    if not is_distributed():
+        return failed
+    items = list(stats.values())
+    device = items[0].device if items else torch.device("cpu")
+    counts = torch.tensor([s.count for s in items] + [int(failed)], dtype=torch.int64, device=device)  # [n + 1]
+    tensors = {"counts": counts}
+    for name, s in stats.items():
+        tensors |= {f"{name}.{key}": total for key, total in s.totals.items()}  # the float64 accumulators
+    all_reduce_sum(tensors)
+    for s, count in zip(items, counts[:-1].tolist()):
+        s.count = int(count)
+    return bool(counts[-1])
 
 
 def attach_stats(layers: dict[str, nn.Module], device: torch.device, hessian: bool,

@@ -33,7 +33,9 @@ class OneshotStats:
     refine: str | None = None
     bits: int | None = None
     outlier_ratios: list[float] = field(default_factory=list)  # OWL: one per block (or layer)
-    unrouted: list[str] = field(default_factory=list)  # layers/experts no calibration token reached
+    unrouted: list[str] = field(default_factory=list)  # layers/experts no calibration token reached (on any rank)
+    world_size: int = 1  # processes whose calibration shards were pooled (torchrun)
+    from_rank0: list[str] = field(default_factory=list)  # layers a rank solved differently: rank 0's result taken
     layers: list[LayerResult] = field(default_factory=list)
 
     @property
