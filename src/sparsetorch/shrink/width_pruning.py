@@ -163,9 +163,12 @@ def remove_heads(model: nn.Module, amount: int | float, calibration: Any = None,
                             "query head (multi-head attention); use unit='group' to remove whole heads")
     if not per_layer and not uniform:
         raise SparsityError("the blocks have different head counts already; pass per_layer=True")
+    if unit == "group" and nkv == 1 and amount:
+        raise SparsityError("the attention has one key/value group (multi-query attention): removing a group removes "
+                            "every head; use unit='query' to remove query heads", amount=amount)
     if unit == "group":
-        what, units, hint = "key/value groups per block", nkv, ""
-        n = count_units(amount, units, what, exact=True, hint="whole groups go (with their query heads): ")
+        n = count_units(amount, nkv, "key/value groups per block", exact=True,
+                        hint="whole groups go (with their query heads): ")
     else:
         n_q = count_units(amount, nh, "query heads per block", exact=True,
                           hint=f"every one of the {nkv} key/value groups must lose as many query heads: ")
@@ -281,7 +284,7 @@ def sync_config(model: nn.Module) -> None:
     config = getattr(model, "config", None)
     if config is None:
         return
-    _, parts = model_parts(model)
+    blocks, parts = model_parts(model)
     hidden = int(model.get_input_embeddings().weight.shape[1])
     gqa = [p for p in parts if p.attn_kind == "gqa"]
     heads = {(p.num_heads, p.num_kv_heads) for p in gqa}
@@ -303,3 +306,9 @@ def sync_config(model: nn.Module) -> None:
                 setattr(config, key, n)
         if isinstance(getattr(config, "num_experts_per_tok", None), int):
             config.num_experts_per_tok = min(config.num_experts_per_tok, n)
+        inside = {id(m) for b in blocks for m in b.modules()}
+        for m in model.modules():  # the LM's own copies, for the router's auxiliary loss
+            if id(m) not in inside and isinstance(getattr(m, "num_experts", None), int):
+                m.num_experts = n
+                if isinstance(getattr(m, "num_experts_per_tok", None), int):
+                    m.num_experts_per_tok = min(m.num_experts_per_tok, n)
