@@ -171,6 +171,9 @@ def _moe(kind, experts=16, top_k=1):
                   num_key_value_heads=2, vocab_size=64, num_experts_per_tok=top_k)
     if kind == "mixtral":
         cfg = transformers.MixtralConfig(num_local_experts=experts, **common)
+    elif kind == "qwen2":  # a shared expert and its sigmoid gate next to the routed ones
+        cfg = transformers.Qwen2MoeConfig(num_experts=experts, moe_intermediate_size=24, shared_expert_intermediate_size=48,
+                                          norm_topk_prob=True, **common)
     else:
         cfg = transformers.Qwen3MoeConfig(num_experts=experts, moe_intermediate_size=24, head_dim=8, norm_topk_prob=True,
                                           **common)
@@ -192,13 +195,14 @@ def test_unrouted_experts_score_zero_and_go_without_changing_outputs(tmp_path):
     reloads(model, tmp_path)
 
 
-def test_expert_pruning_caps_top_k_and_reloads(tmp_path):
-    model = _moe("qwen3", experts=8, top_k=4)
+@pytest.mark.parametrize("kind", ["qwen3", "qwen2"])
+def test_expert_pruning_caps_top_k_and_reloads(tmp_path, kind):
+    model = _moe(kind, experts=8, top_k=4)
     remove_experts(model, 6, CALIB)
     assert model.config.num_experts == 2 and model.config.num_experts_per_tok == 2
     assert model.model.layers[0].mlp.gate.top_k == 2
     reloads(model, tmp_path)
-    hidden = _moe("qwen3", experts=8, top_k=2)  # hidden size through routers and fused experts
+    hidden = _moe(kind, experts=8, top_k=2)  # hidden size through routers, fused and shared experts
     remove_hidden(hidden, 0.25, CALIB)
     assert hidden.model.layers[0].mlp.experts.down_proj.shape == (8, 24, 24)
     reloads(hidden, tmp_path / "hidden")
