@@ -16,7 +16,7 @@ recovery, parameters, and tokens/s at batch 1 and 16 for prefill (one forward ov
 (greedy generation with the KV cache). The MoE part trains a Mixtral-style model (8 experts, top-2), removes half
 the experts by REAP saliency (and, for comparison, a random half), distils, and times it the same way.
 
-    nice .venv/bin/python benchmarks/bench_shrink_llm.py --preset small     # 12x64 Llama, 4x64 MoE: ~10 min
+    nice .venv/bin/python benchmarks/bench_shrink_llm.py --preset small     # 12x64 Llama, 4x64 MoE: ~10 min (6 with cached teachers)
     nice .venv/bin/python benchmarks/bench_shrink_llm.py --preset full      # 12x128 Llama trained 3000 steps
 
 Every count is configurable (--train-steps, --budget-steps, --layers...). Results go to
@@ -77,28 +77,36 @@ def train(model, data: torch.Tensor, steps: int, batch: int, lr: float, seed: in
 
 
 @torch.inference_mode()
-def speed(model, batch: int, context: int, new_tokens: int, reps: int) -> dict:
-    """Tokens/s: prefill (one forward over ``context`` tokens) and greedy decode of ``new_tokens`` with the cache."""
+def seconds(model, kind: str, batch: int, args) -> float:
+    """One timed run: ``prefill`` (a forward over ``context`` tokens) or ``decode`` (greedy generation of
+    ``new_tokens`` tokens with the KV cache after an 8-token prompt)."""
     model.eval()
-    ids = torch.randint(0, 256, (batch, context), generator=torch.Generator().manual_seed(7))
-    model(ids, use_cache=False)  # warm-up
-    pre = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
+    ids = torch.randint(0, 256, (batch, args.context), generator=torch.Generator().manual_seed(7))
+    t0 = time.perf_counter()
+    if kind == "prefill":
         model(ids, use_cache=False)
-        pre.append(time.perf_counter() - t0)
-    prompt = ids[:, :8]
-    dec = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-        dec.append(time.perf_counter() - t0)
-    return {"prefill": batch * context / statistics.median(pre), "decode": batch * new_tokens / statistics.median(dec)}
+    else:
+        prompt = ids[:, :8]
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.new_tokens,
+                       min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+    return time.perf_counter() - t0
 
 
-def timings(model, args) -> dict:
-    return {f"b{b}": speed(model, b, args.context, args.new_tokens, args.reps) for b in (1, 16)}
+def paired_speed(reference, model, args) -> dict:
+    """Tokens/s of ``model`` and ``reference``, timed alternately (a warm-up each, then ``reps`` pairs) and the
+    fastest run of each kept: on a shared machine the least disturbed run is the closest to the true speed."""
+    out = {}
+    for kind in ("prefill", "decode"):
+        for b in (1, 16):
+            seconds(reference, kind, b, args), seconds(model, kind, b, args)
+            ref, mod = [], []
+            for _ in range(args.reps):
+                ref.append(seconds(reference, kind, b, args))
+                mod.append(seconds(model, kind, b, args))
+            tokens = b * (args.context if kind == "prefill" else args.new_tokens)
+            out[f"{kind} b{b}"] = {"tokens_per_s": tokens / min(mod), "reference_tokens_per_s": tokens / min(ref),
+                                   "ratio": min(ref) / min(mod)}
+    return out
 
 
 def cached_teacher(kind: str, config, data, steps, args):
@@ -151,7 +159,7 @@ def run_dense(args, split, out: dict) -> None:
     base = evaluate(teacher, val)
     out.update(pretrain_tokens=pretrain.numel(), budget_tokens=budget.numel(), teacher_seconds=seconds)
     rows = [{"name": "teacher", "what": str(f"{args.layers}x{args.hidden}"), "params": params(teacher), "pruned": base,
-             "recovered": base, "speed": timings(teacher, args)}]
+             "recovered": base}]
     print(f"teacher: {params(teacher):,} parameters, val loss {base:.4f}; budget {budget.numel():,} tokens "
           f"({100 * budget.numel() / pretrain.numel():.1f}% of pre-training)", flush=True)
     for name, (what, prune) in variants(args).items():
@@ -165,7 +173,7 @@ def run_dense(args, split, out: dict) -> None:
         scratch, scratch_secs = train(scratch, budget, args.budget_steps, args.budget_batch, args.lr, args.seed)
         row = {"name": name, "what": what, "params": params(student), "pruned": pruned, "recovered": evaluate(student, val),
                "scratch": evaluate(scratch, val), "distill_seconds": secs, "scratch_seconds": scratch_secs,
-               "speed": timings(student, args)}
+               "speed": paired_speed(teacher, student, args)}
         rows.append(row)
         print(f"  {name:13s} {row['params'] / rows[0]['params']:.3f} params  pruned {pruned:.4f}  distilled "
               f"{row['recovered']:.4f}  scratch {row['scratch']:.4f}", flush=True)
@@ -191,8 +199,7 @@ def run_moe(args, split, out: dict) -> None:
     val = random_windows(split.val, args.eval_windows, ctx + 1, torch.Generator().manual_seed(1234))
     base = evaluate(teacher, val)
     half = args.experts // 2
-    rows = [{"name": "moe teacher", "params": params(teacher), "pruned": base, "recovered": base,
-             "speed": timings(teacher, args)}]
+    rows = [{"name": "moe teacher", "params": params(teacher), "pruned": base, "recovered": base}]
     reap = remove_experts(copy.deepcopy(teacher), half, calib)
     randomly = copy.deepcopy(teacher)
     gen = torch.Generator().manual_seed(args.seed)
@@ -202,7 +209,7 @@ def run_moe(args, split, out: dict) -> None:
     pruned = evaluate(reap, val)
     reap, secs = train(reap, budget, args.budget_steps, args.budget_batch, args.distill_lr, args.seed, teacher=teacher)
     rows.append({"name": "REAP half", "params": params(reap), "pruned": pruned, "recovered": evaluate(reap, val),
-                 "distill_seconds": secs, "speed": timings(reap, args),
+                 "distill_seconds": secs, "speed": paired_speed(teacher, reap, args),
                  "saliency": [s.tolist() for s in width_importance(teacher, calib).experts]})
     print(f"  moe: teacher {base:.4f}, random half {rows[1]['pruned']:.4f}, REAP half {pruned:.4f} -> distilled "
           f"{rows[2]['recovered']:.4f}", flush=True)
@@ -216,19 +223,20 @@ def summarize(out: dict) -> dict:
             continue
         rows = out[part]["rows"]
         ref = rows[0]
-        print(f"\n{part}: held-out loss (nats/byte); speed in tokens/s relative to {ref['name']} "
+        print(f"\n{part}: held-out loss (nats/byte); speed: tokens/s over {ref['name']}'s, timed alternately "
               f"(prefill b1 / b16, decode b1 / b16)")
         print(f"{'model':14s}{'params':>10s}{'ratio':>7s}{'pruned':>9s}{'distilled':>10s}{'scratch':>9s}"
               f"{'pre b1':>8s}{'pre b16':>8s}{'dec b1':>8s}{'dec b16':>8s}")
         for r in rows:
             sp = r.get("speed")
-            cells = "".join(f"{sp[b][k] / ref['speed'][b][k]:8.2f}" for k in ("prefill", "decode") for b in ("b1", "b16")) \
-                if sp else ""
+            cells = "".join(f"{sp[f'{k} {b}']['ratio']:8.2f}" for k in ("prefill", "decode") for b in ("b1", "b16")) \
+                if sp else "" if r is not ref else "".join(f"{1:8.2f}" for _ in range(4))
             rec = f"{r['recovered']:10.4f}" if "recovered" in r else f"{'':10s}"
             scr = f"{r['scratch']:9.4f}" if "scratch" in r else f"{'':9s}"
             print(f"{r['name']:14s}{r['params']:10,d}{r['params'] / ref['params']:7.3f}{r['pruned']:9.4f}{rec}{scr}{cells}")
-        print(f"{ref['name']} absolute tokens/s: " + ", ".join(
-            f"{k} {b} {ref['speed'][b][k]:,.0f}" for k in ("prefill", "decode") for b in ("b1", "b16")))
+        timed = [r["speed"] for r in rows if r.get("speed")]
+        print(f"{ref['name']} tokens/s (median over its pairings): " + ", ".join(
+            f"{k} {statistics.median(t[k]['reference_tokens_per_s'] for t in timed):,.0f}" for k in timed[0]))
         for r in rows[1:]:
             if "scratch" in r:
                 checks[f"prune+distil_beats_scratch_{r['name']}"] = {"distilled": r["recovered"], "scratch": r["scratch"],
@@ -252,7 +260,7 @@ def main() -> int:
     p.add_argument("--nsamples", type=int, default=32, help="calibration windows")
     p.add_argument("--eval-windows", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per decode timing")
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=5, help="timed runs per model and setting (the fastest counts)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--parts", nargs="+", default=["dense", "moe"], choices=["dense", "moe"])
