@@ -265,3 +265,19 @@ def test_from_pretrained_refuses_a_tampered_entry(tmp_path):
     (folder / "config.json").write_text(config.replace('"in_features"', '"__class__"', 1))
     with pytest.raises(SparsityError, match="__class__"):
         from_pretrained(folder)
+
+
+def test_a_hidden_pruned_student_distils_against_the_teacher_channels_it_kept():
+    from sparsetorch.recovery import DistillLoss, distill
+
+    teacher = llama()
+    with torch.no_grad():  # channels 3, 9, 17, 30 carry nothing: the student starts exactly on the teacher's stream
+        for layer in teacher.model.layers:
+            layer.self_attn.o_proj.weight[[3, 9, 17, 30]] = 0
+            layer.mlp.down_proj.weight[[3, 9, 17, 30]] = 0
+        teacher.model.embed_tokens.weight[:, [3, 9, 17, 30]] = 0
+    student = remove_hidden(copy.deepcopy(teacher), 4, CALIB)
+    assert student.sparsetorch_width_removed[-1]["removed"] == [3, 9, 17, 30]
+    data = torch.cat([IDS, IDS.roll(3, 1)])
+    result = distill(student, teacher, data, steps=1, batch_size=4, lr=1e-4, loss=DistillLoss(hidden=1.0))
+    assert result.history[0]["hidden"] < 1e-8
