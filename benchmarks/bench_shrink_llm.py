@@ -12,7 +12,8 @@ about 25% of its parameters are removed four ways, scored on calibration windows
 Each is distilled from the unpruned model (logit KL) for the same steps, and the same architecture is trained
 from scratch (fresh weights from the pruned model's config, next-token loss) on the same number of tokens:
 Minitron's claim is that prune + distil beats that. Reported: held-out loss (nats/byte) after pruning and after
-recovery, parameters, and tokens/s at batch 1 and 16 for prefill (one forward over the context) and decode
+recovery, parameters, and tokens/s at batch 1 and 16 (per CPU second with one thread, so that a shared machine
+measures the model rather than its neighbours) for prefill (one forward over the context) and decode
 (greedy generation with the KV cache). The MoE part trains a Mixtral-style model (8 experts, top-2), removes half
 the experts by REAP saliency (and, for comparison, a random half), distils, and times it the same way.
 
@@ -82,14 +83,21 @@ def seconds(model, kind: str, batch: int, args) -> float:
     ``new_tokens`` tokens with the KV cache after an 8-token prompt)."""
     model.eval()
     ids = torch.randint(0, 256, (batch, args.context), generator=torch.Generator().manual_seed(7))
-    t0 = time.perf_counter()
+    clock = clock_for(args)
+    t0 = clock()
     if kind == "prefill":
         model(ids, use_cache=False)
     else:
         prompt = ids[:, :8]
         model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.new_tokens,
                        min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
-    return time.perf_counter() - t0
+    return clock() - t0
+
+
+def clock_for(args):
+    """CPU time of this process with one thread: the work done, whatever else the machine runs (on a shared
+    machine wall time measures the neighbours); wall time with more threads (their waits are part of the cost)."""
+    return time.process_time if args.threads == 1 else time.perf_counter
 
 
 def paired_speed(reference, model, args) -> dict:
@@ -223,7 +231,8 @@ def summarize(out: dict) -> dict:
             continue
         rows = out[part]["rows"]
         ref = rows[0]
-        print(f"\n{part}: held-out loss (nats/byte); speed: tokens/s over {ref['name']}'s, timed alternately "
+        unit = "tokens per CPU second (1 thread)" if out["threads"] == 1 else "tokens/s"
+        print(f"\n{part}: held-out loss (nats/byte); speed: {unit} over {ref['name']}'s, timed alternately "
               f"(prefill b1 / b16, decode b1 / b16)")
         print(f"{'model':14s}{'params':>10s}{'ratio':>7s}{'pruned':>9s}{'distilled':>10s}{'scratch':>9s}"
               f"{'pre b1':>8s}{'pre b16':>8s}{'dec b1':>8s}{'dec b16':>8s}")
@@ -235,7 +244,7 @@ def summarize(out: dict) -> dict:
             scr = f"{r['scratch']:9.4f}" if "scratch" in r else f"{'':9s}"
             print(f"{r['name']:14s}{r['params']:10,d}{r['params'] / ref['params']:7.3f}{r['pruned']:9.4f}{rec}{scr}{cells}")
         timed = [r["speed"] for r in rows if r.get("speed")]
-        print(f"{ref['name']} tokens/s (median over its pairings): " + ", ".join(
+        print(f"{ref['name']} {unit} (median over its pairings): " + ", ".join(
             f"{k} {statistics.median(t[k]['reference_tokens_per_s'] for t in timed):,.0f}" for k in timed[0]))
         for r in rows[1:]:
             if "scratch" in r:
