@@ -230,6 +230,8 @@ def _state(model):
     (lambda m: remove_mlp_channels(m, 48, CALIB), "at least one must stay"),
     (lambda m: remove_hidden(m, True, CALIB), "count or a fraction"),
     (lambda m: remove_experts(m, 0.5, CALIB), "no mixture-of-experts"),
+    (lambda m: remove_mlp_channels(m, 0.5, scores=width_importance(llama(intermediate_size=32), CALIB)),
+     "do not match"),
 ])
 def test_bad_requests_fail_before_anything_changes(call, match):
     model = llama()

@@ -85,6 +85,14 @@ def allocate(scores: list[torch.Tensor], total: int) -> list[int]:
 
 def _scores(model, calibration, scores: WidthScores | None, metric: str) -> WidthScores:
     if scores is not None:
+        _, parts = model_parts(model)
+        fits = isinstance(scores, WidthScores) and len(scores.heads) == len(parts) and all(
+            h.numel() == p.num_heads and (m is None or p.mlp_out is None or m.numel() == p.mlp_width)
+            for h, m, p in zip(scores.heads, scores.mlp, parts)) and scores.hidden.numel() == \
+            model.get_input_embeddings().weight.shape[1]
+        if not fits:
+            raise SparsityError("scores do not match the model's current widths; compute them with "
+                                "width_importance(model, calibration) after the last change")
         return scores
     if calibration is None:
         raise SparsityError("width pruning ranks units by their activations: pass calibration data (token-id "
@@ -154,7 +162,7 @@ def remove_heads(model: nn.Module, amount: int | float, calibration: Any = None,
     """
     if unit not in UNITS:
         raise SparsityError(f"unit must be one of {UNITS}, got {unit!r}", unit=unit)
-    blocks, parts = model_parts(model)
+    _, parts = model_parts(model)
     nh, nkv = parts[0].num_heads, parts[0].num_kv_heads
     rep = nh // nkv
     uniform = len({(p.num_heads, p.num_kv_heads) for p in parts}) == 1
@@ -215,7 +223,7 @@ def remove_mlp_channels(model: nn.Module, amount: int | float, calibration: Any 
                         scores: WidthScores | None = None) -> nn.Module:
     """Remove MLP intermediate neurons (a fraction in [0, 1) or a count per block) from every dense MLP in place;
     the kept width is rounded to a multiple of ``multiple_of``. MoE blocks are left to :func:`remove_experts`."""
-    blocks, parts = model_parts(model)
+    _, parts = model_parts(model)
     dense = [p for p in parts if p.mlp_out is not None]
     if not dense:
         raise SparsityError("the model has no dense MLP (its blocks are mixtures of experts); use remove_experts")
