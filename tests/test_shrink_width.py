@@ -83,7 +83,14 @@ def test_llama_query_heads_within_groups(tmp_path):
     assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (2, 2)
     assert model.sparsetorch_width_removed[-1]["removed"] == [[1, 2], [1, 2]]
     torch.testing.assert_close(logits(model), expected, rtol=1e-5, atol=1e-6)
-    reloads(model, tmp_path)
+    loaded = reloads(model, tmp_path)
+    with torch.no_grad():  # the KV cache holds both key/value heads for the one query head left in each group
+        cached = loaded.generate(IDS[:1], attention_mask=torch.ones_like(IDS[:1]), max_new_tokens=4, do_sample=False,
+                                 use_cache=True, pad_token_id=0)
+        seq = IDS[:1]
+        for _ in range(4):
+            seq = torch.cat([seq, loaded(seq, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(cached, seq)
 
 
 def test_llama_zero_mlp_neurons_and_hidden_channels_go(tmp_path):
@@ -162,7 +169,20 @@ def test_per_layer_widths_use_the_loader(tmp_path):
     remove_mlp_channels(model, 0.5, CALIB, per_layer=True)
     widths = [layer.mlp.up_proj.out_features for layer in model.model.layers]
     assert sum(widths) == 48 and widths[0] < widths[1] and model.config.intermediate_size == 48
+    remove_heads(model, 0.5, CALIB, per_layer=True, unit="query")  # 2 of the 4 query heads, wherever they are weakest
+    assert sum(layer.self_attn.q_proj.out_features for layer in model.model.layers) == 32
     reloads(model, tmp_path, plain=False)
+
+
+def test_depth_then_width_reloads_with_plain_transformers(tmp_path):
+    from sparsetorch.shrink import remove_blocks
+
+    model = llama(num_hidden_layers=3)
+    remove_blocks(model, 1, CALIB)
+    remove_mlp_channels(model, 0.25, CALIB)
+    remove_heads(model, 0.5, CALIB)
+    assert (model.config.num_hidden_layers, model.config.intermediate_size, model.config.num_key_value_heads) == (2, 36, 1)
+    reloads(model, tmp_path)
 
 
 def _moe(kind, experts=16, top_k=1):
