@@ -17,7 +17,7 @@ measures the model rather than its neighbours) for prefill (one forward over the
 (greedy generation with the KV cache). The MoE part trains a Mixtral-style model (8 experts, top-2), removes half
 the experts by REAP saliency (and, for comparison, a random half), distils, and times it the same way.
 
-    nice .venv/bin/python benchmarks/bench_shrink_llm.py --preset small     # 12x64 Llama, 4x64 MoE: ~10 min (6 with cached teachers)
+    nice .venv/bin/python benchmarks/bench_shrink_llm.py --preset small     # 12x64 Llama, 4x64 MoE: 10 min, 4 with cached teachers
     nice .venv/bin/python benchmarks/bench_shrink_llm.py --preset full      # 12x128 Llama trained 3000 steps
 
 Every count is configurable (--train-steps, --budget-steps, --layers...). Results go to

@@ -158,6 +158,10 @@ def from_pretrained(path: str | os.PathLike, **kwargs) -> nn.Module:
     entry = getattr(config, KEY, None)
     if entry is None or (isinstance(entry, dict) and entry.get("loader") == PLAIN):
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if kwargs:
+        raise SparsityError(f"{path} needs sparsetorch's loader, which takes no transformers loading options "
+                            f"({sorted(kwargs)}); load it without them and move or cast the model afterwards "
+                            "(model.to(dtype) / model.to(device))", options=sorted(kwargs))
     entry = _check_entry(entry, path)
     state = _weights(path)
     model = AutoModelForCausalLM.from_config(config)
