@@ -64,8 +64,9 @@ def batch_rows(step: int, micro: int, rows: int, batch: int, accumulate: int, se
 class _BlockOutputs:
     """Forward hooks that record each block's output tensor (the first, for blocks returning tuples)."""
 
-    def __init__(self, model: nn.Module, only: list[int] | None = None):
+    def __init__(self, model: nn.Module, only: list[int] | None = None, channels: torch.Tensor | None = None):
         found = find_blocks(model)
+        self.channels = channels
         if found is None:
             raise SparsityError(f"hidden-state matching needs a stack of blocks; none found in {type(model).__name__}")
         self.outputs: list[torch.Tensor] = []
@@ -73,7 +74,8 @@ class _BlockOutputs:
         self.hooks = [b.register_forward_hook(self._record) for b in blocks]
 
     def _record(self, _module, _args, out) -> None:
-        self.outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        self.outputs.append(out if self.channels is None else out[..., self.channels.to(out.device)])
 
     def take(self) -> list[torch.Tensor]:
         out, self.outputs = self.outputs, []
@@ -92,6 +94,21 @@ def _kept_blocks(student: nn.Module, teacher: nn.Module) -> list[int] | None:
         return None
     kept = [i for i in range(len(found[1])) if i not in set(removed["removed"])]
     return kept if len(kept) == len(find_blocks(student)[1]) else None
+
+
+def _kept_channels(student: nn.Module, teacher: nn.Module) -> torch.Tensor | None:
+    """For a student whose hidden size was cut (``shrink.remove_hidden``), the teacher channels it kept (Minitron
+    matches the student's residual stream against those)."""
+    emb = getattr(teacher, "get_input_embeddings", None)
+    steps = [e["removed"] for e in getattr(student, "sparsetorch_width_removed", []) if e.get("kind") == "hidden"]
+    if not steps or not callable(emb):
+        return None
+    kept = torch.arange(emb().weight.shape[1])
+    for removed in steps:
+        mask = torch.ones(len(kept), dtype=torch.bool)
+        mask[removed] = False
+        kept = kept[mask]
+    return kept if len(kept) == student.get_input_embeddings().weight.shape[1] else None
 
 
 def _rank_world() -> tuple[int, int]:
@@ -146,7 +163,8 @@ def distill(student: nn.Module, teacher: nn.Module | None, data: torch.Tensor, *
             if cache is not None:
                 raise SparsityError("hidden-state matching needs the live teacher; a teacher cache holds logits only")
             hidden_s = _BlockOutputs(unwrap_model(student))
-            hidden_t = _BlockOutputs(teacher, _kept_blocks(unwrap_model(student), teacher))
+            hidden_t = _BlockOutputs(teacher, _kept_blocks(unwrap_model(student), teacher),
+                                     _kept_channels(unwrap_model(student), teacher))
             stack.callback(hidden_s.close)
             stack.callback(hidden_t.close)
         if teacher is not None:

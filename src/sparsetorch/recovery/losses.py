@@ -33,6 +33,10 @@ def hidden_state_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) 
     if len(student) != len(teacher) or not student:
         raise SparsityError(f"hidden-state matching needs the same number of blocks in student and teacher, got "
                             f"{len(student)} and {len(teacher)}")
+    if any(s.shape != t.shape for s, t in zip(student, teacher)):
+        raise SparsityError(f"hidden-state matching needs block outputs of the same shape, got "
+                            f"{tuple(student[0].shape)} (student) and {tuple(teacher[0].shape)} (teacher); a student "
+                            "whose hidden size was cut by sparsetorch.shrink.remove_hidden is matched on its kept channels")
     terms = [(s.float() - t.float()).square().mean() / t.float().square().mean().clamp_min(1e-12)
              for s, t in zip(student, teacher)]
     return torch.stack(terms).mean()

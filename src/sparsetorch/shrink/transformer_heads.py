@@ -11,20 +11,20 @@ from torch import nn
 
 from .groups import Group, Member
 
-__all__ = ["hf_groups", "update_config"]
+__all__ = ["hf_groups", "update_config", "is_hf_model", "is_llama_attention", "is_gated_mlp"]
 
 
-def _is_llama_attention(m: nn.Module) -> bool:
+def is_llama_attention(m: nn.Module) -> bool:
     return all(isinstance(getattr(m, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) \
         and hasattr(m, "head_dim") and hasattr(m, "num_key_value_groups")
 
 
-def _is_gated_mlp(m: nn.Module) -> bool:
+def is_gated_mlp(m: nn.Module) -> bool:
     return all(isinstance(getattr(m, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj"))
 
 
 def is_hf_model(model: nn.Module) -> bool:
-    return any(type(m).__name__ in ("GPT2Attention", "GPT2MLP") or _is_llama_attention(m) or _is_gated_mlp(m)
+    return any(type(m).__name__ in ("GPT2Attention", "GPT2MLP") or is_llama_attention(m) or is_gated_mlp(m)
                for m in model.modules())
 
 
@@ -44,14 +44,14 @@ def hf_groups(model: nn.Module) -> tuple[list[Group], list[str]]:
             groups.append(Group(e // d, members, attrs=[(fqn, "num_heads", 1), (fqn, "split_size", d)]))
         elif kind == "GPT2MLP":
             groups.append(Group(m.c_fc.weight.shape[1], [Member(p + "c_fc", "out"), Member(p + "c_proj", "in")]))
-        elif _is_llama_attention(m):
+        elif is_llama_attention(m):
             d, rep = m.head_dim, m.num_key_value_groups
             n_kv = m.k_proj.out_features // d
             # a value head decides: zero values make its query heads output zero whatever q and k are
             members = [Member(p + "q_proj", "out", 0, rep * d, decides=False), Member(p + "k_proj", "out", 0, d, decides=False),
                        Member(p + "v_proj", "out", 0, d), Member(p + "o_proj", "in", 0, rep * d)]
             groups.append(Group(n_kv, members))
-        elif _is_gated_mlp(m):
+        elif is_gated_mlp(m):
             # act(gate) * up is zero when either row is zero (act(0) = 0 for SiLU/GELU)
             members = [Member(p + "gate_proj", "out"), Member(p + "up_proj", "out"), Member(p + "down_proj", "in")]
             groups.append(Group(m.up_proj.out_features, members, zero_rule="any"))
@@ -65,9 +65,9 @@ def update_config(model: nn.Module) -> None:
         return
     gpt_heads = {m.num_heads for m in model.modules() if type(m).__name__ == "GPT2Attention"}
     gpt_mlp = {m.c_fc.weight.shape[1] for m in model.modules() if type(m).__name__ == "GPT2MLP"}
-    llama = [m for m in model.modules() if _is_llama_attention(m)]
+    llama = [m for m in model.modules() if is_llama_attention(m)]
     llama_heads = {(m.q_proj.out_features // m.head_dim, m.k_proj.out_features // m.head_dim) for m in llama}
-    gated = {m.up_proj.out_features for m in model.modules() if _is_gated_mlp(m)}
+    gated = {m.up_proj.out_features for m in model.modules() if is_gated_mlp(m)}
     if len(gpt_heads) == 1 and hasattr(config, "n_head"):
         config.n_head = gpt_heads.pop()
     if len(gpt_mlp) == 1 and hasattr(config, "n_inner"):
