@@ -1,0 +1,176 @@
+"""The worker test_fsdp.py launches with torchrun: sparse training under FSDP2 (``fully_shard``) and, for
+comparison, DDP, on 2 gloo processes; each rank trains on its half of every global batch.
+
+After every step the gathered (full) weights and masks are recorded; rank 0 writes them to
+``fsdp.safetensors`` and both ranks write their histories and checks to ``rank<r>.json``. The test compares
+them with a single process on the whole batch (computed there with the same functions).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import sparsetorch
+from sparsetorch.core.distributed import full, is_sharded
+
+from ddp_worker import _build, METHOD_KWARGS, global_batch, make_model
+
+METHODS = ["GMP", "RigL", "SET", "Static", "SRigL"]
+RESUME_AT = 3
+
+
+def build(method: str):
+    from sparsetorch import sparsifiers
+
+    return _build(getattr(sparsifiers, method), METHOD_KWARGS[method], torch.Generator().manual_seed(7))
+
+
+def shard(model):
+    """FSDP2 on every layer and the root, as for a transformer's blocks."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in (model.fc1, model.fc2, model.classifier):
+        fully_shard(layer)
+    return fully_shard(model)
+
+
+def make_optimizer(model, kind: str = "sgd"):
+    if kind == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    """Every weight and mask, whole (gathered from the shards under FSDP2)."""
+    out = {name: full(p.detach()).clone() for name, p in model.named_parameters()}
+    out.update({f"{item.qualified_name}_mask": full(item.mask).clone() for item in sparsetorch.iter_masks(model)})
+    return out
+
+
+def train(model, optimizer, sparsifier, steps: range, rank: int = 0, world: int = 1, forward=None) -> list[dict]:
+    """Train over ``steps`` on this rank's slice of each global batch; a snapshot after every step."""
+    forward = forward or model
+    snaps = []
+    for step in steps:
+        x, y = global_batch(step)
+        F.cross_entropy(forward(x[rank::world]), y[rank::world]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if sparsifier is not None:
+            sparsifier.step()
+        snaps.append(snapshot(model))
+    return snaps
+
+
+def run_method(method: str, steps: int, rank: int, world: int, wrap: str, optimizer_kind: str = "sgd"):
+    model = make_model()
+    forward = model
+    if wrap == "fsdp":
+        shard(model)
+    elif wrap == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        forward = DDP(model)
+    optimizer = make_optimizer(model, optimizer_kind)
+    sparsifier = build(method).attach(model, optimizer)
+    snaps = [snapshot(model)] + train(model, optimizer, sparsifier, range(steps), rank, world, forward)
+    return model, sparsifier, snaps
+
+
+def run_oneshot(steps: int, rank: int, world: int, when: str):
+    """sparsetorch.prune (global magnitude, 70%) before or after fully_shard, then plain training: the masks
+    stay where prune put them and pruned weights stay zero."""
+    model = make_model()
+    if when == "before":
+        sparsetorch.prune(model, 0.7)
+    if world > 1:
+        shard(model)
+    if when == "after":
+        sparsetorch.prune(model, 0.7)
+    optimizer = make_optimizer(model)
+    snaps = [snapshot(model)] + train(model, optimizer, None, range(steps), rank, world)
+    sharded = all(is_sharded(item.mask) for item in sparsetorch.iter_masks(model))
+    return snaps, sharded
+
+
+def check_resume(steps: int, rank: int, world: int, folder: str) -> bool:
+    """RigL + AdamW under FSDP2, saved with torch.distributed.checkpoint at RESUME_AT and resumed in fresh objects:
+    the resumed run is bitwise the uninterrupted one."""
+    from sparsetorch.integrations.distributed_checkpoint import load_distributed_state, save_distributed_state
+
+    model = shard(make_model())
+    optimizer = make_optimizer(model, "adamw")
+    sparsifier = build("RigL").attach(model, optimizer)
+    train(model, optimizer, sparsifier, range(RESUME_AT), rank, world)
+    save_distributed_state(model, folder, optimizer, sparsifier, extra={"step": RESUME_AT})
+    straight = train(model, optimizer, sparsifier, range(RESUME_AT, steps), rank, world)
+
+    model = shard(make_model())
+    optimizer = make_optimizer(model, "adamw")
+    sparsifier = build("RigL")
+    extra = load_distributed_state(model, folder, optimizer, sparsifier)
+    resumed = train(model, optimizer, sparsifier, range(extra["step"], steps), rank, world)
+    return len(straight) == len(resumed) == steps - RESUME_AT and all(
+        a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(straight, resumed))
+
+
+def check_compile(rank: int, world: int) -> dict:
+    """torch.compile over an FSDP2 model with RigL moving masks: one graph, pruned weights and gradients zero."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    model = shard(make_model())
+    compiled = torch.compile(model)
+    optimizer = make_optimizer(model, "adamw")
+    sparsifier = build("RigL").attach(model, optimizer)
+    zero = True
+    for step in range(6):
+        x, y = global_batch(step)
+        F.cross_entropy(compiled(x[rank::world]), y[rank::world]).backward()
+        for item in sparsetorch.iter_masks(model):
+            zero &= not bool(full(item.param.grad)[~full(item.mask)].any())
+        optimizer.step()
+        optimizer.zero_grad()
+        sparsifier.step()
+        for item in sparsetorch.iter_masks(model):
+            zero &= not bool(full(item.param.detach())[~full(item.mask)].any())
+    moved = [row["moved"] for row in sparsifier.history]
+    return {"zero": zero, "moved": moved, "unique_graphs": counters["stats"]["unique_graphs"]}
+
+
+def main(out_dir: str, steps: int) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tensors, report = {}, {}
+    for method in METHODS:
+        for wrap in ("fsdp", "ddp"):
+            _, sparsifier, snaps = run_method(method, steps, rank, world, wrap)
+            report[f"{wrap}/{method}"] = sparsifier.history
+            tensors.update({f"{wrap}/{method}/{i}/{k}": v for i, snap in enumerate(snaps) for k, v in snap.items()})
+    _, sparsifier, snaps = run_method("RigL", steps, rank, world, "fsdp", "adamw")
+    tensors.update({f"fsdp/RigL_adamw/{i}/{k}": v for i, snap in enumerate(snaps) for k, v in snap.items()})
+    for when in ("before", "after"):
+        snaps, sharded = run_oneshot(steps, rank, world, when)
+        report[f"oneshot_{when}_sharded"] = sharded
+        tensors.update({f"oneshot_{when}/{i}/{k}": v for i, snap in enumerate(snaps) for k, v in snap.items()})
+    folder = os.path.join(out_dir, "ckpt")
+    report["resume_bitwise"] = check_resume(steps, rank, world, folder)
+    if os.environ.get("FSDP_TEST_COMPILE") == "1":
+        report["compile"] = check_compile(rank, world)
+    if rank == 0:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out_dir, "fsdp.safetensors"))
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+        json.dump(report, fh)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))
