@@ -119,6 +119,19 @@ def check_resume(steps: int, rank: int, world: int, folder: str) -> bool:
         a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(straight, resumed))
 
 
+def attach_before_wrap_error(rank: int, world: int) -> str:
+    """A sparsifier attached before fully_shard replaced the parameters: a SparsityError at its first step."""
+    model = make_model()
+    sparsifier = build("RigL").attach(model)
+    shard(model)
+    optimizer = make_optimizer(model)
+    try:
+        train(model, optimizer, sparsifier, range(1), rank, world)
+    except sparsetorch.SparsityError as error:
+        return str(error)
+    return ""
+
+
 def check_compile(rank: int, world: int) -> dict:
     """torch.compile over an FSDP2 model with RigL moving masks: one graph, pruned weights and gradients zero."""
     from torch._dynamo.utils import counters
@@ -158,6 +171,7 @@ def main(out_dir: str, steps: int) -> None:
         snaps, sharded = run_oneshot(steps, rank, world, when)
         report[f"oneshot_{when}_sharded"] = sharded
         tensors.update({f"oneshot_{when}/{i}/{k}": v for i, snap in enumerate(snaps) for k, v in snap.items()})
+    report["attach_before_wrap"] = attach_before_wrap_error(rank, world)
     folder = os.path.join(out_dir, "ckpt")
     report["resume_bitwise"] = check_resume(steps, rank, world, folder)
     if os.environ.get("FSDP_TEST_COMPILE") == "1":

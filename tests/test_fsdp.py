@@ -80,6 +80,13 @@ def test_oneshot_masks_under_fsdp(ranks, when):
     assert reports[0][f"oneshot_{when}_sharded"] and reports[1][f"oneshot_{when}_sharded"]
 
 
+def test_a_sparsifier_attached_before_fully_shard_is_a_clear_error(ranks):
+    _, reports, _ = ranks
+    for report in reports:
+        assert "attached before fully_shard" in report["attach_before_wrap"]
+        assert "after fully_shard" in report["attach_before_wrap"]
+
+
 def test_dcp_resume_is_bitwise_on_the_same_world_size(ranks):
     _, reports, _ = ranks
     assert reports[0]["resume_bitwise"] and reports[1]["resume_bitwise"]

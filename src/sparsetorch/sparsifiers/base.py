@@ -54,6 +54,7 @@ class Sparsifier:
         self.targets: list[Target] = []
         self.step_count = 0
         self.history: list[dict[str, Any]] = []  # one row per mask update: step, density, moved
+        self._sharded: list[bool] = []  # per target: was its parameter an FSDP2 DTensor at attach
 
     # ---- to override ------------------------------------------------------------------
     def initial_masks(self) -> list[torch.Tensor]:
@@ -83,11 +84,18 @@ class Sparsifier:
             self.model, self.optimizer, self.targets = None, None, []
             raise
         self.set_masks(masks, record=True)
+        self._sharded = [is_sharded(t.param) for t in targets]
         return self
 
     def step(self) -> None:
         """Advance one training step; call after every ``optimizer.step()``."""
         self._check_attached("step")
+        if any(is_sharded(t.param) and not was for t, was in zip(self.targets, self._sharded)):
+            raise SparsityError(
+                f"{type(self).__name__} was attached before fully_shard replaced the model's parameters with "
+                "DTensors; build the optimizer and attach the sparsifier after fully_shard (masks set before "
+                "wrapping by sparsetorch.prune or prune_oneshot need nothing: they are sharded at the first "
+                "optimizer step)")
         self.step_count += 1
         self.update(self.step_count)
 
