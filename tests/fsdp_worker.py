@@ -52,13 +52,26 @@ def snapshot(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def train(model, optimizer, sparsifier, steps: range, rank: int = 0, world: int = 1, forward=None) -> list[dict]:
+def micro_batches(step: int, rank: int, world: int, micro: int, emulate: int = 1) -> list:
+    """Rank ``rank``'s slice of the global batch in ``micro`` micro-batches. ``emulate=W`` on one process: each
+    micro-batch joins what W ranks would take, so the summed micro-batch gradients equal their average."""
+    x, y = global_batch(step)
+    parts = []
+    for m in range(micro):
+        rows = [torch.arange(len(x))[r::world * emulate][m::micro] for r in range(rank, rank + emulate)]
+        rows = torch.cat(rows)
+        parts.append((x[rows], y[rows]))
+    return parts
+
+
+def train(model, optimizer, sparsifier, steps: range, rank: int = 0, world: int = 1, forward=None,
+          micro: int = 1, emulate: int = 1) -> list[dict]:
     """Train over ``steps`` on this rank's slice of each global batch; a snapshot after every step."""
     forward = forward or model
     snaps = []
     for step in steps:
-        x, y = global_batch(step)
-        F.cross_entropy(forward(x[rank::world]), y[rank::world]).backward()
+        for x, y in micro_batches(step, rank, world, micro, emulate):
+            F.cross_entropy(forward(x), y).backward()
         optimizer.step()
         optimizer.zero_grad()
         if sparsifier is not None:
@@ -67,7 +80,8 @@ def train(model, optimizer, sparsifier, steps: range, rank: int = 0, world: int 
     return snaps
 
 
-def run_method(method: str, steps: int, rank: int, world: int, wrap: str, optimizer_kind: str = "sgd"):
+def run_method(method: str, steps: int, rank: int, world: int, wrap: str, optimizer_kind: str = "sgd",
+               micro: int = 1, emulate: int = 1):
     model = make_model()
     forward = model
     if wrap == "fsdp":
@@ -78,7 +92,7 @@ def run_method(method: str, steps: int, rank: int, world: int, wrap: str, optimi
         forward = DDP(model)
     optimizer = make_optimizer(model, optimizer_kind)
     sparsifier = build(method).attach(model, optimizer)
-    snaps = [snapshot(model)] + train(model, optimizer, sparsifier, range(steps), rank, world, forward)
+    snaps = [snapshot(model)] + train(model, optimizer, sparsifier, range(steps), rank, world, forward, micro, emulate)
     return model, sparsifier, snaps
 
 
@@ -167,6 +181,8 @@ def main(out_dir: str, steps: int) -> None:
             tensors.update({f"{wrap}/{method}/{i}/{k}": v for i, snap in enumerate(snaps) for k, v in snap.items()})
     _, sparsifier, snaps = run_method("RigL", steps, rank, world, "fsdp", "adamw")
     tensors.update({f"fsdp/RigL_adamw/{i}/{k}": v for i, snap in enumerate(snaps) for k, v in snap.items()})
+    _, sparsifier, snaps = run_method("RigL", steps, rank, world, "fsdp", micro=2)
+    tensors.update({f"fsdp/RigL_micro/{i}/{k}": v for i, snap in enumerate(snaps) for k, v in snap.items()})
     for when in ("before", "after"):
         snaps, sharded = run_oneshot(steps, rank, world, when)
         report[f"oneshot_{when}_sharded"] = sharded

@@ -70,6 +70,15 @@ def test_rigl_with_adamw_state_sharded(ranks):
     assert_same_run(steps_of(tensors, "fsdp/RigL_adamw"), snaps, "RigL + AdamW: FSDP2 vs one process")
 
 
+def test_rigl_gradient_accumulation_under_fsdp(ranks):
+    """Two micro-batches per step: FSDP2 reduce-scatters and accumulates after each, and the mask hook zeroes
+    pruned entries in between; RigL's captured dense gradient is still the sum (the single process's)."""
+    _, _, tensors = ranks
+    _, single, snaps = fsdp_worker.run_method("RigL", STEPS, 0, 1, "none", micro=2, emulate=2)
+    assert any(row["moved"] > 0 for row in single.history[1:])
+    assert_same_run(steps_of(tensors, "fsdp/RigL_micro"), snaps, "RigL, 2 micro-batches: FSDP2 vs one process")
+
+
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_oneshot_masks_under_fsdp(ranks, when):
     """sparsetorch.prune before fully_shard (masks sharded at the first optimizer step) or after it (global
