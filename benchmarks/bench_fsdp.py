@@ -6,8 +6,11 @@ the meta device, wraps it (DDP, or ``fully_shard`` on every block and the root),
 initialises it, attaches RigL (90% on every Linear but lm_head, AdamW) and trains ``--steps`` steps on random
 bytes. Per rank it reports: the bytes it holds in steady state (parameters, gradients, optimizer state, masks:
 local shards under FSDP2), the peak RSS above the RSS before the model was built (sampled every ms), and the
-median step time (an update step gathers one layer at a time under FSDP2). Prints a table with the command,
-machine and date, and writes benchmarks/results/bench_fsdp.json.
+median step time of plain steps and of RigL update steps (which gather one layer at a time under FSDP2).
+Both modes run twice: with glibc's default malloc, whose dynamic mmap threshold keeps freed buffers (FSDP2
+all-gathers a block per forward and backward) in the heap, and with ``MALLOC_MMAP_THRESHOLD_=131072``,
+which returns them to the OS. Prints a table with the command, machine and date, and writes
+benchmarks/results/bench_fsdp.json (and .txt).
 """
 from __future__ import annotations
 
@@ -109,7 +112,7 @@ def worker(mode: str, out: str, args) -> None:
     sparsifier = RigL(sparsity=0.9, distribution="uniform", every=args.every, drop_fraction=0.3,
                       generator=torch.Generator().manual_seed(0)).attach(model, optimizer)
     data = torch.Generator().manual_seed(1 + rank)
-    times = []
+    times, updates = [], []
     for step in range(args.steps):
         ids = torch.randint(0, 256, (args.batch, args.context + 1), generator=data)
         start = time.perf_counter()
@@ -119,11 +122,12 @@ def worker(mode: str, out: str, args) -> None:
         held = held_bytes(model, optimizer)  # gradients still there: the steady state's high point
         optimizer.zero_grad()
         sparsifier.step()
-        times.append(time.perf_counter() - start)
+        (updates if sparsifier.is_update_step(sparsifier.step_count) else times).append(time.perf_counter() - start)
     peak = sampler.stop()
     params = sum(p.numel() for p in model.parameters())
     result = {"mode": mode, "rank": rank, "world": world, "params": params, "held": held,
               "peak_rss_above_base": peak - base, "base_rss": base, "step_s": times,
+              "update_step_s": updates, "median_update_s": statistics.median(updates) if updates else None,
               "median_step_s": statistics.median(times[args.warmup:]), "density": sparsifier.density(),
               "updates": sum(1 for row in sparsifier.history[1:])}
     Path(out, f"{mode}_rank{rank}.json").write_text(json.dumps(result))
@@ -152,37 +156,45 @@ def main() -> int:
     if args.worker:
         worker(args.worker, args.tmp, args)
         return 0
-    ranks = {}
+    allocators = {"default": {}, "mmap128k": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
+    ranks: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in ("ddp", "fsdp"):
-            cmd = [*torchrun(), "--standalone", "--nproc_per_node=2", __file__, *sys.argv[1:], "--worker", mode,
-                   "--tmp", tmp]
-            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-            subprocess.run(cmd, check=True, env=env)
-            ranks[mode] = [json.loads(Path(tmp, f"{mode}_rank{r}.json").read_text()) for r in (0, 1)]
+        for alloc, alloc_env in allocators.items():
+            for mode in ("ddp", "fsdp"):
+                cmd = [*torchrun(), "--standalone", "--nproc_per_node=2", __file__, *sys.argv[1:], "--worker", mode,
+                       "--tmp", tmp]
+                env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), **alloc_env}
+                subprocess.run(cmd, check=True, env=env)
+                ranks[f"{alloc}/{mode}"] = [json.loads(Path(tmp, f"{mode}_rank{r}.json").read_text()) for r in (0, 1)]
     mib = 2 ** 20
     rows = []
-    for r in (0, 1):
-        d, f = ranks["ddp"][r], ranks["fsdp"][r]
-        rows.append({"rank": r, "ddp_held_mib": d["held"]["total"] / mib, "fsdp_held_mib": f["held"]["total"] / mib,
-                     "held_ratio": f["held"]["total"] / d["held"]["total"],
-                     "ddp_peak_mib": d["peak_rss_above_base"] / mib, "fsdp_peak_mib": f["peak_rss_above_base"] / mib,
-                     "peak_ratio": f["peak_rss_above_base"] / d["peak_rss_above_base"],
-                     "ddp_step_ms": d["median_step_s"] * 1e3, "fsdp_step_ms": f["median_step_s"] * 1e3,
-                     "step_ratio": f["median_step_s"] / d["median_step_s"]})
+    for alloc in allocators:
+        for r in (0, 1):
+            d, f = ranks[f"{alloc}/ddp"][r], ranks[f"{alloc}/fsdp"][r]
+            rows.append({"malloc": alloc, "rank": r, "ddp_held_mib": d["held"]["total"] / mib,
+                         "fsdp_held_mib": f["held"]["total"] / mib, "held_ratio": f["held"]["total"] / d["held"]["total"],
+                         "ddp_peak_mib": d["peak_rss_above_base"] / mib, "fsdp_peak_mib": f["peak_rss_above_base"] / mib,
+                         "peak_ratio": f["peak_rss_above_base"] / d["peak_rss_above_base"],
+                         "ddp_step_ms": d["median_step_s"] * 1e3, "fsdp_step_ms": f["median_step_s"] * 1e3,
+                         "step_ratio": f["median_step_s"] / d["median_step_s"],
+                         "ddp_update_ms": (d["median_update_s"] or 0) * 1e3,
+                         "fsdp_update_ms": (f["median_update_s"] or 0) * 1e3})
     command = "python benchmarks/bench_fsdp.py " + " ".join(sys.argv[1:])
+    first = ranks["default/ddp"][0]
     lines = [f"# {command}", f"# {platform.node()} {platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} cores, torch {torch.__version__}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-             f"# GPT {args.layers} layers x {args.width}, {ranks['ddp'][0]['params'] / 1e6:.1f}M parameters, RigL 90% "
-             f"(every {args.every}), AdamW, batch {args.batch}x{args.context} per rank, {args.steps} steps, "
-             f"2 gloo ranks, {args.threads} thread(s) each",
-             "| rank | held DDP MiB | held FSDP2 MiB | FSDP2/DDP | peak RSS DDP MiB | peak RSS FSDP2 MiB | FSDP2/DDP "
-             "| step DDP ms | step FSDP2 ms | FSDP2/DDP |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"# GPT {args.layers} layers x {args.width}, {first['params'] / 1e6:.1f}M parameters, RigL 90% "
+             f"(every {args.every}), AdamW, batch {args.batch}x{args.context} per rank, {args.steps} steps "
+             f"({args.warmup} warm-up), 2 gloo ranks, {args.threads} thread(s) each; held = parameters + gradients + "
+             "optimizer state + masks on the rank; peak = peak RSS above the RSS before the model was built",
+             "| malloc | rank | held DDP MiB | held FSDP2 MiB | FSDP2/DDP | peak DDP MiB | peak FSDP2 MiB | FSDP2/DDP "
+             "| step DDP ms | step FSDP2 ms | FSDP2/DDP | update step DDP / FSDP2 ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| {row['rank']} | {row['ddp_held_mib']:.1f} | {row['fsdp_held_mib']:.1f} | {row['held_ratio']:.2f} "
-                     f"| {row['ddp_peak_mib']:.1f} | {row['fsdp_peak_mib']:.1f} | {row['peak_ratio']:.2f} "
-                     f"| {row['ddp_step_ms']:.0f} | {row['fsdp_step_ms']:.0f} | {row['step_ratio']:.2f} |")
+        lines.append(f"| {row['malloc']} | {row['rank']} | {row['ddp_held_mib']:.1f} | {row['fsdp_held_mib']:.1f} "
+                     f"| {row['held_ratio']:.2f} | {row['ddp_peak_mib']:.1f} | {row['fsdp_peak_mib']:.1f} "
+                     f"| {row['peak_ratio']:.2f} | {row['ddp_step_ms']:.0f} | {row['fsdp_step_ms']:.0f} "
+                     f"| {row['step_ratio']:.2f} | {row['ddp_update_ms']:.0f} / {row['fsdp_update_ms']:.0f} |")
     text = "\n".join(lines)
     print(text)
     out = Path(args.out)

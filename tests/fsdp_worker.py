@@ -21,12 +21,17 @@ from sparsetorch.core.distributed import full, is_sharded
 from ddp_worker import _build, METHOD_KWARGS, global_batch, make_model
 
 METHODS = ["GMP", "RigL", "SET", "Static", "SRigL"]
+# GMP's other masks under FSDP2: N:M (per group, gathered layer by layer) and blocks ranked globally
+PATTERNS = {"GMP_2:4": dict(sparsity=None, pattern="2:4", start=1, end=8, every=2),
+            "GMP_block": dict(sparsity=0.8, pattern="block:4x4", start=1, end=8, every=2)}
 RESUME_AT = 3
 
 
 def build(method: str):
     from sparsetorch import sparsifiers
 
+    if method in PATTERNS:
+        return sparsifiers.GMP(**PATTERNS[method])
     return _build(getattr(sparsifiers, method), METHOD_KWARGS[method], torch.Generator().manual_seed(7))
 
 
@@ -179,6 +184,9 @@ def main(out_dir: str, steps: int) -> None:
             _, sparsifier, snaps = run_method(method, steps, rank, world, wrap)
             report[f"{wrap}/{method}"] = sparsifier.history
             tensors.update({f"{wrap}/{method}/{i}/{k}": v for i, snap in enumerate(snaps) for k, v in snap.items()})
+    for method in PATTERNS:
+        _, sparsifier, snaps = run_method(method, steps, rank, world, "fsdp")
+        tensors.update({f"fsdp/{method}/{i}/{k}": v for i, snap in enumerate(snaps) for k, v in snap.items()})
     _, sparsifier, snaps = run_method("RigL", steps, rank, world, "fsdp", "adamw")
     tensors.update({f"fsdp/RigL_adamw/{i}/{k}": v for i, snap in enumerate(snaps) for k, v in snap.items()})
     _, sparsifier, snaps = run_method("RigL", steps, rank, world, "fsdp", micro=2)

@@ -63,6 +63,14 @@ def test_fsdp_equals_ddp_and_a_single_process_after_every_step(ranks, method):
         assert any(row["moved"] > 0 for row in single.history[1:])
 
 
+@pytest.mark.parametrize("variant", list(fsdp_worker.PATTERNS))
+def test_gmp_patterns_under_fsdp(ranks, variant):
+    _, _, tensors = ranks
+    _, single, snaps = fsdp_worker.run_method(variant, STEPS, 0, 1, "none")
+    assert any(row["moved"] > 0 for row in single.history[1:])
+    assert_same_run(steps_of(tensors, f"fsdp/{variant}"), snaps, f"{variant}: FSDP2 vs one process")
+
+
 def test_rigl_with_adamw_state_sharded(ranks):
     """AdamW's moments are DTensors under FSDP2: zeroed on their shards when masks move."""
     _, _, tensors = ranks
