@@ -137,3 +137,19 @@ def test_compile_under_fsdp_does_not_recompile_on_mask_updates(ranks):
         result = report["compile"]
         assert result["zero"] and any(m > 0 for m in result["moved"][1:])
         assert result["unique_graphs"] <= 1
+
+
+def test_dcp_checkpoint_that_does_not_fit_is_refused_before_anything_changes(ranks):
+    from sparsetorch.integrations import load_distributed_state
+    from sparsetorch.models import MLP
+
+    out, _, _ = ranks
+    for model, sparsifier in [(MLP((12, 20, 16, 3)), fsdp_worker.build("RigL")),   # another width
+                              (fsdp_worker.make_model(), sparsetorch.sparsifiers.RigL(include=["fc1"]))]:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(sparsetorch.SparsityError, match="does not fit the model|does not match the layers"):
+            load_distributed_state(model, out / "ckpt", sparsifier=sparsifier)
+        assert sparsifier.model is None and not list(sparsetorch.iter_masks(model))
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(sparsetorch.SparsityError, match="no complete DCP checkpoint"):
+        load_distributed_state(fsdp_worker.make_model(), out / "missing")

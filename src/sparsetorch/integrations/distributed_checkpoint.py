@@ -86,8 +86,10 @@ def load_distributed_state(model: nn.Module, path: str | os.PathLike, optimizer:
     body = json.loads(bytes(header.tolist()).decode())
     if optimizer is not None and not any(k.startswith("optimizer.") for k in saved):
         raise SparsityError(f"{folder} holds no optimizer state; it was saved without one")
+    _check_model_fits(saved, _model_state(model, None)["model"], folder)
     if sparsifier is not None:
         _check_sparsifier_saved(body, folder)
+        _check_masks_fit(saved, model, sparsifier, folder)  # before attaching, which zeroes weights
         if sparsifier.model is None:
             sparsifier.attach(unwrap_model(model), optimizer)
     state = _model_state(model, optimizer)
@@ -135,6 +137,34 @@ def _tensor_slots(saved: dict[str, Any], sparsifier: Any) -> dict[str, torch.Ten
         else:
             slots[key] = torch.empty(tuple(size), dtype=meta.properties.dtype)
     return slots
+
+
+def _check_model_fits(saved: dict[str, Any], model_state: dict[str, Any], folder: Path) -> None:
+    """Every model tensor in the checkpoint with the model's (global) shape, before anything is loaded."""
+    wrong = []
+    for fqn, value in model_state.items():
+        meta = saved.get(f"model.{fqn}")
+        if meta is None or tuple(getattr(meta, "size", ())) != tuple(value.shape):
+            wrong.append(f"{fqn}: checkpoint {None if meta is None else tuple(meta.size)}, model {tuple(value.shape)}")
+    if wrong:
+        raise SparsityError(f"{folder} does not fit the model ({len(wrong)} tensors: {'; '.join(wrong[:3])}); build "
+                            "the model as for the saved run", mismatched=len(wrong))
+
+
+def _check_masks_fit(saved: dict[str, Any], model: nn.Module, sparsifier: Any, folder: Path) -> None:
+    from ..core.layer_selection import select_targets
+
+    targets = sparsifier.targets if sparsifier.model is not None else \
+        select_targets(unwrap_model(model), sparsifier.include, sparsifier.exclude)
+    prefix = f"{_TENSORS}./sparsifier/masks/"
+    have = {k[len(prefix):]: tuple(v.size) for k, v in saved.items() if k.startswith(prefix)}
+    want = {t.qualified_name: tuple(t.param.shape) for t in targets}
+    if have != want:
+        raise SparsityError(
+            f"the sparsifier state in {folder} does not match the layers it would prune: missing "
+            f"{sorted(set(want) - set(have))[:5]}, unexpected {sorted(set(have) - set(want))[:5]}, other shape "
+            f"{sorted(k for k in set(want) & set(have) if want[k] != have[k])[:5]}; create the sparsifier with the "
+            "saved run's include/exclude")
 
 
 def _check_sparsifier_saved(body: Any, folder: Path) -> None:
