@@ -25,6 +25,7 @@ METHODS = ["GMP", "RigL", "SET", "Static", "SRigL"]
 PATTERNS = {"GMP_2:4": dict(sparsity=None, pattern="2:4", start=1, end=8, every=2),
             "GMP_block": dict(sparsity=0.8, pattern="block:4x4", start=1, end=8, every=2)}
 RESUME_AT = 3
+ONESHOT = ["before", "after", "zeros"]
 
 
 def build(method: str):
@@ -103,16 +104,25 @@ def run_method(method: str, steps: int, rank: int, world: int, wrap: str, optimi
 
 def run_oneshot(steps: int, rank: int, world: int, when: str):
     """sparsetorch.prune (global magnitude, 70%) before or after fully_shard, then plain training: the masks
-    stay where prune put them and pruned weights stay zero."""
+    stay where prune put them and pruned weights stay zero. ``"zeros"``: a pruned checkpoint (zeros in place,
+    no masks) sharded, its masks derived from the zeros of the sharded weights and kept by ``Static``."""
+    from sparsetorch.core.layer_selection import select_targets
+
     model = make_model()
-    if when == "before":
+    if when in ("before", "zeros"):
         sparsetorch.prune(model, 0.7)
+    if when == "zeros":
+        sparsetorch.remove_masks(model)
     if world > 1:
         shard(model)
     if when == "after":
         sparsetorch.prune(model, 0.7)
     optimizer = make_optimizer(model)
-    snaps = [snapshot(model)] + train(model, optimizer, None, range(steps), rank, world)
+    sparsifier = None
+    if when == "zeros":
+        zeros = {t.qualified_name: t.param.detach() != 0 for t in select_targets(model)}
+        sparsifier = sparsetorch.Static(masks=zeros).attach(model, optimizer)
+    snaps = [snapshot(model)] + train(model, optimizer, sparsifier, range(steps), rank, world)
     sharded = all(is_sharded(item.mask) for item in sparsetorch.iter_masks(model))
     return snaps, sharded
 
@@ -191,7 +201,7 @@ def main(out_dir: str, steps: int) -> None:
     tensors.update({f"fsdp/RigL_adamw/{i}/{k}": v for i, snap in enumerate(snaps) for k, v in snap.items()})
     _, sparsifier, snaps = run_method("RigL", steps, rank, world, "fsdp", micro=2)
     tensors.update({f"fsdp/RigL_micro/{i}/{k}": v for i, snap in enumerate(snaps) for k, v in snap.items()})
-    for when in ("before", "after"):
+    for when in ONESHOT:
         snaps, sharded = run_oneshot(steps, rank, world, when)
         report[f"oneshot_{when}_sharded"] = sharded
         tensors.update({f"oneshot_{when}/{i}/{k}": v for i, snap in enumerate(snaps) for k, v in snap.items()})

@@ -87,10 +87,11 @@ def test_rigl_gradient_accumulation_under_fsdp(ranks):
     assert_same_run(steps_of(tensors, "fsdp/RigL_micro"), snaps, "RigL, 2 micro-batches: FSDP2 vs one process")
 
 
-@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("when", fsdp_worker.ONESHOT)
 def test_oneshot_masks_under_fsdp(ranks, when):
     """sparsetorch.prune before fully_shard (masks sharded at the first optimizer step) or after it (global
-    magnitude ranked by the distributed threshold): the single process's masks, kept through training."""
+    magnitude ranked by the distributed threshold), or masks derived from a pruned model's zeros on the
+    sharded weights: the single process's masks, kept through training."""
     _, reports, tensors = ranks
     snaps, _ = fsdp_worker.run_oneshot(STEPS, 0, 1, when)
     assert_same_run(steps_of(tensors, f"oneshot_{when}"), snaps, f"prune {when} fully_shard")
@@ -145,7 +146,7 @@ def test_dcp_checkpoint_that_does_not_fit_is_refused_before_anything_changes(ran
 
     out, _, _ = ranks
     for model, sparsifier in [(MLP((12, 20, 16, 3)), fsdp_worker.build("RigL")),   # another width
-                              (fsdp_worker.make_model(), sparsetorch.sparsifiers.RigL(include=["fc1"]))]:
+                              (fsdp_worker.make_model(), sparsetorch.RigL(include=["fc1"]))]:
         before = {k: v.clone() for k, v in model.state_dict().items()}
         with pytest.raises(sparsetorch.SparsityError, match="does not fit the model|does not match the layers"):
             load_distributed_state(model, out / "ckpt", sparsifier=sparsifier)
