@@ -161,6 +161,26 @@ def attach_before_wrap_error(rank: int, world: int) -> str:
     return ""
 
 
+def refusals(tmp: str) -> list[str]:
+    """What FSDP2 does not support says so: LotteryTicket, the one-file safetensors checkpoints."""
+    from sparsetorch.integrations import save_sparsifier_state, save_training_state
+    from sparsetorch.sparsifiers import LotteryTicket
+
+    model = shard(make_model())
+    optimizer = make_optimizer(model)
+    sparsifier = build("RigL").attach(model, optimizer)
+    messages = []
+    for attempt in (lambda: LotteryTicket(sparsity=0.8).attach(model, optimizer),
+                    lambda: save_training_state(model, os.path.join(tmp, "state"), optimizer, sparsifier),
+                    lambda: save_sparsifier_state(os.path.join(tmp, "sparsifier.safetensors"), sparsifier)):
+        try:
+            attempt()
+            messages.append("")
+        except sparsetorch.SparsityError as error:
+            messages.append(str(error))
+    return messages
+
+
 def check_compile(rank: int, world: int) -> dict:
     """torch.compile over an FSDP2 model with RigL moving masks: one graph, pruned weights and gradients zero."""
     from torch._dynamo.utils import counters
@@ -206,6 +226,7 @@ def main(out_dir: str, steps: int) -> None:
         report[f"oneshot_{when}_sharded"] = sharded
         tensors.update({f"oneshot_{when}/{i}/{k}": v for i, snap in enumerate(snaps) for k, v in snap.items()})
     report["attach_before_wrap"] = attach_before_wrap_error(rank, world)
+    report["refusals"] = refusals(os.path.join(out_dir, f"refused{rank}"))
     folder = os.path.join(out_dir, "ckpt")
     report["resume_bitwise"] = check_resume(steps, rank, world, folder)
     if os.environ.get("FSDP_TEST_COMPILE") == "1":

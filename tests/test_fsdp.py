@@ -105,6 +105,15 @@ def test_a_sparsifier_attached_before_fully_shard_is_a_clear_error(ranks):
         assert "after fully_shard" in report["attach_before_wrap"]
 
 
+def test_what_fsdp2_does_not_support_is_a_clear_error(ranks):
+    out, reports, _ = ranks
+    for rank, report in enumerate(reports):
+        lottery, training_state, sparsifier_state = report["refusals"]
+        assert "FSDP2" in lottery and "DDP" in lottery
+        assert "save_distributed_state" in training_state and "save_distributed_state" in sparsifier_state
+        assert not (out / f"refused{rank}").exists()  # nothing written
+
+
 def test_dcp_resume_is_bitwise_on_the_same_world_size(ranks):
     _, reports, _ = ranks
     assert reports[0]["resume_bitwise"] and reports[1]["resume_bitwise"]

@@ -21,6 +21,7 @@ wrapping shards them (``shard_masks``), masking that step's gradients first.
 """
 from __future__ import annotations
 
+import sys
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -287,6 +288,8 @@ def _install_global_hook() -> None:
 def _before_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     """Shard masks attached before ``fully_shard`` (their parameters are DTensors now), masking this step's
     gradients, which no hook masked."""
+    if "torch.distributed.tensor" not in sys.modules:  # no DTensor can exist: nothing to shard
+        return
     if any(_needs_sharding(m) for m in list(_MASKED)):
         shard_masks(*[m for m in list(_MASKED) if _needs_sharding(m)])
 

@@ -256,7 +256,11 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, state: Any, folder: 
 
 def save_sparsifier_state(path: str | os.PathLike, sparsifier: Any) -> Path:
     """Write only ``sparsifier.state_dict()`` (one safetensors file), e.g. next to a framework checkpoint."""
-    return _write(Path(path), {"sparsifier": sparsifier.state_dict()}, {})
+    state = sparsifier.state_dict()
+    if any(is_sharded(m) for m in state.get("masks", {}).values()):
+        raise SparsityError("the sparsifier's masks are sharded by FSDP2 (fully_shard); one safetensors file holds "
+                            "whole tensors: use sparsetorch.integrations.save_distributed_state, which every rank calls")
+    return _write(Path(path), {"sparsifier": state}, {})
 
 
 def load_sparsifier_state(path: str | os.PathLike) -> dict[str, Any]:
