@@ -12,7 +12,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "is_sharded", "full", "local", "shard_like", "global_sum", "broadcast_from_rank0"]
+__all__ = ["is_distributed", "is_sharded", "full", "local", "shard_like", "global_sum", "broadcast_from_rank0",
+           "all_reduce_small"]
 
 
 def is_distributed() -> bool:
@@ -58,3 +59,13 @@ def broadcast_from_rank0(tensor: torch.Tensor) -> torch.Tensor:
         buf = buf.cuda()
     dist.broadcast(buf, src=0)
     return buf.to(device=tensor.device, dtype=tensor.dtype)
+
+
+def all_reduce_small(tensor: torch.Tensor, op: "dist.ReduceOp.RedOpType" = dist.ReduceOp.SUM) -> torch.Tensor:
+    """All-reduce a small CPU tensor (counts, flags) across ranks and return it on the CPU (through the GPU for
+    NCCL, which reduces only CUDA tensors); itself outside a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor
+    buf = tensor.cuda() if dist.get_backend() == "nccl" else tensor
+    dist.all_reduce(buf, op=op)
+    return buf.cpu()

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from . import distributions
 from ..errors import SparsityError, SparsityWarning
-from .distributed import full, is_sharded, local, shard_like
+from .distributed import all_reduce_small, full, is_sharded, local, shard_like
 from .layer_selection import Target
 from .masks import get_mask
 from .patterns import Pattern, check_pattern_fits, pattern_mask, unit_scores
@@ -76,8 +76,7 @@ def _sharded_scores(t: Target, method: str, generator: torch.Generator) -> torch
 
 def _check_finite_sharded(targets: Sequence[Target]) -> None:
     bad = torch.tensor([0 if bool(torch.isfinite(local(t.param.detach())).all()) else 1 for t in targets])
-    if dist.is_initialized():
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    bad = all_reduce_small(bad, dist.ReduceOp.MAX)
     for t, b in zip(targets, bad.tolist()):
         if b:
             raise SparsityError(f"{t.qualified_name} contains NaN or inf; fix the weights (e.g. lower the learning "
@@ -125,9 +124,7 @@ def kth_largest_key(keys: Sequence[torch.Tensor], k: int) -> int:
 
 def _count_at_least(keys: Sequence[torch.Tensor], threshold: int) -> int:
     count = torch.tensor([sum(int((k >= threshold).sum()) for k in keys)], dtype=torch.long)
-    if dist.is_initialized():
-        dist.all_reduce(count)
-    return int(count)
+    return int(all_reduce_small(count))
 
 
 def _counted_part(score: torch.Tensor) -> torch.Tensor:
@@ -153,9 +150,8 @@ def _global_by_threshold(scores: Sequence[torch.Tensor], density: float, floor: 
         if count == 0:
             return [0.0] * len(free)
         t = kth_largest_key([keys[i] for i in free], count)
-        above = torch.tensor([[int((keys[i] > t).sum()), int((keys[i] == t).sum())] for i in free], dtype=torch.long)
-        if dist.is_initialized():
-            dist.all_reduce(above)
+        above = all_reduce_small(torch.tensor([[int((keys[i] > t).sum()), int((keys[i] == t).sum())] for i in free],
+                                              dtype=torch.long))
         left = count - int(above[:, 0].sum())
         out = []
         for gt, eq in above.tolist():
