@@ -25,7 +25,7 @@ METHODS = ["GMP", "RigL", "SET", "Static", "SRigL"]
 PATTERNS = {"GMP_2:4": dict(sparsity=None, pattern="2:4", start=1, end=8, every=2),
             "GMP_block": dict(sparsity=0.8, pattern="block:4x4", start=1, end=8, every=2)}
 RESUME_AT = 3
-ONESHOT = ["before", "after", "zeros"]
+ONESHOT = ["before", "after", "zeros", "before_gmp"]
 
 
 def build(method: str):
@@ -111,6 +111,8 @@ def run_oneshot(steps: int, rank: int, world: int, when: str):
     model = make_model()
     if when in ("before", "zeros"):
         sparsetorch.prune(model, 0.7)
+    if when == "before_gmp":
+        sparsetorch.prune(model, 0.5)
     if when == "zeros":
         sparsetorch.remove_masks(model)
     if world > 1:
@@ -122,6 +124,8 @@ def run_oneshot(steps: int, rank: int, world: int, when: str):
     if when == "zeros":
         zeros = {t.qualified_name: t.param.detach() != 0 for t in select_targets(model)}
         sparsifier = sparsetorch.Static(masks=zeros).attach(model, optimizer)
+    if when == "before_gmp":  # GMP prunes on from the one-shot masks at once (their full masks meet DTensors)
+        sparsifier = sparsetorch.GMP(sparsity=0.8, initial_sparsity=0.6, start=0, end=6, every=2).attach(model, optimizer)
     snaps = [snapshot(model)] + train(model, optimizer, sparsifier, range(steps), rank, world)
     sharded = all(is_sharded(item.mask) for item in sparsetorch.iter_masks(model))
     return snaps, sharded

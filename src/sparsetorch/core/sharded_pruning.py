@@ -20,7 +20,7 @@ from . import distributions
 from ..errors import SparsityError, SparsityWarning
 from .distributed import all_reduce_small, full, is_sharded, local, shard_like
 from .layer_selection import Target
-from .masks import get_mask
+from .masks import get_mask, shard_masks
 from .patterns import Pattern, check_pattern_fits, pattern_mask, unit_scores
 from .rng import resolve_generator
 from .scores import SCORES
@@ -47,6 +47,7 @@ def compute_masks_sharded(targets: list[Target], density: float, pat: Pattern, *
     for t in targets:
         check_pattern_fits(t.param.shape, pat, t.qualified_name)
     _check_finite_sharded(targets)
+    shard_masks(*{id(t.module): t.module for t in targets}.values())  # masks set before fully_shard
     generator = resolve_generator(generator)
     # sharded scores, demoted where already pruned (pruning is monotone), as compute_masks does
     scores = [_sharded_scores(t, method, generator) for t in targets]

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import SparsityError
-from ..core.masks import get_mask, remove_masks, set_mask, zero_optimizer_state
+from ..core.masks import get_mask, remove_masks, set_mask, shard_masks, zero_optimizer_state
 from ..core.layer_selection import Spec, Target, select_targets
 from ..core.distributed import broadcast_from_rank0, full, global_sum, is_distributed, is_sharded, local
 
@@ -77,6 +77,8 @@ class Sparsifier:
         self._check_detached()
         targets = select_targets(model, self.include, self.exclude)
         check_in_optimizer(optimizer, targets)
+        if any(is_sharded(t.param) for t in targets):  # masks set before fully_shard become shards first
+            shard_masks(model)
         self.model, self.optimizer, self.targets = model, optimizer, targets
         try:
             masks = self.initial_masks()
