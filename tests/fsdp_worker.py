@@ -128,7 +128,7 @@ def run_oneshot(steps: int, rank: int, world: int, when: str):
         sparsifier = sparsetorch.GMP(sparsity=0.8, initial_sparsity=0.6, start=0, end=6, every=2).attach(model, optimizer)
     snaps = [snapshot(model)] + train(model, optimizer, sparsifier, range(steps), rank, world)
     sharded = all(is_sharded(item.mask) for item in sparsetorch.iter_masks(model))
-    return snaps, sharded
+    return model, snaps, sharded
 
 
 def check_resume(steps: int, rank: int, world: int, folder: str) -> bool:
@@ -226,7 +226,11 @@ def main(out_dir: str, steps: int) -> None:
     _, sparsifier, snaps = run_method("RigL", steps, rank, world, "fsdp", micro=2)
     tensors.update({f"fsdp/RigL_micro/{i}/{k}": v for i, snap in enumerate(snaps) for k, v in snap.items()})
     for when in ONESHOT:
-        snaps, sharded = run_oneshot(steps, rank, world, when)
+        model, snaps, sharded = run_oneshot(steps, rank, world, when)
+        if when == "after":  # fine-tuned without a sparsifier: the checkpoint carries the model's masks
+            from sparsetorch.integrations.distributed_checkpoint import save_distributed_state
+
+            save_distributed_state(model, os.path.join(out_dir, "oneshot_ckpt"))
         report[f"oneshot_{when}_sharded"] = sharded
         tensors.update({f"oneshot_{when}/{i}/{k}": v for i, snap in enumerate(snaps) for k, v in snap.items()})
     report["attach_before_wrap"] = attach_before_wrap_error(rank, world)

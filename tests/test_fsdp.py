@@ -93,7 +93,7 @@ def test_oneshot_masks_under_fsdp(ranks, when):
     magnitude ranked by the distributed threshold), or masks derived from a pruned model's zeros on the
     sharded weights: the single process's masks, kept through training."""
     _, reports, tensors = ranks
-    snaps, _ = fsdp_worker.run_oneshot(STEPS, 0, 1, when)
+    _, snaps, _ = fsdp_worker.run_oneshot(STEPS, 0, 1, when)
     assert_same_run(steps_of(tensors, f"oneshot_{when}"), snaps, f"prune {when} fully_shard")
     assert reports[0][f"oneshot_{when}_sharded"] and reports[1][f"oneshot_{when}_sharded"]
 
@@ -139,6 +139,20 @@ def test_dcp_checkpoint_of_two_ranks_loads_on_one_process(ranks):
         assert not model.state_dict()[item.qualified_name][~item.mask].any()
     on = fsdp_worker.train(model, optimizer, sparsifier, range(fsdp_worker.RESUME_AT, STEPS))
     assert_same_run(on, fsdp[fsdp_worker.RESUME_AT + 1:], "resumed on 1 process vs FSDP2")
+
+
+def test_dcp_checkpoint_without_a_sparsifier_carries_the_masks(ranks):
+    """Fine-tuning one-shot masks under FSDP2 without a sparsifier: the checkpoint restores them on 1 process."""
+    from sparsetorch.integrations import load_distributed_state
+
+    out, _, tensors = ranks
+    final = steps_of(tensors, "oneshot_after")[STEPS]
+    model = fsdp_worker.make_model()
+    assert load_distributed_state(model, out / "oneshot_ckpt") == {}
+    masks = {f"{item.qualified_name}_mask": item.mask for item in sparsetorch.iter_masks(model)}
+    assert masks and masks.keys() == {k for k in final if k.endswith("_mask")}
+    for name, value in fsdp_worker.snapshot(model).items():
+        assert torch.equal(value, final[name]), name
 
 
 def test_compile_under_fsdp_does_not_recompile_on_mask_updates(ranks):

@@ -3,7 +3,8 @@
 ``save_distributed_state(model, folder, optimizer, sparsifier)`` writes one DCP checkpoint: the model and
 optimizer state from ``torch.distributed.checkpoint.state_dict.get_state_dict`` (each rank writes its
 shards), the sparsifier's masks (DTensors under FSDP2: sharded like the weights) and its other tensors
-(generator state), and the sparsifier's plain data (step, history) plus ``extra`` as JSON in a uint8 tensor,
+(generator state), the model's other masks (e.g. from ``sparsetorch.prune``, kept while fine-tuning without
+a sparsifier), and the sparsifier's plain data (step, history) plus ``extra`` as JSON in a uint8 tensor,
 so no value of ours goes through DCP's pickled objects. DCP reshards on load: a checkpoint written by 2
 FSDP2 ranks loads on 1 process into a plain model (zeros in place, masks restored) or on any other world size.
 Resuming on the same world size continues the run bitwise.
@@ -24,12 +25,14 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import SparsityError
+from ..core.masks import iter_masks, set_mask
 from .training_state import decode_state, encode_state, inner_optimizer, unwrap_model
 
 __all__ = ["save_distributed_state", "load_distributed_state"]
 
 _JSON = "sparsetorch_json"
 _TENSORS = "sparsetorch_tensors"
+_MASKS = "sparsetorch_masks"
 _VERSION = 1
 
 
@@ -50,6 +53,7 @@ def save_distributed_state(model: nn.Module, path: str | os.PathLike, optimizer:
     state = _model_state(model, optimizer)
     state[_JSON] = torch.frombuffer(bytearray(json.dumps(body).encode()), dtype=torch.uint8)
     state[_TENSORS] = tensors
+    state[_MASKS] = _other_masks(model, sparsifier)
     partial = folder.with_name(folder.name + ".partial")
     if _rank() == 0 and partial.exists():
         shutil.rmtree(partial)
@@ -87,6 +91,7 @@ def load_distributed_state(model: nn.Module, path: str | os.PathLike, optimizer:
     if optimizer is not None and not any(k.startswith("optimizer.") for k in saved):
         raise SparsityError(f"{folder} holds no optimizer state; it was saved without one")
     _check_model_fits(saved, _model_state(model, None)["model"], folder)
+    masks = _mask_slots(saved, model, folder)
     if sparsifier is not None:
         _check_sparsifier_saved(body, folder)
         _check_masks_fit(saved, model, sparsifier, folder)  # before attaching, which zeroes weights
@@ -94,6 +99,7 @@ def load_distributed_state(model: nn.Module, path: str | os.PathLike, optimizer:
             sparsifier.attach(unwrap_model(model), optimizer)
     state = _model_state(model, optimizer)
     state[_TENSORS] = _tensor_slots(saved, sparsifier)
+    state[_MASKS] = {name: mask for name, (_, _, mask) in masks.items()}
     dcp.load(state, checkpoint_id=str(folder))
     if optimizer is not None:
         set_state_dict(unwrap_model(model), inner_optimizer(optimizer), model_state_dict=state["model"],
@@ -101,6 +107,8 @@ def load_distributed_state(model: nn.Module, path: str | os.PathLike, optimizer:
     else:
         set_model_state_dict(unwrap_model(model), state["model"])
     plain = decode_state(body, state[_TENSORS])
+    for module, name, mask in masks.values():
+        set_mask(module, mask, name)
     if sparsifier is not None:
         sparsifier.load_state_dict(plain["sparsifier"])
     return plain["extra"]
@@ -114,6 +122,35 @@ def _model_state(model: nn.Module, optimizer: Any) -> dict[str, Any]:
         return {"model": get_model_state_dict(model)}
     model_state, optim_state = get_state_dict(model, inner_optimizer(optimizer))
     return {"model": model_state, "optimizer": optim_state}
+
+
+def _other_masks(model: nn.Module, sparsifier: Any) -> dict[str, torch.Tensor]:
+    """The model's masks the sparsifier does not own (its own travel in its state)."""
+    owned = {t.qualified_name for t in sparsifier.targets} if sparsifier is not None else set()
+    return {item.qualified_name: item.mask for item in iter_masks(unwrap_model(model))
+            if item.qualified_name not in owned}
+
+
+def _mask_slots(saved: dict[str, Any], model: nn.Module, folder: Path) -> dict[str, tuple]:
+    """``{qualified name: (module, parameter name, slot)}`` for the saved model masks, each slot placed like its
+    parameter (a DTensor shard under FSDP2); checked before anything is loaded."""
+    prefix = _MASKS + "."
+    slots = {}
+    for fqn, meta in saved.items():
+        if not fqn.startswith(prefix):
+            continue
+        qualified = fqn[len(prefix):]
+        path, _, name = qualified.rpartition(".")
+        try:
+            module = unwrap_model(model).get_submodule(path)
+        except AttributeError:
+            module = None
+        param = getattr(module, name, None)
+        if not isinstance(param, nn.Parameter) or tuple(param.shape) != tuple(meta.size):
+            raise SparsityError(f"{folder} holds a mask for {qualified} of shape {tuple(meta.size)}, which the model "
+                                "has no parameter to match; build the model as for the saved run")
+        slots[qualified] = (module, name, torch.zeros_like(param, dtype=torch.bool))
+    return slots
 
 
 def _tensor_slots(saved: dict[str, Any], sparsifier: Any) -> dict[str, torch.Tensor]:
