@@ -3,20 +3,27 @@
 
 Every collective here works on any backend: gloo reduces CPU tensors, NCCL only CUDA tensors, so each
 tensor travels on ``collective_device`` and is copied back in place (a no-op when it already lives there).
+
+Under FSDP2 (``torch.distributed.fsdp.fully_shard``) a parameter is a ``DTensor`` sharded on dim 0; its
+mask is a bool ``DTensor`` with the same mesh and placements, so every elementwise op between the two
+runs on the local shards without communication. ``torch.distributed.tensor`` is looked up lazily: if no
+one imported it, no DTensor can exist, and ``import sparsetorch`` stays light.
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 
 __all__ = ["is_distributed", "rank_and_world", "collective_device", "all_reduce_sum", "any_rank", "fingerprint",
-           "disagreeing", "agree_with_rank0"]
+           "disagreeing", "agree_with_rank0", "is_sharded", "full", "local", "shard_like", "global_sum",
+           "broadcast_from_rank0", "all_reduce_small"]
 
 
 def is_distributed() -> bool:
-    """True inside a torch.distributed run of more than one process (DDP): ranks must agree."""
+    """True inside a torch.distributed run of more than one process (DDP, FSDP): ranks must agree."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -121,3 +128,52 @@ def agree_with_rank0(tensors: Sequence[torch.Tensor]) -> list[int]:
         if buf is not tensors[i]:
             tensors[i].copy_(buf)
     return differ
+
+
+def is_sharded(tensor: object) -> bool:
+    """True for a ``DTensor`` (an FSDP2 parameter, its gradient, optimizer state or mask)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on every rank (an all-gather for a DTensor; the tensor itself otherwise)."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view that writes through); the tensor itself otherwise."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``whole`` (the same on every rank) as a DTensor placed like ``like``, without communication: each rank
+    keeps its own chunk."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(whole.to(local(like).device), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def global_sum(tensor: torch.Tensor) -> int:
+    """Sum of all entries of ``tensor`` over every shard (a Partial-sum reduction for a DTensor)."""
+    if not is_sharded(tensor):
+        return int(tensor.sum())
+    return int(tensor.sum().full_tensor())
+
+
+def broadcast_from_rank0(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as rank 0 has it (bool sent as uint8; on the GPU for NCCL)."""
+    buf = _on_device(tensor)
+    buf = buf.clone() if buf is tensor else buf
+    dist.broadcast(buf, src=0)
+    return buf.to(device=tensor.device, dtype=tensor.dtype)
+
+
+def all_reduce_small(tensor: torch.Tensor, op: "dist.ReduceOp.RedOpType" = dist.ReduceOp.SUM) -> torch.Tensor:
+    """All-reduce a small CPU tensor (counts, flags) across ranks and return it on the CPU (through the GPU for
+    NCCL, which reduces only CUDA tensors); itself outside a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor
+    buf = _on_device(tensor)
+    dist.all_reduce(buf, op=op)
+    return buf.cpu()

@@ -6,13 +6,13 @@ layer such that ``sum(d_l * n_l) ~= density * sum(n_l)`` and every ``d_l`` lies 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from ..errors import SparsityError, check_sparsity
 
-__all__ = ["uniform", "er", "erk", "global_densities", "layer_densities", "DISTRIBUTIONS"]
+__all__ = ["uniform", "er", "erk", "global_densities", "densities_with_floor", "layer_densities", "DISTRIBUTIONS"]
 
 Shape = Sequence[int]
 
@@ -64,17 +64,24 @@ def global_densities(
     Any layer left below ``min_density`` is raised to it and the remaining budget is ranked
     again over the other layers, so global pruning never wipes out a layer.
     """
-    sizes = [float(s.sum()) for s in unit_sizes]
+    def kept(free: list[int], budget: float) -> list[float]:
+        return _global_kept([unit_scores[i] for i in free], [unit_sizes[i] for i in free], budget)
+
+    return densities_with_floor([float(s.sum()) for s in unit_sizes], kept, density, min_density)
+
+
+def densities_with_floor(sizes: Sequence[float], kept: Callable[[list[int], float], list[float]], density: float,
+                         min_density: float = 0.0) -> list[float]:
+    """``global_densities``' budget loop over any ranking: ``kept(free layers, budget)`` says how many weights
+    of each free layer the global ranking keeps within ``budget``; layers below ``min_density`` are fixed at it
+    and the rest ranked again. (Sharded layers under FSDP2 rank by a distributed threshold instead.)"""
     total = sum(sizes)
     fixed: dict[int, float] = {}
     while True:
         free = [i for i in range(len(sizes)) if i not in fixed]
         budget = density * total - sum(fixed[i] * sizes[i] for i in fixed)
-        kept = _global_kept(
-            [unit_scores[i] for i in free], [unit_sizes[i] for i in free], max(budget, 0.0)
-        )
         out = dict(fixed)
-        out.update({i: k / sizes[i] for i, k in zip(free, kept)})
+        out.update({i: k / sizes[i] for i, k in zip(free, kept(free, max(budget, 0.0)))})
         low = [i for i in free if out[i] < min_density]
         if not low:
             return [out[i] for i in range(len(sizes))]

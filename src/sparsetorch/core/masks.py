@@ -11,9 +11,17 @@ place). Pruned weights stay zero through training by two cheap mechanisms:
 
 Both read the *current* buffer, so sparsifiers change masks by writing the buffer through
 ``set_mask`` and nothing needs re-registering.
+
+Under FSDP2 (``fully_shard``) the parameter is a DTensor sharded on dim 0 and its mask is a bool DTensor
+with the same mesh and placements: each rank holds only its shard. FSDP2 assigns the reduce-scattered
+gradient to the sharded parameter without autograd (a tensor hook on it never fires), then runs its
+post-accumulate-grad hooks, so that is where a sharded gradient is masked. Masks attached before
+``fully_shard`` (e.g. by ``sparsetorch.prune``) stay full plain tensors; the first optimizer step after
+wrapping shards them (``shard_masks``), masking that step's gradients first.
 """
 from __future__ import annotations
 
+import sys
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,10 +31,11 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import SparsityError
+from .distributed import is_sharded, local, shard_like
 from .layer_selection import Target
 
 __all__ = ["set_mask", "get_mask", "has_mask", "iter_masks", "remove_masks", "remove_mask", "MaskedParam", "apply_masks",
-           "set_input_order", "get_input_order"]
+           "set_input_order", "get_input_order", "shard_masks"]
 
 _SUFFIX = "_mask"
 _ORDER_SUFFIX = "_input_order"
@@ -49,6 +58,9 @@ _REGISTRY: "WeakIdKeyDictionary[nn.Parameter, _Entry]" = WeakIdKeyDictionary()
 # optimizer -> {parameter: mask version whose pruned state it has already zeroed}
 _SEEN: "weakref.WeakKeyDictionary[torch.optim.Optimizer, weakref.WeakKeyDictionary]" = weakref.WeakKeyDictionary()
 _GLOBAL_HOOK: torch.utils.hooks.RemovableHandle | None = None
+_GLOBAL_PRE_HOOK: torch.utils.hooks.RemovableHandle | None = None
+# modules holding a mask, to find masks attached before fully_shard replaced their parameters
+_MASKED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 @dataclass(frozen=True)
@@ -72,14 +84,16 @@ def set_mask(module: nn.Module, mask: torch.Tensor, name: str = "weight") -> tor
             f"mask shape {tuple(mask.shape)} does not match {name} shape {tuple(param.shape)}",
             mask_shape=tuple(mask.shape), param_shape=tuple(param.shape),
         )
-    mask = mask.to(device=param.device, dtype=torch.bool)
+    mask = _placed_like(mask, param, name)
     buffer_name = name + _SUFFIX
-    if buffer_name in module._buffers and module._buffers[buffer_name] is not None:
-        module._buffers[buffer_name].copy_(mask)
+    old = module._buffers.get(buffer_name)
+    if old is not None and is_sharded(old) == is_sharded(mask):
+        local(old).copy_(local(mask))
     else:
+        module._buffers.pop(buffer_name, None)
         module.register_buffer(buffer_name, mask.clone(), persistent=False)
     with torch.no_grad():
-        param.mul_(module._buffers[buffer_name])
+        local(param).mul_(local(module._buffers[buffer_name]))
     entry = _REGISTRY.get(param)
     if entry is None:
         _register(module, name, param)
@@ -88,10 +102,29 @@ def set_mask(module: nn.Module, mask: torch.Tensor, name: str = "weight") -> tor
     return module._buffers[buffer_name]
 
 
+def _placed_like(mask: torch.Tensor, param: torch.Tensor, name: str) -> torch.Tensor:
+    """``mask`` as a bool tensor placed like ``param``: on its device, or sharded like a DTensor parameter."""
+    if not is_sharded(param):
+        if is_sharded(mask):
+            raise SparsityError(f"the mask of {name} is a DTensor but the parameter is not; pass mask.full_tensor()",
+                                parameter=name)
+        return mask.to(device=param.device, dtype=torch.bool)
+    if not is_sharded(mask):
+        return shard_like(mask.to(torch.bool), param)
+    if mask.device_mesh != param.device_mesh or tuple(mask.placements) != tuple(param.placements):
+        raise SparsityError(
+            f"the mask of {name} is placed {tuple(mask.placements)} on {mask.device_mesh}, the parameter "
+            f"{tuple(param.placements)} on {param.device_mesh}; pass the full mask (mask.full_tensor()) instead",
+            parameter=name,
+        )
+    return mask.to(torch.bool)
+
+
 def _register(module: nn.Module, name: str, param: nn.Parameter) -> None:
     _install_global_hook()
-    hook = param.register_hook(_grad_masker(module, name + _SUFFIX)) if param.requires_grad else None
+    hook = _grad_hook(module, name, param) if param.requires_grad else None
     _REGISTRY[param] = _Entry(weakref.ref(module), name, 1, hook)
+    _MASKED.add(module)
     if not getattr(module, "_sparsetorch_mask_hook", False):
         module.register_forward_pre_hook(_register_copies)
         module._sparsetorch_mask_hook = True
@@ -109,7 +142,9 @@ def _register_copies(module: nn.Module, _args) -> None:
         param = module._parameters.get(buffer_name[: -len(_SUFFIX)])
         entry = None if param is None else _REGISTRY.get(param)
         if entry is not None and entry.hook is None and param.requires_grad:  # masked while frozen, now unfrozen
-            entry.hook = param.register_hook(_grad_masker(module, buffer_name))
+            entry.hook = _grad_hook(module, buffer_name[: -len(_SUFFIX)], param)
+        if param is not None and not is_sharded(param) and (is_sharded(mask) or _has_sharded_entry(module)):
+            continue  # FSDP2's unsharded view of a sharded parameter, live only during forward/backward
         if param is not None and entry is None:
             if tuple(param.shape) != tuple(mask.shape):
                 raise SparsityError(
@@ -123,13 +158,39 @@ def _register_copies(module: nn.Module, _args) -> None:
             _register(module, buffer_name[: -len(_SUFFIX)], param)
 
 
+def _has_sharded_entry(module: nn.Module) -> bool:
+    return getattr(module, "_sparsetorch_sharded", False)
+
+
+def _grad_hook(module: nn.Module, name: str, param: nn.Parameter) -> torch.utils.hooks.RemovableHandle:
+    """Mask ``param``'s gradient: a tensor hook, or for an FSDP2 parameter a post-accumulate-grad hook (FSDP2
+    calls those after writing the reduce-scattered shard into ``param.grad``)."""
+    if is_sharded(param):
+        module._sparsetorch_sharded = True
+        return param.register_post_accumulate_grad_hook(_sharded_grad_masker(module, name + _SUFFIX))
+    return param.register_hook(_grad_masker(module, name + _SUFFIX))
+
+
 def _grad_masker(module: nn.Module, buffer_name: str):
     ref = weakref.ref(module)
 
     def hook(grad: torch.Tensor) -> torch.Tensor:
         owner = ref()
         mask = None if owner is None else owner._buffers.get(buffer_name)
-        return grad if mask is None else grad * mask
+        return grad if mask is None or is_sharded(mask) else grad * mask
+
+    return hook
+
+
+def _sharded_grad_masker(module: nn.Module, buffer_name: str):
+    ref = weakref.ref(module)
+
+    @torch.no_grad()
+    def hook(param: torch.Tensor) -> None:
+        owner = ref()
+        mask = None if owner is None else owner._buffers.get(buffer_name)
+        if mask is not None and param.grad is not None and is_sharded(mask):
+            local(param.grad).mul_(local(mask))
 
     return hook
 
@@ -188,7 +249,7 @@ def iter_masks(model: nn.Module) -> Iterator[MaskedParam]:
 def apply_masks(model: nn.Module) -> None:
     """Zero every pruned weight of ``model`` (e.g. after loading dense weights into it)."""
     for item in iter_masks(model):
-        item.param.mul_(item.mask)
+        local(item.param).mul_(local(item.mask))
 
 
 def remove_masks(model: nn.Module) -> None:
@@ -216,11 +277,47 @@ def remove_mask(module: nn.Module, name: str = "weight") -> None:
 
 
 def _install_global_hook() -> None:
-    global _GLOBAL_HOOK
+    global _GLOBAL_HOOK, _GLOBAL_PRE_HOOK
     if _GLOBAL_HOOK is None:
-        from torch.optim.optimizer import register_optimizer_step_post_hook
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
         _GLOBAL_HOOK = register_optimizer_step_post_hook(_after_optimizer_step)
+        _GLOBAL_PRE_HOOK = register_optimizer_step_pre_hook(_before_optimizer_step)
+
+
+def _before_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """Shard masks attached before ``fully_shard`` (their parameters are DTensors now), masking this step's
+    gradients, which no hook masked."""
+    if "torch.distributed.tensor" not in sys.modules:  # no DTensor can exist: nothing to shard
+        return
+    if any(_needs_sharding(m) for m in list(_MASKED)):
+        shard_masks(*[m for m in list(_MASKED) if _needs_sharding(m)])
+
+
+def _needs_sharding(module: nn.Module) -> bool:
+    return any(mask is not None and name.endswith(_SUFFIX) and not is_sharded(mask)
+               and is_sharded(module._parameters.get(name[: -len(_SUFFIX)]))
+               for name, mask in module._buffers.items())
+
+
+@torch.no_grad()
+def shard_masks(*modules: nn.Module) -> None:
+    """Shard every full mask whose parameter ``fully_shard`` made a DTensor (masks attached before wrapping,
+    e.g. by ``sparsetorch.prune``): each rank keeps its chunk, the gradient hook moves to the sharded parameter,
+    and the weights and any gradient are masked. Runs by itself at the first optimizer step after wrapping."""
+    for root in modules:
+        for module in list(root.modules()):
+            for buffer_name, mask in list(module._buffers.items()):
+                name = buffer_name[: -len(_SUFFIX)]
+                param = module._parameters.get(name)
+                if mask is None or not buffer_name.endswith(_SUFFIX) or is_sharded(mask) or not is_sharded(param):
+                    continue
+                if tuple(mask.shape) != tuple(param.shape):
+                    raise SparsityError(f"{type(module).__name__}.{name} has shape {tuple(param.shape)} under "
+                                        f"fully_shard, its mask {tuple(mask.shape)}", mask_shape=tuple(mask.shape))
+                set_mask(module, mask, name)
+                if param.grad is not None:
+                    local(param.grad).mul_(local(module._buffers[buffer_name]))
 
 
 @torch.no_grad()
@@ -236,7 +333,7 @@ def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> Non
             mask = entry.mask()
             if mask is None:
                 continue
-            param.mul_(mask)
+            local(param).mul_(local(mask))
             if seen.get(param) != entry.version:
                 zero_optimizer_state(optimizer, param, mask)
                 seen[param] = entry.version
@@ -247,4 +344,5 @@ def zero_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, 
     """Zero every per-element optimizer state tensor of ``param`` where ``mask`` is False."""
     for value in optimizer.state.get(param, {}).values():
         if isinstance(value, torch.Tensor) and value.shape == param.shape:
-            value.mul_(mask.to(value.dtype) if value.is_floating_point() else mask)
+            value, keep = local(value), local(mask)
+            value.mul_(keep.to(value.dtype) if value.is_floating_point() else keep)

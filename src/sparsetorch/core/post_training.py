@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -13,6 +13,7 @@ from .masks import get_mask, set_mask
 from .patterns import Pattern, check_pattern_fits, parse_pattern, pattern_mask, unit_scores
 from .rng import resolve_generator
 from .scores import SCORES
+from .sharded_pruning import any_sharded, compute_masks_sharded
 from .layer_selection import Spec, Target, select_targets
 
 __all__ = ["prune", "compute_masks", "check_finite"]
@@ -115,10 +116,12 @@ def compute_masks(
     batch: object = None,
     loss_fn: Callable[..., torch.Tensor] | None = None,
     scores: list[torch.Tensor] | None = None,
-) -> list[torch.Tensor]:
+) -> list[torch.Tensor] | Iterator[torch.Tensor]:
     """New keep-masks for ``targets`` without touching the model (the core of ``prune``).
 
     ``scores`` may be given precomputed (one tensor per target); otherwise ``method`` computes them.
+    Under FSDP2 (DTensor parameters) the result is an iterator of full masks that gathers one layer at a
+    time (``sharded_pruning``), equal to this function's on the unsharded model.
     """
     pat = parse_pattern(pattern)
     density = resolve_density(sparsity, pat)
@@ -126,6 +129,9 @@ def compute_masks(
         raise SparsityError(f"unknown scope {scope!r}; use 'global' or 'layer'", scope=scope)
     if method not in SCORES and scores is None:
         raise SparsityError(f"unknown method {method!r}; choose one of {sorted(SCORES)}", method=method)
+    if scores is None and any_sharded(targets):
+        return compute_masks_sharded(targets, density, pat, method=method, scope=scope, distribution=distribution,
+                                     min_density=min_density, generator=generator)
     for t in targets:
         check_pattern_fits(t.param.shape, pat, t.qualified_name)
     check_finite(targets)

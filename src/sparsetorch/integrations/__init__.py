@@ -2,6 +2,8 @@
 
 * ``save_training_state`` / ``load_training_state``: model, masks, optimizer and sparsifier
   state in safetensors + JSON (no pickle); resuming continues the run bitwise.
+* ``save_distributed_state`` / ``load_distributed_state``: the same through torch.distributed.checkpoint,
+  sharded under FSDP2, reshardable to another world size.
 * ``sparsetorch.integrations.hf.SparsityCallback``: a transformers ``TrainerCallback``.
 * ``sparsetorch.integrations.lightning.SparsityCallback``: a Lightning ``Callback``.
 
@@ -17,8 +19,10 @@ _LAZY = {
     "save_sparsifier_state": "training_state",
     "load_sparsifier_state": "training_state",
     "unwrap_model": "training_state",
+    "save_distributed_state": "distributed_checkpoint",
+    "load_distributed_state": "distributed_checkpoint",
 }
-_SUBMODULES = {"training_state", "hf", "lightning"}
+_SUBMODULES = {"training_state", "distributed_checkpoint", "hf", "lightning"}
 
 __all__ = [*_LAZY]
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.distributed import is_sharded
 from ..core.rollback import rollback
 from ..errors import SparsityError
 from ..formats.safetensors_file import read_safetensors, write_safetensors
@@ -166,6 +167,7 @@ def save_training_state(
     still works with a DeprecationWarning.
     """
     model, path = model_first(model, path, "save_training_state")
+    check_not_sharded(model, "save_training_state")
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise SparsityError(f"{folder} is a file; save_training_state writes a folder")
@@ -194,6 +196,7 @@ def load_training_state(
     The old order ``(path, model)`` still works with a DeprecationWarning.
     """
     model, path = model_first(model, path, "load_training_state")
+    check_not_sharded(model, "load_training_state")
     folder = Path(path)
     header, sections = _read(folder / STATE_FILE)
     model_path = folder / MODEL_FILE
@@ -216,6 +219,14 @@ def load_training_state(
         if sparsifier is not None:
             sparsifier.load_state_dict(sections["sparsifier"])
     return sections["extra"]
+
+
+def check_not_sharded(model: nn.Module, fn: str) -> None:
+    """One safetensors file holds whole tensors: an FSDP2 model checkpoints through torch.distributed.checkpoint."""
+    if any(is_sharded(p) for p in model.parameters()):
+        raise SparsityError(f"{fn} writes whole tensors from one process; the model is sharded by FSDP2 "
+                            "(fully_shard): use sparsetorch.integrations.save_distributed_state / "
+                            "load_distributed_state, which every rank calls")
 
 
 def check_optimizer_state(optimizer: torch.optim.Optimizer, state: Any, folder: Path) -> None:
@@ -245,7 +256,11 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, state: Any, folder: 
 
 def save_sparsifier_state(path: str | os.PathLike, sparsifier: Any) -> Path:
     """Write only ``sparsifier.state_dict()`` (one safetensors file), e.g. next to a framework checkpoint."""
-    return _write(Path(path), {"sparsifier": sparsifier.state_dict()}, {})
+    state = sparsifier.state_dict()
+    if any(is_sharded(m) for m in state.get("masks", {}).values()):
+        raise SparsityError("the sparsifier's masks are sharded by FSDP2 (fully_shard); one safetensors file holds "
+                            "whole tensors: use sparsetorch.integrations.save_distributed_state, which every rank calls")
+    return _write(Path(path), {"sparsifier": state}, {})
 
 
 def load_sparsifier_state(path: str | os.PathLike) -> dict[str, Any]:

@@ -11,22 +11,26 @@ Usage (one extra line per training step)::
 A subclass decides the masks: ``initial_masks()`` once at ``attach`` and ``update(step)`` after
 each step. It changes masks only through ``self.set_masks`` so that the history of how many
 connections moved, the optimizer-state zeroing and DDP agreement are handled here once.
+
+Under FSDP2 the target parameters are DTensors and so are their masks (``core.masks``). A method computes a
+layer's new mask from a global view (the layer's scores gathered with ``full``), the same on every rank, and
+hands ``set_masks`` an iterator: each layer's full mask lives only while that layer is installed, and each
+rank keeps its shard.
 """
 from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ..errors import SparsityError
-from ..core.masks import get_mask, remove_masks, set_mask, zero_optimizer_state
+from ..core.masks import get_mask, remove_masks, set_mask, shard_masks, zero_optimizer_state
 from ..core.layer_selection import Spec, Target, select_targets
-from ..core.distributed import is_distributed
+from ..core.distributed import broadcast_from_rank0, full, global_sum, is_distributed, is_sharded, local
 
 __all__ = ["Sparsifier"]
 
@@ -50,6 +54,7 @@ class Sparsifier:
         self.targets: list[Target] = []
         self.step_count = 0
         self.history: list[dict[str, Any]] = []  # one row per mask update: step, density, moved
+        self._sharded: list[bool] = []  # per target: was its parameter an FSDP2 DTensor at attach
 
     # ---- to override ------------------------------------------------------------------
     def initial_masks(self) -> list[torch.Tensor]:
@@ -72,6 +77,8 @@ class Sparsifier:
         self._check_detached()
         targets = select_targets(model, self.include, self.exclude)
         check_in_optimizer(optimizer, targets)
+        if any(is_sharded(t.param) for t in targets):  # masks set before fully_shard become shards first
+            shard_masks(model)
         self.model, self.optimizer, self.targets = model, optimizer, targets
         try:
             masks = self.initial_masks()
@@ -79,11 +86,18 @@ class Sparsifier:
             self.model, self.optimizer, self.targets = None, None, []
             raise
         self.set_masks(masks, record=True)
+        self._sharded = [is_sharded(t.param) for t in targets]
         return self
 
     def step(self) -> None:
         """Advance one training step; call after every ``optimizer.step()``."""
         self._check_attached("step")
+        if any(is_sharded(t.param) and not was for t, was in zip(self.targets, self._sharded)):
+            raise SparsityError(
+                f"{type(self).__name__} was attached before fully_shard replaced the model's parameters with "
+                "DTensors; build the optimizer and attach the sparsifier after fully_shard (masks set before "
+                "wrapping by sparsetorch.prune or prune_oneshot need nothing: they are sharded at the first "
+                "optimizer step)")
         self.step_count += 1
         self.update(self.step_count)
 
@@ -100,31 +114,56 @@ class Sparsifier:
         return [t.param for t in self.targets]
 
     def current_mask(self, i: int) -> torch.Tensor:
+        """A copy of target ``i``'s mask (a DTensor shard under FSDP2; ``full_mask`` gives the whole)."""
         mask = get_mask(self.targets[i].module, self.targets[i].name)
         return mask.clone() if mask is not None else torch.ones_like(self.targets[i].param, dtype=torch.bool)
 
-    def set_masks(self, masks: Sequence[torch.Tensor], record: bool = True, **info: Any) -> None:
-        """Install new masks for every target, counting how many connections moved."""
-        if len(masks) != len(self.targets):
+    def full_mask(self, i: int) -> torch.Tensor:
+        """Target ``i``'s whole mask on every rank (gathered under FSDP2)."""
+        return full(self.current_mask(i))
+
+    def set_masks(self, masks: Iterable[torch.Tensor], record: bool = True, *, moves: str | None = None,
+                  zero_grown: bool = False, **info: Any) -> None:
+        """Install new masks for every target, counting how many connections moved.
+
+        ``masks``: one per target, in order: full masks, or DTensors placed like their (FSDP2) parameters. An
+        iterator is consumed one layer at a time. ``moves="grown"`` / ``"max"`` adds the ``dropped`` and
+        ``grown`` counts to the history row, with ``moved`` = grown (drop-and-grow at fixed density) or
+        max(dropped, grown) (pruning). ``zero_grown``: grown weights and their optimizer state start at zero.
+        """
+        if isinstance(masks, Sequence) and len(masks) != len(self.targets):
             raise SparsityError(f"expected {len(self.targets)} masks, got {len(masks)}")
-        masks = _agree_across_ranks([m.to(torch.bool) for m in masks])
-        moved = kept = total = 0
+        dropped = grown = kept = total = count = 0
         for target, mask in zip(self.targets, masks):
-            mask = mask.to(target.param.device)  # masks from state_dict() are on the CPU
+            count += 1
+            mask = _agree_across_ranks(mask.to(torch.bool))
             old = get_mask(target.module, target.name)
+            old = None if old is None else old.clone()
+            new = set_mask(target.module, mask, target.name)
             if old is not None:
-                moved += int((mask & ~old).sum())  # newly grown == newly dropped at fixed density
-            kept += int(mask.sum())
-            total += mask.numel()
-            set_mask(target.module, mask, target.name)
-            if self.optimizer is not None:
-                zero_optimizer_state(self.optimizer, target.param, target.module._buffers[target.name + "_mask"])
+                dropped += global_sum(old & ~new)
+                grown += global_sum(new & ~old)  # newly grown == newly dropped at fixed density
+            kept += global_sum(new)
+            total += new.numel()
+            if zero_grown and old is not None:  # pruned and grown entries: weights and optimizer state at zero
+                _zero_where(self.optimizer, target.param, new & old)
+            elif self.optimizer is not None:
+                zero_optimizer_state(self.optimizer, target.param, new)
+        if count != len(self.targets):
+            raise SparsityError(f"expected {len(self.targets)} masks, got {count}")
         if record:
-            self.history.append({"step": self.step_count, "density": kept / max(total, 1), "moved": moved, **info})
+            row = {"step": self.step_count, "density": kept / max(total, 1), "moved": grown}
+            if moves is not None:
+                row.update(dropped=dropped, grown=grown, moved=max(dropped, grown) if moves == "max" else grown)
+            self.history.append({**row, **info})
 
     def density(self) -> float:
-        masks = [self.current_mask(i) for i in range(len(self.targets))]
-        return sum(int(m.sum()) for m in masks) / max(sum(m.numel() for m in masks), 1)
+        kept = total = 0
+        for i in range(len(self.targets)):
+            mask = get_mask(self.targets[i].module, self.targets[i].name)
+            kept += self.targets[i].param.numel() if mask is None else global_sum(mask)
+            total += self.targets[i].param.numel()
+        return kept / max(total, 1)
 
     def _check_detached(self) -> None:
         if self.model is not None:
@@ -141,7 +180,7 @@ class Sparsifier:
         self._check_attached("state_dict")
         return {
             "step": self.step_count,
-            "masks": {t.qualified_name: self.current_mask(i).cpu() for i, t in enumerate(self.targets)},
+            "masks": {t.qualified_name: _on_cpu(self.current_mask(i)) for i, t in enumerate(self.targets)},
             "history": [dict(row) for row in self.history],
             "generator": self.generator.get_state(),
             "extra": self.extra_state(),
@@ -210,15 +249,21 @@ def check_in_optimizer(optimizer: torch.optim.Optimizer | None, targets: Sequenc
         )
 
 
-def _agree_across_ranks(masks: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Under torch.distributed, every rank takes rank 0's masks so replicas never diverge."""
-    if not is_distributed():
-        return masks
-    out = []
-    for mask in masks:
-        buf = mask.to(torch.uint8)
-        if dist.get_backend() == "nccl":
-            buf = buf.cuda()
-        dist.broadcast(buf, src=0)
-        out.append(buf.to(device=mask.device, dtype=torch.bool))
-    return out
+def _agree_across_ranks(mask: torch.Tensor) -> torch.Tensor:
+    """Under torch.distributed, every rank takes rank 0's full mask so replicas never diverge. A DTensor mask
+    is already one global mask: each rank's shard is its part."""
+    if not is_distributed() or is_sharded(mask):
+        return mask
+    return broadcast_from_rank0(mask)
+
+
+def _on_cpu(mask: torch.Tensor) -> torch.Tensor:
+    return mask if is_sharded(mask) else mask.cpu()  # a DTensor stays sharded for torch.distributed.checkpoint
+
+
+@torch.no_grad()
+def _zero_where(optimizer: torch.optim.Optimizer | None, param: torch.Tensor, keep: torch.Tensor) -> None:
+    """Zero ``param`` and its optimizer state where ``keep`` is False (grown connections start at zero)."""
+    local(param).mul_(local(keep))
+    if optimizer is not None:
+        zero_optimizer_state(optimizer, param, keep)

@@ -8,6 +8,7 @@ import torch
 
 from ..core import schedules
 from ..errors import SparsityError, check_sparsity
+from ..core.distributed import local
 from ..core.masks import get_mask
 from ..core.patterns import as_2d
 from ..core.layer_selection import Target
@@ -34,9 +35,9 @@ def rescale_by_fan_in(targets: Sequence[Target]) -> None:
     the variance of each unit's pre-activation.
     """
     for t in targets:
-        w2 = as_2d(t.param.data)  # [out, fan_in]
+        w2 = as_2d(local(t.param.data))  # [out, fan_in]; FSDP2 shards rows, so a shard holds whole rows
         mask = get_mask(t.module, t.name)
-        kept2 = as_2d(mask) if mask is not None else torch.ones_like(w2, dtype=torch.bool)
+        kept2 = as_2d(local(mask)) if mask is not None else torch.ones_like(w2, dtype=torch.bool)
         kept = kept2.sum(dim=1, keepdim=True).clamp(min=1)  # [out, 1]
         w2.mul_(torch.sqrt(w2.shape[1] / kept.to(w2.dtype)))
 

@@ -13,6 +13,7 @@ Grown weights start at zero and so does their optimizer state (momentum, Adam mo
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -20,12 +21,12 @@ import torch.distributed as dist
 
 from ..errors import SparsityError
 from ..core.patterns import as_2d
-from ..core.distributed import is_distributed
+from ..core.distributed import full, is_distributed, is_sharded
 from ..core.dropgrow import ablate_units, constant_fan_in_mask, drop_and_grow_flat, split_evenly, top_per_row
 from .base import Sparsifier
-from .common import DropGrowSchedule, check_choice, check_target_sparsity, moves, rescale_by_fan_in, rows_cols
+from .common import DropGrowSchedule, check_choice, check_target_sparsity, rescale_by_fan_in, rows_cols
 from ..core.distributions import layer_densities
-from ..core.masks import zero_optimizer_state
+from ..core.masks import get_mask
 
 __all__ = ["DynamicSparsifier", "SET", "RigL", "SRigL"]
 
@@ -54,9 +55,9 @@ class DynamicSparsifier(DropGrowSchedule, Sparsifier):
         self.reinit = bool(reinit)
 
     # ---- masks ------------------------------------------------------------------------
-    def initial_masks(self) -> list[torch.Tensor]:
+    def initial_masks(self) -> Iterator[torch.Tensor]:
         densities = layer_densities(self.distribution, [t.param.shape for t in self.targets], self.sparsity)
-        return [self._random_mask(t.param.shape, d) for t, d in zip(self.targets, densities)]
+        return (self._random_mask(t.param.shape, d) for t, d in zip(self.targets, densities))
 
     def _random_mask(self, shape: torch.Size, density: float) -> torch.Tensor:
         numel = shape.numel()
@@ -75,19 +76,24 @@ class DynamicSparsifier(DropGrowSchedule, Sparsifier):
         """Scores (higher grows first) over layer ``i``'s positions; only inactive ones are used."""
         raise NotImplementedError
 
+    def check_scores(self) -> None:
+        """Raise before any mask changes if ``grow_scores`` cannot be computed."""
+
     def update(self, step: int) -> None:
         if not self.is_update_step(step):
             return
         fraction = self.fraction(step)
         if fraction <= 0.0:
             return
-        scores = [self.grow_scores(i) for i in range(len(self.targets))]  # may raise: nothing changed yet
-        old = [self.current_mask(i) for i in range(len(self.targets))]
-        new = [self.drop_and_grow(self.targets[i].param.detach(), old[i], scores[i], fraction)
-               for i in range(len(self.targets))]
-        dropped, grown = moves(old, new)
-        self.set_masks(new, fraction=fraction, dropped=dropped, grown=grown)
-        self._zero_grown(old, new)
+        self.check_scores()
+        self.set_masks(self._new_masks(fraction), fraction=fraction, moves="grown", zero_grown=True)
+
+    def _new_masks(self, fraction: float) -> Iterator[torch.Tensor]:
+        """One layer at a time: under FSDP2 its weight, mask and scores are gathered whole, the same on
+        every rank, and dropped once set_masks keeps the local shard of the new mask."""
+        for i, t in enumerate(self.targets):
+            grow = full(self.grow_scores(i))
+            yield self.drop_and_grow(full(t.param.detach()), self.full_mask(i), grow, fraction)
 
     def drop_and_grow(self, weight: torch.Tensor, mask: torch.Tensor, grow: torch.Tensor,
                       fraction: float) -> torch.Tensor:
@@ -97,14 +103,6 @@ class DynamicSparsifier(DropGrowSchedule, Sparsifier):
         """
         flat, w = mask.flatten().cpu(), weight.detach().abs().flatten().float().cpu()
         return drop_and_grow_flat(flat, w, grow.flatten().float().cpu(), fraction).view(mask.shape)
-
-    @torch.no_grad()
-    def _zero_grown(self, old: list[torch.Tensor], new: list[torch.Tensor]) -> None:
-        for t, a, b in zip(self.targets, old, new):
-            keep_state = ~(b & ~a.to(b.device)).to(t.param.device)  # False where grown
-            t.param.mul_(keep_state)
-            if self.optimizer is not None:
-                zero_optimizer_state(self.optimizer, t.param, keep_state)
 
 
 class SET(DynamicSparsifier):
@@ -125,7 +123,9 @@ class RigL(DynamicSparsifier):
     The dense gradient is captured by a hook only during the backward pass of an update step
     (the step after which ``step()`` will update), so every other step costs nothing extra.
     Under DDP the captured gradient (local to a rank, taken before DDP's all-reduce) is
-    averaged across ranks before use, so every rank grows the same connections.
+    averaged across ranks before use, so every rank grows the same connections. Under FSDP2 it is
+    captured after FSDP's reduce-scatter (already the mean over ranks, sharded) and gathered one
+    layer at a time at the update.
     Needs one backward pass before each ``step()`` that updates.
 
     Example::
@@ -146,7 +146,10 @@ class RigL(DynamicSparsifier):
         for i, t in enumerate(self.targets):
             mask = self.current_mask(i)
             remove_mask(t.module, t.name)
-            self._hooks.append(t.param.register_hook(self._capture(i)))
+            if is_sharded(t.param):  # FSDP2 writes the sharded gradient without autograd, then runs these
+                self._hooks.append(t.param.register_post_accumulate_grad_hook(self._capture_sharded(i)))
+            else:
+                self._hooks.append(t.param.register_hook(self._capture(i)))
             set_mask(t.module, mask, t.name)
         return self
 
@@ -157,14 +160,36 @@ class RigL(DynamicSparsifier):
                 self._dense[i] = self._dense[i] + g if i in self._dense else g.clone()
         return hook
 
+    def _capture_sharded(self, i: int):
+        target = self.targets[i]
+
+        @torch.no_grad()
+        def hook(param: torch.Tensor) -> None:
+            if self.model is None or param.grad is None or not self.is_update_step(self.step_count + 1):
+                return
+            g = param.grad.detach()
+            if i not in self._dense:
+                self._dense[i] = g.clone()
+                return
+            # FSDP2 accumulates into param.grad, whose pruned entries the mask hook zeroed after the last
+            # micro-batch: there g is this micro-batch's part, elsewhere the running sum
+            mask = get_mask(target.module, target.name)
+            self._dense[i] = torch.where(mask, g, self._dense[i] + g)
+        return hook
+
+    def check_scores(self) -> None:
+        for i, t in enumerate(self.targets):
+            if i not in self._dense:
+                raise SparsityError(
+                    f"RigL found no dense gradient for {t.qualified_name} at update step "
+                    f"{self.step_count}; run loss.backward() before every optimizer.step()/sparsifier.step()",
+                    layer=t.qualified_name,
+                )
+
     def grow_scores(self, i: int) -> torch.Tensor:
-        if i not in self._dense:
-            raise SparsityError(
-                f"RigL found no dense gradient for {self.targets[i].qualified_name} at update step "
-                f"{self.step_count}; run loss.backward() before every optimizer.step()/sparsifier.step()",
-                layer=self.targets[i].qualified_name,
-            )
         grad = self._dense[i]
+        if is_sharded(grad):  # FSDP2 already averaged it over ranks in its reduce-scatter
+            return grad.abs()
         if is_distributed():
             grad = grad.clone()
             dist.all_reduce(grad)
@@ -229,12 +254,10 @@ class SRigL(RigL):
                 kept += rows
         return fan
 
-    def initial_masks(self) -> list[torch.Tensor]:
-        masks = []
-        for t, fan_in in zip(self.targets, self.fan_ins()):
-            rows, cols = rows_cols(t.param.shape)
-            masks.append(constant_fan_in_mask(rows, cols, fan_in, self.generator).view(t.param.shape))
-        return masks
+    def initial_masks(self) -> Iterator[torch.Tensor]:
+        fans = self.fan_ins()  # checked now; the masks are drawn one layer at a time
+        return (constant_fan_in_mask(*rows_cols(t.param.shape), fan_in, self.generator).view(t.param.shape)
+                for t, fan_in in zip(self.targets, fans))
 
     def drop_and_grow(self, weight: torch.Tensor, mask: torch.Tensor, grow: torch.Tensor,
                       fraction: float) -> torch.Tensor:

@@ -10,7 +10,7 @@ from ..errors import SparsityError, check_sparsity
 from ..core.patterns import parse_pattern
 from ..core.post_training import compute_masks
 from .base import Sparsifier
-from .common import check_choice, check_target_sparsity, moves
+from .common import check_choice, check_target_sparsity
 
 __all__ = ["GMP"]
 
@@ -74,11 +74,8 @@ class GMP(Sparsifier):
         sparsity = self.target_sparsity(step)
         if sparsity <= 0.0:
             return
-        old = [self.current_mask(i) for i in range(len(self.targets))]
-        new = self._masks(sparsity)
-        dropped, grown = moves(old, new)
         # "moved" counts changed connections; pruning only drops, so it is the dropped count
-        self.set_masks(new, sparsity=sparsity, dropped=dropped, grown=grown, moved=max(dropped, grown))
+        self.set_masks(self._masks(sparsity), sparsity=sparsity, moves="max")
 
     def _masks(self, sparsity: float) -> list[torch.Tensor]:
         if self.pattern.kind == "nm":
@@ -91,5 +88,5 @@ class GMP(Sparsifier):
         m = self.pattern.m
         k = min(m, max(self.pattern.n, round((1.0 - sparsity) * m)))
         if k == m:
-            return [self.current_mask(i).cpu() for i in range(len(self.targets))]
+            return [self.current_mask(i) for i in range(len(self.targets))]
         return compute_masks(self.targets, None, method="magnitude", scope="layer", pattern=f"{k}:{m}")

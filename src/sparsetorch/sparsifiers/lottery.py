@@ -18,6 +18,7 @@ from torch import nn
 from ..core import schedules
 from ..errors import SparsityError
 from ..core.post_training import compute_masks
+from ..core.distributed import is_sharded
 from .base import Sparsifier
 from .common import check_choice, check_target_sparsity, moves
 
@@ -52,6 +53,9 @@ class LotteryTicket(Sparsifier):
         self.rewind: dict[str, Any] | None = None  # {"model": state_dict, "optimizer": state_dict}
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> "LotteryTicket":
+        if any(is_sharded(p) for p in model.parameters()):
+            raise SparsityError("LotteryTicket snapshots and rewinds whole state dicts, which FSDP2 (fully_shard) "
+                                "shards; find the ticket on one process or under DDP")
         super().attach(model, optimizer)
         if self.rewind_step == 0:
             self._snapshot()
