@@ -27,6 +27,7 @@ config cannot declare the bias (Qwen2's o_proj, Mistral) raises instead.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -289,6 +290,7 @@ def sync_config(model: nn.Module) -> None:
     """Write the widths into ``model.config`` where they are uniform and the config can express them; leave the
     original values where not (per-block widths, GPT-2 heads / hidden size): ``save_pretrained`` then records the
     changed shapes for ``sparsetorch.shrink.from_pretrained``."""
+    _sync_byte_config(model)
     config = getattr(model, "config", None)
     if config is None:
         return
@@ -320,3 +322,18 @@ def sync_config(model: nn.Module) -> None:
                 m.num_experts = n
                 if isinstance(getattr(m, "num_experts_per_tok", None), int):
                     m.num_experts_per_tok = min(m.num_experts_per_tok, n)
+
+
+def _sync_byte_config(model: nn.Module) -> None:
+    """sparsetorch's GPT: its frozen ``cfg`` gets the new hidden size and (when uniform) head count. The MLP width
+    and head size it cannot say (it derives them from the width): the modules' shapes are the record, as in
+    ``save_shrunk`` files and edge exports."""
+    cfg = getattr(model, "cfg", None)
+    if not dataclasses.is_dataclass(cfg) or not hasattr(cfg, "width") or not hasattr(cfg, "heads"):
+        return
+    _, parts = model_parts(model)
+    if not all(p.attn_kind == "byte" for p in parts):
+        return
+    heads = {p.num_heads for p in parts}
+    model.cfg = dataclasses.replace(cfg, width=int(model.get_input_embeddings().weight.shape[1]),
+                                    heads=heads.pop() if len(heads) == 1 else cfg.heads)
