@@ -114,3 +114,21 @@ def test_a_length_baked_in_by_the_tracer_is_refused(tmp_path):
     assert not (tmp_path / "dynamic.onnx").exists()
     with pytest.raises(SparsityError, match="causal LM"):
         DecoderLogits(nn.Linear(2, 2))
+
+
+def test_byte_gpt_with_per_block_widths_exports_to_onnx(tmp_path):
+    from sparsetorch.models.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(layers=3, width=32, heads=4, context=16)).eval()
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    remove_blocks(model, 1, [ids])
+    remove_heads(model, 1, [ids], per_layer=True)
+    remove_mlp_channels(model, 0.25, [ids], per_layer=True)
+    remove_hidden(model, 0.25, [ids])
+    path = sparsetorch.export_onnx(model, ids, tmp_path / "gpt.onnx", dynamic_sequence=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    other = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(other).numpy()
+    np.testing.assert_allclose(session.run(None, {"input_0": other.numpy()})[0], expected, rtol=1e-4, atol=1e-5)

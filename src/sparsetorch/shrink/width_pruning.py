@@ -13,7 +13,9 @@ loads with ``transformers.AutoModelForCausalLM.from_pretrained`` alone. ``per_la
 blocks (scores divided by their block's mean, every block keeping one unit), so blocks end with different
 widths: the config keeps the original sizes and :func:`sparsetorch.shrink.save_pretrained` records every
 changed shape for :func:`sparsetorch.shrink.from_pretrained`. GPT-2's config ties head size to ``n_embd /
-n_head``, so GPT-2 heads and hidden size also need that loader; GPT-2 MLP width does not.
+n_head``, so GPT-2 heads and hidden size also need that loader; GPT-2 MLP width does not. sparsetorch's byte GPT
+(``sparsetorch.models.gpt.GPT``) takes every cut; its shapes are saved with ``save_shrunk`` and it exports to ONNX
+and the edge runtime with per-block widths.
 
 GQA: ``unit="group"`` removes whole key/value groups (each with its query heads); ``unit="query"`` removes the
 same number of query heads from every group, so that one ``num_attention_heads`` / ``num_key_value_heads`` pair
