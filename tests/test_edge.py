@@ -234,10 +234,11 @@ def test_other_version_and_other_files_are_rejected(mlp90, tmp_path):
     with safe_open(str(path), framework="numpy") as fh:
         meta = fh.metadata()
     desc = json.loads(meta["sparsetorch.edge"])
-    desc["version"] = 2
-    save_file(load_file(str(path)), str(tmp_path / "v2.spt"), metadata={"sparsetorch.edge": json.dumps(desc)})
-    with pytest.raises(SparsityError, match="version 2; this runtime reads version 1"):
-        edge.load(tmp_path / "v2.spt")
+    assert desc["version"] == 1  # the oldest version that describes the model: older runtimes read it
+    desc["version"] = 3
+    save_file(load_file(str(path)), str(tmp_path / "v3.spt"), metadata={"sparsetorch.edge": json.dumps(desc)})
+    with pytest.raises(SparsityError, match="version 3; this runtime reads versions 1, 2 only"):
+        edge.load(tmp_path / "v3.spt")
     sparsetorch.save(mlp90, tmp_path / "ckpt.safetensors")
     with pytest.raises(SparsityError, match="not a sparsetorch edge file"):
         edge.load(tmp_path / "ckpt.safetensors")

@@ -26,7 +26,8 @@ from .linear import BACKENDS, Linear
 from .weights import Matrix, decode_matrix
 
 FORMAT = "sparsetorch-edge"
-VERSION = 1
+VERSION = 2  # the newest this runtime reads; exporters write the oldest version that describes the model
+READABLE_VERSIONS = (1, 2)  # 2: a "gpt" node may list heads per block (models shrunk by sparsetorch.shrink)
 META_KEY = "sparsetorch.edge"
 Env = dict
 
@@ -55,9 +56,10 @@ def read_file(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     if not isinstance(desc, dict) or desc.get("format") != FORMAT:
         raise SparsityError(f"{path} is not a {FORMAT} file (format {desc.get('format') if isinstance(desc, dict) else None!r})",
                             path=str(path))
-    if desc.get("version") != VERSION:
+    if desc.get("version") not in READABLE_VERSIONS:
         raise SparsityError(
-            f"{path} is {FORMAT} version {desc.get('version')!r}; this runtime reads version {VERSION} only. "
+            f"{path} is {FORMAT} version {desc.get('version')!r}; this runtime reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))} only. "
             "Re-export the model with the same sparsetorch version as the runtime", path=str(path),
             version=desc.get("version"))
     return desc, arrays

@@ -1,6 +1,9 @@
 """A decoder-only transformer stack (pre-LN GPT: causal self-attention + GELU MLP) with a KV cache, in numpy.
 
 The file's "gpt" node names its tensors by the exported module's parameter names (``blocks.0.attn.qkv.weight``...).
+Its ``heads`` is one count for every block, or (format version 2, models shrunk by ``sparsetorch.shrink``) a list
+with one count per block; each block's head size is its qkv width / 3 / heads, so blocks may differ in heads, head
+size and MLP width, and the hidden size need not equal heads x head size.
 """
 from __future__ import annotations
 
@@ -11,13 +14,18 @@ from . import ops
 
 
 class _Block:
-    def __init__(self, model, prefix: str):
+    def __init__(self, model, prefix: str, heads: int):
         self.ln1 = (model.array(f"{prefix}ln1.weight"), model.array(f"{prefix}ln1.bias"))
         self.ln2 = (model.array(f"{prefix}ln2.weight"), model.array(f"{prefix}ln2.bias"))
         self.qkv = model.linear(f"{prefix}attn.qkv.weight", f"{prefix}attn.qkv.bias")
         self.proj = model.linear(f"{prefix}attn.proj.weight", f"{prefix}attn.proj.bias")
         self.fc = model.linear(f"{prefix}mlp.fc.weight", f"{prefix}mlp.fc.bias")
         self.fc_proj = model.linear(f"{prefix}mlp.proj.weight", f"{prefix}mlp.proj.bias")
+        self.heads, inner = heads, self.qkv.out_features // 3
+        if heads < 1 or self.qkv.out_features != 3 * inner or inner % heads or self.proj.in_features != inner:
+            raise SparsityError(f"{prefix}attn: {heads} heads do not split qkv width {self.qkv.out_features} into "
+                                f"q, k, v heads read by proj's {self.proj.in_features} inputs; the file is corrupted")
+        self.head_dim = inner // heads
 
 
 class Transformer:
@@ -25,38 +33,39 @@ class Transformer:
 
     def __init__(self, model, node: dict):
         p = node["prefix"]
-        self.heads, self.context, self.vocab, self.width = node["heads"], node["context"], node["vocab"], node["width"]
+        self.context, self.vocab, self.width = node["context"], node["vocab"], node["width"]
+        heads = node["heads"] if isinstance(node["heads"], list) else [node["heads"]] * node["layers"]
+        if len(heads) != node["layers"] or not all(isinstance(h, int) for h in heads):
+            raise SparsityError(f"the gpt node lists heads {heads} for {node['layers']} blocks; the file is corrupted")
         self.eps = float(node["eps"])
         self.tok = model.matrix(f"{p}tok.weight").to_dense()  # [V, C] embedding tables are looked up, not multiplied
         self.pos = model.matrix(f"{p}pos.weight").to_dense()  # [context, C]
-        self.blocks = [_Block(model, f"{p}blocks.{i}.") for i in range(node["layers"])]
+        self.blocks = [_Block(model, f"{p}blocks.{i}.", h) for i, h in enumerate(heads)]
         self.ln_f = (model.array(f"{p}ln_f.weight"), model.array(f"{p}ln_f.bias"))
         self.lm_head = model.linear(f"{p}lm_head.weight", node.get("lm_head_bias"))
 
     # -- one pass over new tokens, appending their keys/values to the cache ---------------------------------
     def step(self, ids: np.ndarray, cache: list, start: int) -> np.ndarray:  # ids: [B, T] -> logits [B, T, V]
         B, T = ids.shape
-        C, H = self.width, self.heads
-        D = C // H
         x = self.tok[ids] + self.pos[start:start + T]  # [B, T, C]
         # query i (absolute position start+i) sees keys 0..start+i
         causal = np.arange(start + T)[None, :] <= (start + np.arange(T))[:, None]  # [T, S]
         for block, (k_cache, v_cache) in zip(self.blocks, cache):
+            H, D = block.heads, block.head_dim
             h = ops.layer_norm(x, 1, *block.ln1, self.eps)
-            q, k, v = np.split(block.qkv(h), 3, axis=-1)  # 3 x [B, T, C]
+            q, k, v = np.split(block.qkv(h), 3, axis=-1)  # 3 x [B, T, H*D]
             q, k, v = (t.reshape(B, T, H, D).transpose(0, 2, 1, 3) for t in (q, k, v))  # [B, H, T, D]
             k_cache[:, :, start:start + T], v_cache[:, :, start:start + T] = k, v
             keys, values = k_cache[:, :, :start + T], v_cache[:, :, :start + T]  # [B, H, S, D]
             att = (q @ keys.transpose(0, 1, 3, 2)) * np.float32(1.0 / np.sqrt(D))  # [B, H, T, S]
             att = ops.softmax(np.where(causal, att, np.float32(-np.inf)), -1)
-            y = (att @ values).transpose(0, 2, 1, 3).reshape(B, T, C)
+            y = (att @ values).transpose(0, 2, 1, 3).reshape(B, T, H * D)
             x = x + block.proj(y)
             x = x + block.fc_proj(ops.gelu(block.fc(ops.layer_norm(x, 1, *block.ln2, self.eps))))
         return self.lm_head(ops.layer_norm(x, 1, *self.ln_f, self.eps)).astype(np.float32, copy=False)
 
     def new_cache(self, batch: int, length: int) -> list:
-        shape = (batch, self.heads, length, self.width // self.heads)
-        return [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in self.blocks]
+        return [tuple(np.zeros((batch, b.heads, length, b.head_dim), np.float32) for _ in range(2)) for b in self.blocks]
 
     def forward(self, ids: np.ndarray) -> np.ndarray:
         self._check(ids)

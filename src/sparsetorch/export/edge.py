@@ -15,10 +15,11 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from ..edge.model import FORMAT, META_KEY, VERSION, EdgeModel
+from ..edge.model import FORMAT, META_KEY, EdgeModel
 from ..edge.weights import VALUE_TYPES, encode_matrix
 from ..errors import SparsityError
 from ..tracing import TraceFailed, trace
+from .edge_gpt import format_version
 from .edge_graph import Converter, Graph
 
 __all__ = ["export_edge"]
@@ -105,7 +106,7 @@ def build(model: nn.Module, x: torch.Tensor, values: str) -> tuple[dict, dict[st
     shape = [None] + list(x.shape[1:])
     if integer:
         shape = [None] * x.dim()  # token ids: batch and sequence length vary
-    desc = {"format": FORMAT, "version": VERSION, "values": values,
+    desc = {"format": FORMAT, "version": format_version(g.nodes), "values": values,
             "input": {"name": conv.input_name, "shape": shape, "dtype": "int64" if integer else "float32"},
             "output": conv.output, "tensors": tensors, "nodes": g.nodes,
             "model": type(model).__name__}

@@ -40,24 +40,35 @@ def _lin(conv, prefix: str, lin: nn.Module, bias: bool = True) -> None:
 
 def export_gpt(conv, name: str, prefix: str, x: str, gpt: nn.Module) -> None:
     cfg = gpt.cfg
-    if cfg.width % cfg.heads:
-        raise SparsityError(f"{type(gpt).__name__}: width {cfg.width} is not divisible by heads {cfg.heads}")
+    width = int(gpt.tok.weight.shape[1])  # the modules, not cfg: sparsetorch.shrink may have cut any width
+    heads = []
     for emb in ("tok", "pos"):
         conv.g.matrices[f"{prefix}{emb}.weight"] = to_numpy(dense_weight(getattr(gpt, emb)))
     eps = {_ln(conv, f"{prefix}ln_f", gpt.ln_f)}
     for i, block in enumerate(gpt.blocks):
         p = f"{prefix}blocks.{i}."
         eps |= {_ln(conv, f"{p}ln1", block.ln1), _ln(conv, f"{p}ln2", block.ln2)}
-        if block.attn.heads != cfg.heads:
-            raise SparsityError(f"{p}attn has {block.attn.heads} heads but the config says {cfg.heads}")
+        qkv, h = block.attn.qkv.out_features, block.attn.heads
+        if qkv % (3 * h) or block.attn.proj.in_features != qkv // 3:
+            raise SparsityError(f"{p}attn: qkv width {qkv} is not 3 x {h} heads x a head size read by proj's "
+                                f"{block.attn.proj.in_features} inputs")
+        heads.append(h)
         for sub in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"):
             _lin(conv, p + sub, block.get_submodule(sub))
     _lin(conv, f"{prefix}lm_head", gpt.lm_head, bias=False)
     if len(eps) != 1:
         raise SparsityError(f"{type(gpt).__name__}: LayerNorms with different eps {sorted(eps)} are not supported")
+    # format version 1 runtimes split q, k, v into `heads` heads of width / heads each: say the heads per block
+    # (version 2) only when a shrunk model needs it, so that unshrunk exports still load in version 1 runtimes
+    plain = len(set(heads)) == 1 and all(b.attn.qkv.out_features == 3 * width for b in gpt.blocks)
     conv.g.nodes.append({"op": "gpt", "name": name, "inputs": [x], "prefix": prefix, "layers": len(gpt.blocks),
-                         "width": cfg.width, "heads": cfg.heads, "context": cfg.context, "vocab": cfg.vocab,
-                         "eps": eps.pop()})
+                         "width": width, "heads": heads[0] if plain and heads else heads, "context": cfg.context,
+                         "vocab": cfg.vocab, "eps": eps.pop()})
+
+
+def format_version(nodes: list[dict]) -> int:
+    """The oldest edge format version that describes ``nodes`` (2: a gpt node with heads per block)."""
+    return 2 if any(n["op"] == "gpt" and isinstance(n.get("heads"), list) for n in nodes) else 1
 
 
 def torch_generate(model: nn.Module, prompt: bytes, n: int) -> bytes:

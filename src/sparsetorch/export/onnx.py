@@ -33,14 +33,18 @@ def export_onnx(
     sparse: str = "auto",
     opset: int = 17,
     dynamic_batch: bool = True,
+    dynamic_sequence: bool = False,
     check: bool = True,
 ) -> Path:
     """Export ``model`` (run on ``example_inputs``) to ``path`` and return the path.
 
     sparse: "auto" stores each weight sparse when that makes it smaller; "off" keeps all dense.
     dynamic_batch: the first dimension of every input and output may vary.
+    dynamic_sequence: the second dimension of every input and output may vary too (token sequences; export a
+        transformers decoder through :class:`~sparsetorch.export.DecoderLogits`).
     check: validate the file with ``onnx.checker`` and run it in onnxruntime (when installed),
-        raising if its outputs differ from the model's.
+        raising if its outputs differ from the model's; with ``dynamic_sequence`` also on the inputs cut one
+        position shorter, so that a length the tracer baked in fails here rather than in deployment.
 
     Needs the ``onnx`` extra (``pip install sparsetorch[onnx]``).
     """
@@ -55,7 +59,11 @@ def export_onnx(
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     if not args or not all(isinstance(a, torch.Tensor) for a in args):
         raise SparsityError("example_inputs must be a tensor or a tuple of tensors the model accepts")
-    was_training = model.training
+    if dynamic_sequence and not all(a.dim() >= 2 for a in args):
+        raise SparsityError("dynamic_sequence makes dimension 1 of every input vary, but an example input has fewer "
+                            "than 2 dimensions; pass [batch, sequence, ...] inputs or dynamic_sequence=False")
+    shorter = tuple(a[:, :-1] for a in args) if dynamic_sequence and all(a.shape[1] > 1 for a in args) else None
+    flags = {m: m.training for m in model.modules()}  # restored one by one: eval submodules of a training model stay
     model.eval()
     try:
         with torch.no_grad():
@@ -65,15 +73,25 @@ def export_onnx(
                 raise SparsityError(f"the model failed on example_inputs ({type(exc).__name__}: {exc}); pass inputs "
                                     "shaped like real ones") from None
             outputs = _flatten(expected)
-            proto = _export(model, args, len(outputs), opset, dynamic_batch)
+            proto = _export(model, args, len(outputs), opset, dynamic_batch, dynamic_sequence)
+            expected_shorter = _flatten(model(*shorter)) if check and shorter is not None else None
     finally:
-        model.train(was_training)
+        for m, flag in flags.items():
+            m.training = flag
     if sparse == "auto":
         sparsify_initializers(proto)
     payload = proto.SerializeToString()
     if check:
         onnx.checker.check_model(proto)
         _check_runtime(payload, args, outputs)
+        if expected_shorter is not None:
+            try:
+                _check_runtime(payload, shorter, expected_shorter)
+            except Exception as exc:
+                raise SparsityError(
+                    f"the exported graph is wrong for a sequence one shorter than the example ({type(exc).__name__}): "
+                    "tracing fixed the length somewhere in the model's forward. Export with dynamic_sequence=False "
+                    "(one length only), or wrap a transformers decoder in sparsetorch.export.DecoderLogits") from None
     return atomic_write(Path(path), payload)
 
 
@@ -87,12 +105,13 @@ def _flatten(out: object) -> list[torch.Tensor]:
     return []
 
 
-def _export(model, args, n_out, opset, dynamic_batch):
+def _export(model, args, n_out, opset, dynamic_batch, dynamic_sequence=False):
     import onnx
 
     inputs = [f"input_{i}" for i in range(len(args))]
     outputs = [f"output_{i}" for i in range(n_out)]
-    axes = {n: {0: "batch"} for n in inputs + outputs} if dynamic_batch else None
+    dims = ({0: "batch"} if dynamic_batch else {}) | ({1: "sequence"} if dynamic_sequence else {})
+    axes = {n: dict(dims) for n in inputs + outputs} if dims else None
     buffer = io.BytesIO()
     try:
         with warnings.catch_warnings():

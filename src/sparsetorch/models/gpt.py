@@ -25,12 +25,18 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
         self.proj = nn.Linear(cfg.width, cfg.width)
 
+    @property
+    def head_dim(self) -> int:
+        return self.qkv.out_features // (3 * self.heads)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, C]
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x [B, T, C]
-        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))  # [B, H, T, C/H]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, C/H]
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        B, T, _ = x.shape
+        # heads * head_dim is the width C until heads or hidden channels are removed (sparsetorch.shrink)
+        inner = self.qkv.out_features // 3
+        q, k, v = self.qkv(x).split(inner, dim=2)  # 3 x [B, T, H*D]
+        q, k, v = (t.view(B, T, self.heads, inner // self.heads).transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, D]
+        return self.proj(y.transpose(1, 2).reshape(B, T, inner))
 
 
 class MLPBlock(nn.Module):
@@ -77,6 +83,10 @@ class GPT(nn.Module):
     def get_input_embeddings(self) -> nn.Embedding:
         """The token embedding (the transformers convention; one-shot pruning validates token ids with it)."""
         return self.tok
+
+    def get_output_embeddings(self) -> nn.Linear:
+        """The LM head (the transformers convention; hidden-size pruning slices it with the embeddings)."""
+        return self.lm_head
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids: [B, T] int
         T = ids.shape[1]

@@ -16,8 +16,8 @@ Depth: ``remove_blocks(model, 0.25, calibration)`` drops the transformer blocks 
 (ShortGPT's Block Influence, or the loss rise when a block is skipped); the model keeps its class and
 config, so ``from_pretrained`` loads it.
 
-Width and experts (transformers Llama / Mistral / Qwen2 / Qwen3, their MoE variants, GPT-2), scored by activations
-on calibration data (Minitron; REAP for experts)::
+Width and experts (transformers Llama / Mistral / Qwen2 / Qwen3, their MoE variants, GPT-2; sparsetorch's byte GPT
+for width), scored by activations on calibration data (Minitron; REAP for experts)::
 
     remove_heads(model, 0.25, calib)              # key/value groups, or unit="query" for query heads per group
     remove_mlp_channels(model, 0.25, calib)       # compensate=True: FLAP bias compensation

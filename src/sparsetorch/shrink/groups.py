@@ -87,7 +87,8 @@ class Group:
 
 
 # attention modules whose head count is stored as attributes (updated after removing heads)
-HEAD_ATTRS: dict[str, tuple[str, ...]] = {"GPT2Attention": ("num_heads", "split_size")}
+# "Attention": sparsetorch.models.gpt's (its head count; the head size follows from qkv's width)
+HEAD_ATTRS: dict[str, tuple[str, ...]] = {"GPT2Attention": ("num_heads", "split_size"), "Attention": ("heads",)}
 
 
 class Adapter:

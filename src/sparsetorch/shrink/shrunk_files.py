@@ -126,6 +126,11 @@ def _resize(model: nn.Module, modules: dict[str, nn.Module], header: dict, state
     for name, values in header["attrs"].items():
         for attr, value in values.items():
             setattr(modules[name], attr, value)
+    for module in modules.values():  # sizes the forward reads but that only the tensors record (hidden size)
+        if isinstance(module, nn.LayerNorm) and module.weight is not None:
+            module.normalized_shape = tuple(module.weight.shape)
+        elif isinstance(module, nn.Embedding):
+            module.num_embeddings, module.embedding_dim = module.weight.shape
     config = getattr(model, "config", None)
     for key, value in header["config"].items():
         if config is not None:
@@ -169,6 +174,11 @@ def _check_attrs(name: str, module: nn.Module, values: object) -> None:
     if heads is not None and width is not None and width % heads:
         raise SparsityError(f"the file gives layer {name!r} {heads} heads for width {width}, which they do not "
                             "divide; the file is corrupted", attribute="num_heads")
+    qkv = getattr(module, "qkv", None)  # sparsetorch's GPT: q, k and v of every head in one Linear
+    if "heads" in values and isinstance(qkv, nn.Linear) and qkv.weight.shape[0] % (3 * values["heads"]):
+        raise SparsityError(f"the file gives layer {name!r} {values['heads']} heads for a qkv width of "
+                            f"{qkv.weight.shape[0]}, which they do not split evenly; the file is corrupted",
+                            attribute="heads")
 
 
 def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -13,7 +13,9 @@ loads with ``transformers.AutoModelForCausalLM.from_pretrained`` alone. ``per_la
 blocks (scores divided by their block's mean, every block keeping one unit), so blocks end with different
 widths: the config keeps the original sizes and :func:`sparsetorch.shrink.save_pretrained` records every
 changed shape for :func:`sparsetorch.shrink.from_pretrained`. GPT-2's config ties head size to ``n_embd /
-n_head``, so GPT-2 heads and hidden size also need that loader; GPT-2 MLP width does not.
+n_head``, so GPT-2 heads and hidden size also need that loader; GPT-2 MLP width does not. sparsetorch's byte GPT
+(``sparsetorch.models.gpt.GPT``) takes every cut; its shapes are saved with ``save_shrunk`` and it exports to ONNX
+and the edge runtime with per-block widths.
 
 GQA: ``unit="group"`` removes whole key/value groups (each with its query heads); ``unit="query"`` removes the
 same number of query heads from every group, so that one ``num_attention_heads`` / ``num_key_value_heads`` pair
@@ -27,6 +29,7 @@ config cannot declare the bias (Qwen2's o_proj, Mistral) raises instead.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -289,6 +292,7 @@ def sync_config(model: nn.Module) -> None:
     """Write the widths into ``model.config`` where they are uniform and the config can express them; leave the
     original values where not (per-block widths, GPT-2 heads / hidden size): ``save_pretrained`` then records the
     changed shapes for ``sparsetorch.shrink.from_pretrained``."""
+    _sync_byte_config(model)
     config = getattr(model, "config", None)
     if config is None:
         return
@@ -320,3 +324,18 @@ def sync_config(model: nn.Module) -> None:
                 m.num_experts = n
                 if isinstance(getattr(m, "num_experts_per_tok", None), int):
                     m.num_experts_per_tok = min(m.num_experts_per_tok, n)
+
+
+def _sync_byte_config(model: nn.Module) -> None:
+    """sparsetorch's GPT: its frozen ``cfg`` gets the new hidden size and (when uniform) head count. The MLP width
+    and head size it cannot say (it derives them from the width): the modules' shapes are the record, as in
+    ``save_shrunk`` files and edge exports."""
+    cfg = getattr(model, "cfg", None)
+    if not dataclasses.is_dataclass(cfg) or not hasattr(cfg, "width") or not hasattr(cfg, "heads"):
+        return
+    _, parts = model_parts(model)
+    if not all(p.attn_kind == "byte" for p in parts):
+        return
+    heads = {p.num_heads for p in parts}
+    model.cfg = dataclasses.replace(cfg, width=int(model.get_input_embeddings().weight.shape[1]),
+                                    heads=heads.pop() if len(heads) == 1 else cfg.heads)

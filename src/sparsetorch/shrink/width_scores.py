@@ -94,7 +94,8 @@ def model_parts(model: nn.Module) -> tuple[nn.ModuleList, list[BlockParts]]:
     found = find_blocks(model)
     if found is None or not callable(getattr(model, "get_input_embeddings", None)):
         raise SparsityError(f"{type(model).__name__} is not a transformers decoder with a stack of blocks; width "
-                            "pruning supports Llama / Mistral / Qwen2 / Qwen3, their MoE variants and GPT-2")
+                            "pruning supports Llama / Mistral / Qwen2 / Qwen3, their MoE variants, GPT-2 and "
+                            "sparsetorch.models.gpt.GPT")
     name, blocks = found
     return blocks, [block_parts(b, f"{name}.{i}") for i, b in enumerate(blocks)]
 

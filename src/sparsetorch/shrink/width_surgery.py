@@ -3,8 +3,9 @@
 Each function keeps the given indices of one kind of unit and updates the module attributes the forward reads
 (``num_key_value_groups``, GPT-2's ``num_heads`` / ``split_size``, ``in_features``...). Which modules belong to a
 block is recognised by structure (:func:`block_parts`) for Llama / Mistral / Qwen2 / Qwen3 (GQA), their MoE
-variants (Mixtral, Qwen2-MoE, Qwen3-MoE: fused experts + a router) and GPT-2; anything else raises before a
-weight is touched.
+variants (Mixtral, Qwen2-MoE, Qwen3-MoE: fused experts + a router), GPT-2 and sparsetorch's own byte GPT
+(``sparsetorch.models.gpt``: one fused ``qkv`` Linear, ``fc``/``proj`` MLP); anything else raises before a weight is
+touched.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import torch
 from torch import nn
 
 from ..errors import SparsityError
+from ..models.gpt import Attention as ByteAttention
+from ..models.gpt import MLPBlock as ByteMLP
 from ..oneshot.experts import FusedExperts, fused_experts
 from .transformer_heads import is_gated_mlp, is_llama_attention
 
@@ -26,9 +29,9 @@ class BlockParts:
     """The parts of one decoder block that width pruning changes."""
 
     attn: nn.Module
-    attn_kind: str  # "gqa" (q/k/v/o Linears) or "gpt2"
+    attn_kind: str  # "gqa" (q/k/v/o Linears), "gpt2" or "byte" (sparsetorch's GPT: fused qkv Linear)
     mlp: nn.Module
-    mlp_kind: str  # "gated", "gpt2" or "moe"
+    mlp_kind: str  # "gated", "gpt2", "byte" (fc/proj Linears) or "moe"
     experts: FusedExperts | None = None
     router: nn.Module | None = None
 
@@ -36,11 +39,15 @@ class BlockParts:
     def num_heads(self) -> int:
         if self.attn_kind == "gpt2":
             return self.attn.num_heads
+        if self.attn_kind == "byte":
+            return self.attn.heads
         return self.attn.q_proj.out_features // self.attn.head_dim
 
     @property
     def num_kv_heads(self) -> int:
-        return self.num_heads if self.attn_kind == "gpt2" else self.attn.k_proj.out_features // self.attn.head_dim
+        if self.attn_kind != "gqa":
+            return self.num_heads
+        return self.attn.k_proj.out_features // self.attn.head_dim
 
     @property
     def head_dim(self) -> int:
@@ -49,17 +56,21 @@ class BlockParts:
     @property
     def out_proj(self) -> nn.Module:
         """The layer reading the heads' outputs (its columns are ``head * head_dim + [0, head_dim)``)."""
-        return self.attn.c_proj if self.attn_kind == "gpt2" else self.attn.o_proj
+        return {"gpt2": getattr(self.attn, "c_proj", None), "byte": getattr(self.attn, "proj", None)}.get(
+            self.attn_kind, getattr(self.attn, "o_proj", None))
 
     @property
     def mlp_out(self) -> nn.Module | None:
         """The layer reading the MLP's intermediate neurons."""
-        return {"gated": getattr(self.mlp, "down_proj", None), "gpt2": getattr(self.mlp, "c_proj", None)}.get(self.mlp_kind)
+        return {"gated": getattr(self.mlp, "down_proj", None), "gpt2": getattr(self.mlp, "c_proj", None),
+                "byte": getattr(self.mlp, "proj", None)}.get(self.mlp_kind)
 
     @property
     def mlp_width(self) -> int:
         if self.mlp_kind == "gated":
             return self.mlp.up_proj.out_features
+        if self.mlp_kind == "byte":
+            return self.mlp.fc.out_features
         return self.mlp.c_fc.weight.shape[1] if self.mlp_kind == "gpt2" else 0
 
 
@@ -73,6 +84,8 @@ def _router(block: nn.Module, experts: int) -> nn.Module | None:
 
 def block_parts(block: nn.Module, where: str) -> BlockParts:
     """The attention and MLP of decoder block ``block`` (named ``where`` in errors)."""
+    if isinstance(getattr(block, "attn", None), ByteAttention) and isinstance(getattr(block, "mlp", None), ByteMLP):
+        return BlockParts(block.attn, "byte", block.mlp, "byte")
     attn = next((m for m in block.modules() if is_llama_attention(m) or type(m).__name__ == "GPT2Attention"), None)
     if attn is None:
         raise SparsityError(f"{where} ({type(block).__name__}) has no attention width pruning understands (q/k/v/o "
@@ -103,7 +116,7 @@ def hidden_norms(model: nn.Module, blocks: nn.ModuleList) -> list[nn.Module]:
     in_blocks = {id(m) for b in blocks for m in b.modules()}
     for block in blocks:
         for name, m in block.named_children():
-            if "norm" in name.lower() or name.startswith("ln_"):
+            if "norm" in name.lower() or name.startswith("ln"):  # ln_1 (GPT-2), ln1 (sparsetorch's GPT)
                 found.append(m)
     found += [m for m in model.modules() if id(m) not in in_blocks and _is_norm(m)]
     for m in found:
@@ -172,6 +185,12 @@ def keep_heads(parts: BlockParts, keep_q: torch.Tensor, keep_kv: torch.Tensor) -
         _conv1d(attn.c_proj, _rows(d, keep_q), "in")
         attn.num_heads, attn.split_size = len(keep_q), len(keep_q) * d
         return
+    if parts.attn_kind == "byte":
+        attn, inner = parts.attn, parts.attn.qkv.out_features // 3
+        _linear_out(attn.qkv, torch.cat([k * inner + _rows(d, keep_q) for k in range(3)]))  # q, k, v thirds
+        _linear_in(attn.proj, _rows(d, keep_q))
+        attn.heads = len(keep_q)
+        return
     attn = parts.attn
     _linear_out(attn.q_proj, _rows(d, keep_q))
     _linear_out(attn.k_proj, _rows(d, keep_kv))
@@ -190,6 +209,10 @@ def keep_mlp(parts: BlockParts, keep: torch.Tensor) -> None:
     if parts.mlp_kind == "gpt2":
         _conv1d(mlp.c_fc, keep, "out")
         _conv1d(mlp.c_proj, keep, "in")
+        return
+    if parts.mlp_kind == "byte":
+        _linear_out(mlp.fc, keep)
+        _linear_in(mlp.proj, keep)
         return
     _linear_out(mlp.gate_proj, keep)
     _linear_out(mlp.up_proj, keep)
@@ -240,6 +263,9 @@ def keep_hidden(model: nn.Module, blocks: nn.ModuleList, parts: list[BlockParts]
         if p.attn_kind == "gpt2":
             _conv1d(p.attn.c_attn, keep, "in")
             _conv1d(p.attn.c_proj, keep, "out")
+        elif p.attn_kind == "byte":
+            _linear_in(p.attn.qkv, keep)
+            _linear_out(p.attn.proj, keep)
         else:
             for lin in (p.attn.q_proj, p.attn.k_proj, p.attn.v_proj):
                 _linear_in(lin, keep)
@@ -247,6 +273,9 @@ def keep_hidden(model: nn.Module, blocks: nn.ModuleList, parts: list[BlockParts]
         if p.mlp_kind == "gpt2":
             _conv1d(p.mlp.c_fc, keep, "in")
             _conv1d(p.mlp.c_proj, keep, "out")
+        elif p.mlp_kind == "byte":
+            _linear_in(p.mlp.fc, keep)
+            _linear_out(p.mlp.proj, keep)
         elif p.mlp_kind == "gated":
             _linear_in(p.mlp.gate_proj, keep)
             _linear_in(p.mlp.up_proj, keep)
