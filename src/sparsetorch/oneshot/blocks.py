@@ -183,14 +183,18 @@ def blocks_chain(model: nn.Module, blocks: nn.ModuleList, run_model: Callable[[A
     def pre(_m, args, kwargs):
         seen_in.append(args[0] if args else kwargs.get("hidden_states"))
 
-    def post(_m, _args, _kwargs, output):
+    def post(module, _args, _kwargs, output):
         seen_out.append(first_tensor(output))
+        if module is blocks[-1]:
+            raise _Stop  # the head is not needed (and out of core, not loaded)
 
     handles = [b.register_forward_pre_hook(pre, with_kwargs=True) for b in blocks]
     handles += [b.register_forward_hook(post, with_kwargs=True) for b in blocks]
     try:
         with torch.no_grad():
             run_model(sample)
+    except _Stop:
+        pass
     finally:
         for h in handles:
             h.remove()

@@ -83,11 +83,12 @@ def _as_list(calibration) -> list:
     return samples
 
 
-def prepare_calibration(model: nn.Module, calibration) -> Calibration:
-    """Check every calibration item before anything runs (a bad item never leaves a half-pruned model)."""
+def prepare_calibration(model: nn.Module, calibration, device: torch.device | None = None) -> Calibration:
+    """Check every calibration item before anything runs (a bad item never leaves a half-pruned model).
+    Items are moved to ``device`` when run (default: where the model's first parameter is)."""
     samples = _as_list(calibration)
     param = next(model.parameters(), None)
-    home = param.device if param is not None else torch.device("cpu")
+    home = device if device is not None else param.device if param is not None else torch.device("cpu")
     emb = input_embedding(model)
     if emb is None:
         return _plain_calibration(model, samples, home)

@@ -23,7 +23,7 @@ class OneshotStats:
 
     method: str
     pattern: str
-    mode: str  # "sequential" (block by block), "one-pass" (hooks on every layer) or "weights-only"
+    mode: str  # "sequential" (block by block), "one-pass" (hooks on every layer), "weights-only" or "out-of-core"
     device: str
     blocks: int = 0
     seconds: float = 0.0
@@ -34,6 +34,7 @@ class OneshotStats:
     bits: int | None = None
     outlier_ratios: list[float] = field(default_factory=list)  # OWL: one per block (or layer)
     unrouted: list[str] = field(default_factory=list)  # layers/experts no calibration token reached
+    block_seconds: list[float] = field(default_factory=list)  # out of core: wall time of each block (read, prune, write)
     layers: list[LayerResult] = field(default_factory=list)
 
     @property
