@@ -42,10 +42,11 @@ from .blocks import blocks_chain
 from .checkpoint_dir import CheckpointModel
 from .drivers import BlockRunner, forward_error, owl_block, owl_reallocate, prune_block
 from .experts import install_expert_masks, layer_module
+from .linear_layers import mask_zeros
 from .planning import peak_memory, plan_job
 from .results import LayerResult, OneshotStats
 
-__all__ = ["prune_checkpoint", "RUN_DIR"]
+__all__ = ["prune_checkpoint", "load_pruned", "RUN_DIR"]
 
 RUN_DIR = ".sparsetorch-run"
 _RUN_VERSION = 1
@@ -353,3 +354,21 @@ def prune_checkpoint(source: str | os.PathLike, calibration, out: str | os.PathL
     _finish(src, run, shard_of, groups, group_shards, stats)
     store.clear()
     return stats
+
+
+def load_pruned(folder: str | os.PathLike, **from_pretrained: Any) -> nn.Module:
+    """A pruned checkpoint folder (written by the out-of-core run, or by ``save_pretrained`` of any pruned
+    model) as a sparsetorch model: ``AutoModelForCausalLM.from_pretrained(folder, **from_pretrained)`` with a
+    mask on every Linear layer that holds zeros, so fine-tuning keeps them zero and ``sparsetorch.save`` /
+    ``to_inference`` store and run it sparse. A folder whose run did not finish is refused."""
+    folder = Path(folder)
+    if (folder / RUN_DIR).is_dir() and not (folder / RUN_DIR / "complete.json").is_file():
+        raise SparsityError(f"{folder} holds an unfinished out-of-core run; run the same prune_oneshot call again to "
+                            "finish it", path=str(folder))
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise SparsityError("load_pruned needs transformers: pip install 'sparsetorch[transformers]'") from None
+    model = AutoModelForCausalLM.from_pretrained(str(folder), **from_pretrained)
+    mask_zeros(model)
+    return model
