@@ -55,7 +55,7 @@ def _calib(n=3, seq=16):
 def _tensors(folder):
     """Every tensor of a checkpoint folder by name."""
     out = {}
-    for shard in sorted(folder.glob("*.safetensors")):
+    for shard in sorted(folder.glob("model*.safetensors")):
         with safe_open(str(shard), "pt") as fh:
             out.update({k: fh.get_tensor(k) for k in fh.keys()})
     return out
@@ -295,3 +295,18 @@ def test_output_loads_with_transformers_and_sparsetorch(gpt2_dir, tmp_path):
     again = sparsetorch.load(_gpt2(), path)
     assert all(torch.equal(a.mask, b.mask) for a, b in zip(masks, iter_masks(again)))
     assert torch.equal(model(ids).logits, plain(ids).logits)
+
+
+def test_cli_out_of_core_equals_in_memory(gpt2_dir, tmp_path, capsys):
+    from sparsetorch.cli.main import main
+
+    (tmp_path / "calib.txt").write_text("def f(x):\n    return x + 1\n" * 100)
+    common = ["prune-lm", str(gpt2_dir), "--method", "sparsegpt", "--pattern", "2:4", "--calibration",
+              str(tmp_path / "calib.txt"), "--nsamples", "4", "--seqlen", "16"]
+    assert main(common + ["--out", str(tmp_path / "mem"), "--in-memory"]) == 0
+    assert main(common + ["--out", str(tmp_path / "ooc"), "--out-of-core", "--activations", "disk"]) == 0
+    assert "out-of-core" in capsys.readouterr().out
+    mem, ooc = _tensors(tmp_path / "mem"), _tensors(tmp_path / "ooc")
+    mem.pop("lm_head.weight", None)
+    assert all(torch.equal(mem[k], ooc[k]) for k in ooc) and set(ooc) <= set(mem)
+    assert main(common + ["--out", str(tmp_path / "mem"), "--out-of-core"]) == 2  # holds another (in-memory) output
