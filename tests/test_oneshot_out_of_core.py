@@ -310,3 +310,19 @@ def test_cli_out_of_core_equals_in_memory(gpt2_dir, tmp_path, capsys):
     mem.pop("lm_head.weight", None)
     assert all(torch.equal(mem[k], ooc[k]) for k in ooc) and set(ooc) <= set(mem)
     assert main(common + ["--out", str(tmp_path / "mem"), "--out-of-core"]) == 2  # holds another (in-memory) output
+
+
+@pytest.mark.parametrize("kwargs", [dict(method="sparsegpt"), dict(method="wanda", distribution="owl"),
+                                    dict(method="magnitude")], ids=["sparsegpt", "owl", "magnitude"])
+def test_one_block_in_memory_at_a_time(kwargs, llama_dir, tmp_path, monkeypatch):
+    from sparsetorch.oneshot.checkpoint_dir import CheckpointModel
+
+    real, most = CheckpointModel.load, []
+
+    def load(self, module, keys, prefix=""):
+        real(self, module, keys, prefix)
+        most.append(sum(any(p.device.type != "meta" for p in b.parameters()) for b in self.blocks))
+
+    monkeypatch.setattr(CheckpointModel, "load", load)
+    prune_oneshot(llama_dir, _calib(), out=tmp_path / "out", progress=False, **kwargs)
+    assert max(most) == 1 and len(most) > 3

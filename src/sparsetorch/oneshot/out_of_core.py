@@ -54,10 +54,13 @@ _COPIED = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", 
            "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "added_tokens.json", "chat_template.jinja")
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _is_writer() -> bool:
     """Rank 0 writes the output (under torchrun every rank runs the blocks; one process writes)."""
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return not _distributed() or torch.distributed.get_rank() == 0
 
 
 def _calibration_digest(samples: list) -> str:
@@ -273,7 +276,6 @@ def prune_checkpoint(source: str | os.PathLike, calibration, out: str | os.PathL
     head_keys = {k for k in src.other_keys if head is not None and k.rpartition(".")[0] and
                  model.get_submodule(k.rpartition(".")[0]) is head and k not in src.aliases}
     src.load(model, [k for k in src.other_keys if k not in head_keys])  # the head only runs after the last block
-    src.rebuild_buffers(model)
     job = plan_job(model, calibration, **options, check_values=False, calibration_device=torch.device("cpu"))
     outside = _outside_blocks(src, job.targets)
     if outside:
@@ -284,7 +286,8 @@ def prune_checkpoint(source: str | os.PathLike, calibration, out: str | os.PathL
                             spill=activations == "disk", dtype=activation_dtype)
     record = {"version": _RUN_VERSION, "source": src.describe(), "options": _options_record(options),
               "calibration": _calibration_digest(job.calibration.samples) if job.calibration else None,
-              "activation_dtype": repr(activation_dtype), "device": job.pruner.device.type}
+              "activation_dtype": repr(activation_dtype), "device": job.pruner.device.type,
+              "world_size": torch.distributed.get_world_size() if _distributed() else 1}
     run = RunDir(out, record)
     stats = job.stats_for("out-of-core")
     stats.blocks = len(src.blocks)
