@@ -7,7 +7,7 @@ checkpoint size, for two depths (peak RSS should not grow with depth), the secon
 a model small enough for both gives the same masks and weights out of core as in memory.
 
 Run:  python benchmarks/bench_out_of_core.py                      # full: 12 vs 24 layers x 2048 (24: ~5 GB fp32)
-      python benchmarks/bench_out_of_core.py --preset reduced     # 12 vs 24 layers x 1024, short calibration
+      python benchmarks/bench_out_of_core.py --preset reduced     # 12 vs 24 layers x 512, short calibration
 Sizes are flags (--layers, --hidden, --intermediate, --vocab, --nsamples, --seqlen, --threads). Prints a table
 with the command, machine and date; writes benchmarks/results/bench_out_of_core[_PRESET].json and .txt.
 """
@@ -27,7 +27,7 @@ from pathlib import Path
 
 PRESETS = {  # the issue's size, and one a shared 2-core machine runs in minutes
     "full": dict(layers=[12, 24], hidden=2048, intermediate=5504, heads=16, vocab=32000, nsamples=16, seqlen=512),
-    "reduced": dict(layers=[12, 24], hidden=1024, intermediate=2752, heads=8, vocab=32000, nsamples=8, seqlen=128),
+    "reduced": dict(layers=[12, 24], hidden=512, intermediate=1376, heads=8, vocab=32000, nsamples=8, seqlen=128),
 }
 RUNS = [("sparsegpt", dict(method="sparsegpt", sparsity=0.5)), ("wanda 2:4", dict(method="wanda", pattern="2:4"))]
 TARGET = 0.30  # peak RSS at most 30% of the checkpoint

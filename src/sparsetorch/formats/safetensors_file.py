@@ -148,7 +148,8 @@ class ShardedCheckpoint:
         return list(self.where)
 
     def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        """The tensors named ``keys`` (each shard opened once, closed after)."""
+        """The tensors named ``keys``, each read with plain file reads straight into its own memory (no
+        memory map: mapped pages would count against the process as a second copy while the shard is open)."""
         by_file: dict[Path, list[str]] = {}
         for key in keys:
             if key not in self.where:
@@ -157,9 +158,12 @@ class ShardedCheckpoint:
         out = {}
         for path, names in by_file.items():
             try:
-                with safe_open(str(path), framework="pt") as fh:
+                with open(path, "rb") as fh:
+                    spans = _data_spans(fh, path.stat().st_size)
                     for key in names:
-                        out[key] = fh.get_tensor(key)
+                        out[key] = _read_tensor(fh, key, spans[key])
+            except SparsityError:
+                raise
             except Exception as exc:  # noqa: BLE001
                 raise SparsityError(f"{path} could not be read ({exc}); it changed or was truncated since the run "
                                     "began", path=str(path)) from None
@@ -174,3 +178,42 @@ class ShardedCheckpoint:
         for key in sorted(self.where):
             h.update(f"{key}:{self.where[key].name}:{self.shapes[key]}:{self.dtypes[key]};".encode())
         return h.hexdigest()
+
+
+_STORED_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                  "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                  "BOOL": torch.bool}
+
+
+def _data_spans(fh, file_size: int) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """A safetensors header (8-byte little-endian length, then JSON): name -> (dtype, shape, start, end) with
+    absolute byte offsets, each checked against the file's size."""
+    length = int.from_bytes(fh.read(8), "little")
+    if not 0 < length <= file_size - 8:
+        raise SparsityError(f"{fh.name} has a corrupted safetensors header length {length}", path=str(fh.name))
+    header = json.loads(fh.read(length))
+    base, spans = 8 + length, {}
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        start, end = meta["data_offsets"]
+        spans[key] = (meta["dtype"], tuple(int(d) for d in meta["shape"]), base + int(start), base + int(end))
+        if not base <= spans[key][2] <= spans[key][3] <= file_size:
+            raise SparsityError(f"{fh.name}: tensor {key!r} lies outside the file; it is truncated", key=key)
+    return spans
+
+
+def _read_tensor(fh, key: str, span: tuple[str, tuple[int, ...], int, int]) -> torch.Tensor:
+    code, shape, start, end = span
+    dtype = _STORED_DTYPES.get(code)
+    numel = 1
+    for d in shape:
+        numel *= d
+    if dtype is None or (end - start) != numel * dtype.itemsize:
+        raise SparsityError(f"{fh.name}: tensor {key!r} ({code} {list(shape)}) does not match its {end - start} "
+                            "stored bytes; the file is damaged", key=key)
+    raw = torch.empty(end - start, dtype=torch.uint8)
+    fh.seek(start)
+    if fh.readinto(memoryview(raw.numpy())) != end - start:
+        raise SparsityError(f"{fh.name}: tensor {key!r} is cut short; the file is truncated", key=key)
+    return raw.view(dtype).reshape(shape)  # safetensors stores little-endian, as torch does on every supported CPU

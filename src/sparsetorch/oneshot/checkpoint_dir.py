@@ -9,6 +9,7 @@ by transformers' own initialisation, and refused if it cannot rebuild them.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import re
@@ -63,6 +64,28 @@ def _build_on_meta(directory: Path, dtype: torch.dtype) -> nn.Module:
         raise SparsityError(f"transformers cannot build a causal LM from {directory / 'config.json'} "
                             f"({type(exc).__name__}: {exc})", path=str(directory)) from None
     return model.eval()
+
+
+def _all_finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """``torch.isfinite(t).all()`` in slices: on a whole embedding its temporaries would cost more than the tensor."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+
+
+def _return_freed_memory() -> None:
+    """Hand the pages of a dropped block back to the OS (glibc keeps freed heap memory below its 32 MB mmap
+    threshold for reuse, and blocks of other sizes fragment it: peak RSS would creep with depth)."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            _TRIM = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):  # not glibc: nothing to do
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
 
 
 def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str]:
@@ -129,7 +152,7 @@ class CheckpointModel:
             current = owner._parameters.get(name) if name in owner._parameters else owner._buffers.get(name)
             if current is not None and current.dtype.is_floating_point and value.dtype != current.dtype:
                 value = value.to(current.dtype)
-            if value.dtype.is_floating_point and not torch.isfinite(value).all():
+            if value.dtype.is_floating_point and not _all_finite(value):
                 raise SparsityError(f"{key} contains NaN or inf in {self.directory}; fix the weights before pruning",
                                     key=key)
             owner, name = _owner(self.model, key)
@@ -174,6 +197,7 @@ class CheckpointModel:
             for name, b in sub._buffers.items():
                 if b is not None:
                     sub._buffers[name] = torch.empty_like(b, device="meta")
+        _return_freed_memory()
 
     def config_text(self) -> str:
         return (self.directory / "config.json").read_text(encoding="utf-8")

@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save as safetensors_bytes
+from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import SparsityError
-from ..formats.atomic import atomic_write
+from ..formats.atomic import atomic_path, atomic_write
 from ..formats.safetensors_file import INDEX_FILE
 from .activation_store import ActivationStore
 from .blocks import blocks_chain
@@ -225,8 +225,10 @@ def _owl_first_pass(job, src: CheckpointModel, runner: BlockRunner, store: Activ
 
 
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Streamed to disk (no second copy of the block in memory), atomically."""
     if _is_writer():
-        atomic_write(path, safetensors_bytes(tensors, metadata={"format": "pt"}))
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
 
 
 def _finish(src: CheckpointModel, run: RunDir, shard_of: dict[str, str], groups: dict[str, list[str]],
@@ -354,6 +356,7 @@ def prune_checkpoint(source: str | os.PathLike, calibration, out: str | os.PathL
     shard_of = {key: block_shards[k] for k, keys in enumerate(src.block_keys) for key in keys}
     stats.seconds = time.perf_counter() - started
     stats.peak_memory_mb, stats.memory_kind = peak_memory(job.pruner.device)
+    src.release(model)  # the embeddings too: the parts outside the blocks are copied from the source
     _finish(src, run, shard_of, groups, group_shards, stats)
     store.clear()
     return stats
