@@ -234,7 +234,15 @@ def _nan_in_last_block(folder):
     save_file(tensors, str(shard), metadata={"format": "pt"})
 
 
+def _truncate_a_shard(folder):
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shard = folder / index["weight_map"]["model.layers.2.mlp.down_proj.weight"]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 100])
+
+
 BAD_SOURCES = {
+    "truncated shard": (_truncate_a_shard, "corrupted or truncated"),
     "missing shard": (lambda f: (f / json.loads((f / "model.safetensors.index.json").read_text())["weight_map"]
                                  ["model.layers.1.mlp.up_proj.weight"]).unlink(), "missing"),
     "more layers in config": (_set_config("num_hidden_layers", 4), "do not match config.json"),
