@@ -151,6 +151,8 @@ def main() -> int:
         parser.add_argument(f"--{key}", type=int, default=None)
     parser.add_argument("--layers", type=int, nargs="+", default=None, help="depths to compare (default 12 24)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--methods", nargs="+", choices=[n.split()[0] for n, _ in RUNS], default=None,
+                        help="which runs (default: sparsegpt and wanda)")
     parser.add_argument("--workdir", default=None, help="where checkpoints are written (default: a temp folder)")
     args = parser.parse_args()
     if args.child:
@@ -174,6 +176,8 @@ def main() -> int:
             nbytes = build_checkpoint(folder, config)
             build_s = time.perf_counter() - t0
             for name, options in RUNS:
+                if args.methods and name.split()[0] not in args.methods:
+                    continue
                 out = work / f"out-{layers}-{options['method']}"
                 shutil.rmtree(out, ignore_errors=True)
                 got = in_child({"kind": "run", "threads": args.threads, "folder": str(folder), "out": str(out),
@@ -207,7 +211,8 @@ def main() -> int:
     print(text)
     results = Path(__file__).parent / "results"
     results.mkdir(exist_ok=True)
-    stem = "bench_out_of_core" + ("" if args.preset == "full" else f"_{args.preset}")
+    stem = "bench_out_of_core" + ("" if args.preset == "full" else f"_{args.preset}") + \
+        ("" if not args.methods else "_" + "_".join(args.methods))
     (results / f"{stem}.json").write_text(json.dumps({"size": size, "threads": args.threads, "floor_mb": floor,
                                                       "rows": rows, "masks_identical": check}, indent=2))
     (results / f"{stem}.txt").write_text(text + "\n")
