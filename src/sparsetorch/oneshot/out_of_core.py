@@ -255,6 +255,71 @@ def _layer_results(saved: list[dict]) -> list[LayerResult]:
     return [LayerResult(**r) for r in saved]
 
 
+def _open(source, calibration, out: Path, options: dict) -> tuple[CheckpointModel, Any]:
+    """The checked source with its embeddings read, and the checked job (nothing written)."""
+    src = CheckpointModel(source)
+    if out.resolve() == src.directory.resolve():
+        raise SparsityError("out= must be another folder than the checkpoint being pruned", out=str(out))
+    model = src.model
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_keys = {k for k in src.other_keys if head is not None and k.rpartition(".")[0] and
+                 model.get_submodule(k.rpartition(".")[0]) is head and k not in src.aliases}
+    src.load(model, [k for k in src.other_keys if k not in head_keys])  # the head only runs after the last block
+    job = plan_job(model, calibration, **options, check_values=False, calibration_device=torch.device("cpu"))
+    outside = _outside_blocks(src, job.targets)
+    if outside:
+        raise SparsityError(f"out-of-core pruning prunes the layers inside the model's blocks; {outside[:5]} lie "
+                            "outside them: leave them out (exclude=[...]) or prune the model in memory",
+                            layers=outside[:20])
+    return src, job
+
+
+def _run_record(src: CheckpointModel, job, options: dict, activation_dtype) -> dict:
+    """What decides the result: a folder holding a run with another record is another run's."""
+    return {"version": _RUN_VERSION, "source": src.describe(), "options": _options_record(options),
+            "calibration": _calibration_digest(job.calibration.samples) if job.calibration else None,
+            "activation_dtype": repr(activation_dtype), "device": job.pruner.device.type,
+            "world_size": torch.distributed.get_world_size() if _distributed() else 1}
+
+
+def _first_unfinished(src: CheckpointModel, run: RunDir, runner, store: ActivationStore,
+                      stats: OneshotStats) -> int:
+    """The first block without a done marker (whose inputs are on disk), the finished blocks' results in ``stats``."""
+    start = 0
+    while start < len(src.blocks) and run.read_json(run.marker(start)) is not None:
+        start += 1
+    if 0 < start < len(src.blocks) and runner is not None and not store.has(start):
+        start = 0  # the activations after the last finished block are gone: redo from the first block
+    for k in range(start):
+        done = run.read_json(run.marker(k))
+        stats.layers.extend(_layer_results(done["layers"]))
+        stats.unrouted.extend(done["unrouted"])
+        stats.block_seconds.append(done["seconds"])
+    return start
+
+
+def _prune_one(k: int, job, src: CheckpointModel, runner, store: ActivationStore,
+               densities: dict[str, float]) -> OneshotStats:
+    """Read block ``k``, prune it from its inputs, store the outputs the next block sees; its layers' results."""
+    block = src.blocks[k]
+    src.load(block, src.block_keys[k])
+    out = job.stats_for("out-of-core")
+    if runner is None:  # weights only (magnitude)
+        inside = {id(x) for x in block.modules()}
+        layers = {n: m for n, m in job.targets.items() if id(layer_module(m)) in inside}
+        for name, module in layers.items():
+            out.layers.append(job.pruner.prune(name, module, None, densities[name]))
+        install_expert_masks(layers)
+        return out
+    block.to(runner.device)
+    dtype = _block_dtype(block)
+    prune_block(job, runner, block, store.inputs(k, runner.device, dtype), densities, out)
+    if k + 1 < len(src.blocks):
+        store.put_all(k + 1, runner.outputs(block, store.inputs(k, runner.device, dtype)))
+    block.to("cpu")
+    return out
+
+
 @torch.no_grad()
 def prune_checkpoint(source: str | os.PathLike, calibration, out: str | os.PathLike | None, *, options: dict,
                      activations: str = "memory", activation_dtype: torch.dtype | None = None) -> OneshotStats:
@@ -269,80 +334,38 @@ def prune_checkpoint(source: str | os.PathLike, calibration, out: str | os.PathL
     if activations not in ("memory", "disk"):
         raise SparsityError(f"activations must be 'memory' or 'disk' (spilled to the output folder), got "
                             f"{activations!r}", activations=activations)
-    src = CheckpointModel(source)
     out = Path(out)
-    if out.resolve() == src.directory.resolve():
-        raise SparsityError("out= must be another folder than the checkpoint being pruned", out=str(out))
-    model = src.model
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    head_keys = {k for k in src.other_keys if head is not None and k.rpartition(".")[0] and
-                 model.get_submodule(k.rpartition(".")[0]) is head and k not in src.aliases}
-    src.load(model, [k for k in src.other_keys if k not in head_keys])  # the head only runs after the last block
-    job = plan_job(model, calibration, **options, check_values=False, calibration_device=torch.device("cpu"))
-    outside = _outside_blocks(src, job.targets)
-    if outside:
-        raise SparsityError(f"out-of-core pruning prunes the layers inside the model's blocks; {outside[:5]} lie "
-                            "outside them: leave them out (exclude=[...]) or prune the model in memory",
-                            layers=outside[:20])
-    store = ActivationStore(out / RUN_DIR / "activations", len(job.calibration) if job.calibration else 0,
-                            spill=activations == "disk", dtype=activation_dtype)
-    record = {"version": _RUN_VERSION, "source": src.describe(), "options": _options_record(options),
-              "calibration": _calibration_digest(job.calibration.samples) if job.calibration else None,
-              "activation_dtype": repr(activation_dtype), "device": job.pruner.device.type,
-              "world_size": torch.distributed.get_world_size() if _distributed() else 1}
-    run = RunDir(out, record)
-    stats = job.stats_for("out-of-core")
-    stats.blocks = len(src.blocks)
+    src, job = _open(source, calibration, out, options)
+    samples = len(job.calibration) if job.calibration else 0
+    store = ActivationStore(out / RUN_DIR / "activations", samples, spill=activations == "disk", dtype=activation_dtype)
+    run = RunDir(out, _run_record(src, job, options, activation_dtype))
     if run.complete:
         saved = json.loads((out / "oneshot.json").read_text(encoding="utf-8"))
         return OneshotStats(**{**saved, "layers": _layer_results(saved["layers"])})
     runner = _capture(job, src) if job.calibration is not None else None
     if runner is None and not run.resuming:
         _check_all_blocks(src)
-    # every check passed: from here on the output folder is written
-    run.begin()
+    run.begin()  # every check passed: from here on the output folder is written
+    stats = job.stats_for("out-of-core")
+    stats.blocks = len(src.blocks)
     densities = job.densities
     if job.owl is not None:
-        owl_store = ActivationStore(out / RUN_DIR / "owl-activations", store.samples, spill=store.spill,
+        owl_store = ActivationStore(out / RUN_DIR / "owl-activations", samples, spill=store.spill,
                                     dtype=activation_dtype)
         densities = _owl_first_pass(job, src, runner, owl_store, run, stats)
-    block_shards, groups, group_shards = _shard_names(src)
-    shard_of: dict[str, str] = {}
-    start = 0
-    while start < len(src.blocks) and run.read_json(run.marker(start)) is not None:
-        start += 1
-    if 0 < start < len(src.blocks) and runner is not None and not store.has(start):
-        start = 0  # the activations after the last finished block are gone: redo from the first block
-    for k in range(start):
-        done = run.read_json(run.marker(k))
-        stats.layers.extend(_layer_results(done["layers"]))
-        stats.unrouted.extend(done["unrouted"])
-        stats.block_seconds.append(done["seconds"])
-    if runner is not None and start == 0:
-        store.put_all(0, runner.first_inputs(), write=False)
+    start = _first_unfinished(src, run, runner, store, stats)
     if runner is not None:
+        if start == 0:
+            store.put_all(0, runner.first_inputs(), write=False)
         for call in runner.calls[0]:
             call.hidden = None  # block 0's captured inputs now live in the store
+    block_shards, groups, group_shards = _shard_names(src)
     bar = tqdm(range(start, len(src.blocks)), desc=f"{job.pruner.recipe.method} blocks (out of core)",
                disable=None if job.progress is None else not job.progress)
     for k in bar:
         t0 = time.perf_counter()
+        block_stats = _prune_one(k, job, src, runner, store, densities)
         block = src.blocks[k]
-        src.load(block, src.block_keys[k])
-        block_stats = job.stats_for("out-of-core")
-        if runner is None:  # weights only (magnitude)
-            inside = {id(x) for x in block.modules()}
-            layers = {n: m for n, m in job.targets.items() if id(layer_module(m)) in inside}
-            for name, module in layers.items():
-                block_stats.layers.append(job.pruner.prune(name, module, None, densities[name]))
-            install_expert_masks(layers)
-        else:
-            block.to(runner.device)
-            dtype = _block_dtype(block)
-            prune_block(job, runner, block, store.inputs(k, runner.device, dtype), densities, block_stats)
-            if k + 1 < len(src.blocks):
-                store.put_all(k + 1, runner.outputs(block, store.inputs(k, runner.device, dtype)))
-            block.to("cpu")
         prefix = f"{src.prefix}.{k}."
         _write_shard(out / block_shards[k], {prefix + n: t.contiguous() for n, t in block.state_dict().items()})
         seconds = time.perf_counter() - t0
@@ -356,7 +379,7 @@ def prune_checkpoint(source: str | os.PathLike, calibration, out: str | os.PathL
     shard_of = {key: block_shards[k] for k, keys in enumerate(src.block_keys) for key in keys}
     stats.seconds = time.perf_counter() - started
     stats.peak_memory_mb, stats.memory_kind = peak_memory(job.pruner.device)
-    src.release(model)  # the embeddings too: the parts outside the blocks are copied from the source
+    src.release(src.model)  # the embeddings too: the parts outside the blocks are copied from the source
     _finish(src, run, shard_of, groups, group_shards, stats)
     store.clear()
     return stats
