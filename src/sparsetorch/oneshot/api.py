@@ -19,12 +19,12 @@ from torch import nn
 from ..errors import SparsityError
 from ..core.patterns import Pattern
 from .blocks import blocks_chain, find_blocks
-from .calibration import prepare_calibration
-from .drivers import Job, forward_error, run_one_pass, run_sequential
+from .drivers import forward_error, run_one_pass, run_sequential
 from .experts import install_expert_masks, layer_module
 from .owl import OWL
 from .out_of_core import prune_checkpoint
-from .planning import DISTRIBUTIONS, METHODS, REFINEMENTS, SparsitySpec, peak_memory, plan_job, skip_to_exclude
+from .planning import (DISTRIBUTIONS, METHODS, REFINEMENTS, SparsitySpec, peak_memory,  # noqa: F401 - the CLI's
+                       plan_job, skip_to_exclude)
 from .results import LayerResult, OneshotStats
 
 __all__ = ["prune_oneshot", "wanda", "sparsegpt", "ria", "alps", "OneshotStats", "LayerResult", "METHODS", "OWL"]
