@@ -60,7 +60,7 @@ def _no_tokens_note(name: str, out: OneshotStats) -> str:
 
 def prune_group(job: Job, layers: dict[str, nn.Module], stats: dict, density_of, out: OneshotStats) -> None:
     for name, module in layers.items():
-        s = stats.get(name)
+        s = stats.pop(name, None)  # freed once its layer is pruned: no Hessian outlives its layer
         note = _no_tokens_note(name, out) if job.pruner.recipe.needs_data and (s is None or s.count == 0) else ""
         out.layers.append(job.pruner.prune(name, module, s, density_of(name), note))
     install_expert_masks(layers)  # expert slices' masks become one mask per fused 3-D parameter

@@ -345,6 +345,7 @@ def prune_checkpoint(source: str | os.PathLike, calibration, out: str | os.PathL
     runner = _capture(job, src) if job.calibration is not None else None
     if runner is None and not run.resuming:
         _check_all_blocks(src)
+    src.release(src.model)  # the embeddings' work is done: block 0's inputs are captured
     run.begin()  # every check passed: from here on the output folder is written
     stats = job.stats_for("out-of-core")
     stats.blocks = len(src.blocks)
@@ -379,7 +380,6 @@ def prune_checkpoint(source: str | os.PathLike, calibration, out: str | os.PathL
     shard_of = {key: block_shards[k] for k, keys in enumerate(src.block_keys) for key in keys}
     stats.seconds = time.perf_counter() - started
     stats.peak_memory_mb, stats.memory_kind = peak_memory(job.pruner.device)
-    src.release(src.model)  # the embeddings too: the parts outside the blocks are copied from the source
     _finish(src, run, shard_of, groups, group_shards, stats)
     store.clear()
     return stats
