@@ -15,7 +15,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(NAME, help="prune a transformers causal LM in one shot (SparseGPT, Wanda, magnitude)",
                        description="Load MODEL_DIR with AutoModelForCausalLM, draw calibration windows from a text "
                                    "file (tokenised with the folder's tokenizer, else as raw bytes), prune block by "
-                                   "block and write the pruned model with save_pretrained to --out.")
+                                   "block and write the pruned model with save_pretrained to --out. A checkpoint "
+                                   "larger than half the available memory (or --out-of-core) is pruned out of core: "
+                                   "one block in memory at a time, each written to --out when done, resumable.")
     p.add_argument("model_dir", help="a transformers model folder (config.json + weights)")
     p.add_argument("--method", choices=list(METHODS), default="sparsegpt")
     p.add_argument("--distribution", choices=list(DISTRIBUTIONS), default="uniform",
@@ -37,7 +39,42 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=128, help="SparseGPT column block (default %(default)s)")
     p.add_argument("--damp", type=float, default=0.01, help="SparseGPT Hessian damping (default %(default)s)")
     p.add_argument("--device", default=None, help="where the math runs (default: cuda if available, else cpu)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--out-of-core", action="store_true",
+                       help="read and prune one block at a time from the folder's shards and write each pruned block "
+                            "to --out as soon as it is done (memory: embeddings + two blocks + activations; "
+                            "resumable: rerun the same command after a kill). Default when the checkpoint is larger "
+                            "than half the available memory")
+    where.add_argument("--in-memory", action="store_true", help="load the whole model (default when it fits)")
+    p.add_argument("--activations", choices=["memory", "disk"], default="memory",
+                   help="out of core: hold the calibration activations in memory or spill them to --out")
+    p.add_argument("--activation-dtype", choices=["float16", "bfloat16"], default=None,
+                   help="out of core: hold the activations in half precision (default: the model's dtype)")
     return p
+
+
+def checkpoint_bytes(model_dir: Path) -> int:
+    """Bytes of the folder's safetensors weights (what loading the model in memory at least takes)."""
+    return sum(p.stat().st_size for p in model_dir.glob("*.safetensors")
+               if p.is_file() and p.name != "sparsetorch.safetensors")
+
+
+def available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def wants_out_of_core(args: argparse.Namespace, model_dir: Path) -> bool:
+    if args.out_of_core or args.in_memory:
+        return bool(args.out_of_core)
+    free = available_bytes()
+    return free is not None and checkpoint_bytes(model_dir) > free / 2
 
 
 def calibration_ids(model_dir: Path, text_file: Path, nsamples: int, seqlen: int, seed: int, vocab: int):
@@ -109,29 +146,56 @@ def write_lm(model, model_dir: Path, out: Path, metadata: dict, values: str = "f
     save(model, out / "sparsetorch.safetensors", values=values, metadata=metadata)
 
 
+def lm_config(model_dir: Path, seqlen: int):
+    """The folder's transformers config, checked to hold ``seqlen`` tokens (nothing loaded)."""
+    from ..errors import SparsityError
+
+    try:
+        from transformers import AutoConfig
+    except ImportError:
+        raise ImportError("this command needs transformers: pip install 'sparsetorch[transformers]'") from None
+    if not (model_dir / "config.json").is_file():
+        raise SparsityError(f"{model_dir} is not a transformers model folder (no config.json); pass the "
+                            "folder written by save_pretrained", model_dir=str(model_dir))
+    config = AutoConfig.from_pretrained(model_dir)
+    limit = _max_positions(config)
+    if limit is not None and seqlen > limit:
+        raise SparsityError(f"--seqlen {seqlen} exceeds the model's context of {limit} tokens; pass --seqlen {limit}")
+    return config
+
+
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from ..oneshot import prune_oneshot
     from ..oneshot.api import skip_to_exclude
 
     model_dir, out = Path(args.model_dir), Path(args.out)
-    model = load_lm(model_dir, args.seqlen)
-    vocab = model.get_input_embeddings().num_embeddings
-    calib = calibration_ids(model_dir, Path(args.calibration), args.nsamples, args.seqlen, args.seed, vocab)
     sparsity = args.sparsity if args.sparsity is not None else (None if ":" in args.pattern else 0.5)
     exclude = skip_to_exclude(args.skip) if args.skip else None
-    model = prune_oneshot(model, calib, method=args.method, sparsity=sparsity, pattern=args.pattern,
-                          distribution=args.distribution, permute=args.permute, refine=args.refine,
-                          bits=args.bits, group_size=args.group_size,
-                          exclude=exclude, block_size=args.block_size, damp=args.damp, device=args.device)
-    stats = model.sparsetorch_stats
-    write_lm(model, model_dir, out, {"oneshot": {"method": args.method, "pattern": args.pattern,
-                                                 "distribution": args.distribution, "refine": args.refine,
-                                                 "bits": args.bits}},
-             values="grid" if args.bits else "fp32")
-    (out / "oneshot.json").write_text(json.dumps(stats.to_dict(), indent=2))
+    options = dict(method=args.method, sparsity=sparsity, pattern=args.pattern, distribution=args.distribution,
+                   permute=args.permute, refine=args.refine, bits=args.bits, group_size=args.group_size,
+                   exclude=exclude, block_size=args.block_size, damp=args.damp, device=args.device)
+    if wants_out_of_core(args, model_dir):
+        vocab = lm_config(model_dir, args.seqlen).get_text_config().vocab_size
+        calib = calibration_ids(model_dir, Path(args.calibration), args.nsamples, args.seqlen, args.seed, vocab)
+        half = getattr(torch, args.activation_dtype) if args.activation_dtype else None
+        stats = prune_oneshot(model_dir, calib, out=out, activations=args.activations, activation_dtype=half,
+                              **options)
+    else:
+        model = load_lm(model_dir, args.seqlen)
+        vocab = model.get_input_embeddings().num_embeddings
+        calib = calibration_ids(model_dir, Path(args.calibration), args.nsamples, args.seqlen, args.seed, vocab)
+        stats = prune_oneshot(model, calib, **options).sparsetorch_stats
+        write_lm(model, model_dir, out, {"oneshot": {"method": args.method, "pattern": args.pattern,
+                                                     "distribution": args.distribution, "refine": args.refine,
+                                                     "bits": args.bits}},
+                 values="grid" if args.bits else "fp32")
+        (out / "oneshot.json").write_text(json.dumps(stats.to_dict(), indent=2))
     print(f"{'layer':48s} {'sparsity':>8s} {'seconds':>8s}")
     for r in stats.layers:
         print(f"{r.name:48s} {r.sparsity:8.3f} {r.seconds:8.3f}")
-    print(f"{args.method} {stats.pattern}: {len(stats.layers)} layers in {stats.blocks} blocks, {stats.seconds:.1f} s, "
+    print(f"{args.method} {stats.pattern} ({stats.mode}): {len(stats.layers)} layers in {stats.blocks} blocks, "
+          f"{stats.seconds:.1f} s, "
           f"peak memory {stats.peak_memory_mb:.0f} MB ({stats.memory_kind}) on {stats.device}; wrote {out}")
     return 0

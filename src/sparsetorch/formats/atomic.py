@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write", "STALE_AFTER_S"]
+__all__ = ["atomic_write", "atomic_path", "STALE_AFTER_S"]
 
 STALE_AFTER_S = 86400  # a temp file this old is a killed writer's, whatever its pid says
 
@@ -24,29 +24,35 @@ def atomic_write(path: str | os.PathLike, payload: bytes) -> Path:
     A run killed outright (SIGKILL, power loss) leaves it behind: the next save of the same ``path`` removes
     the temp files of that naming whose writer pid is dead, or that are older than a day; a live
     concurrent writer's temp file is left alone."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(payload)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """``atomic_write`` for a writer that wants a file name (e.g. ``safetensors.torch.save_file``, which streams
+    the tensors instead of building the whole file in memory first): yields the temp file's path; when the
+    block ends without an exception the file is fsynced and replaces ``path``, else it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
     with signals_raise(path):
         try:
             os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it a normal file's mode
-            with os.fdopen(fd, "wb") as fh:
-                fd = -1
-                fh.write(payload)
-                fh.flush()
+            yield Path(tmp)
+            with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
         except BaseException:
-            if fd != -1:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-    return path
 
 
 def remove_stale_temps(path: Path) -> None:

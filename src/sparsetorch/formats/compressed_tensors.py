@@ -45,7 +45,7 @@ from ..core.rollback import rollback
 from ..errors import SparsityError
 from .atomic import atomic_write
 from .index_checks import check_shape
-from .safetensors_file import read_safetensors_file
+from .safetensors_file import INDEX_FILE, read_safetensors_file, shard_files
 
 __all__ = ["read_compressed_tensors", "load_compressed_tensors", "save_compressed_tensors", "SPARSE_FORMATS",
            "FORMAT_PARTS"]
@@ -59,7 +59,6 @@ _ALL_PARTS = frozenset(p for parts in FORMAT_PARTS.values() for p in parts)
 # disable_sparse_compression=True); read as they are
 _READABLE = (*SPARSE_FORMATS, "dense")
 _CONFIG_KEYS = ("quantization_config", "compression_config")
-INDEX_FILE = "model.safetensors.index.json"
 _VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _WRITTEN_BY = "llm-compressor / compressed-tensors"
 _COMPRESSED_TENSORS_VERSION = "0.13.0"  # the package version our writer's layout matches (0.10 - 0.14)
@@ -138,36 +137,8 @@ def _refuse_quantization(qconfig: dict, where: Path) -> None:
 # ------------------------------------------------------------------------------------------------ tensors
 
 
-def _shard_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
-    """The shards to read and, with an index, its weight map (tensor name -> shard file name)."""
-    index_path = directory / INDEX_FILE
-    if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            _fail(f"{index_path} is not valid JSON ({exc}); the file is damaged", path=str(index_path))
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                       for k, v in weight_map.items()):
-            _fail(f"{index_path} has no weight_map of tensor names to shard files; the file is damaged",
-                  path=str(index_path))
-        names = sorted(set(weight_map.values()))
-        for name in names:
-            if Path(name).name != name or name in ("", ".", ".."):
-                _fail(f"{index_path} names a shard {name!r} outside the folder; the index is damaged or hostile",
-                      shard=name)
-            if not (directory / name).is_file():
-                _fail(f"{index_path} lists the shard {name!r}, which is missing from {directory}; copy the whole "
-                      "checkpoint folder", shard=name)
-        return [directory / n for n in names], weight_map
-    files = sorted(p for p in directory.glob("*.safetensors") if p.is_file())
-    if not files:
-        _fail(f"{directory} holds no *.safetensors files", path=str(directory))
-    return files, None
-
-
 def _read_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
-    files, weight_map = _shard_files(directory)
+    files, weight_map = shard_files(directory)
     tensors: dict[str, torch.Tensor] = {}
     for path in files:
         _, found = read_safetensors_file(path, written_by=_WRITTEN_BY)

@@ -37,13 +37,10 @@ def keep_masks(model) -> int:
     """Masks for training a pruned model without a sparsifier: every Linear-like layer holding zeros and no mask
     gets one from its zeros; LoRA adapters (PEFT) are made to train through their base layer's mask. Returns the
     number of masked layers; none at all is an error (nothing would stay sparse)."""
-    from ..core.masks import get_mask, iter_masks, set_mask
-    from ..oneshot.linear_layers import is_linear_like
+    from ..core.masks import iter_masks
+    from ..oneshot.linear_layers import mask_zeros
 
-    for _, module in model.named_modules():
-        w = getattr(module, "weight", None)
-        if is_linear_like(module) and w is not None and get_mask(module) is None and bool((w == 0).any()):
-            set_mask(module, w.detach() != 0)
+    mask_zeros(model)
     if any(type(m).__name__ == "LoraLayer" or hasattr(m, "lora_A") for m in model.modules()):
         from ..recovery.lora import mask_adapters
 

@@ -7,43 +7,32 @@ are processed block by block, anything else in one pass (see ``drivers``).
 """
 from __future__ import annotations
 
-import fnmatch
-import math
-import resource
+import os
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import SparsityError, check_sparsity
-from ..core.patterns import Pattern, check_pattern_fits, parse_pattern
-from ..core.post_training import resolve_density
-from ..core.layer_selection import as_spec_list, final_classifier
-from ..core.distributed import any_rank, disagreeing, is_distributed
+from ..errors import SparsityError
+from ..core.patterns import Pattern
+from ..core.distributed import any_rank, is_distributed
 from .blocks import blocks_chain, find_blocks
-from .calibration import prepare_calibration
-from .drivers import Job, forward_error, run_one_pass, run_sequential
-from .experts import (ExpertSlice, check_experts_understood, install_expert_masks, layer_matches, layer_module,
-                      prunable_layers, router_names)
-from .layer_pruner import METHOD_NEEDS, LayerPruner, Recipe
-from .linear_layers import weight_2d
+from .drivers import forward_error, run_one_pass, run_sequential
+from .experts import install_expert_masks, layer_module
 from .owl import OWL
-from .quantize import QuantGrid
+from .out_of_core import prune_checkpoint
+from .planning import (DISTRIBUTIONS, METHODS, REFINEMENTS, SparsitySpec, peak_memory,  # noqa: F401 - the CLI's
+                       on_every_rank, plan_job, skip_to_exclude)
 from .results import LayerResult, OneshotStats
 
 __all__ = ["prune_oneshot", "wanda", "sparsegpt", "ria", "alps", "OneshotStats", "LayerResult", "METHODS", "OWL"]
 
-METHODS = tuple(METHOD_NEEDS)
-DISTRIBUTIONS = ("uniform", "owl")
-REFINEMENTS = (None, "dsnot")
-SparsitySpec = float | Mapping[str, float] | None
-
 
 def prune_oneshot(
-    model: nn.Module,
+    model: nn.Module | str | os.PathLike,
     calibration: Iterable[Any] | None,
     *,
     method: str = "sparsegpt",
@@ -64,7 +53,10 @@ def prune_oneshot(
     device: str | torch.device | None = None,
     progress: bool | None = None,
     return_stats: bool | None = None,
-) -> nn.Module:
+    out: str | os.PathLike | None = None,
+    activations: str = "memory",
+    activation_dtype: torch.dtype | None = None,
+) -> nn.Module | OneshotStats:
     """Prune ``model``'s Linear layers in place from ``calibration`` and return the model.
 
     Args:
@@ -113,12 +105,18 @@ def prune_oneshot(
         return_stats: deprecated; the ``OneshotStats`` (per-layer results, seconds, peak memory) is
             always attached as ``model.sparsetorch_stats``. ``True`` still returns ``(model, stats)``.
 
+        out, activations, activation_dtype: out-of-core pruning, when ``model`` is a checkpoint folder (Hugging
+            Face ``config.json`` + safetensors shards) instead of a model: the pruned checkpoint is written to the
+            folder ``out``, one block at a time, and the run's ``OneshotStats`` is returned (see
+            ``oneshot.out_of_core``). ``activations="disk"`` spills the calibration activations to ``out``
+            instead of holding them in memory; ``activation_dtype=torch.float16`` (or bfloat16) holds them in
+            half precision.
+
     Under torchrun (torch.distributed initialised, several processes), each rank passes its own shard of
     the calibration set (``shard_calibration``) and the same model: every statistic (input norms, Hessians,
     OWL's outlier scores, per-expert token counts) is summed over the ranks before it is used, so every rank
-    ends with the same masks and weights, those of one process on the whole set up to the order of the
-    float additions (see docs/oneshot.md). Works with gloo (CPU) and NCCL (call
-    ``torch.cuda.set_device(local_rank)`` first).
+    ends with the same masks and weights, those of one process on the whole set (see docs/oneshot.md).
+    Works with gloo (CPU) and NCCL (call ``torch.cuda.set_device(local_rank)`` first).
 
     Results are installed as sparsetorch masks, so the model stays sparse when fine-tuned. A layer
     that no calibration token reaches (an MoE expert nothing was routed to) is pruned by magnitude,
@@ -126,23 +124,22 @@ def prune_oneshot(
     calibration data is invalid.
     """
     started = time.perf_counter()
-    recipe = _check_args(model, method, pattern, scope, block_size, damp, permute, bits, group_size, refine)
-    owl = _check_distribution(distribution, recipe.pattern, sparsity)
-    compute = _resolve_device(device)
-    include, exclude = _legacy_selection(include, exclude, skip, keep_head)
-    targets = _select(model, include, exclude)
-    densities = _densities(targets, sparsity, recipe.pattern)
-    for name, module in targets.items():
-        check_pattern_fits(weight_2d(module).shape, recipe.pattern, name)
-        if not torch.isfinite(module.weight.detach()).all():
-            raise SparsityError(f"{name} contains NaN or inf; fix the weights before pruning", layer=name)
+    options = dict(method=method, sparsity=sparsity, pattern=pattern, distribution=distribution, permute=permute,
+                   refine=refine, bits=bits, group_size=group_size, include=include, exclude=exclude, skip=skip,
+                   scope=scope, block_size=block_size, damp=damp, keep_head=keep_head, device=device,
+                   progress=progress)
+    if isinstance(model, (str, os.PathLike)):
+        return prune_checkpoint(model, calibration, out, options=options, activations=activations,
+                                activation_dtype=activation_dtype)
+    if out is not None or activations != "memory" or activation_dtype is not None:
+        raise SparsityError("out=, activations= and activation_dtype= apply to a checkpoint folder (out-of-core "
+                            "pruning); for a model in memory, prune it and call model.save_pretrained(DIR)")
+    job = plan_job(model, calibration, **options)
+    compute = job.pruner.device
     if compute.type == "cuda":
         torch.cuda.reset_peak_memory_stats(compute)
-    needs_data = recipe.needs_data or owl is not None
-    if needs_data and is_distributed():
-        _check_same_model(targets)
-    calib = _on_every_rank(prepare_calibration, model, calibration) if needs_data else None
-    job = Job(model, targets, calib, LayerPruner(recipe, compute), densities, owl, progress)
+    targets, densities, calib = job.targets, job.densities, job.calibration
+    needs_data = calib is not None
     was_training = model.training
     model.eval()
     try:
@@ -153,7 +150,7 @@ def prune_oneshot(
             install_expert_masks(targets)
         else:
             found = find_blocks(model)
-            sequential = found is not None and _on_every_rank(_sequential_ok, model, found[1], calib, targets)
+            sequential = found is not None and on_every_rank(_sequential_ok, model, found[1], calib, targets)
             if found is not None and is_distributed():  # each rank checked its own first item: all run one way
                 sequential = not any_rank(not sequential)
             if sequential:
@@ -163,7 +160,7 @@ def prune_oneshot(
     finally:
         model.train(was_training)
     stats.seconds = time.perf_counter() - started
-    stats.peak_memory_mb, stats.memory_kind = _peak_memory(compute)
+    stats.peak_memory_mb, stats.memory_kind = peak_memory(compute)
     model.sparsetorch_stats = stats
     if return_stats is not None:
         warnings.warn("prune_oneshot(return_stats=...) is deprecated; it always returns the model, read "
@@ -201,141 +198,6 @@ def sparsegpt(model: nn.Module, calibration: Iterable[Any], sparsity: SparsitySp
                          block_size=block_size, damp=damp, **kwargs)
 
 
-# --- validation (everything is checked before the model is touched) ---------------------------------
-
-def _check_args(model, method, pattern, scope, block_size, damp, permute, bits, group_size, refine) -> Recipe:
-    if not isinstance(model, nn.Module):
-        raise SparsityError(f"expected an nn.Module, got {type(model).__name__}")
-    if method not in METHODS:
-        raise SparsityError(f"unknown method {method!r}; choose one of {list(METHODS)}", method=method)
-    pat = parse_pattern(pattern)
-    if pat.kind not in ("unstructured", "nm"):
-        raise SparsityError(f"one-shot pruning supports 'unstructured' and 'N:M' patterns, got '{pat}'",
-                            pattern=str(pat))
-    if scope not in (None, "layer", "row"):
-        raise SparsityError(f"unknown scope {scope!r}; use 'layer', 'row' or None (the method's default)",
-                            scope=scope)
-    if not isinstance(block_size, int) or block_size < 1:
-        raise SparsityError(f"block_size must be a positive integer, got {block_size!r}", block_size=block_size)
-    if not isinstance(damp, (int, float)) or not math.isfinite(damp) or damp < 0:
-        raise SparsityError(f"damp must be a finite number >= 0 (e.g. 0.01), got {damp!r}", damp=damp)
-    if permute and (method != "ria" or pat.kind != "nm"):
-        raise SparsityError(f"permute=True is RIA's channel permutation for N:M patterns; use method='ria' with "
-                            f"pattern='2:4' (or another N:M), got method={method!r}, pattern='{pat}'", permute=permute)
-    grid = None
-    if bits is not None:
-        grid = QuantGrid(bits, group_size)
-        wrong = {str(p.dtype) for p in model.parameters() if p.dim() == 2 and p.dtype != torch.float32}
-        if wrong:
-            raise SparsityError(f"bits={bits} puts the kept weights exactly on an int{bits} grid, which needs float32 "
-                                f"weights; the model has {sorted(wrong)} (load it with torch_dtype=torch.float32)",
-                                bits=bits)
-    elif group_size is not None:
-        raise SparsityError("group_size applies to quantization; pass bits=8 or bits=4 with it", group_size=group_size)
-    if refine not in REFINEMENTS:
-        raise SparsityError(f"unknown refine {refine!r}; choose one of {list(REFINEMENTS)}", refine=refine)
-    return Recipe(method, pat, scope, block_size, float(damp), bool(permute), grid, refine)
-
-
-def _check_distribution(distribution, pat: Pattern, sparsity) -> OWL | None:
-    """None for uniform, the OWL settings for OWL."""
-    if isinstance(distribution, OWL):
-        owl = distribution
-    elif distribution in DISTRIBUTIONS:
-        owl = OWL() if distribution == "owl" else None
-    else:
-        raise SparsityError(f"unknown distribution {distribution!r}; choose one of {list(DISTRIBUTIONS)} "
-                            "(or pass sparsetorch.oneshot.OWL(m=..., lam=...))", distribution=distribution)
-    if owl is not None and pat.kind != "unstructured":
-        raise SparsityError(f"distribution='owl' varies the sparsity per block, which a fixed {pat} pattern cannot; "
-                            "use pattern='unstructured' or distribution='uniform'", pattern=str(pat))
-    if owl is not None and isinstance(sparsity, Mapping):
-        raise SparsityError("distribution='owl' sets each block's sparsity around one target; pass sparsity as one "
-                            "number, not a dict", distribution="owl")
-    return owl
-
-
-def _resolve_device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise SparsityError(f"bad device {device!r}: {exc}", device=device) from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SparsityError("device='cuda' but CUDA is not available; pass device='cpu' or None", device=device)
-    return dev
-
-
-def _glob_match(name: str, key: str) -> bool:
-    """Keys of a ``sparsity`` dict: a key without ``*?[`` matches as a substring."""
-    if any(c in key for c in "*?["):
-        return fnmatch.fnmatchcase(name, key) or fnmatch.fnmatchcase(f"{name}.weight", key)
-    return key in name
-
-
-def skip_to_exclude(skip) -> list[str]:
-    """The ``exclude=`` globs equivalent to an old ``skip=`` (a key without a wildcard was a substring)."""
-    globs = [skip] if isinstance(skip, str) else list(skip)
-    return [g if any(c in g for c in "*?[") else f"*{g}*" for g in globs]
-
-
-def _legacy_selection(include, exclude, skip, keep_head):
-    """Map the deprecated ``skip=``/``keep_head=`` onto ``include=``/``exclude=``, with a warning."""
-    if skip is not None:
-        new = skip_to_exclude(skip)
-        warnings.warn(f"prune_oneshot(skip=...) is deprecated; use exclude={new}", DeprecationWarning, stacklevel=3)
-        exclude = as_spec_list(exclude) + new
-    if keep_head is not None:
-        warnings.warn("prune_oneshot(keep_head=...) is deprecated; the head is kept dense by default, "
-                      "include it explicitly with include=['*'] or its name", DeprecationWarning, stacklevel=3)
-        if keep_head is False and include is None:
-            include = ["*"]
-    return include, exclude
-
-
-def _select(model: nn.Module, include, exclude) -> dict[str, nn.Module]:
-    """Linear-like layers (and MoE experts, one target per expert) to prune, in module order, chosen as
-    ``sparsetorch.prune`` does; the head and MoE routers stay dense unless ``include`` names them."""
-    linears = prunable_layers(model)
-    if not linears:
-        raise SparsityError(f"{type(model).__name__} has no Linear layer to prune; one-shot pruning works on "
-                            "nn.Linear (and transformers Conv1D) layers")
-    includes, excludes = as_spec_list(include), as_spec_list(exclude)
-    for spec in includes:
-        if not any(layer_matches(n, m, [spec]) for n, m in linears):
-            raise SparsityError(f"include pattern {spec!r} matches no Linear layer; layers are named like "
-                                f"{[n for n, _ in linears[:5]]}", include=spec)
-    if includes:
-        chosen = [(n, m) for n, m in linears if layer_matches(n, m, includes)]
-    else:
-        dense = {final_classifier(model, [(n, m) for n, m in linears if not isinstance(m, ExpertSlice)])}
-        dense |= router_names(model)
-        chosen = [(n, m) for n, m in linears if n not in dense]
-    chosen = {n: m for n, m in chosen if not layer_matches(n, m, excludes)}
-    check_experts_understood(model, includes, excludes)
-    if not chosen:
-        raise SparsityError(f"no layer left to prune after include={includes} and exclude={excludes}; "
-                            f"layers are named like {[n for n, _ in linears[:5]]}", exclude=excludes)
-    return chosen
-
-
-def _densities(targets: dict[str, nn.Module], sparsity: SparsitySpec, pat: Pattern) -> dict[str, float]:
-    if not isinstance(sparsity, Mapping):
-        density = resolve_density(sparsity, pat)
-        return dict.fromkeys(targets, density)
-    for key, value in sparsity.items():
-        check_sparsity(value, f"sparsity[{key!r}]")
-    out = {}
-    for name in targets:
-        key = next((k for k in sparsity if _glob_match(name, k)), None)
-        if key is None:
-            raise SparsityError(f"layer {name} matches no key of sparsity={dict(sparsity)}; add a key for it "
-                                "(e.g. '*': 0.5 as a catch-all) or leave it out with exclude=[...]", layer=name)
-        out[name] = resolve_density(sparsity[key], pat)
-    return out
-
-
 def _sequential_ok(model, blocks, calib, targets) -> bool:
     """Block-by-block processing applies if the blocks hold the targets and chain exactly."""
     inside = {id(m) for b in blocks for m in b.modules()}
@@ -345,39 +207,3 @@ def _sequential_ok(model, blocks, calib, targets) -> bool:
         return blocks_chain(model, blocks, calib.run, calib.samples[0])
     except Exception as exc:  # noqa: BLE001 - any failure of the user's forward is a data error
         raise forward_error(exc) from exc
-
-
-def _on_every_rank(step, *args):
-    """``step(*args)``; under torchrun a ``SparsityError`` on any rank (an invalid calibration shard) is raised
-    on every rank, which would otherwise wait forever for it in the next collective."""
-    try:
-        result, error = step(*args), None
-    except SparsityError as exc:
-        result, error = None, exc
-    if any_rank(error is not None):
-        if error is not None:
-            raise error
-        raise SparsityError("another rank rejected its calibration shard (see that rank's error); every rank must "
-                            "pass valid, non-empty inputs (sparsetorch.oneshot.shard_calibration splits a list)")
-    return result
-
-
-def _check_same_model(targets: dict[str, nn.Module]) -> None:
-    """Under torchrun every rank must prune the same model: statistics of different weights cannot be pooled."""
-    modules = {id(layer_module(m)): (n, layer_module(m)) for n, m in targets.items()}
-    tensors, names = [], []
-    for name, module in modules.values():
-        for p in module.parameters(recurse=False):
-            if p.device.type != "meta":
-                tensors.append(p.detach())
-                names.append(name)
-    differ = sorted({names[i] for i in disagreeing(tensors)})
-    if differ:
-        raise SparsityError(f"the ranks hold different weights (e.g. {differ[:3]}); load the same model on every rank "
-                            "(the same checkpoint, or the same seed) before prune_oneshot", layers=differ[:10])
-
-
-def _peak_memory(device: torch.device) -> tuple[float, str]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"

@@ -176,25 +176,32 @@ def capture_first_block(model: nn.Module, block: nn.Module, run_model: Callable[
 
 def blocks_chain(model: nn.Module, blocks: nn.ModuleList, run_model: Callable[[Any], Any], sample: Any) -> bool:
     """True if, for ``sample``, each block's hidden-state input is exactly the previous block's output,
-    i.e. running block by block reproduces the model (checked on the dense model before pruning)."""
-    seen_in: list[torch.Tensor] = []
-    seen_out: list[torch.Tensor] = []
+    i.e. running block by block reproduces the model (checked on the dense model before pruning). Checked as
+    the blocks run, holding one output at a time (a deep model's every activation would not fit)."""
+    state = {"calls": 0, "outs": 0, "chained": True, "last": None}
 
     def pre(_m, args, kwargs):
-        seen_in.append(args[0] if args else kwargs.get("hidden_states"))
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if state["calls"] > 0:
+            last = state["last"]
+            state["chained"] &= isinstance(hidden, torch.Tensor) and isinstance(last, torch.Tensor) and \
+                hidden.shape == last.shape and torch.equal(hidden, last)
+        state["calls"] += 1
 
-    def post(_m, _args, _kwargs, output):
-        seen_out.append(first_tensor(output))
+    def post(module, _args, _kwargs, output):
+        state["last"] = first_tensor(output)
+        state["outs"] += 1
+        if module is blocks[-1]:
+            raise _Stop  # the head is not needed (and out of core, not loaded)
 
     handles = [b.register_forward_pre_hook(pre, with_kwargs=True) for b in blocks]
     handles += [b.register_forward_hook(post, with_kwargs=True) for b in blocks]
     try:
         with torch.no_grad():
             run_model(sample)
+    except _Stop:
+        pass
     finally:
         for h in handles:
             h.remove()
-    if len(seen_in) != len(blocks) or len(seen_out) != len(blocks):
-        return False
-    return all(isinstance(a, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
-               for a, b in zip(seen_in[1:], seen_out[:-1]))
+    return state["calls"] == len(blocks) and state["outs"] == len(blocks) and state["chained"]

@@ -109,11 +109,12 @@ def shard_calibration(calibration, rank: int | None = None, world_size: int | No
     return samples[rank * n // world:(rank + 1) * n // world]
 
 
-def prepare_calibration(model: nn.Module, calibration) -> Calibration:
-    """Check every calibration item before anything runs (a bad item never leaves a half-pruned model)."""
+def prepare_calibration(model: nn.Module, calibration, device: torch.device | None = None) -> Calibration:
+    """Check every calibration item before anything runs (a bad item never leaves a half-pruned model).
+    Items are moved to ``device`` when run (default: where the model's first parameter is)."""
     samples = _as_list(calibration)
     param = next(model.parameters(), None)
-    home = param.device if param is not None else torch.device("cpu")
+    home = device if device is not None else param.device if param is not None else torch.device("cpu")
     emb = input_embedding(model)
     if emb is None:
         return _plain_calibration(model, samples, home)

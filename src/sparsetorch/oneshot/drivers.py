@@ -16,6 +16,7 @@ rank (``_agree``) before the next block's inputs are computed from them.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -98,23 +99,23 @@ def _agree(layers: dict[str, nn.Module], out: OneshotStats) -> None:
         out.from_rank0.extend(n for n in names[i] if n not in out.from_rank0)
 
 
-def _prune_group(job: Job, layers: dict[str, nn.Module], stats: dict, density_of, out: OneshotStats) -> None:
+def prune_group(job: Job, layers: dict[str, nn.Module], stats: dict, density_of, out: OneshotStats) -> None:
     for name, module in layers.items():
-        s = stats.get(name)
+        s = stats.pop(name, None)  # freed once its layer is pruned: no Hessian outlives its layer
         note = _no_tokens_note(name, out) if job.pruner.recipe.needs_data and (s is None or s.count == 0) else ""
         out.layers.append(job.pruner.prune(name, module, s, density_of(name), note))
     install_expert_masks(layers)  # expert slices' masks become one mask per fused 3-D parameter
     _agree(layers, out)
 
 
-def _owl_ratio(layers: dict[str, nn.Module], stats: dict, owl: OWL) -> float:
+def owl_ratio(layers: dict[str, nn.Module], stats: dict, owl: OWL) -> float:
     device = next(iter(stats.values())).device
     scores = [weight_2d(m).detach().to(device, torch.float32).abs() * stats[n].sq_norm.sqrt()[None, :]
               for n, m in layers.items() if stats[n].count]  # Wanda's |W| * ||X||
     return outlier_ratio(scores, owl.m) if scores else 0.0
 
 
-def _owl_reallocate(job: Job, groups: list[list[str]], ratios: list[float], out: OneshotStats) -> dict[str, float]:
+def owl_reallocate(job: Job, groups: list[list[str]], ratios: list[float], out: OneshotStats) -> dict[str, float]:
     """OWL's per-group densities around the uniform target, spread to every layer of the group."""
     target = next(iter(job.densities.values()))
     sizes = [sum(weight_2d(job.targets[n]).numel() for n in g) for g in groups]
@@ -144,27 +145,32 @@ def run_one_pass(job: Job) -> OneshotStats:
     densities = job.densities
     if job.owl is not None:
         names = list(job.targets)
-        ratios = [_owl_ratio({n: job.targets[n]}, stats, job.owl) for n in names]
-        densities = _owl_reallocate(job, [[n] for n in names], ratios, out)
-    _prune_group(job, job.targets, stats, densities.__getitem__, out)
+        ratios = [owl_ratio({n: job.targets[n]}, stats, job.owl) for n in names]
+        densities = owl_reallocate(job, [[n] for n in names], ratios, out)
+    prune_group(job, job.targets, stats, densities.__getitem__, out)
     return out
 
 
-class _BlockRunner:
-    """Feeds one block its calibration inputs, collecting its layers' statistics without padding."""
+class BlockRunner:
+    """Feeds one block its calibration inputs, collecting its layers' statistics without padding.
 
-    def __init__(self, job: Job, blocks: nn.ModuleList) -> None:
+    ``calls[block][sample]`` says how the model calls each block (captured from the model unless given);
+    hidden states are any iterable of tensors, one per sample, so they can stream from disk."""
+
+    def __init__(self, job: Job, blocks: nn.ModuleList, calls: list | None = None) -> None:
         self.job, self.blocks, self.device = job, blocks, job.pruner.device
         self.index = {id(b): i for i, b in enumerate(blocks)}
-        error = None
-        try:  # calls[block][sample]: each block is replayed with the arguments the model gives it
-            self.calls = capture_block_calls(job.model, blocks, job.calibration.run, job.calibration.samples)
-        except Exception as exc:  # noqa: BLE001 - the model is untouched so far
-            error = exc
-        if any_rank(error is not None):  # torchrun: one rank's failure stops every rank before any collective
-            if error is not None:
-                raise forward_error(error) from error
-            raise _failed_elsewhere()
+        if calls is None:
+            error = None
+            try:  # calls[block][sample]: each block is replayed with the arguments the model gives it
+                calls = capture_block_calls(job.model, blocks, job.calibration.run, job.calibration.samples)
+            except Exception as exc:  # noqa: BLE001 - the model is untouched so far
+                error = exc
+            if any_rank(error is not None):  # torchrun: one rank's failure stops every rank before any collective
+                if error is not None:
+                    raise forward_error(error) from error
+                raise _failed_elsewhere()
+        self.calls = calls
 
     def first_inputs(self) -> list[torch.Tensor]:
         return [c.hidden.to(self.device) for c in self.calls[0]]  # one per sample
@@ -173,7 +179,7 @@ class _BlockRunner:
         inside = {id(m) for m in block.modules()}
         return {n: m for n, m in self.job.targets.items() if id(layer_module(m)) in inside}
 
-    def collect(self, block: nn.Module, layers: dict, hidden: list, hessian: bool) -> dict:
+    def collect(self, block: nn.Module, layers: dict, hidden: Iterable[torch.Tensor], hessian: bool) -> dict:
         tokens = TokenMask()
         stats, handles = attach_layer_stats(layers, self.device, hessian, tokens)
         error = None
@@ -191,15 +197,39 @@ class _BlockRunner:
             raise error
         return stats
 
-    def forward(self, block: nn.Module, hidden: list) -> list[torch.Tensor]:
-        return [call.run(block, h, self.device) for call, h in zip(self.calls[self.index[id(block)]], hidden)]
+    def outputs(self, block: nn.Module, hidden: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """The block's output for each sample, one at a time."""
+        for call, h in zip(self.calls[self.index[id(block)]], hidden):
+            yield call.run(block, h, self.device)
+
+    def forward(self, block: nn.Module, hidden: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+        return list(self.outputs(block, hidden))
+
+
+def prune_block(job: Job, runner: BlockRunner, block: nn.Module, hidden: Iterable[torch.Tensor],
+                densities: dict[str, float], out: OneshotStats) -> None:
+    """Collect the statistics of ``block``'s target layers on ``hidden`` and prune them (the block is on the
+    runner's device)."""
+    layers = runner.layers_of(block)
+    stats = runner.collect(block, layers, hidden, job.pruner.recipe.needs_hessian)
+    prune_group(job, layers, stats, densities.__getitem__, out)
+
+
+def owl_block(job: Job, runner: BlockRunner, block: nn.Module,
+              hidden: Iterable[torch.Tensor]) -> tuple[list[str], float] | None:
+    """OWL's statistic of one dense block: (its target layers, their outlier ratio); None if it has none."""
+    layers = runner.layers_of(block)
+    if not layers:
+        return None
+    stats = runner.collect(block, layers, hidden, hessian=False)
+    return list(layers), owl_ratio(layers, stats, job.owl)
 
 
 @torch.no_grad()
 def run_sequential(job: Job, blocks: nn.ModuleList) -> OneshotStats:
     from tqdm.auto import tqdm
 
-    runner = _BlockRunner(job, blocks)
+    runner = BlockRunner(job, blocks)
     out = job.stats_for("sequential")
     out.blocks = len(blocks)
     inside = {id(m) for b in blocks for m in b.modules()}
@@ -219,10 +249,7 @@ def run_sequential(job: Job, blocks: nn.ModuleList) -> OneshotStats:
     for block in bar:
         home = next(block.parameters()).device
         block.to(runner.device)
-        layers = runner.layers_of(block)
-        stats = runner.collect(block, layers, hidden, job.pruner.recipe.needs_hessian)
-        _prune_group(job, layers, stats, densities.__getitem__, out)
-        del stats
+        prune_block(job, runner, block, hidden, densities, out)
         hidden = runner.forward(block, hidden)  # the next block sees this block's pruned outputs
         block.to(home)
     if outside:  # e.g. a pooler or a layer the user included by name: one pass over the pruned model
@@ -238,17 +265,16 @@ def _shares_an_embedding(model: nn.Module, layer: nn.Module) -> bool:
     return weight is not None and any(isinstance(m, nn.Embedding) and m.weight is weight for m in model.modules())
 
 
-def _owl_pass(job: Job, blocks: nn.ModuleList, runner: _BlockRunner, out: OneshotStats) -> dict[str, float]:
+def _owl_pass(job: Job, blocks: nn.ModuleList, runner: BlockRunner, out: OneshotStats) -> dict[str, float]:
     """OWL's statistics: each block's outlier ratio on the dense model, block by block."""
     hidden, groups, ratios = runner.first_inputs(), [], []
     for block in blocks:
         home = next(block.parameters()).device
         block.to(runner.device)
-        layers = runner.layers_of(block)
-        if layers:
-            stats = runner.collect(block, layers, hidden, hessian=False)
-            groups.append(list(layers))
-            ratios.append(_owl_ratio(layers, stats, job.owl))
+        found = owl_block(job, runner, block, hidden)
+        if found is not None:
+            groups.append(found[0])
+            ratios.append(found[1])
         hidden = runner.forward(block, hidden)
         block.to(home)
-    return _owl_reallocate(job, groups, ratios, out)
+    return owl_reallocate(job, groups, ratios, out)

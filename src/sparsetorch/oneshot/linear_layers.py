@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..core.distributed import all_reduce_sum, is_distributed
+from ..core.masks import get_mask, set_mask
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -20,6 +21,18 @@ def is_linear_like(module: nn.Module) -> bool:
     # transformers.pytorch_utils.Conv1D, recognised without importing transformers
     weight = getattr(module, "weight", None)
     return type(module).__name__ == "Conv1D" and isinstance(weight, nn.Parameter) and weight.dim() == 2
+
+
+def mask_zeros(model: nn.Module) -> int:
+    """Give every Linear-like layer of ``model`` that holds zeros and has no mask the mask of its nonzeros
+    (a pruned model read back from a plain checkpoint, zeros in place). Returns how many got one."""
+    count = 0
+    for _, module in model.named_modules():
+        w = getattr(module, "weight", None)
+        if is_linear_like(module) and w is not None and get_mask(module) is None and bool((w == 0).any()):
+            set_mask(module, w.detach() != 0)
+            count += 1
+    return count
 
 
 def is_transposed(module: nn.Module) -> bool:

@@ -23,7 +23,7 @@ class OneshotStats:
 
     method: str
     pattern: str
-    mode: str  # "sequential" (block by block), "one-pass" (hooks on every layer) or "weights-only"
+    mode: str  # "sequential" (block by block), "one-pass" (hooks on every layer), "weights-only" or "out-of-core"
     device: str
     blocks: int = 0
     seconds: float = 0.0
@@ -36,6 +36,7 @@ class OneshotStats:
     unrouted: list[str] = field(default_factory=list)  # layers/experts no calibration token reached (on any rank)
     world_size: int = 1  # processes whose calibration shards were pooled (torchrun)
     from_rank0: list[str] = field(default_factory=list)  # layers a rank solved differently: rank 0's result taken
+    block_seconds: list[float] = field(default_factory=list)  # out of core: wall time of each block (read, prune, write)
     layers: list[LayerResult] = field(default_factory=list)
 
     @property

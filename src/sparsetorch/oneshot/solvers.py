@@ -69,11 +69,12 @@ def mean_diagonal(hessian: torch.Tensor) -> float:
 def dampened(hessian: torch.Tensor, damp: float, max_tries: int = 6):
     """Yield (H + d * mean(diag H) * I, d) for d = damp, 10 damp, 100 damp, ...: the damping every
     solver retries with until its factorisation succeeds."""
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     scale = mean_diagonal(hessian)
     for attempt in range(max_tries):
         d = damp * 10**attempt
-        yield hessian + (d * scale) * eye, d
+        h = hessian.clone()
+        h.diagonal().add_(d * scale)  # no [in, in] identity: on a 5504-wide layer it is 121 MB more at the peak
+        yield h, d
 
 
 def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float, max_tries: int = 6) -> tuple[torch.Tensor, float]:
@@ -85,9 +86,12 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float, max_tries: int 
     scale = mean_diagonal(hessian)
     for h, d in dampened(hessian, damp, max_tries):
         lower, info = torch.linalg.cholesky_ex(h)
+        del h  # each [in, in] temporary goes as soon as the next exists (one-shot's peak memory)
         if int(info) == 0:
             hinv = torch.cholesky_inverse(lower)
+            del lower
             upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            del hinv
             if int(info) == 0 and torch.isfinite(upper).all():
                 return upper, d
     # diagonal fallback: OBS without cross terms (pure magnitude-over-curvature selection)
@@ -146,6 +150,7 @@ def sparsegpt_solve(weight, hessian, density, pattern, block_size=128, damp=0.01
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     U, used_damp = inverse_hessian_cholesky(H, damp)
+    del H
     if pattern.kind == "nm":
         block_size = max(pattern.m, block_size - block_size % pattern.m)
     counts = _prune_counts(rows, cols, density, block_size)
