@@ -358,3 +358,7 @@ def test_bits_needs_float32_and_group_size_needs_bits():
         prune_oneshot(tiny_lm(), tiny_calibration(), method="wanda", group_size=16)
     with pytest.raises(SparsityError, match="float32"):
         prune_oneshot(tiny_lm().to(torch.bfloat16), tiny_calibration(), method="wanda", bits=8)
+    model = tiny_lm()
+    model.get_input_embeddings().to(torch.bfloat16)  # neither pruned nor quantized: its dtype does not matter
+    prune_oneshot(model, None, method="magnitude", bits=8, progress=False)
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16 and model.sparsetorch_stats.layers

@@ -48,6 +48,12 @@ def plan_job(model: nn.Module, calibration: Iterable[Any] | None, *, method: str
     include, exclude = legacy_selection(include, exclude, skip, keep_head)
     targets = select_targets(model, include, exclude)
     densities = densities_for(targets, sparsity, recipe.pattern)
+    if recipe.grid is not None:  # only the pruned layers are quantized: embeddings and the head may be any dtype
+        wrong = {str(weight_2d(m).dtype) for m in targets.values() if weight_2d(m).dtype != torch.float32}
+        if wrong:
+            raise SparsityError(f"bits={bits} puts the kept weights exactly on an int{bits} grid, which needs float32 "
+                                f"weights; the layers to prune have {sorted(wrong)} (load the model with "
+                                "torch_dtype=torch.float32)", bits=bits)
     for name, module in targets.items():
         check_pattern_fits(weight_2d(module).shape, recipe.pattern, name)
         if check_values and not torch.isfinite(module.weight.detach()).all():
@@ -111,11 +117,6 @@ def check_args(model, method, pattern, scope, block_size, damp, permute, bits, g
     grid = None
     if bits is not None:
         grid = QuantGrid(bits, group_size)
-        wrong = {str(p.dtype) for p in model.parameters() if p.dim() == 2 and p.dtype != torch.float32}
-        if wrong:
-            raise SparsityError(f"bits={bits} puts the kept weights exactly on an int{bits} grid, which needs float32 "
-                                f"weights; the model has {sorted(wrong)} (load it with torch_dtype=torch.float32)",
-                                bits=bits)
     elif group_size is not None:
         raise SparsityError("group_size applies to quantization; pass bits=8 or bits=4 with it", group_size=group_size)
     if refine not in REFINEMENTS:
