@@ -65,10 +65,13 @@ def _no_tokens_note(name: str, out: OneshotStats) -> str:
 
 
 def _share_stats(stats: dict, error: Exception | None) -> None:
-    """Sum ``stats`` over the ranks (torchrun); if another rank could not run its shard, fail here too
-    rather than wait for it forever. The caller raises its own ``error``."""
+    """Sum ``stats`` over the ranks (torchrun), then round them to float32 (``InputStats.finish``); if another
+    rank could not run its shard, fail here too rather than wait for it forever. The caller raises its own
+    ``error``."""
     if all_reduce_stats(stats, failed=error is not None) and error is None:
         raise _failed_elsewhere()
+    for s in stats.values():
+        s.finish()
 
 
 def _failed_elsewhere() -> SparsityError:
