@@ -135,6 +135,23 @@ def dense_copy(model):
 
 
 @needs_ext
+def test_exact_bitmask_layers_join_chains_and_lossy_ones_do_not():
+    """to_inference may time the float32 bitmask kernel fastest for a layer (a busy CPU made it win for the digits
+    MLP's fc1, which then fell out of its chain); its weights are exact, so it chains like CSR. Rounded values
+    (bf16) stay out: a chain would store them as float32 again."""
+    from sparsetorch.inference.chain_decision import linear_predicate
+    from sparsetorch.inference.packed_modules import PackedLinear
+    from sparsetorch.kernels.bitmask_weight import BitmaskWeight
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 64, generator=g) * (torch.rand(32, 64, generator=g) < 0.1)
+    is_linear = linear_predicate(0.3)
+    exact = PackedLinear(64, 32, None, "bitmask", BitmaskWeight.from_dense(w))
+    rounded = PackedLinear(64, 32, None, "bitmask", BitmaskWeight.from_dense(w, values="bf16"))
+    assert is_linear(exact) and not is_linear(rounded)
+
+
+@needs_ext
 @pytest.mark.parametrize("batch", [1, 64])
 def test_to_inference_fuses_the_digits_mlp(batch):
     torch.manual_seed(0)

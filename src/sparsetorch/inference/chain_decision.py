@@ -20,6 +20,8 @@ __all__ = ["fuse_chains", "linear_predicate"]
 def linear_predicate(min_sparsity: float) -> Callable[[nn.Module], bool]:
     def is_linear(mod) -> bool:
         if isinstance(mod, PackedLinear):
+            if mod.packed is not None and mod.kernel == "bitmask":  # exact only with float32 values (no rounding to undo)
+                return mod.packed.values.dtype == torch.float32 and not mod.packed.dense_values
             return mod.packed is not None and mod.kernel in ("csr", "nm", "bsr", "torch-csr", "torch-bsr")
         if type(mod) is not nn.Linear or mod.weight.dtype != torch.float32 or mod.weight.device.type != "cpu":
             return False
