@@ -69,7 +69,7 @@ class LayerPruner:
         result = LayerResult(name, 0.0, 0.0, numel=W.numel(), target=1.0 - density, note=note)
         self.order, self.scales = None, None
         has_data = stats is not None and stats.count > 0
-        hessian = stats.hessian() if has_data and stats.has_hessian else None  # [in, in], once per layer
+        hessian = stats.take_hessian() if has_data and stats.has_hessian else None  # [in, in], once per layer
         if not has_data:  # weights only (magnitude, or a layer no token reached)
             keep, new_w = solvers.magnitude_mask(W, density, self.recipe.pattern, self.recipe.scope or "layer"), None
         else:

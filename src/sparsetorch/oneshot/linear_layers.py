@@ -136,11 +136,11 @@ class InputStats:
         (242 + 121 MB for a 5504-wide layer, where one-shot pruning out of core is bounded by memory)."""
         self.totals = {key: total.float() for key, total in self.totals.items()}
 
-    def hessian(self) -> torch.Tensor:
-        """H = 2 X^T X / n (the curvature of the layer-wise squared reconstruction error), float32, a new tensor."""
+    def take_hessian(self) -> torch.Tensor:
+        """H = 2 X^T X / n (the curvature of the layer-wise squared reconstruction error), float32, handed over:
+        the stats drop their X^T X (scaled in place once finished), so a solve never holds two [in, in] copies."""
         assert self.has_hessian and self.count > 0
-        xtx = self.totals["xtx"]
-        return (xtx.clone() if xtx.dtype == torch.float32 else xtx.float()).mul_(2.0 / self.count)
+        return self.totals.pop("xtx").float().mul_(2.0 / self.count)
 
 
 def all_reduce_stats(stats: Mapping[str, InputStats], failed: bool = False) -> bool:
