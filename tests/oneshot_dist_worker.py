@@ -169,6 +169,47 @@ def disagreeing_solver(rank: int):
         solvers.sparsegpt_solve = original
 
 
+def ooc_llama():
+    """A tiny Llama to save as a checkpoint folder for the out-of-core case."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                        vocab_size=1000)
+    return T.LlamaForCausalLM(cfg)
+
+
+def ooc_items() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    return [torch.randint(0, 1000, (1, 16 + 4 * i), generator=g) for i in range(5)]
+
+
+def folder_tensors(folder: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            out |= load_file(os.path.join(folder, name))
+    return out
+
+
+def out_of_core(out_dir: str, rank: int) -> tuple[dict, dict]:
+    """A checkpoint folder pruned out of core under torchrun: each rank its shard, rank 0 writes the output."""
+    from sparsetorch.oneshot import prune_oneshot, shard_calibration
+
+    src, pruned = os.path.join(out_dir, "checkpoint"), os.path.join(out_dir, "pruned")
+    if rank == 0:
+        ooc_llama().save_pretrained(src)
+    dist.barrier()
+    stats = prune_oneshot(src, shard_calibration(ooc_items()), method="sparsegpt", sparsity=0.5, out=pruned,
+                          progress=False)
+    dist.barrier()  # rank 0's files are complete
+    report = {"world_size": stats.world_size, "complete": os.path.exists(os.path.join(pruned, ".sparsetorch-run",
+                                                                                     "complete.json"))}
+    return report, folder_tensors(pruned)
+
+
 def main(out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -185,6 +226,8 @@ def main(out_dir: str) -> None:
                                  "mode": stats.mode, "unrouted": stats.unrouted,
                                  "targets": [r.target for r in stats.layers]}
         tensors |= {f"{name}/{k}": v for k, v in tensors_of(model).items()}
+    report["ooc"], written = out_of_core(out_dir, rank)
+    tensors |= {f"ooc/{k}": v for k, v in written.items()}
     model = disagreeing_solver(rank)
     report["disagree"] = {"from_rank0": model.sparsetorch_stats.from_rank0}
     tensors |= {f"disagree/{k}": v for k, v in tensors_of(model).items()}

@@ -47,7 +47,7 @@ def ranks(tmp_path_factory):
 def test_both_ranks_end_bitwise_identical(ranks):
     (report0, tensors0), (report1, tensors1) = ranks
     assert tensors0.keys() == tensors1.keys()
-    assert {key.split("/")[0] for key in tensors0} == {*worker.CASES, "disagree"}
+    assert {key.split("/")[0] for key in tensors0} == {*worker.CASES, "disagree", "ooc"}
     for key in tensors0:
         assert torch.equal(tensors0[key], tensors1[key]), key
     for name in worker.CASES:
@@ -70,6 +70,24 @@ def test_each_case_equals_one_process_on_the_whole_set_bitwise(ranks, name, one_
     stats = model.sparsetorch_stats
     assert report0["cases"][name]["targets"] == [r.target for r in stats.layers]  # OWL: the same per-block targets
     assert report0["cases"][name]["unrouted"] == stats.unrouted
+
+
+def test_out_of_core_under_torchrun_equals_one_process(ranks, tmp_path, one_thread):
+    """A checkpoint folder pruned out of core by 2 ranks (each its shard, rank 0 writing) holds bitwise the files
+    one process writes from the whole set."""
+    from sparsetorch.oneshot import prune_oneshot
+
+    (report0, tensors0), (report1, _) = ranks
+    assert report0["ooc"] == report1["ooc"] == {"world_size": 2, "complete": True}
+    worker.ooc_llama().save_pretrained(tmp_path / "checkpoint")
+    prune_oneshot(str(tmp_path / "checkpoint"), worker.ooc_items(), method="sparsegpt", sparsity=0.5,
+                  out=str(tmp_path / "pruned"), progress=False)
+    single = worker.folder_tensors(str(tmp_path / "pruned"))
+    mine = {k.split("/", 1)[1]: v for k, v in tensors0.items() if k.startswith("ooc/")}
+    assert mine.keys() == single.keys() and any(k.endswith("down_proj.weight") for k in single)
+    for key in single:
+        assert torch.equal(mine[key], single[key]), key
+    assert float((single["model.layers.0.mlp.down_proj.weight"] == 0).float().mean()) == 0.5
 
 
 def test_owl_case_spreads_sparsity_over_blocks(ranks):
