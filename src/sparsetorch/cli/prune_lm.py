@@ -115,21 +115,12 @@ def _max_positions(config) -> int | None:
 
 
 def load_lm(model_dir: Path, seqlen: int):
-    """AutoModelForCausalLM from ``model_dir``, checked to be a model folder whose context holds ``seqlen``."""
-    from ..errors import SparsityError
+    """AutoModelForCausalLM from ``model_dir``, checked (by ``lm_config``, before any weight is read) to be a model
+    folder whose context holds ``seqlen``."""
+    config = lm_config(model_dir, seqlen)
+    from transformers import AutoModelForCausalLM
 
-    try:
-        from transformers import AutoModelForCausalLM
-    except ImportError:
-        raise ImportError("this command needs transformers: pip install 'sparsetorch[transformers]'") from None
-    if not (model_dir / "config.json").is_file():
-        raise SparsityError(f"{model_dir} is not a transformers model folder (no config.json); pass the "
-                            "folder written by save_pretrained", model_dir=str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    limit = _max_positions(model.config)
-    if limit is not None and seqlen > limit:
-        raise SparsityError(f"--seqlen {seqlen} exceeds the model's context of {limit} tokens; pass --seqlen {limit}")
-    return model
+    return AutoModelForCausalLM.from_pretrained(model_dir, config=config)
 
 
 def write_lm(model, model_dir: Path, out: Path, metadata: dict, values: str = "fp32") -> None:
