@@ -16,7 +16,6 @@ identical: the all-reduce hands each the same bits, and the pruned layers are ch
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,14 +23,10 @@ import torch
 from safetensors.torch import load_file
 
 import oneshot_dist_worker as worker
+from test_ddp import torchrun
 from sparsetorch.oneshot.linear_layers import InputStats
 
 pytest.importorskip("transformers")  # the MoE case is a tiny Mixtral built from a config
-
-
-def torchrun() -> list[str]:
-    exe = Path(sys.executable).with_name("torchrun")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
 
 
 @pytest.fixture(scope="module")

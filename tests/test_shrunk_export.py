@@ -14,6 +14,7 @@ from sparsetorch.errors import SparsityError  # noqa: E402
 from sparsetorch.export import DecoderLogits  # noqa: E402
 from sparsetorch.shrink import (from_pretrained, remove_blocks, remove_experts, remove_heads,  # noqa: E402
                                 remove_hidden, remove_mlp_channels, save_pretrained)
+from test_shrink_width import gpt2  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 IDS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -26,13 +27,6 @@ def llama(**kw):
     cfg = dict(num_hidden_layers=3, hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
                vocab_size=64, max_position_embeddings=64)
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**cfg, **kw})).eval()
-
-
-def gpt2():
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=32, bos_token_id=0,
-                                  eos_token_id=0)
-    return transformers.GPT2LMHeadModel(cfg).eval()
 
 
 def mixtral():
