@@ -34,9 +34,20 @@ ST_VNNI inline uint64_t mask64(const Bitmask& w, int64_t o, int64_t c) {
     return left >= 64 ? ~0ull : (1ull << left) - 1ull;
   }
   uint64_t m = 0;
-  const int64_t n = std::min<int64_t>(4, w.words - 4 * c);
-  std::memcpy(&m, w.mask + o * w.words + 4 * c, (size_t)n * 2);
+  const uint16_t* src = w.mask + o * w.words + 4 * c;
+  if (4 * c + 4 <= w.words) {  // constant-size copy: one 8-byte load (a variable size became a memcpy call per chunk)
+    std::memcpy(&m, src, 8);
+    return m;
+  }
+  for (int64_t k = 0; k < w.words - 4 * c; ++k) m |= (uint64_t)src[k] << (16 * k);
   return m;
+}
+
+// The 64 weights of a chunk with mask m (cnt = popcount(m) kept values at v), zeros at the pruned positions.
+template <bool DENSE>
+ST_VNNI inline __m512i weights64(const int8_t* v, uint64_t m, int64_t cnt) {
+  if constexpr (DENSE) return _mm512_maskz_loadu_epi8((__mmask64)m, v);
+  else return _mm512_maskz_expand_epi8((__mmask64)m, _mm512_maskz_loadu_epi8((__mmask64)_bzhi_u64(~0ull, cnt), v));
 }
 
 template <int NB, bool DENSE>
@@ -52,18 +63,24 @@ ST_VNNI void rows(const Bitmask& w, const QuantX& qx, const float* bias, float* 
       __m512i a0[NB], a1[NB];
       for (int b = 0; b < NB; ++b) a0[b] = a1[b] = _mm512_setzero_si512();
       const int64_t c1 = std::min((g + 1) * gc, chunks);
-      for (int64_t c = g * gc; c < c1; ++c) {
-        const uint64_t m = mask64(w, o, c);
-        const int64_t cnt = __builtin_popcountll(m);
-        __m512i wv;
-        if constexpr (DENSE) wv = _mm512_maskz_loadu_epi8((__mmask64)m, val + p);
-        else wv = _mm512_maskz_expand_epi8((__mmask64)m, _mm512_maskz_loadu_epi8((__mmask64)_bzhi_u64(~0ull, cnt), val + p));
-        p += cnt;
+      int64_t c = g * gc;
+      for (; c + 2 <= c1; c += 2) {  // two chunks per step: independent loads and accumulators
+        const uint64_t m0 = mask64(w, o, c), m1 = mask64(w, o, c + 1);
+        const int64_t n0 = __builtin_popcountll(m0);
+        const __m512i w0 = weights64<DENSE>(val + p, m0, n0), w1 = weights64<DENSE>(val + p + n0, m1, __builtin_popcountll(m1));
+        p += n0 + __builtin_popcountll(m1);
         for (int b = 0; b < NB; ++b) {
-          const __m512i xv = _mm512_loadu_si512(qx.codes + b * qx.ld + 64 * c);
-          if (c & 1) a1[b] = _mm512_dpbusd_epi32(a1[b], xv, wv);
-          else a0[b] = _mm512_dpbusd_epi32(a0[b], xv, wv);
+          a0[b] = _mm512_dpbusd_epi32(a0[b], _mm512_loadu_si512(qx.codes + b * qx.ld + 64 * c), w0);
+          a1[b] = _mm512_dpbusd_epi32(a1[b], _mm512_loadu_si512(qx.codes + b * qx.ld + 64 * c + 64), w1);
         }
+      }
+      if (c < c1) {
+        const uint64_t m0 = mask64(w, o, c);
+        const int64_t n0 = __builtin_popcountll(m0);
+        const __m512i w0 = weights64<DENSE>(val + p, m0, n0);
+        p += n0;
+        for (int b = 0; b < NB; ++b)
+          a0[b] = _mm512_dpbusd_epi32(a0[b], _mm512_loadu_si512(qx.codes + b * qx.ld + 64 * c), w0);
       }
       const __m512 s = _mm512_set1_ps(w.scales[o * ng + g]);
       for (int b = 0; b < NB; ++b)

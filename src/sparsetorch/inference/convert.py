@@ -117,6 +117,15 @@ def _lossy_candidates(w: torch.Tensor, bias: torch.Tensor | None, values: str,
     return cands
 
 
+def _dense_candidates(w: torch.Tensor, bias: torch.Tensor | None, values: str) -> dict[str, Callable]:
+    """A dense layer on the bitmask kernels without a mask: in ``values``; fp32 also keeps torch's layer."""
+    if values != "fp32":
+        return _lossy_candidates(w, bias, values, dense=True)
+    out, inp = w.shape
+    packed = BitmaskWeight.from_dense(w, dense=True)
+    return {"dense": lambda: None, "dense-fp32": lambda: PackedLinear(inp, out, bias, packed.format, packed)}
+
+
 def _cuda_candidates(w: torch.Tensor, bias: torch.Tensor | None, structure: dict) -> dict[str, Callable]:
     out, inp = w.shape
     cands: dict[str, Callable] = {"dense": lambda: None}
@@ -225,7 +234,8 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
     scale per row and, where the CPU has AVX-512 VNNI, is also timed with int8 activations. Each such layer
     must agree with its own dequantized weight; the model as a whole then differs from the fp32 one by
     the rounding of its weights (not checked against it). With lossy values the dense Linear layers (an
-    LLM's lm_head) are stored in that type too, on the same kernels without a mask.
+    LLM's lm_head) are stored in that type too, on the same kernels without a mask. At decode in fp32 those
+    dense layers are timed on the same kernel against torch's and keep the faster.
 
     ``decode`` times every layer on one row of its input (the matrix-vector work of generating one token
     at a time) instead of the whole example batch; the default is True for models with a ``generate``
@@ -244,7 +254,10 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
     decode = hasattr(model, "generate") if decode is None else bool(decode)
     plan = []
     for name, mod in list(inf.named_modules()):
-        if not _sparse_params(mod) and not (values != "fp32" and isinstance(mod, nn.Linear) and name in seen):
+        # dense Linears (an LLM's lm_head) are candidates too: in a lossy value type, and at decode, where our
+        # dense matrix-vector kernel streams fp32 weights faster than torch's (benchmarks/bench_decode.py)
+        dense_candidate = isinstance(mod, nn.Linear) and name in seen and (values != "fp32" or decode)
+        if not _sparse_params(mod) and not dense_candidate:
             continue
         supported = isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and mod.groups == 1
                                                     and mod.padding_mode == "zeros" and not isinstance(mod.padding, str))
@@ -257,8 +270,9 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
             continue
         w = mod.weight.detach().reshape(mod.weight.shape[0], -1)  # [out, in(*kh*kw)]
         density = float((w != 0).float().mean())
-        dense_lossy = density > 1 - min_sparsity and values != "fp32" and isinstance(mod, nn.Linear)
-        if density > 1 - min_sparsity and not dense_lossy:
+        dense_kernel = (density > 1 - min_sparsity and dense_candidate and not mod.weight.is_cuda
+                        and (values != "fp32" or has_extension()))
+        if density > 1 - min_sparsity and not dense_kernel:
             continue
         x = seen[name]
         if isinstance(mod, nn.Conv2d):  # the matmul the unfold path runs: [N*L, C*kh*kw]
@@ -272,8 +286,8 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
         cuda = w.is_cuda
         key = (type(mod).__name__, *w.shape, round(density, 3), _signature(structure), x.shape[0], threads,
                str(w.device), extension_isa(), values)
-        if dense_lossy:
-            cands = _lossy_candidates(w, mod.bias, values, dense=True)
+        if dense_kernel:
+            cands = _dense_candidates(w, mod.bias, values)
         else:
             cands = _cuda_candidates(w, mod.bias, structure) if cuda else _cpu_candidates(w, mod.bias, structure, values)
         kernel, new, times, skipped = _choose(key, dense_fn, x, cands, budget_s, cuda)
