@@ -91,11 +91,49 @@ ST_VNNI void rows(const Bitmask& w, const QuantX& qx, const float* bias, float* 
   }
 }
 
+// One batch row, two weight rows at a time: twice the independent dot-product chains (vpdpbusd latency, not
+// throughput, bounded one row's loop) and each activation chunk loaded once for both rows.
+template <bool DENSE>
+ST_VNNI void row_pairs(const Bitmask& w, const QuantX& qx, const float* bias, float* y, int64_t r0, int64_t r1) {
+  const int64_t chunks = (w.in + 63) / 64, gc = w.group / 64, ng = (chunks + gc - 1) / gc;
+  const int8_t* val = (const int8_t*)w.values;
+  int64_t o = r0;
+  for (; o + 2 <= r1; o += 2) {
+    int64_t p = w.row_start[o], q = w.row_start[o + 1];
+    __m512 t0 = _mm512_setzero_ps(), t1 = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; ++g) {
+      __m512i a0 = _mm512_setzero_si512(), a1 = a0, b0 = a0, b1 = a0;
+      const int64_t c1 = std::min((g + 1) * gc, chunks);
+      for (int64_t c = g * gc; c < c1; ++c) {
+        const __m512i xv = _mm512_loadu_si512(qx.codes + 64 * c);
+        const uint64_t m0 = mask64(w, o, c), m1 = mask64(w, o + 1, c);
+        const int64_t n0 = __builtin_popcountll(m0), n1 = __builtin_popcountll(m1);
+        const __m512i w0 = weights64<DENSE>(val + p, m0, n0), w1 = weights64<DENSE>(val + q, m1, n1);
+        p += n0;
+        q += n1;
+        if (c & 1) {
+          a1 = _mm512_dpbusd_epi32(a1, xv, w0);
+          b1 = _mm512_dpbusd_epi32(b1, xv, w1);
+        } else {
+          a0 = _mm512_dpbusd_epi32(a0, xv, w0);
+          b0 = _mm512_dpbusd_epi32(b0, xv, w1);
+        }
+      }
+      t0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1)), _mm512_set1_ps(w.scales[o * ng + g]), t0);
+      t1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(b0, b1)), _mm512_set1_ps(w.scales[(o + 1) * ng + g]), t1);
+    }
+    y[o] = (_mm512_reduce_add_ps(t0) - w.row_corr[o]) * qx.scale[0] + (bias ? bias[o] : 0.f);
+    y[o + 1] = (_mm512_reduce_add_ps(t1) - w.row_corr[o + 1]) * qx.scale[0] + (bias ? bias[o + 1] : 0.f);
+  }
+  if (o < r1) rows<1, DENSE>(w, qx, bias, y, 0, o, r1);
+}
+
 template <bool DENSE>
 ST_VNNI void rows_nb(const Bitmask& w, const QuantX& qx, int64_t nb, const float* bias, float* y, int64_t ys,
                      int64_t r0, int64_t r1) {
   int64_t b = 0;
   auto shifted = [&](int64_t b0) { return QuantX{qx.codes + b0 * qx.ld, qx.ld, qx.scale + b0}; };
+  if (nb == 1) return row_pairs<DENSE>(w, qx, bias, y, r0, r1);
   for (; b + 4 <= nb; b += 4) rows<4, DENSE>(w, shifted(b), bias, y + b * ys, ys, r0, r1);
   for (; b + 2 <= nb; b += 2) rows<2, DENSE>(w, shifted(b), bias, y + b * ys, ys, r0, r1);
   if (b < nb) rows<1, DENSE>(w, shifted(b), bias, y + b * ys, ys, r0, r1);
