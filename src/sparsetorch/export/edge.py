@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 
 from ..edge.model import FORMAT, META_KEY, EdgeModel
-from ..edge.weights import VALUE_TYPES, encode_matrix
+from ..edge.weights import VALUE_TYPES, encode_matrix, weights_version
 from ..errors import SparsityError
 from ..tracing import TraceFailed, trace
 from .edge_gpt import format_version
@@ -32,8 +32,8 @@ def export_edge(model: nn.Module, example_inputs, path: str | os.PathLike, value
     """Write ``model`` to ``path`` for ``sparsetorch.edge.load``; returns the file's description.
 
     ``example_inputs``: one tensor (or a 1-tuple) of the input's shape; dim 0 (batch) may vary at run time.
-    ``values``: "fp32" (exact) or "int8" (per-row symmetric weights; outputs move by a bounded amount,
-    see docs/edge.md). The model is evaluated in eval mode; its training flags are restored afterwards.
+    ``values``: "fp32" (exact), "bf16" / "fp16" (half the value bytes; weights rounded to nearest) or "int8"
+    (per-row symmetric weights; outputs move by a bounded amount, see docs/edge.md). The model is evaluated in eval mode; its training flags are restored afterwards.
     """
     if values not in VALUE_TYPES:
         raise SparsityError(f"values must be one of {VALUE_TYPES}, got {values!r}", values=values)
@@ -106,7 +106,7 @@ def build(model: nn.Module, x: torch.Tensor, values: str) -> tuple[dict, dict[st
     shape = [None] + list(x.shape[1:])
     if integer:
         shape = [None] * x.dim()  # token ids: batch and sequence length vary
-    desc = {"format": FORMAT, "version": format_version(g.nodes), "values": values,
+    desc = {"format": FORMAT, "version": max(format_version(g.nodes), weights_version(tensors)), "values": values,
             "input": {"name": conv.input_name, "shape": shape, "dtype": "int64" if integer else "float32"},
             "output": conv.output, "tensors": tensors, "nodes": g.nodes,
             "model": type(model).__name__}
