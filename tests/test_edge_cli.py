@@ -19,20 +19,22 @@ def _checkpoint(tmp_path, model, **meta):
     return sparsetorch.save(model, tmp_path / "model.safetensors", metadata=meta)
 
 
-@pytest.mark.parametrize("int8", [False, True])
-def test_cli_exports_a_builtin_checkpoint(tmp_path, capsys, int8):
+@pytest.mark.parametrize("flags, values", [([], "fp32"), (["--int8"], "int8"), (["--values", "bf16"], "bf16")])
+def test_cli_exports_a_builtin_checkpoint(tmp_path, capsys, flags, values):
     torch.manual_seed(0)
     model = MLP([64, 32, 10]).eval()
     ckpt = _checkpoint(tmp_path, model, architecture=MLP_ARCH, input_shape=[64])
     out = tmp_path / "m.spt"
-    assert main(["export", str(ckpt), "--edge", str(out)] + (["--int8"] if int8 else [])) == 0
+    assert main(["export", str(ckpt), "--edge", str(out)] + flags) == 0
     assert "wrote" in capsys.readouterr().out
     x = torch.rand(4, 64, generator=torch.Generator().manual_seed(1))
     got = edge.load(out)(x.numpy())
     with torch.no_grad():
         want = model(x).numpy()
-    np.testing.assert_allclose(got, want, atol=2e-2 * np.abs(want).max() if int8 else 1e-5)
-    assert edge.load(out).description["values"] == ("int8" if int8 else "fp32")
+    np.testing.assert_allclose(got, want, atol=2e-2 * np.abs(want).max() if values != "fp32" else 1e-5)
+    assert edge.load(out).description["values"] == values
+    assert main(["export", str(ckpt), "--edge", str(out), "--int8", "--values", "bf16"]) == 2
+    assert "disagree" in capsys.readouterr().err
 
 
 def test_cli_model_factory_and_input_shape(tmp_path, capsys):

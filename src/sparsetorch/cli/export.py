@@ -1,4 +1,5 @@
-"""``sparsetorch export CHECKPOINT --edge OUT.spt [--int8]``: one compact file for the torch-free runtime."""
+"""``sparsetorch export CHECKPOINT --edge OUT.spt [--values bf16|fp16|int8]``: one compact file for the torch-free
+runtime."""
 from __future__ import annotations
 
 import argparse
@@ -13,12 +14,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(NAME, help="export a saved sparse model for the torch-free edge runtime",
                        description="Write a checkpoint (from sparsetorch.save) as one .spt file that "
                                    "sparsetorch.edge runs with numpy only: sparse weights compressed (CSR or "
-                                   "bitmask), optionally int8, and the layer graph. Unsupported layers are "
+                                   "bitmask), optionally bf16 / fp16 / int8, and the layer graph. Unsupported layers are "
                                    "reported now, not on the device.")
     p.add_argument("checkpoint", help="a .safetensors file written by sparsetorch.save")
     p.add_argument("--edge", metavar="OUT.spt", required=True, help="the edge file to write")
-    p.add_argument("--int8", action="store_true",
-                   help="store weights as int8 with a float32 scale per output row (about 4x smaller values)")
+    p.add_argument("--values", choices=("fp32", "bf16", "fp16", "int8"), default=None,
+                   help="stored weight values: fp32 (exact, the default), bf16 / fp16 (half the value bytes) or "
+                        "int8 with a float32 scale per output row (about 4x smaller values)")
+    p.add_argument("--int8", action="store_true", help="the same as --values int8")
     p.add_argument("--model", metavar="MODULE:FACTORY",
                    help="import path of a function returning the (dense) architecture; not needed for files "
                         "of sparsetorch's built-in models")
@@ -51,8 +54,10 @@ def example_input(model, shape_text: str | None, user: dict):
 
     g = torch.Generator().manual_seed(0)
     if any(isinstance(model, cls) for cls in leaf_handlers()):  # token models take ids [1, T]
-        cfg = model.cfg
-        return torch.randint(0, cfg.vocab, (1, min(8, cfg.context)), generator=g)
+        cfg = getattr(model, "cfg", None)  # sparsetorch's GPT; else a transformers config
+        vocab, context = (cfg.vocab, cfg.context) if cfg is not None else \
+            (model.config.vocab_size, model.config.max_position_embeddings)
+        return torch.randint(0, vocab, (1, min(8, context)), generator=g)
     return torch.rand(1, *_shape(shape_text, user), generator=g)
 
 
@@ -61,12 +66,16 @@ def run(args: argparse.Namespace) -> int:
     from ..formats.files import load, read_header
     from .report import build_model
 
+    if args.int8 and args.values not in (None, "int8"):
+        raise SparsityError(f"--int8 and --values {args.values} disagree; pass one of them")
+    values = "int8" if args.int8 else args.values or "fp32"
+
     header, _ = read_header(args.checkpoint)
     user = header.get("user") or {}
     model = build_model(args.model, user)
     load(model, args.checkpoint)
     desc = export_edge(model, example_input(model, args.input_shape, user), args.edge,
-                       values="int8" if args.int8 else "fp32")
+                       values=values)
     layouts: dict[str, int] = {}
     for meta in desc["tensors"].values():
         layouts[meta["layout"]] = layouts.get(meta["layout"], 0) + 1
