@@ -112,6 +112,10 @@ class Transformer(Decoder):
         self.eps = float(node["eps"])
         self.tok = model.matrix(f"{p}tok.weight")  # [V, C] embedding tables: rows are looked up, not multiplied
         self.pos = model.matrix(f"{p}pos.weight")  # [context, C]
+        if self.tok.shape != (self.vocab, self.width) or self.pos.shape != (self.context, self.width):
+            raise SparsityError(f"the gpt node's vocabulary {self.vocab}, context {self.context} and width {self.width} "
+                                f"do not match its embeddings {list(self.tok.shape)}, {list(self.pos.shape)}; the file "
+                                "is corrupted")
         self.blocks = [_Block(model, f"{p}blocks.{i}.", h) for i, h in enumerate(heads)]
         self.ln_f = (model.array(f"{p}ln_f.weight"), model.array(f"{p}ln_f.bias"))
         self.lm_head = model.linear(f"{p}lm_head.weight", node.get("lm_head_bias"))
