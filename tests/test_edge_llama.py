@@ -82,7 +82,7 @@ def test_llama_shrunk_and_pruned_runs_compactly_on_the_kernels(tmp_path):
     remove_hidden(model, 0.25, calib)
     widths = [layer.mlp.up_proj.out_features for layer in model.model.layers]
     assert len(model.model.layers) == 3 and len(set(widths)) > 1 and model.model.embed_tokens.weight.shape[1] == 24
-    sparsetorch.prune(model, 0.6)
+    sparsetorch.prune(model, 0.7)  # 30% dense: "auto" keeps fp32 weights compact at most 35% dense
     desc = edge_matches_torch(model, tmp_path / "small.spt", backends=("auto", "numpy", "dense"))
     assert desc["nodes"][0]["width"] == 24
     pruned = [m for n, m in desc["tensors"].items() if "layers" in n]

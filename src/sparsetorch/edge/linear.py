@@ -21,9 +21,10 @@ from ..kernels import loader
 from .weights import KERNEL_VTYPES, Weight
 
 BACKENDS = ("auto", "compiled", "numpy", "dense")
-# "auto" runs CSR weights denser than this dense: CSR (4 B value + 2 B index per nonzero) saves little there,
-# and BLAS beats the CSR kernels (measured on the 50%-sparse GPT: benchmarks/bench_edge.py). The exporter
-# stores such weights as bitmasks now; this still serves older files.
+# "auto" runs float32 weights denser than this on BLAS (decoded once, at load): a bitmask saves under half the
+# bytes there, and BLAS beats the sparse kernels on one row (measured on the 50%-sparse byte GPT,
+# benchmarks/bench_edge.py: 1866 tokens/s dense vs 670 on the bitmask kernels; the torch runtime's 50% rows in
+# benchmarks/bench_decode.py agree). Sparser weights, and bf16 / fp16 / int8 ones at any density, stay compact.
 AUTO_DENSE_ABOVE = 0.35
 _SCRATCH = threading.local()
 
@@ -70,7 +71,7 @@ class Linear:
         kernels = bitmask_kernels() if w.kind == "bitmask" else compiled_kernels()
         if w.kind == "dense":
             backend = "dense"  # stored dense float32: sparse kernels would gain nothing
-        elif backend == "auto" and w.kind == "csr" and w.density > AUTO_DENSE_ABOVE:
+        elif backend == "auto" and w.vtype == "fp32" and w.density > AUTO_DENSE_ABOVE:
             backend = "dense"
         elif backend == "auto" or (backend == "compiled" and kernels is None):
             backend = "compiled" if kernels is not None else "numpy"
@@ -82,11 +83,18 @@ class Linear:
             self._kernel = kernels
             self._isa = loader.isa_level(loader.INFERENCE)  # SPARSETORCH_ISA caps it, as for torch models
             self._cores = _threads_allowed()
+        self.bias_addr = 0 if self.bias is None else self.bias.ctypes.data
         if w.kind == "bitmask":
-            self._vtype = KERNEL_VTYPES[w.vtype]
+            addr = lambda a: 0 if a is None else a.ctypes.data  # noqa: E731
+            # the weight's addresses, once: the arrays never move, and reading .ctypes costs microseconds per call
+            self._fields = (self.out_features, self.in_features, addr(w.mask), w.words, w.row_start.ctypes.data,
+                            w.values.ctypes.data, KERNEL_VTYPES[w.vtype], addr(w.scales), w.group)
         elif backend == "compiled":
-            self._indices = w.indices if w.indices.dtype in (np.uint16, np.int32) else w.indices.astype(np.int32)
-            self._bits = 16 if self._indices.dtype == np.uint16 else 32
+            indices = w.indices if w.indices.dtype in (np.uint16, np.int32) else w.indices.astype(np.int32)
+            self._indices = indices  # kept alive: the kernel reads it through its address
+            self._fields = (loader.batch_tile(self.in_features), self.out_features, self.in_features,
+                            w.indptr.ctypes.data, indices.ctypes.data, 16 if indices.dtype == np.uint16 else 32,
+                            w.values.ctypes.data, w.values.size)
         else:
             self._prepare_numpy_csr(w)
 
@@ -114,39 +122,28 @@ class Linear:
         return max(1, min(self._cores, rows * self.weight.nnz // 2_000_000))
 
     # -- bitmask (decode kernels) ------------------------------------------------------------------------------
-    def _fields(self) -> tuple:
-        w = self.weight
-        addr = lambda a: 0 if a is None else a.ctypes.data  # noqa: E731
-        return (self.out_features, self.in_features, addr(w.mask), w.words, w.row_start.ctypes.data,
-                w.values.ctypes.data, self._vtype, addr(w.scales), w.group)
-
     def _bitmask(self, x: np.ndarray) -> np.ndarray:
         n = self.out_features * self.in_features
         if self.backend == "numpy" or x.shape[0] >= loader.BITMASK_PREFILL_ROWS:
             # numpy, or a long prompt: rebuild the dense weight in a reused buffer and run one BLAS product
             if self.backend == "compiled":
                 dense = _scratch(n)[:n].reshape(self.out_features, self.in_features)
-                self._kernel.bitmask_to_dense(self._isa, self._threads(x.shape[0]), *self._fields(), dense.ctypes.data)
+                self._kernel.bitmask_to_dense(self._isa, self._threads(x.shape[0]), *self._fields, dense.ctypes.data)
             else:
                 dense = self.weight.to_dense(out=_scratch(n))
             return self._blas(x, dense)
         y = np.empty((x.shape[0], self.out_features), np.float32)
         if x.shape[0]:
-            self._kernel.bitmask_linear(
-                self._isa, self._threads(x.shape[0]), 0, *self._fields(), 0, 0, x.ctypes.data, x.shape[0],
-                x.shape[1], 0 if self.bias is None else self.bias.ctypes.data, y.ctypes.data)
+            self._kernel.bitmask_linear(self._isa, self._threads(x.shape[0]), 0, *self._fields, 0, 0, x.ctypes.data,
+                                        x.shape[0], x.shape[1], self.bias_addr, y.ctypes.data)
         return y
 
     # -- CSR -----------------------------------------------------------------------------------------------------
     def _compiled_csr(self, x: np.ndarray) -> np.ndarray:
-        w = self.weight
         y = np.empty((x.shape[0], self.out_features), np.float32)
         if x.shape[0]:
-            self._kernel.csr_linear(
-                self._isa, self._threads(x.shape[0]), loader.batch_tile(self.in_features), self.out_features,
-                self.in_features, w.indptr.ctypes.data, self._indices.ctypes.data, self._bits, w.values.ctypes.data,
-                w.values.size, x.ctypes.data, x.shape[0], x.shape[1],
-                0 if self.bias is None else self.bias.ctypes.data, y.ctypes.data)
+            self._kernel.csr_linear(self._isa, self._threads(x.shape[0]), *self._fields, x.ctypes.data, x.shape[0],
+                                    x.shape[1], self.bias_addr, y.ctypes.data)
         return y
 
     def _prepare_numpy_csr(self, w: Weight) -> None:
