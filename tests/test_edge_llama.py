@@ -17,7 +17,8 @@ import sparsetorch.edge as edge  # noqa: E402
 from sparsetorch.edge.linear import bitmask_kernels  # noqa: E402
 from sparsetorch.errors import SparsityError  # noqa: E402
 from sparsetorch.export.edge import FP32_TOLERANCE  # noqa: E402
-from sparsetorch.shrink import remove_blocks, remove_heads, remove_hidden, remove_mlp_channels  # noqa: E402
+from sparsetorch.shrink import (from_pretrained, remove_blocks, remove_heads, remove_hidden,  # noqa: E402
+                                remove_mlp_channels, save_pretrained)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 IDS = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -85,6 +86,11 @@ def test_llama_shrunk_and_pruned_runs_compactly_on_the_kernels(tmp_path):
     sparsetorch.prune(model, 0.7)  # 30% dense: "auto" keeps fp32 weights compact at most 35% dense
     desc = edge_matches_torch(model, tmp_path / "small.spt", backends=("auto", "numpy", "dense"))
     assert desc["nodes"][0]["width"] == 24
+    # the per-block widths saved with save_pretrained and loaded back (sparsetorch's loader) export the same
+    loaded = from_pretrained(save_pretrained(model, tmp_path / "small"))
+    sparsetorch.export_edge(loaded, IDS, tmp_path / "loaded.spt")
+    np.testing.assert_array_equal(edge.load(tmp_path / "loaded.spt")(OTHER.numpy()),
+                                  edge.load(tmp_path / "small.spt")(OTHER.numpy()))
     pruned = [m for n, m in desc["tensors"].items() if "layers" in n]
     assert pruned and all(m["layout"] == "bitmask" for m in pruned)
     runtime = edge.load(tmp_path / "small.spt")
