@@ -51,6 +51,9 @@ class LlamaDecoder(Decoder):
         self.head_dim, self.eps = int(node["head_dim"]), float(node["eps"])
         self.scaling, self.rope_scale = np.float32(node["scaling"]), np.float32(node["attention_scaling"])
         self.eos = frozenset(int(t) for t in node.get("eos", []))
+        if not (0 < self.eps < 1 and np.isfinite(self.scaling) and self.scaling > 0 and np.isfinite(self.rope_scale)):
+            raise SparsityError(f"the llama node has eps {self.eps}, attention scaling {self.scaling} and rotary "
+                                f"scaling {self.rope_scale}; the file is corrupted")
         heads, kv = node["heads"], node["kv_heads"]
         if not (isinstance(heads, list) and isinstance(kv, list) and len(heads) == len(kv) == node["layers"]
                 and all(isinstance(h, int) for h in heads + kv)) or self.head_dim < 2 or self.head_dim % 2:
