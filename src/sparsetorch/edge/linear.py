@@ -78,6 +78,7 @@ class Linear:
         self.backend = backend
         if backend == "dense":
             self.dense = w.to_dense()  # [out, in]; x @ dense.T runs BLAS on the transposed view, no copy
+            self.weight = w if w.kind == "dense" else None  # the compact arrays are not needed any more
             return
         if backend == "compiled":
             self._kernel = kernels
