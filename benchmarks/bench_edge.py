@@ -14,7 +14,11 @@ All runtimes use one thread (OMP/OpenBLAS/MKL_NUM_THREADS=1): the benchmark mach
 
 Latency: median wall time per call (MLP batch 1 and 256). GPT: ``EdgeModel.generate`` (KV cache) vs
 greedy decoding with the torch model, which has no KV cache and re-runs the whole prefix per token (the
-usual way to decode it); tokens/s for 16 prompt bytes + 64 new ones. Installed size: the files of each
+usual way to decode it); tokens/s for 16 prompt bytes + 64 new ones. Llama: a transformers LlamaForCausalLM
+from a config (random weights, 4 blocks x 512 wide, MLP 1408, 8 query / 2 key-value heads, vocabulary 4096)
+with every block projection magnitude-pruned to 70%: transformers' greedy ``generate`` (KV cache) vs
+``EdgeModel.generate`` from fp32, bf16 and int8 files (weights held as bitmask + values, on the compiled
+decode kernels); 16 prompt tokens + 64 new ones. Installed size: the files of each
 distribution (importlib.metadata) with its required dependencies. Writes benchmarks/results/bench_edge.json.
 """
 from __future__ import annotations
@@ -35,6 +39,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 GPT_PROMPT, GPT_NEW = bytes(range(65, 81)), 64
+LLAMA = dict(num_hidden_layers=4, hidden_size=512, intermediate_size=1408, num_attention_heads=8, num_key_value_heads=2,
+             vocab_size=4096, max_position_embeddings=256, eos_token_id=None)
+LLAMA_PROMPT, LLAMA_SPARSITY = list(range(100, 116)), 0.7
 
 
 # -- installed size ----------------------------------------------------------------------------------------
@@ -105,6 +112,9 @@ def worker(kind: str, path: str, backend: str, quick: bool) -> dict:
             x1, x256 = g.random((1, 64), np.float32), g.random((256, 64), np.float32)
             result["batch1_s"] = _median_time(lambda: model(x1), reps)
             result["batch256_s"] = _median_time(lambda: model(x256), max(5, reps // 4))
+        elif kind == "edge-llama":
+            result["generate_s"] = _median_time(lambda: model.generate(LLAMA_PROMPT, GPT_NEW), 3 if quick else 5)
+            result["tokens"] = model.generate(LLAMA_PROMPT, GPT_NEW)
         else:
             result["generate_s"] = _median_time(lambda: model.generate(GPT_PROMPT, GPT_NEW), 3 if quick else 5)
         result["torch_imported"] = "torch" in sys.modules
@@ -122,6 +132,19 @@ def worker(kind: str, path: str, backend: str, quick: bool) -> dict:
             with torch.no_grad():
                 result["batch1_s"] = _median_time(lambda: model(x1), reps)
                 result["batch256_s"] = _median_time(lambda: model(x256), max(5, reps // 4))
+        elif kind == "torch-llama":
+            from safetensors.torch import load_file
+
+            model = llama_model()
+            model.load_state_dict(load_file(path), strict=False)  # the rotary buffers are rebuilt, not saved
+            result["load_s"] = time.perf_counter() - t0
+            prompt = torch.tensor([LLAMA_PROMPT])
+
+            def gen():
+                with torch.no_grad():
+                    return model.generate(prompt, max_new_tokens=GPT_NEW, do_sample=False)
+            result["generate_s"] = _median_time(gen, 3 if quick else 5)
+            result["tokens"] = gen()[0].tolist()
         else:
             from sparsetorch.export.edge_gpt import torch_generate
             from sparsetorch.models.gpt import GPT
@@ -153,6 +176,47 @@ def run_worker(kind: str, path: Path, backend: str = "auto", quick: bool = False
 
 
 # -- models -----------------------------------------------------------------------------------------------------
+def llama_model():
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).eval()
+
+
+def make_llama(tmp: Path) -> dict:
+    """The pruned Llama as a plain safetensors state dict (for the torch worker) and as fp32 / bf16 / int8 edge
+    files; sizes and logit errors against torch."""
+    import warnings
+
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    import sparsetorch
+    import sparsetorch.edge as edge
+    from sparsetorch.core.masks import remove_masks
+
+    model = llama_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sparsetorch.prune(model, LLAMA_SPARSITY, generator=torch.Generator().manual_seed(0))
+    remove_masks(model)  # the pruned weights are zeros in place: torch runs the plain model
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / "llama.safetensors"))
+    ids = torch.randint(0, LLAMA["vocab_size"], (1, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(input_ids=ids, use_cache=False).logits.numpy()
+    info = {"checkpoint_bytes": (tmp / "llama.safetensors").stat().st_size,
+            "dense_fp32_bytes": sum(p.numel() * 4 for p in model.parameters())}
+    for values in ("fp32", "bf16", "int8"):
+        sparsetorch.export_edge(model, ids[:, :8], tmp / f"llama-{values}.spt", values=values)
+        got = edge.load(tmp / f"llama-{values}.spt")(ids.numpy())
+        info[values] = {"bytes": (tmp / f"llama-{values}.spt").stat().st_size,
+                        "max_rel_logit_error": float(np.abs(got - want).max() / np.abs(want).max())}
+    return info
+
+
 def make_models(tmp: Path, quick: bool) -> dict:
     import warnings
 
@@ -202,6 +266,7 @@ def make_models(tmp: Path, quick: bool) -> dict:
         got = edge.load(tmp / f"gpt-{values}.spt")(ids.numpy())
         info["gpt"][values] = {"bytes": (tmp / f"gpt-{values}.spt").stat().st_size,
                                "max_rel_logit_error": float(np.abs(got - want).max() / np.abs(want).max())}
+    info["llama"] = make_llama(tmp)
     return info
 
 
@@ -228,6 +293,12 @@ def main() -> int:
                     "edge numpy": run_worker("edge-gpt", tmp / "gpt-fp32.spt", "numpy", args.quick),
                     "edge dense": run_worker("edge-gpt", tmp / "gpt-fp32.spt", "dense", args.quick),
                     "edge auto": run_worker("edge-gpt", tmp / "gpt-fp32.spt", "auto", args.quick)},
+            "llama": {"torch (KV cache)": run_worker("torch-llama", tmp / "llama.safetensors", quick=args.quick),
+                      "edge numpy": run_worker("edge-llama", tmp / "llama-fp32.spt", "numpy", args.quick),
+                      "edge dense": run_worker("edge-llama", tmp / "llama-fp32.spt", "dense", args.quick),
+                      "edge auto": run_worker("edge-llama", tmp / "llama-fp32.spt", "auto", args.quick),
+                      "edge auto bf16": run_worker("edge-llama", tmp / "llama-bf16.spt", "auto", args.quick),
+                      "edge auto int8": run_worker("edge-llama", tmp / "llama-int8.spt", "auto", args.quick)},
         }
     sizes = installed_sizes()
     command = "nice .venv/bin/python benchmarks/bench_edge.py" + (" --quick" if args.quick else "")
@@ -253,7 +324,14 @@ def main() -> int:
                       f"{r['batch1_s'] * 1e6:>11.1f}{base['batch1_s'] / r['batch1_s']:>8.2f}"
                       f"{r['batch256_s'] * 1e6:>13.1f}{base['batch256_s'] / r['batch256_s']:>8.2f}{r['load_s'] * 1e3:>9.1f}")
         else:
-            print(f"byte-level GPT 50% sparse: {len(GPT_PROMPT)} prompt bytes + {GPT_NEW} generated, greedy")
+            if name == "gpt":
+                print(f"byte-level GPT 50% sparse: {len(GPT_PROMPT)} prompt bytes + {GPT_NEW} generated, greedy")
+            else:
+                same = all(r["tokens"] == base["tokens"] for label, r in rows.items() if "bf16" not in label
+                           and "int8" not in label)
+                print(f"Llama {LLAMA['num_hidden_layers']}x{LLAMA['hidden_size']} {LLAMA_SPARSITY:.0%} sparse: "
+                      f"{len(LLAMA_PROMPT)} prompt tokens + {GPT_NEW} generated, greedy; fp32 tokens identical to "
+                      f"torch: {same}")
             print(f"{'runtime':<24}{'peak RSS MiB':>13}{'x torch':>8}{'tokens/s':>10}{'speedup':>8}{'load ms':>9}")
             for label, r in rows.items():
                 print(f"{label:<24}{r['peak_rss_mib']:>13.1f}{r['peak_rss_mib'] / base['peak_rss_mib']:>8.2f}"
@@ -262,7 +340,7 @@ def main() -> int:
         m = info[name]
         print(f"{'dense fp32 params':<24}{m['dense_fp32_bytes'] / 1024:>10.1f}{m['dense_fp32_bytes'] / m['checkpoint_bytes']:>14.2f}")
         print(f"{'sparsetorch.save':<24}{m['checkpoint_bytes'] / 1024:>10.1f}{1:>14.2f}")
-        for values in ("fp32", "int8"):
+        for values in [v for v in ("fp32", "bf16", "int8") if v in m]:
             print(f"{'edge ' + values:<24}{m[values]['bytes'] / 1024:>10.1f}{m[values]['bytes'] / m['checkpoint_bytes']:>14.2f}"
                   f"{m[values]['max_rel_logit_error']:>19.2e}")
     assert not any(r.get("torch_imported") for rows in runs.values() for r in rows.values()), "edge imported torch"

@@ -234,11 +234,11 @@ def test_other_version_and_other_files_are_rejected(mlp90, tmp_path):
     with safe_open(str(path), framework="numpy") as fh:
         meta = fh.metadata()
     desc = json.loads(meta["sparsetorch.edge"])
-    assert desc["version"] == 1  # the oldest version that describes the model: older runtimes read it
-    desc["version"] = 3
-    save_file(load_file(str(path)), str(tmp_path / "v3.spt"), metadata={"sparsetorch.edge": json.dumps(desc)})
-    with pytest.raises(SparsityError, match="version 3; this runtime reads versions 1, 2 only"):
-        edge.load(tmp_path / "v3.spt")
+    assert desc["version"] == 3  # its 90%-sparse layers are bitmasks in the decode kernels' layout (version 3)
+    desc["version"] = 4
+    save_file(load_file(str(path)), str(tmp_path / "v4.spt"), metadata={"sparsetorch.edge": json.dumps(desc)})
+    with pytest.raises(SparsityError, match="version 4; this runtime reads versions 1, 2, 3 only"):
+        edge.load(tmp_path / "v4.spt")
     sparsetorch.save(mlp90, tmp_path / "ckpt.safetensors")
     with pytest.raises(SparsityError, match="not a sparsetorch edge file"):
         edge.load(tmp_path / "ckpt.safetensors")

@@ -19,20 +19,22 @@ def _checkpoint(tmp_path, model, **meta):
     return sparsetorch.save(model, tmp_path / "model.safetensors", metadata=meta)
 
 
-@pytest.mark.parametrize("int8", [False, True])
-def test_cli_exports_a_builtin_checkpoint(tmp_path, capsys, int8):
+@pytest.mark.parametrize("flags, values", [([], "fp32"), (["--int8"], "int8"), (["--values", "bf16"], "bf16")])
+def test_cli_exports_a_builtin_checkpoint(tmp_path, capsys, flags, values):
     torch.manual_seed(0)
     model = MLP([64, 32, 10]).eval()
     ckpt = _checkpoint(tmp_path, model, architecture=MLP_ARCH, input_shape=[64])
     out = tmp_path / "m.spt"
-    assert main(["export", str(ckpt), "--edge", str(out)] + (["--int8"] if int8 else [])) == 0
+    assert main(["export", str(ckpt), "--edge", str(out)] + flags) == 0
     assert "wrote" in capsys.readouterr().out
     x = torch.rand(4, 64, generator=torch.Generator().manual_seed(1))
     got = edge.load(out)(x.numpy())
     with torch.no_grad():
         want = model(x).numpy()
-    np.testing.assert_allclose(got, want, atol=2e-2 * np.abs(want).max() if int8 else 1e-5)
-    assert edge.load(out).description["values"] == ("int8" if int8 else "fp32")
+    np.testing.assert_allclose(got, want, atol=2e-2 * np.abs(want).max() if values != "fp32" else 1e-5)
+    assert edge.load(out).description["values"] == values
+    assert main(["export", str(ckpt), "--edge", str(out), "--int8", "--values", "bf16"]) == 2
+    assert "disagree" in capsys.readouterr().err
 
 
 def test_cli_model_factory_and_input_shape(tmp_path, capsys):
@@ -139,3 +141,31 @@ def test_cli_exports_the_gpt_and_the_runtime_generates_without_torch(tmp_path, c
             "sys.stdout.write(text.hex())\n")
     text = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=120).stdout
     assert bytes.fromhex(text) == torch_generate(model, b"abc", 8)
+
+
+def test_cli_exports_a_shrunk_pruned_llama_folder(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    from sparsetorch.shrink import remove_mlp_channels, save_pretrained
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=96, max_position_embeddings=64,
+                                   initializer_range=0.5, eos_token_id=None)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[:20] *= 0.01
+    remove_mlp_channels(model, 0.25, [ids], per_layer=True)  # per-block widths: sparsetorch's loader
+    assert len({layer.mlp.up_proj.out_features for layer in model.model.layers}) > 1
+    sparsetorch.prune(model, 0.7)
+    folder = save_pretrained(model, tmp_path / "small")
+    out = tmp_path / "small.spt"
+    assert main(["export", str(folder), "--edge", str(out)]) == 0
+    assert "bitmask" in capsys.readouterr().out
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=12, do_sample=False)[0].tolist()
+    assert edge.load(out).generate(ids[0].tolist(), 12) == want
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    assert main(["export", str(tmp_path / "gpt2"), "--edge", str(out)]) == 2
+    assert "export_onnx" in capsys.readouterr().err

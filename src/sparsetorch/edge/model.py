@@ -23,11 +23,13 @@ import numpy as np
 from ..errors import SparsityError
 from . import ops
 from .linear import BACKENDS, Linear
-from .weights import Matrix, decode_matrix
+from .weights import Weight, decode_matrix
 
 FORMAT = "sparsetorch-edge"
-VERSION = 2  # the newest this runtime reads; exporters write the oldest version that describes the model
-READABLE_VERSIONS = (1, 2)  # 2: a "gpt" node may list heads per block (models shrunk by sparsetorch.shrink)
+VERSION = 3  # the newest this runtime reads; exporters write the oldest version that describes the model
+# 2: a "gpt" node may list heads per block (models shrunk by sparsetorch.shrink); 3: bitmask weights in the
+# decode kernels' layout (mask words + row starts), bf16 / fp16 values, "llama" nodes
+READABLE_VERSIONS = (1, 2, 3)
 META_KEY = "sparsetorch.edge"
 Env = dict
 
@@ -108,7 +110,7 @@ class EdgeModel:
             raise SparsityError(f"the edge file lacks tensor {name!r}; it is corrupted")
         return self._arrays[name].astype(np.float32)
 
-    def matrix(self, name: str) -> Matrix:
+    def matrix(self, name: str) -> Weight:
         meta = self._tensors.get(name)
         if meta is None:
             raise SparsityError(f"the edge file lacks weight {name!r}; it is corrupted")
@@ -149,10 +151,12 @@ class EdgeModel:
                  top_k: int | None = None, seed: int | None = None) -> bytes | list[int]:
         """Append ``n`` tokens to ``prompt`` (bytes or token ids) with the KV cache: greedy when
         temperature == 0, else sampled (optionally from the ``top_k`` likeliest) with
-        ``np.random.default_rng(seed)``. Returns prompt + new tokens, as bytes when given bytes."""
+        ``np.random.default_rng(seed)``. Returns prompt + new tokens, as bytes when given bytes; stops early
+        after an end-of-sequence token of the model (a Llama's ``eos_token_id``), as transformers does."""
         if self.transformer is None:
             raise SparsityError("generate() needs a model exported from a decoder-only transformer (sparsetorch's "
-                                "GPT); this file holds a feed-forward graph: call the model instead")
+                                "GPT or a transformers Llama); this file holds a feed-forward graph: call the model "
+                                "instead")
         return self.transformer.generate(prompt, n, temperature=temperature, top_k=top_k, seed=seed)
 
     def __repr__(self) -> str:
@@ -161,8 +165,8 @@ class EdgeModel:
 
 
 def load(path: str | os.PathLike, backend: str = "auto") -> EdgeModel:
-    """Load an edge file. backend: "auto" (compiled CSR kernels when built, else numpy), "compiled",
-    "numpy" (gather + reduceat CSR) or "dense" (decompress every weight to a dense matrix)."""
+    """Load an edge file. backend: "auto" (compiled CSR / bitmask kernels when built, else numpy), "compiled",
+    "numpy" (no compiled code) or "dense" (decompress every weight to a dense float32 matrix at load)."""
     desc, arrays = read_file(path)
     try:
         return EdgeModel(desc, arrays, backend)
@@ -300,8 +304,16 @@ def _gpt(m: EdgeModel, node: dict):
     return lambda env: m.transformer.forward(env[src])
 
 
+def _llama(m: EdgeModel, node: dict):
+    from .llama import LlamaDecoder
+
+    m.transformer = LlamaDecoder(m, node)
+    src = node["inputs"][0]
+    return lambda env: m.transformer.forward(env[src])
+
+
 _BUILDERS = {
     "linear": _linear, "conv": _conv, "pool": _pool, "act": _act, "softmax": _softmax, "layer_norm": _layer_norm,
     "affine": _affine, "binary": _binary, "flatten": _flatten, "reshape": _reshape, "permute": _permute,
-    "transpose": _transpose, "size": _size, "mean": _mean, "concat": _concat, "gpt": _gpt,
+    "transpose": _transpose, "size": _size, "mean": _mean, "concat": _concat, "gpt": _gpt, "llama": _llama,
 }

@@ -96,3 +96,16 @@ def pool(x: np.ndarray, kind: str, kernel, stride, padding, dilation, count_incl
     ones = np.ones((1, 1, *x.shape[2:]), np.float32)
     counts = _windows(_pad(ones, padding, 0.0), kernel, stride, dilation).sum(axis=axes)
     return (total / counts).astype(np.float32)
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    # Zhang & Sennrich 2019 (RMSNorm), as transformers' LlamaRMSNorm: x / sqrt(mean(x^2) + eps) * weight
+    scale = 1.0 / np.sqrt((x * x).mean(axis=-1, keepdims=True) + np.float32(eps))
+    return (weight * (x * scale)).astype(np.float32, copy=False)
+
+
+def rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotary position embedding (Su et al. 2021, RoFormer) in transformers' half-split form:
+    x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1]; x [..., T, D], cos / sin [T, D]."""
+    half = x.shape[-1] // 2
+    return x * cos + np.concatenate([-x[..., half:], x[..., :half]], axis=-1) * sin

@@ -1,4 +1,5 @@
-"""A decoder-only transformer stack (pre-LN GPT: causal self-attention + GELU MLP) with a KV cache, in numpy.
+"""Decoder-only transformer stacks with a KV cache, in numpy: the shared decoding loop (:class:`Decoder`) and
+sparsetorch's byte GPT (pre-LN: causal self-attention + GELU MLP, learned positions); Llama is in llama.py.
 
 The file's "gpt" node names its tensors by the exported module's parameter names (``blocks.0.attn.qkv.weight``...).
 Its ``heads`` is one count for every block, or (format version 2, models shrunk by ``sparsetorch.shrink``) a list
@@ -28,44 +29,23 @@ class _Block:
         self.head_dim = inner // heads
 
 
-class Transformer:
-    """Token ids -> logits; ``forward`` runs whole sequences, ``generate`` decodes one token at a time."""
+class Decoder:
+    """Token ids -> logits; ``forward`` runs whole sequences, ``generate`` decodes one token at a time.
 
-    def __init__(self, model, node: dict):
-        p = node["prefix"]
-        self.context, self.vocab, self.width = node["context"], node["vocab"], node["width"]
-        heads = node["heads"] if isinstance(node["heads"], list) else [node["heads"]] * node["layers"]
-        if len(heads) != node["layers"] or not all(isinstance(h, int) for h in heads):
-            raise SparsityError(f"the gpt node lists heads {heads} for {node['layers']} blocks; the file is corrupted")
-        self.eps = float(node["eps"])
-        self.tok = model.matrix(f"{p}tok.weight").to_dense()  # [V, C] embedding tables are looked up, not multiplied
-        self.pos = model.matrix(f"{p}pos.weight").to_dense()  # [context, C]
-        self.blocks = [_Block(model, f"{p}blocks.{i}.", h) for i, h in enumerate(heads)]
-        self.ln_f = (model.array(f"{p}ln_f.weight"), model.array(f"{p}ln_f.bias"))
-        self.lm_head = model.linear(f"{p}lm_head.weight", node.get("lm_head_bias"))
+    Subclasses set ``context``, ``vocab``, ``eos`` (token ids that end generation) and ``slides`` (True: past the
+    context the window slides and is recomputed, as the torch GPT crops; False: the positions end there), and
+    implement ``step`` and ``new_cache``."""
 
-    # -- one pass over new tokens, appending their keys/values to the cache ---------------------------------
+    context: int
+    vocab: int
+    eos: frozenset = frozenset()
+    slides = True
+
     def step(self, ids: np.ndarray, cache: list, start: int) -> np.ndarray:  # ids: [B, T] -> logits [B, T, V]
-        B, T = ids.shape
-        x = self.tok[ids] + self.pos[start:start + T]  # [B, T, C]
-        # query i (absolute position start+i) sees keys 0..start+i
-        causal = np.arange(start + T)[None, :] <= (start + np.arange(T))[:, None]  # [T, S]
-        for block, (k_cache, v_cache) in zip(self.blocks, cache):
-            H, D = block.heads, block.head_dim
-            h = ops.layer_norm(x, 1, *block.ln1, self.eps)
-            q, k, v = np.split(block.qkv(h), 3, axis=-1)  # 3 x [B, T, H*D]
-            q, k, v = (t.reshape(B, T, H, D).transpose(0, 2, 1, 3) for t in (q, k, v))  # [B, H, T, D]
-            k_cache[:, :, start:start + T], v_cache[:, :, start:start + T] = k, v
-            keys, values = k_cache[:, :, :start + T], v_cache[:, :, :start + T]  # [B, H, S, D]
-            att = (q @ keys.transpose(0, 1, 3, 2)) * np.float32(1.0 / np.sqrt(D))  # [B, H, T, S]
-            att = ops.softmax(np.where(causal, att, np.float32(-np.inf)), -1)
-            y = (att @ values).transpose(0, 2, 1, 3).reshape(B, T, H * D)
-            x = x + block.proj(y)
-            x = x + block.fc_proj(ops.gelu(block.fc(ops.layer_norm(x, 1, *block.ln2, self.eps))))
-        return self.lm_head(ops.layer_norm(x, 1, *self.ln_f, self.eps)).astype(np.float32, copy=False)
+        raise NotImplementedError
 
     def new_cache(self, batch: int, length: int) -> list:
-        return [tuple(np.zeros((batch, b.heads, length, b.head_dim), np.float32) for _ in range(2)) for b in self.blocks]
+        raise NotImplementedError
 
     def forward(self, ids: np.ndarray) -> np.ndarray:
         self._check(ids)
@@ -86,17 +66,21 @@ class Transformer:
             raise SparsityError("generate() needs a prompt of at least one token")
         if temperature < 0 or (top_k is not None and top_k < 1):
             raise SparsityError(f"temperature must be >= 0 and top_k >= 1, got {temperature}, {top_k}")
+        if not self.slides and len(tokens) + n - 1 > self.context:
+            raise SparsityError(f"a prompt of {len(tokens)} tokens plus {n} new ones runs past the model's "
+                                f"{self.context} positions (max_position_embeddings); ask for fewer tokens",
+                                context=self.context)
         rng = np.random.default_rng(seed)
         window = tokens[-self.context:]
         ids = np.asarray([window], np.int64)
         self._check(ids)
-        cache = self.new_cache(1, self.context)
+        cache = self.new_cache(1, min(self.context, len(window) + n))
         logits = self.step(ids, cache, 0)[0, -1]
         length = len(window)
         for i in range(n):
             nxt = self._pick(logits, temperature, top_k, rng)
             tokens.append(nxt)
-            if i == n - 1:
+            if i == n - 1 or nxt in self.eos:
                 break
             if length < self.context:  # the cached keys stay valid: feed only the new token
                 logits = self.step(np.asarray([[nxt]], np.int64), cache, length)[0, -1]
@@ -115,3 +99,46 @@ class Transformer:
         p = np.exp(z - z.max())
         return int(rng.choice(z.size, p=p / p.sum()))
 
+
+class Transformer(Decoder):
+    """sparsetorch's byte GPT."""
+
+    def __init__(self, model, node: dict):
+        p = node["prefix"]
+        self.context, self.vocab, self.width = node["context"], node["vocab"], node["width"]
+        heads = node["heads"] if isinstance(node["heads"], list) else [node["heads"]] * node["layers"]
+        if len(heads) != node["layers"] or not all(isinstance(h, int) for h in heads):
+            raise SparsityError(f"the gpt node lists heads {heads} for {node['layers']} blocks; the file is corrupted")
+        self.eps = float(node["eps"])
+        self.tok = model.matrix(f"{p}tok.weight")  # [V, C] embedding tables: rows are looked up, not multiplied
+        self.pos = model.matrix(f"{p}pos.weight")  # [context, C]
+        if self.tok.shape != (self.vocab, self.width) or self.pos.shape != (self.context, self.width):
+            raise SparsityError(f"the gpt node's vocabulary {self.vocab}, context {self.context} and width {self.width} "
+                                f"do not match its embeddings {list(self.tok.shape)}, {list(self.pos.shape)}; the file "
+                                "is corrupted")
+        self.blocks = [_Block(model, f"{p}blocks.{i}.", h) for i, h in enumerate(heads)]
+        self.ln_f = (model.array(f"{p}ln_f.weight"), model.array(f"{p}ln_f.bias"))
+        self.lm_head = model.linear(f"{p}lm_head.weight", node.get("lm_head_bias"))
+
+    # -- one pass over new tokens, appending their keys/values to the cache ---------------------------------
+    def step(self, ids: np.ndarray, cache: list, start: int) -> np.ndarray:  # ids: [B, T] -> logits [B, T, V]
+        B, T = ids.shape
+        x = self.tok.rows(ids) + self.pos.rows(np.arange(start, start + T))  # [B, T, C]
+        # query i (absolute position start+i) sees keys 0..start+i
+        causal = np.arange(start + T)[None, :] <= (start + np.arange(T))[:, None]  # [T, S]
+        for block, (k_cache, v_cache) in zip(self.blocks, cache):
+            H, D = block.heads, block.head_dim
+            h = ops.layer_norm(x, 1, *block.ln1, self.eps)
+            q, k, v = np.split(block.qkv(h), 3, axis=-1)  # 3 x [B, T, H*D]
+            q, k, v = (t.reshape(B, T, H, D).transpose(0, 2, 1, 3) for t in (q, k, v))  # [B, H, T, D]
+            k_cache[:, :, start:start + T], v_cache[:, :, start:start + T] = k, v
+            keys, values = k_cache[:, :, :start + T], v_cache[:, :, :start + T]  # [B, H, S, D]
+            att = (q @ keys.transpose(0, 1, 3, 2)) * np.float32(1.0 / np.sqrt(D))  # [B, H, T, S]
+            att = ops.softmax(np.where(causal, att, np.float32(-np.inf)), -1)
+            y = (att @ values).transpose(0, 2, 1, 3).reshape(B, T, H * D)
+            x = x + block.proj(y)
+            x = x + block.fc_proj(ops.gelu(block.fc(ops.layer_norm(x, 1, *block.ln2, self.eps))))
+        return self.lm_head(ops.layer_norm(x, 1, *self.ln_f, self.eps)).astype(np.float32, copy=False)
+
+    def new_cache(self, batch: int, length: int) -> list:
+        return [tuple(np.zeros((batch, b.heads, length, b.head_dim), np.float32) for _ in range(2)) for b in self.blocks]

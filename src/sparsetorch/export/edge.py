@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 
 from ..edge.model import FORMAT, META_KEY, EdgeModel
-from ..edge.weights import VALUE_TYPES, encode_matrix
+from ..edge.weights import VALUE_TYPES, encode_matrix, weights_version
 from ..errors import SparsityError
 from ..tracing import TraceFailed, trace
 from .edge_gpt import format_version
@@ -32,8 +32,10 @@ def export_edge(model: nn.Module, example_inputs, path: str | os.PathLike, value
     """Write ``model`` to ``path`` for ``sparsetorch.edge.load``; returns the file's description.
 
     ``example_inputs``: one tensor (or a 1-tuple) of the input's shape; dim 0 (batch) may vary at run time.
-    ``values``: "fp32" (exact) or "int8" (per-row symmetric weights; outputs move by a bounded amount,
-    see docs/edge.md). The model is evaluated in eval mode; its training flags are restored afterwards.
+    Token models (sparsetorch's GPT, transformers ``LlamaForCausalLM``, shrunk or pruned) take token ids
+    [batch, length] and are exported whole, run with a KV cache by ``EdgeModel.generate``.
+    ``values``: "fp32" (exact), "bf16" / "fp16" (half the value bytes; weights rounded to nearest) or "int8"
+    (per-row symmetric weights; outputs move by a bounded amount, see docs/edge.md). The model is evaluated in eval mode; its training flags are restored afterwards.
     """
     if values not in VALUE_TYPES:
         raise SparsityError(f"values must be one of {VALUE_TYPES}, got {values!r}", values=values)
@@ -44,7 +46,7 @@ def export_edge(model: nn.Module, example_inputs, path: str | os.PathLike, value
         desc, arrays = build(model, x, values)
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         with torch.no_grad():
-            expected = model(x.to(device))
+            expected = _reference(model, x.to(device))
     finally:
         for m, flag in flags.items():
             m.training = flag
@@ -73,9 +75,22 @@ def _single_input(example_inputs) -> torch.Tensor:
 
 def leaf_handlers() -> dict:
     """Modules exported as one edge node instead of being traced through (transformer stacks)."""
-    from .edge_gpt import handlers
+    from . import edge_gpt, edge_llama
 
-    return handlers()
+    return {**edge_gpt.handlers(), **edge_llama.handlers()}
+
+
+def _reference(model: nn.Module, x: torch.Tensor):
+    """The model's output on x: a transformers causal LM's logits (through DecoderLogits), else model(x)."""
+    if getattr(model, "config", None) is not None and callable(getattr(model, "get_input_embeddings", None)):
+        from .onnx_decoder import DecoderLogits
+
+        wrapped = DecoderLogits(model)
+        try:
+            return wrapped(x)
+        finally:
+            wrapped.unwrap()
+    return model(x)
 
 
 def build(model: nn.Module, x: torch.Tensor, values: str) -> tuple[dict, dict[str, np.ndarray]]:
@@ -106,7 +121,7 @@ def build(model: nn.Module, x: torch.Tensor, values: str) -> tuple[dict, dict[st
     shape = [None] + list(x.shape[1:])
     if integer:
         shape = [None] * x.dim()  # token ids: batch and sequence length vary
-    desc = {"format": FORMAT, "version": format_version(g.nodes), "values": values,
+    desc = {"format": FORMAT, "version": max(format_version(g.nodes), weights_version(tensors)), "values": values,
             "input": {"name": conv.input_name, "shape": shape, "dtype": "int64" if integer else "float32"},
             "output": conv.output, "tensors": tensors, "nodes": g.nodes,
             "model": type(model).__name__}

@@ -67,7 +67,10 @@ def export_gpt(conv, name: str, prefix: str, x: str, gpt: nn.Module) -> None:
 
 
 def format_version(nodes: list[dict]) -> int:
-    """The oldest edge format version that describes ``nodes`` (2: a gpt node with heads per block)."""
+    """The oldest edge format version that describes ``nodes`` (2: a gpt node with heads per block; 3: a llama
+    node)."""
+    if any(n["op"] == "llama" for n in nodes):
+        return 3
     return 2 if any(n["op"] == "gpt" and isinstance(n.get("heads"), list) for n in nodes) else 1
 
 

@@ -25,7 +25,7 @@ _ALIAS_FUNCS = {F.dropout, torch.nn.functional.dropout1d, torch.nn.functional.dr
 
 SUPPORTED = ("Linear, Conv1d, Conv2d, BatchNorm1d/2d, MaxPool1d/2d, AvgPool1d/2d, AdaptiveAvgPool to 1, ReLU, GELU, "
              "SiLU, Tanh, Sigmoid, Softmax, LayerNorm, Flatten, Dropout, Identity, +, -, *, /, reshape/view, "
-             "flatten, cat, permute, transpose, size, sparsetorch's GPT")
+             "flatten, cat, permute, transpose, size, sparsetorch's GPT, transformers LlamaForCausalLM (exported whole)")
 
 
 class Graph:

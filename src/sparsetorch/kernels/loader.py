@@ -20,6 +20,9 @@ from types import ModuleType
 ISAS = ("generic", "avx2", "avx512")
 INFERENCE, TRAINING = "_C", "_train"  # the two extensions setup.py builds (csrc/module.cpp, csrc/train_module.cpp)
 L2_BUDGET = 768 * 1024  # bytes of a core's L2 the kernels' dense panels may fill
+# from this many input rows on, a bitmask weight is unpacked (compiled) into a reused buffer for a dense GEMM
+# instead of running the per-row kernel (measured crossover, 2 threads AVX-512; torch and edge runtimes alike)
+BITMASK_PREFILL_ROWS = 128
 
 
 def disabled() -> bool:
