@@ -18,7 +18,7 @@ measures the model rather than its neighbours) for prefill (one forward over the
 the experts by REAP saliency (and, for comparison, a random half), distils, and times it the same way.
 
     nice .venv/bin/python benchmarks/bench_shrink_llm.py --preset small     # 12x64 Llama, 4x64 MoE: 10 min, 4 with cached teachers
-    nice .venv/bin/python benchmarks/bench_shrink_llm.py --preset full      # 12x128 Llama trained 3000 steps
+    nice .venv/bin/python benchmarks/bench_shrink_llm.py --preset full      # 12x96 Llama trained 2200 steps, 4x96 MoE 1200: about an hour
 
 Every count is configurable (--train-steps, --budget-steps, --layers...). Results go to
 benchmarks/results/shrink_llm_<preset>.json.
@@ -48,9 +48,10 @@ PRESETS = {
     "small": dict(layers=12, hidden=64, heads=4, kv_heads=2, intermediate=192, context=64, train_steps=500,
                   train_batch=16, budget_steps=100, budget_batch=16, lr=3e-3, distill_lr=1e-3,
                   moe_layers=4, moe_intermediate=96, experts=8, top_k=2, moe_train_steps=400),
-    "full": dict(layers=12, hidden=128, heads=8, kv_heads=4, intermediate=384, context=128, train_steps=3000,
-                 train_batch=32, budget_steps=400, budget_batch=32, lr=2e-3, distill_lr=1e-3,
-                 moe_layers=6, moe_intermediate=192, experts=8, top_k=2, moe_train_steps=2000),
+    # 12 blocks trained 2200 steps: longer than bench_oneshot's 2000-step model, and about an hour on one thread
+    "full": dict(layers=12, hidden=96, heads=6, kv_heads=2, intermediate=288, context=64, train_steps=2200,
+                 train_batch=16, budget_steps=250, budget_batch=16, lr=2e-3, distill_lr=1e-3,
+                 moe_layers=4, moe_intermediate=144, experts=8, top_k=2, moe_train_steps=1200),
 }
 
 
