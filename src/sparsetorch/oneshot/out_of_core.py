@@ -361,8 +361,9 @@ def prune_checkpoint(source: str | os.PathLike, calibration, out: str | os.PathL
         for call in runner.calls[0]:
             call.hidden = None  # block 0's captured inputs now live in the store
     block_shards, groups, group_shards = _shard_names(src)
+    auto = None if _is_writer() else True  # by default one bar (rank 0's) under torchrun
     bar = tqdm(range(start, len(src.blocks)), desc=f"{job.pruner.recipe.method} blocks (out of core)",
-               disable=None if job.progress is None else not job.progress)
+               disable=auto if job.progress is None else not job.progress)
     for k in bar:
         t0 = time.perf_counter()
         block_stats = _prune_one(k, job, src, runner, store, densities)
