@@ -6,8 +6,9 @@ block of the model in memory at a time.
 The model is built on the meta device from ``config.json``; the embeddings (and the other small parts that
 run before the first block) are read from the shards, then each block in turn: read, pruned from the
 calibration activations by the same block-by-block driver as the in-memory run (``drivers``), written as its
-own shard as soon as it is done, and dropped. Peak memory is about the embeddings, two blocks (the one being
-pruned and its copy being serialised) and the activations, whatever the depth. OWL's first pass runs
+own shard as soon as it is done (streamed, no second copy), and dropped. Peak memory is about the embeddings
+plus one block, or one block plus its layers' statistics (one X^T X per distinct input) and one layer's solve,
+plus the activations, whatever the depth. OWL's first pass runs
 block by block over the dense blocks the same way.
 
 The output folder is an ordinary Hugging Face checkpoint with zeros in place: one shard per block plus one
