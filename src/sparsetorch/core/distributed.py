@@ -19,8 +19,8 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "rank_and_world", "launched_process_group", "collective_device", "all_reduce_sum", "any_rank", "fingerprint",
-           "disagreeing", "agree_with_rank0", "is_sharded", "full", "local", "shard_like", "global_sum",
+__all__ = ["is_distributed", "rank_and_world", "launched_process_group", "collective_device", "all_reduce_sum",
+           "any_rank", "fingerprint", "disagreeing", "agree_with_rank0", "is_sharded", "full", "local", "shard_like", "global_sum",
            "broadcast_from_rank0", "all_reduce_small"]
 
 
