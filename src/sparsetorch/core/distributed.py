@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["is_distributed", "rank_and_world", "launched_process_group", "collective_device", "all_reduce_sum",
-           "any_rank", "fingerprint", "disagreeing", "agree_with_rank0", "is_sharded", "full", "local", "shard_like", "global_sum",
-           "broadcast_from_rank0", "all_reduce_small"]
+           "any_rank", "fingerprint", "disagreeing", "agree_with_rank0", "is_sharded", "full", "local", "shard_like",
+           "global_sum", "broadcast_from_rank0", "all_reduce_small"]
 
 
 def is_distributed() -> bool:
