@@ -8,7 +8,8 @@ a model small enough for both gives the same masks and weights out of core as in
 
 Run:  python benchmarks/bench_out_of_core.py                      # full: 12 vs 24 layers x 2048 (24: ~5 GB fp32)
       python benchmarks/bench_out_of_core.py --preset reduced     # 12 vs 24 layers x 512, short calibration
-Sizes are flags (--layers, --hidden, --intermediate, --vocab, --nsamples, --seqlen, --threads). Prints a table
+Sizes are flags (--layers, --hidden, --intermediate, --vocab, --nsamples, --seqlen, --threads); --workdir DIR --keep
+keeps the checkpoints and reuses them in the next run (writing the 5 GB one takes minutes). Prints a table
 with the command, machine and date; writes benchmarks/results/bench_out_of_core[_PRESET].json and .txt.
 """
 from __future__ import annotations
@@ -73,6 +74,22 @@ def build_checkpoint(folder: Path, config, seed: int = 0) -> int:
     return total
 
 
+def reused(folder: Path, config) -> int | None:
+    """The bytes of a checkpoint a previous ``--keep`` run built in ``folder`` for this config, None if there is none."""
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file() or not (folder / "config.json").is_file():
+        return None
+    held = json.loads((folder / "config.json").read_text())
+    wanted = config.to_dict()
+    if any(held.get(k) != wanted.get(k) for k in ("num_hidden_layers", "hidden_size", "intermediate_size",
+                                                  "num_attention_heads", "vocab_size")):
+        return None
+    shards = set(json.loads(index.read_text())["weight_map"].values())
+    if not all((folder / name).is_file() for name in shards):
+        return None
+    return sum((folder / name).stat().st_size for name in shards)
+
+
 def calibration(nsamples: int, seqlen: int, vocab: int):
     import torch
 
@@ -122,12 +139,14 @@ def masks_identical(work: Path, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     folder = work / "small"
+    shutil.rmtree(folder, ignore_errors=True)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(llama_config(4, 256, 688, 4, 1000)).save_pretrained(folder, max_shard_size="2MB")
     calib = calibration(8, 64, 1000)
     result = {}
     for name, options in RUNS:
         out = work / f"small-{options['method']}"
+        shutil.rmtree(out, ignore_errors=True)  # a kept workdir: prune again, not resume
         sparsetorch.prune_oneshot(folder, calib, out=out, progress=False, device="cpu", **options)
         ref = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
         sparsetorch.prune_oneshot(ref, calib, progress=False, device="cpu", **options)
@@ -154,7 +173,11 @@ def main() -> int:
     parser.add_argument("--methods", nargs="+", choices=[n.split()[0] for n, _ in RUNS], default=None,
                         help="which runs (default: sparsegpt and wanda)")
     parser.add_argument("--workdir", default=None, help="where checkpoints are written (default: a temp folder)")
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoints in --workdir, and reuse those a "
+                                                            "previous --keep run left there (same sizes)")
     args = parser.parse_args()
+    if args.keep and not args.workdir:
+        parser.error("--keep needs --workdir")
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return 0
@@ -173,7 +196,10 @@ def main() -> int:
             folder = work / f"llama-{layers}"
             t0 = time.perf_counter()
             config = llama_config(layers, size["hidden"], size["intermediate"], size["heads"], size["vocab"])
-            nbytes = build_checkpoint(folder, config)
+            nbytes = reused(folder, config) if args.keep else None
+            if nbytes is None:
+                shutil.rmtree(folder, ignore_errors=True)
+                nbytes = build_checkpoint(folder, config)
             build_s = time.perf_counter() - t0
             for name, options in RUNS:
                 if args.methods and name.split()[0] not in args.methods:
@@ -187,7 +213,8 @@ def main() -> int:
                              **got, "rss_ratio": got["peak_rss_mb"] / (nbytes / 2**20),
                              "s_per_block": sum(got["block_seconds"]) / layers})
                 shutil.rmtree(out, ignore_errors=True)
-            shutil.rmtree(folder, ignore_errors=True)
+            if not args.keep:
+                shutil.rmtree(folder, ignore_errors=True)
         check = masks_identical(work, args.threads)
     finally:
         if not args.workdir:

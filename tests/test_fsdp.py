@@ -177,3 +177,44 @@ def test_dcp_checkpoint_that_does_not_fit_is_refused_before_anything_changes(ran
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(sparsetorch.SparsityError, match="no complete DCP checkpoint"):
         load_distributed_state(fsdp_worker.make_model(), out / "missing")
+
+
+@pytest.mark.parametrize("attached", [False, True], ids=["unattached", "attached"])
+def test_dcp_load_that_fails_midway_changes_nothing(tmp_path, attached):
+    """A shard that is damaged or missing (found by DCP only while reading): a SparsityError saying so, and the
+    model's weights and masks and the sparsifier are as they were (the load reads into new tensors first).
+    On one process (DCP without a process group), then the same load from an intact copy succeeds."""
+    import shutil
+
+    from sparsetorch.integrations import load_distributed_state, save_distributed_state
+
+    model = fsdp_worker.make_model()
+    optimizer = fsdp_worker.make_optimizer(model, "adamw")
+    sparsifier = fsdp_worker.build("RigL").attach(model, optimizer)
+    fsdp_worker.train(model, optimizer, sparsifier, range(2))
+    save_distributed_state(model, tmp_path / "ckpt", optimizer, sparsifier, extra={"step": 2})
+    saved = fsdp_worker.snapshot(model)
+    shutil.copytree(tmp_path / "ckpt", tmp_path / "intact")
+    shards = sorted((tmp_path / "ckpt").glob("*.distcp"))
+    assert shards
+    with open(shards[0], "r+b") as fh:  # cut short: the metadata still lists every tensor
+        fh.truncate(fh.seek(0, 2) // 2)
+
+    model = fsdp_worker.make_model()
+    optimizer = fsdp_worker.make_optimizer(model, "adamw")
+    sparsifier = fsdp_worker.build("RigL")
+    if attached:
+        sparsifier.attach(model, optimizer)
+    before = fsdp_worker.snapshot(model)
+    for broken in ("truncated", "missing"):
+        if broken == "missing":
+            shards[0].unlink()
+        with pytest.raises(sparsetorch.SparsityError, match="could not be read.*damaged.*Nothing was loaded"):
+            load_distributed_state(model, tmp_path / "ckpt", optimizer, sparsifier)
+        after = fsdp_worker.snapshot(model)
+        assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before), broken
+        assert (sparsifier.model is not None) == attached and sparsifier.step_count == 0
+    assert load_distributed_state(model, tmp_path / "intact", optimizer, sparsifier) == {"step": 2}
+    loaded = fsdp_worker.snapshot(model)
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
+    assert sparsifier.step_count == 2

@@ -202,3 +202,70 @@ def test_byte_gpt_pruned_block_by_block_on_stdlib_text():
     with pytest.raises(SparsityError):
         prune_oneshot(GPT(GPTConfig(layers=1, width=32, heads=2, context=32)), [torch.full((4,), 300)],
                       method="wanda")
+
+
+class _SameInputTwice(nn.Module):
+    """``a`` and ``b`` read the very same tensor (like q/k/v); ``c`` reads ``a``'s output; ``d`` reads the input
+    only when asked, and ``a`` then a second, different tensor (a run whose layers stop sharing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d = nn.Linear(6, 6), nn.Linear(6, 4), nn.Linear(6, 3), nn.Linear(6, 2)
+
+    def forward(self, x, split=False):
+        y = self.a(x)
+        self.b(x)
+        if split:
+            self.a(y)
+        else:
+            self.d(x)
+        return self.c(y)
+
+
+def test_layers_fed_the_same_input_share_statistics_bitwise():
+    """One InputStats for a run of layers called on the very same tensor (X^T X held once); once their calls
+    differ each continues from an exact copy: the sums are bitwise those of one accumulator per layer."""
+    from sparsetorch.core.distributed import is_distributed
+    from sparsetorch.oneshot.linear_layers import InputStats, attach_stats
+
+    assert not is_distributed()
+    torch.manual_seed(0)
+    net = _SameInputTwice()
+    layers = {n: getattr(net, n) for n in "abcd"}
+    xs = [torch.randn(5, 6) for _ in range(4)]
+    stats, handles = attach_stats(layers, torch.device("cpu"), hessian=True)
+    with torch.no_grad():
+        net(xs[0])
+        net(xs[1])
+        shared = stats["a"] is stats["b"] is stats["d"] and stats["a"].layers == 3  # one X^T X for the three
+        net(xs[2], split=True)  # a, b no longer see the same tensors; d is not called
+        net(xs[3])
+    for h in handles:
+        h.remove()
+    assert shared and list(stats) == list("abcd")
+    assert len({id(stats[n]) for n in "abd"}) == 3  # split apart, each with its own history
+    expected = {n: InputStats(6, torch.device("cpu"), True) for n in "abcd"}  # one per layer, by hand
+    with torch.no_grad():
+        for i, x in enumerate(xs):
+            y = net.a(x)
+            expected["a"].add(x)
+            expected["b"].add(x)
+            expected["c"].add(y)
+            if i == 2:
+                expected["a"].add(y)
+            else:
+                expected["d"].add(x)
+    for n in "abcd":
+        assert stats[n].count == expected[n].count, n
+        for key, total in expected[n].totals.items():
+            assert torch.equal(stats[n].totals[key], total), (n, key)
+    # two layers reading one InputStats: the first takes a copy, the last the statistics themselves
+    stats2, handles2 = attach_stats({"a": net.a, "b": net.b}, torch.device("cpu"), hessian=True)
+    with torch.no_grad():
+        net(xs[0])
+    for h in handles2:
+        h.remove()
+    one = stats2["a"]
+    assert one is stats2["b"] and one.layers == 2
+    first, last = one.take_hessian(), one.take_hessian()
+    assert torch.equal(first, last) and first.data_ptr() != last.data_ptr() and not one.has_hessian

@@ -149,3 +149,55 @@ def test_fingerprint_is_exact_and_order_free():
     mask = torch.rand(9, generator=torch.Generator().manual_seed(1)) > 0.5
     assert fingerprint(mask[1:]) == fingerprint(mask[1:].clone())  # a bool view at an odd byte offset
     assert disagreeing([x]) == agree_with_rank0([x]) == []  # one process: nothing to compare
+
+
+CLI_MODES = ("--in-memory", "--out-of-core")
+
+
+@pytest.fixture(scope="module")
+def cli_under_torchrun(tmp_path_factory):
+    """``sparsetorch prune-lm`` launched by torchrun on 2 gloo processes, in memory and out of core (the two
+    launches at once), and the same commands in this one process."""
+    import sparsetorch
+    from sparsetorch.cli.main import main
+
+    root = tmp_path_factory.mktemp("cli_torchrun")
+    worker.ooc_llama().save_pretrained(root / "model")  # no tokenizer, 1000 ids: the text goes in as bytes
+    (root / "calib.txt").write_text("def f(x):\n    return x * 2 + 1\n" * 60)
+
+    def command(mode: str, out: str) -> list[str]:  # 5 windows: 2 on rank 0, 3 on rank 1
+        return ["prune-lm", str(root / "model"), "--method", "sparsegpt", "--calibration", str(root / "calib.txt"),
+                "--nsamples", "5", "--seqlen", "24", "--device", "cpu", "--out", str(root / out), mode]
+
+    src = str(Path(sparsetorch.__file__).parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    launched = {mode: subprocess.Popen([*torchrun(), "--standalone", "--nproc_per_node=2", "-m", "sparsetorch.cli",
+                                        *command(mode, f"ranks{mode}")], env=env, text=True,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE) for mode in CLI_MODES}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks: the same float reductions
+    try:
+        for mode in CLI_MODES:
+            assert main(command(mode, f"one{mode}")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    ran = {}
+    for mode, proc in launched.items():
+        stdout, stderr = proc.communicate(timeout=240)
+        assert proc.returncode == 0, stderr[-3000:]
+        ran[mode] = stdout
+    return root, ran
+
+
+@pytest.mark.parametrize("mode", CLI_MODES)
+def test_prune_lm_under_torchrun_writes_what_one_process_writes(cli_under_torchrun, mode):
+    """Each rank prunes from its shard of the windows, the statistics are summed, rank 0 alone writes and prints:
+    the folder holds bitwise the tensors a single-process run writes."""
+    root, stdout = cli_under_torchrun
+    ranks, one = worker.folder_tensors(str(root / f"ranks{mode}")), worker.folder_tensors(str(root / f"one{mode}"))
+    assert ranks.keys() == one.keys() and any(k.endswith("down_proj.weight") for k in one)
+    for key in one:
+        assert torch.equal(ranks[key], one[key]), key
+    assert json.loads((root / f"ranks{mode}" / "oneshot.json").read_text())["world_size"] == 2
+    assert json.loads((root / f"one{mode}" / "oneshot.json").read_text())["world_size"] == 1
+    assert stdout[mode].count("; wrote ") == 1  # one table, rank 0's

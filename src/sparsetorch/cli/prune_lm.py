@@ -17,7 +17,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                    "file (tokenised with the folder's tokenizer, else as raw bytes), prune block by "
                                    "block and write the pruned model with save_pretrained to --out. A checkpoint "
                                    "larger than half the available memory (or --out-of-core) is pruned out of core: "
-                                   "one block in memory at a time, each written to --out when done, resumable.")
+                                   "one block in memory at a time, each written to --out when done, resumable. "
+                                   "Launched by torchrun, each rank calibrates on its share of the windows, the "
+                                   "statistics are summed over the ranks and rank 0 writes --out.")
     p.add_argument("model_dir", help="a transformers model folder (config.json + weights)")
     p.add_argument("--method", choices=list(METHODS), default="sparsegpt")
     p.add_argument("--distribution", choices=list(DISTRIBUTIONS), default="uniform",
@@ -156,20 +158,33 @@ def lm_config(model_dir: Path, seqlen: int):
 
 
 def run(args: argparse.Namespace) -> int:
+    """Under torchrun (``torchrun --nproc_per_node=N -m sparsetorch.cli prune-lm ...``) every rank runs this on
+    its shard of the calibration windows, the statistics are summed over the ranks (every rank ends with the
+    model one process makes from all the windows), and rank 0 alone writes ``--out`` and prints."""
+    from ..core.distributed import launched_process_group
+
+    with launched_process_group():
+        return _prune(args)
+
+
+def _prune(args: argparse.Namespace) -> int:
     import torch
 
-    from ..oneshot import prune_oneshot
+    from ..core.distributed import any_rank, rank_and_world
+    from ..oneshot import prune_oneshot, shard_calibration
     from ..oneshot.api import skip_to_exclude
 
+    writer = rank_and_world()[0] == 0
     model_dir, out = Path(args.model_dir), Path(args.out)
     sparsity = args.sparsity if args.sparsity is not None else (None if ":" in args.pattern else 0.5)
     exclude = skip_to_exclude(args.skip) if args.skip else None
     options = dict(method=args.method, sparsity=sparsity, pattern=args.pattern, distribution=args.distribution,
                    permute=args.permute, refine=args.refine, bits=args.bits, group_size=args.group_size,
                    exclude=exclude, block_size=args.block_size, damp=args.damp, device=args.device)
-    if wants_out_of_core(args, model_dir):
+    if any_rank(wants_out_of_core(args, model_dir)):  # ranks with different free memory still agree
         vocab = lm_config(model_dir, args.seqlen).get_text_config().vocab_size
         calib = calibration_ids(model_dir, Path(args.calibration), args.nsamples, args.seqlen, args.seed, vocab)
+        calib = shard_calibration(calib)  # this rank's windows (one process: all of them)
         half = getattr(torch, args.activation_dtype) if args.activation_dtype else None
         stats = prune_oneshot(model_dir, calib, out=out, activations=args.activations, activation_dtype=half,
                               **options)
@@ -177,12 +192,16 @@ def run(args: argparse.Namespace) -> int:
         model = load_lm(model_dir, args.seqlen)
         vocab = model.get_input_embeddings().num_embeddings
         calib = calibration_ids(model_dir, Path(args.calibration), args.nsamples, args.seqlen, args.seed, vocab)
-        stats = prune_oneshot(model, calib, **options).sparsetorch_stats
+        stats = prune_oneshot(model, shard_calibration(calib), **options).sparsetorch_stats
+        if not writer:  # every rank holds the same pruned model; rank 0 writes it
+            return 0
         write_lm(model, model_dir, out, {"oneshot": {"method": args.method, "pattern": args.pattern,
                                                      "distribution": args.distribution, "refine": args.refine,
                                                      "bits": args.bits}},
                  values="grid" if args.bits else "fp32")
         (out / "oneshot.json").write_text(json.dumps(stats.to_dict(), indent=2))
+    if not writer:
+        return 0
     print(f"{'layer':48s} {'sparsity':>8s} {'seconds':>8s}")
     for r in stats.layers:
         print(f"{r.name:48s} {r.sparsity:8.3f} {r.seconds:8.3f}")

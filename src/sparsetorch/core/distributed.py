@@ -11,15 +11,17 @@ one imported it, no DTensor can exist, and ``import sparsetorch`` stays light.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "rank_and_world", "collective_device", "all_reduce_sum", "any_rank", "fingerprint",
-           "disagreeing", "agree_with_rank0", "is_sharded", "full", "local", "shard_like", "global_sum",
-           "broadcast_from_rank0", "all_reduce_small"]
+__all__ = ["is_distributed", "rank_and_world", "launched_process_group", "collective_device", "all_reduce_sum",
+           "any_rank", "fingerprint", "disagreeing", "agree_with_rank0", "is_sharded", "full", "local", "shard_like",
+           "global_sum", "broadcast_from_rank0", "all_reduce_small"]
 
 
 def is_distributed() -> bool:
@@ -32,6 +34,26 @@ def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+@contextlib.contextmanager
+def launched_process_group() -> Iterator[bool]:
+    """For a command launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment): the default process group,
+    initialised from the environment torchrun sets (NCCL with each rank on GPU ``LOCAL_RANK`` when CUDA is
+    available, gloo otherwise) for the duration of the block, then destroyed. Yields whether this process is
+    one of several ranks. A group that is already initialised is used as it is (and left to its owner);
+    outside torchrun nothing happens."""
+    world = int(os.environ.get("WORLD_SIZE") or 1)
+    if world <= 1 or not dist.is_available() or dist.is_initialized():
+        yield is_distributed()
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK") or 0))  # before NCCL picks a GPU per rank
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        yield is_distributed()
+    finally:
+        dist.destroy_process_group()
 
 
 def collective_device(tensor: torch.Tensor) -> torch.device:

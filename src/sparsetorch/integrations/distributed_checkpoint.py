@@ -74,7 +74,13 @@ def load_distributed_state(model: nn.Module, path: str | os.PathLike, optimizer:
                            sparsifier: Any = None) -> dict[str, Any]:
     """Restore what ``save_distributed_state`` wrote into freshly built objects on any world size; returns its
     ``extra``. Build model (``fully_shard`` it or not), optimizer and sparsifier as for the original run; an
-    unattached sparsifier is attached here before the weights are loaded. Every rank calls it."""
+    unattached sparsifier is attached here, once everything is read. Every rank calls it.
+
+    All or nothing: the checkpoint is first read into new tensors placed like the model's (each rank its
+    shards, so this costs one more copy of this rank's model and optimizer state while it loads), and only
+    once all of it was read are they copied into the model, optimizer and sparsifier. A checkpoint that does
+    not fit, or a shard that is missing or damaged, is a ``SparsityError`` that leaves the model's weights and
+    masks and the sparsifier as they were."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
@@ -86,7 +92,7 @@ def load_distributed_state(model: nn.Module, path: str | os.PathLike, optimizer:
     if _JSON not in saved:
         raise SparsityError(f"{folder} is a DCP checkpoint but not one written by save_distributed_state")
     header = torch.empty(saved[_JSON].size, dtype=torch.uint8)
-    dcp.load({_JSON: header}, checkpoint_id=str(folder))
+    _read({_JSON: header}, folder)
     body = json.loads(bytes(header.tolist()).decode())
     if optimizer is not None and not any(k.startswith("optimizer.") for k in saved):
         raise SparsityError(f"{folder} holds no optimizer state; it was saved without one")
@@ -95,20 +101,21 @@ def load_distributed_state(model: nn.Module, path: str | os.PathLike, optimizer:
     if sparsifier is not None:
         _check_sparsifier_saved(body, folder)
         _check_masks_fit(saved, model, sparsifier, folder)  # before attaching, which zeroes weights
-        if sparsifier.model is None:
-            sparsifier.attach(unwrap_model(model), optimizer)
     state = _model_state(model, optimizer)
-    state[_TENSORS] = _tensor_slots(saved, sparsifier)
+    state[_TENSORS] = _tensor_slots(saved, sparsifier, model)
     state[_MASKS] = {name: mask for name, (_, _, mask) in masks.items()}
-    dcp.load(state, checkpoint_id=str(folder))
+    state = _fresh(state)  # a load that fails midway must not leave the live objects half-loaded
+    _read(state, folder)
+    if sparsifier is not None and sparsifier.model is None:
+        sparsifier.attach(unwrap_model(model), optimizer)
     if optimizer is not None:
         set_state_dict(unwrap_model(model), inner_optimizer(optimizer), model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
     else:
         set_model_state_dict(unwrap_model(model), state["model"])
     plain = decode_state(body, state[_TENSORS])
-    for module, name, mask in masks.values():
-        set_mask(module, mask, name)
+    for qualified, (module, name, _) in masks.items():
+        set_mask(module, state[_MASKS][qualified], name)  # what was read (the slots are copies)
     if sparsifier is not None:
         sparsifier.load_state_dict(plain["sparsifier"])
     return plain["extra"]
@@ -153,12 +160,49 @@ def _mask_slots(saved: dict[str, Any], model: nn.Module, folder: Path) -> dict[s
     return slots
 
 
-def _tensor_slots(saved: dict[str, Any], sparsifier: Any) -> dict[str, torch.Tensor]:
-    """Where DCP loads our tensors: the attached sparsifier's masks (DTensors under FSDP2, so each rank reads
-    its shard) and, for the rest (generator state, extra), tensors of the saved size and dtype."""
+def _fresh(state: Any) -> Any:
+    """``state`` with every tensor replaced by a new one of its shape, dtype and placement (``empty_like``: a
+    DTensor stays sharded like the original) and every container copied: what DCP loads into first."""
+    if isinstance(state, torch.Tensor):
+        return torch.empty_like(state)
+    if isinstance(state, dict):
+        return {k: _fresh(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_fresh(v) for v in state)
+    return state
+
+
+def _read(state: dict[str, Any], folder: Path) -> None:
+    """``dcp.load`` of ``state`` (new tensors only) from ``folder``; an unreadable shard is a ``SparsityError``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: the ranks' errors
+
+    try:
+        dcp.load(state, checkpoint_id=str(folder))
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - many types for an unreadable file
+        raise SparsityError(f"{folder} could not be read ({type(exc).__name__}: {_first_line(exc)}); a shard is "
+                            "missing or damaged: copy the whole checkpoint folder again. Nothing was loaded: the "
+                            "model, its masks and the sparsifier are as they were", path=str(folder)) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else "no message"
+
+
+def _tensor_slots(saved: dict[str, Any], sparsifier: Any, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Where DCP loads our tensors: the sparsifier's masks placed like their parameters (DTensors under FSDP2, so
+    each rank reads its shard), whether it is attached yet or not, and, for the rest (generator state,
+    extra), tensors of the saved size and dtype."""
     current: dict[str, torch.Tensor] = {}
-    if sparsifier is not None:
+    if sparsifier is not None and sparsifier.model is not None:
         encode_state({"sparsifier": {"masks": sparsifier.state_dict()["masks"]}}, current)
+    elif sparsifier is not None:  # attached only once the load succeeded: slots like the masks it will hold
+        from ..core.layer_selection import select_targets
+
+        targets = select_targets(unwrap_model(model), sparsifier.include, sparsifier.exclude)
+        encode_state({"sparsifier": {"masks": {t.qualified_name: torch.zeros_like(t.param, dtype=torch.bool)
+                                               for t in targets}}}, current)
     prefix = _TENSORS + "."
     slots = {}
     for fqn, meta in saved.items():

@@ -9,7 +9,6 @@ by transformers' own initialisation, and refused if it cannot rebuild them.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import re
@@ -23,6 +22,7 @@ from ..core.quant_grid import iter_quant_grids, remove_quant_grid
 from ..errors import SparsityError
 from ..formats.safetensors_file import ShardedCheckpoint
 from .blocks import find_blocks
+from .heap import return_freed_memory
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _FIX = "the folder must be written by save_pretrained for this config (copy it whole, or fix config.json)"
@@ -70,22 +70,6 @@ def _all_finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
     """``torch.isfinite(t).all()`` in slices: on a whole embedding its temporaries would cost more than the tensor."""
     flat = t.reshape(-1)
     return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
-
-
-def _return_freed_memory() -> None:
-    """Hand the pages of a dropped block back to the OS (glibc keeps freed heap memory below its 32 MB mmap
-    threshold for reuse, and blocks of other sizes fragment it: peak RSS would creep with depth)."""
-    global _TRIM
-    if _TRIM is None:
-        try:
-            _TRIM = ctypes.CDLL(None).malloc_trim
-        except (OSError, AttributeError):  # not glibc: nothing to do
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
-
-
-_TRIM = None
 
 
 def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str]:
@@ -197,7 +181,7 @@ class CheckpointModel:
             for name, b in sub._buffers.items():
                 if b is not None:
                     sub._buffers[name] = torch.empty_like(b, device="meta")
-        _return_freed_memory()
+        return_freed_memory()  # a dropped block's pages, before the next block is read
 
     def config_text(self) -> str:
         return (self.directory / "config.json").read_text(encoding="utf-8")

@@ -19,6 +19,7 @@ from . import solvers
 from .linear_layers import InputStats, is_transposed, to_param_layout, weight_2d
 from .alps import alps_solve
 from .dsnot import dsnot_refine
+from .heap import return_freed_memory
 from .quantize import QuantGrid, round_to_nearest
 from .ria import ria_mask
 from .results import LayerResult
@@ -65,6 +66,7 @@ class LayerPruner:
     def prune(self, name: str, module: nn.Module, stats: InputStats | None, density: float,
               note: str = "") -> LayerResult:
         t0 = time.perf_counter()
+        return_freed_memory()  # the last layer's temporaries, out of this layer's peak
         W = weight_2d(module).detach().to(self.device, torch.float32)  # [out, in]
         result = LayerResult(name, 0.0, 0.0, numel=W.numel(), target=1.0 - density, note=note)
         self.order, self.scales = None, None

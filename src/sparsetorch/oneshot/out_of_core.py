@@ -6,8 +6,9 @@ block of the model in memory at a time.
 The model is built on the meta device from ``config.json``; the embeddings (and the other small parts that
 run before the first block) are read from the shards, then each block in turn: read, pruned from the
 calibration activations by the same block-by-block driver as the in-memory run (``drivers``), written as its
-own shard as soon as it is done, and dropped. Peak memory is about the embeddings, two blocks (the one being
-pruned and its copy being serialised) and the activations, whatever the depth. OWL's first pass runs
+own shard as soon as it is done (streamed, no second copy), and dropped. Peak memory is about the embeddings
+plus one block, or one block plus its layers' statistics (one X^T X per distinct input) and one layer's solve,
+plus the activations, whatever the depth. OWL's first pass runs
 block by block over the dense blocks the same way.
 
 The output folder is an ordinary Hugging Face checkpoint with zeros in place: one shard per block plus one
@@ -361,8 +362,9 @@ def prune_checkpoint(source: str | os.PathLike, calibration, out: str | os.PathL
         for call in runner.calls[0]:
             call.hidden = None  # block 0's captured inputs now live in the store
     block_shards, groups, group_shards = _shard_names(src)
+    auto = None if _is_writer() else True  # by default one bar (rank 0's) under torchrun
     bar = tqdm(range(start, len(src.blocks)), desc=f"{job.pruner.recipe.method} blocks (out of core)",
-               disable=None if job.progress is None else not job.progress)
+               disable=auto if job.progress is None else not job.progress)
     for k in bar:
         t0 = time.perf_counter()
         block_stats = _prune_one(k, job, src, runner, store, densities)
