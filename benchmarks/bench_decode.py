@@ -10,8 +10,16 @@ dense fp32 torch, torch's dynamic int8 (``torch.ao.quantization.quantize_dynamic
 dense int8 (``to_inference(dense, values="int8")``). Dense fp32 is timed before, between and after the
 candidates; ratios use its median.
 
+``--activation-sparsity 0,0.4,0.5`` adds, per weight sparsity and value type, rows with TEAL activation
+sparsity (thresholds calibrated on the prompts, ``to_inference(..., activation_sparsity=...)``): their speed
+against the same model without it (``x on top``), the greedy agreement with the masked dense model with the same
+thresholds applied in torch, and the relative change of the logits that the thresholds cause on the prompts
+(a random-weight model's loss means nothing; benchmarks/bench_activation_sparsity.py measures the loss on a
+trained one).
+
     python benchmarks/bench_decode.py --preset small --threads 2
     python benchmarks/bench_decode.py --preset 1b --threads 2 --new-tokens 128 --prompt 128
+    python benchmarks/bench_decode.py --values fp32,bf16 --activation-sparsity 0,0.4,0.5 --skip-baselines
 
 Results go to benchmarks/results/decode_<preset>.json.
 """
@@ -101,6 +109,31 @@ def measure(model, ids, args) -> dict:
     return row
 
 
+def sparse_row(model, sp, values: str, act_s: float, ids, args, dense_tokens, base_row) -> dict:
+    """One weight-sparse model through to_inference with ``values`` and activation sparsity ``act_s``."""
+    act = None
+    tokens = dense_tokens
+    if act_s:
+        act = sparsetorch.inference.calibrate_activation_sparsity(model, ids, sparsity=act_s)
+        with torch.no_grad(), act.attach(model):
+            tokens = timed_generate(model, ids[:1], args.new_tokens)[0][0].tolist()  # masked dense + thresholds
+            thresholded = model(ids).logits
+        plain = model(ids).logits.detach()
+    t0 = time.perf_counter()
+    fast = sparsetorch.to_inference(model, (ids[:1],), values=values, activation_sparsity=act)
+    row = {"model": f"{sp}", "values": values, "activation_sparsity": act_s, "convert_s": time.perf_counter() - t0,
+           **measure(fast, ids, args), "kernels": sorted({p["kernel"] for p in fast.sparsetorch_plan})}
+    row["token_agreement"] = sum(a == b for a, b in zip(row["tokens"], tokens)) / len(row["tokens"])
+    if act_s:
+        row["logit_rel_change"] = float((thresholded - plain).norm() / plain.norm())
+        if base_row is not None:
+            row["on_top_x"] = row["decode_tok_s"] / base_row["decode_tok_s"]
+    extra = f", {row['on_top_x']:.2f}x on top" if "on_top_x" in row else ""
+    print(f"{sp} {values} act {act_s}: {row['decode_tok_s']:.2f} tok/s{extra}, agreement "
+          f"{row['token_agreement']:.2f}", flush=True)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
@@ -112,7 +145,10 @@ def main() -> None:
     ap.add_argument("--batch8", action="store_true")
     ap.add_argument("--sparsities", default="0.5,0.7,2:4")
     ap.add_argument("--values", default="fp32,bf16,int8")
+    ap.add_argument("--activation-sparsity", default="0", help="comma-separated fractions, e.g. 0,0.4,0.5")
+    ap.add_argument("--skip-baselines", action="store_true", help="no int8 dense baselines (dense fp32 still timed)")
     args = ap.parse_args()
+    acts = [float(a) for a in args.activation_sparsity.split(",")]
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     ids = torch.randint(0, 32000, (8, args.prompt), generator=torch.Generator().manual_seed(0))
@@ -124,16 +160,18 @@ def main() -> None:
 
     dense_run()
     base = build(args.preset)
-    if hasattr(torch, "ao") and hasattr(torch.ao, "quantization"):
+    if not args.skip_baselines and hasattr(torch, "ao") and hasattr(torch.ao, "quantization"):
         try:
             q = torch.ao.quantization.quantize_dynamic(base, {torch.nn.Linear}, dtype=torch.qint8)
             rows.append({"model": "dense", "values": "torch int8 (quantize_dynamic)", **measure(q, ids, args)})
             del q
         except Exception as exc:  # removed or broken in this torch
             print("torch dynamic int8 unavailable:", exc)
-    ours = sparsetorch.to_inference(base, (ids[:1],), values="int8")
-    rows.append({"model": "dense", "values": "int8 (ours)", **measure(ours, ids, args)})
-    del ours, base
+    if not args.skip_baselines:
+        ours = sparsetorch.to_inference(base, (ids[:1],), values="int8")
+        rows.append({"model": "dense", "values": "int8 (ours)", **measure(ours, ids, args)})
+        del ours
+    del base
     gc.collect()
     reference_tokens = {}
     for sp in args.sparsities.split(","):
@@ -142,16 +180,11 @@ def main() -> None:
         prune(model, sp)
         reference_tokens[sp] = timed_generate(model, ids[:1], args.new_tokens)[0][0].tolist()
         for values in args.values.split(","):
-            t0 = time.perf_counter()
-            fast = sparsetorch.to_inference(model, (ids[:1],), values=values)
-            convert_s = time.perf_counter() - t0
-            row = {"model": f"{sp}", "values": values, "convert_s": convert_s, **measure(fast, ids, args),
-                   "kernels": sorted({p["kernel"] for p in fast.sparsetorch_plan})}
-            row["token_agreement"] = sum(a == b for a, b in zip(row["tokens"], reference_tokens[sp])) / len(row["tokens"])
-            rows.append(row)
-            print(f"{sp} {values}: {row['decode_tok_s']:.2f} tok/s, agreement {row['token_agreement']:.2f}", flush=True)
-            del fast
-            gc.collect()
+            for act_s in acts:
+                rows.append(sparse_row(model, sp, values, act_s, ids, args, reference_tokens[sp],
+                                       next((r for r in rows if r.get("model") == f"{sp}" and r["values"] == values
+                                             and r.get("activation_sparsity", 0) == 0), None)))
+                gc.collect()
         del model
         gc.collect()
         if sp == 0.7:
@@ -162,8 +195,8 @@ def main() -> None:
           f"preset={args.preset}  torch {torch.__version__}")
     print(f"dense fp32: decode {dense['decode_tok_s']:.2f} tok/s, prefill {dense['prefill_tok_s']:.1f} tok/s, "
           f"{dense['weight_bytes'] / 2**20:.0f} MiB")
-    head = "| model | values | decode b=1 (x dense) |" + (" decode b=8 |" if args.batch8 else "") + \
-        " prefill | weights | greedy tokens = masked dense |"
+    head = "| model | values | act. sparsity | decode b=1 (x dense) | x on top |" + (" decode b=8 |" if args.batch8 else "") + \
+        " prefill | weights | greedy tokens = masked dense | logits rel. change |"
     print(head + "\n" + "|---" * (head.count("|") - 1) + "|")
     for r in rows:
         r["decode_x"] = r["decode_tok_s"] / dense["decode_tok_s"]
@@ -171,8 +204,10 @@ def main() -> None:
         r["bytes_x"] = r["weight_bytes"] / dense["weight_bytes"]
         b8 = f" {r['decode8_tok_s'] / dense['decode8_tok_s']:.2f}x |" if args.batch8 else ""
         agree = f"{r['token_agreement']:.2f}" if "token_agreement" in r else "-"
-        print(f"| {r['model']} | {r['values']} | {r['decode_tok_s']:.2f} tok/s ({r['decode_x']:.2f}x) |{b8} "
-              f"{r['prefill_x']:.2f}x | {r['bytes_x']:.2f} | {agree} |")
+        on_top = f"{r['on_top_x']:.2f}x" if "on_top_x" in r else "-"
+        change = f"{r['logit_rel_change']:.3f}" if "logit_rel_change" in r else "-"
+        print(f"| {r['model']} | {r['values']} | {r.get('activation_sparsity', 0):g} | {r['decode_tok_s']:.2f} tok/s "
+              f"({r['decode_x']:.2f}x) | {on_top} |{b8} {r['prefill_x']:.2f}x | {r['bytes_x']:.2f} | {agree} | {change} |")
     out = Path(__file__).parent / "results" / f"decode_{args.preset}.json"
     out.write_text(json.dumps({"date": str(dt.date.today()), "machine": platform.processor() or platform.machine(),
                                "threads": args.threads, "args": vars(args), "dense_fp32": dense, "dense_runs": dense_runs,
