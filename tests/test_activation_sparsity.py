@@ -104,6 +104,8 @@ def test_calibration_reaches_the_target_on_its_data():
     for h in hooks:
         h.remove()
     assert set(zeros) == set(t) and all(abs(z - 0.4) < 0.01 for z in zeros.values()), zeros
+    mlp = calibrate_activation_sparsity(model, calib, sparsity=0.4, include=["*.mlp.*", "lm_head"])
+    assert len(mlp.thresholds) == 7 and "lm_head" in mlp.thresholds  # include as everywhere (docs/api.md)
 
 
 def test_state_dict_round_trip():

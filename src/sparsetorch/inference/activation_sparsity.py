@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..core.layer_selection import Spec, select_targets
 from ..errors import SparsityError
 from ..kernels.column_bitmask import sparsify_input
 
@@ -32,11 +33,6 @@ def _check_sparsity(sparsity: float) -> float:
         raise SparsityError(f"activation sparsity must be a fraction in [0, 1), got {sparsity!r}",
                             fix="pass e.g. sparsity=0.4 (40% of each Linear input zeroed)")
     return float(sparsity)
-
-
-def _head(model: nn.Module) -> nn.Module | None:
-    get = getattr(model, "get_output_embeddings", None)
-    return get() if callable(get) else None
 
 
 class _Hooks:
@@ -125,25 +121,25 @@ class ActivationSparsity:
         return _Hooks(handles)
 
 
-def calibrate_activation_sparsity(model: nn.Module, calibration, sparsity: float = 0.4, *,
-                                  include_head: bool = False) -> ActivationSparsity:
+def calibrate_activation_sparsity(model: nn.Module, calibration, sparsity: float = 0.4, *, include: Spec = None,
+                                  exclude: Spec = None) -> ActivationSparsity:
     """Thresholds that zero a ``sparsity`` fraction of every Linear input on ``calibration`` (token ids
     [N, T], or a tuple of the model's forward arguments: a few sequences suffice).
 
     Layers are calibrated in forward order, each on its input with the thresholds before it applied, in one
     forward pass over the calibration batch. Layers that share an input (q/k/v, gate/up) see the same
-    activations and so get the same threshold.
-    The model's output head (``get_output_embeddings()``) is left dense unless ``include_head``."""
+    activations and so get the same threshold. ``include`` / ``exclude`` choose the Linear layers as everywhere
+    in sparsetorch (docs/api.md): by default all but the final classifier / ``lm_head``."""
     sparsity = _check_sparsity(sparsity)
     args = calibration if isinstance(calibration, (tuple, list)) else (calibration,)
     if calibration is None or not args or not all(isinstance(a, torch.Tensor) for a in args) or args[0].numel() == 0:
         raise SparsityError("calibrate_activation_sparsity needs calibration data: a non-empty tensor of token "
                             "ids [N, T] (or a tuple of the model's forward arguments)",
                             got=type(calibration).__name__)
-    head = None if include_head else _head(model)
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
+    layers = {t.fqn: t.module for t in select_targets(model, include, exclude) if isinstance(t.module, nn.Linear)}
     if not layers:
-        raise SparsityError("the model has no Linear layers to calibrate", model=type(model).__name__)
+        raise SparsityError("no Linear layer to calibrate among the chosen layers", model=type(model).__name__,
+                            fix="include=[...] with the Linear layers' names or types")
     thresholds: dict[str, float] = {}
 
     def calibrate(name: str):
