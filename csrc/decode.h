@@ -82,8 +82,9 @@ void bitmask_linear_q8(int threads, const Bitmask& w, int64_t out, const float* 
                        const float* bias, float* y);
 void bitmask_to_dense(int isa, int threads, const Bitmask& w, int64_t out, float* dense);
 // y [nb, out] = (x masked to |x| > threshold) @ W^T + bias, reading only the columns of W some row keeps
+// (skip) or every column, the masked inputs multiplied as zeros (!skip: one unbroken stream of weights)
 void colmask_linear(int isa, int threads, const ColBitmask& w, const float* x, int64_t nb, int64_t xs,
-                    float threshold, const float* bias, float* y);
+                    float threshold, bool skip, const float* bias, float* y);
 void colmask_to_dense_t(int isa, int threads, const ColBitmask& w, float* dense_t);
 
 }  // namespace st

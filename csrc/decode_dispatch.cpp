@@ -54,7 +54,7 @@ void over_tiles(int threads, const ColBitmask& w, int64_t work, Run run) {
 }  // namespace
 
 void colmask_linear(int isa, int threads, const ColBitmask& w, const float* x, int64_t nb, int64_t xs,
-                    float threshold, const float* bias, float* y) {
+                    float threshold, bool skip, const float* bias, float* y) {
   const ColFn tiles = kCol[isa];
   int32_t* active = scratch<LAYER_SCRATCH, int32_t>((size_t)w.in);
   float* xa = scratch<LAYER_SCRATCH, float>((size_t)(w.in * 8));
@@ -65,7 +65,7 @@ void colmask_linear(int isa, int threads, const ColBitmask& w, const float* x, i
     for (int64_t j = 0; j < w.in; ++j) {
       bool any = false;
       for (int k = 0; k < n; ++k) any |= std::fabs(xb[k * xs + j]) > threshold;
-      if (!any) continue;
+      if (!any && skip) continue;
       for (int k = 0; k < n; ++k) {
         const float v = xb[k * xs + j];
         xa[na * n + k] = std::fabs(v) > threshold ? v : 0.f;

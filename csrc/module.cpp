@@ -183,14 +183,15 @@ PYBIND11_MODULE(_C, m) {
       });
   m.def(
       "colmask_linear",
-      // tile is unused (one signature with the other kernels); inputs with |x| <= threshold count as zero
+      // tile is unused (one signature with the other kernels); inputs with |x| <= threshold count as zero,
+      // and with skip their weight columns are not read
       [](int isa, int threads, int /*tile*/, int64_t out, int64_t in, u64 mask, u64 start, u64 values, int vtype,
-         u64 scales, double threshold, u64 x, int64_t batch, int64_t x_stride, u64 bias, u64 y) {
+         u64 scales, double threshold, int skip, u64 x, int64_t batch, int64_t x_stride, u64 bias, u64 y) {
         const st::ColBitmask w = col_bitmask(out, in, mask, start, values, vtype, scales);
         if (batch < 1 || x_stride < in) throw std::invalid_argument("bad input shape");
         isa = checked_isa(isa);
         py::gil_scoped_release nogil;
-        st::colmask_linear(isa, threads, w, ptr<const float>(x), batch, x_stride, (float)threshold,
+        st::colmask_linear(isa, threads, w, ptr<const float>(x), batch, x_stride, (float)threshold, skip != 0,
                            ptr<const float>(bias), ptr<float>(y));
       });
   m.def(
