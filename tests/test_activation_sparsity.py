@@ -33,14 +33,14 @@ def test_column_kernel_matches_torch(shape, values):
     out, n = shape
     w = _weight(out, n, 0.6)
     bias = torch.randn(out, generator=torch.Generator().manual_seed(2))
-    for act in (0.0, 0.4, 0.9):
+    for act in (0.0, 0.5):
         x = torch.randn(11, n, generator=torch.Generator().manual_seed(3))
         p = ColumnBitmaskWeight.from_dense(w, magnitude_threshold(x, act), values)
         if values == "fp32":
             assert torch.equal(p.to_dense(), w)
         if has_extension():
             assert torch.equal(p.unpack_t(), p.to_dense().t())
-        for batch in (1, 2, 3, 8, 11):
+        for batch in (1, 2, 3, 11):  # the kernel's pieces of 1, 2, 2 + 1 and 8 + 2 + 1 batch rows
             ref = torch.nn.functional.linear(sparsify_input(x[:batch], float(p.threshold)), p.to_dense(), bias)
             tol = 1e-4 * float(ref.abs().max()) + 1e-5
             assert (p.linear(x[:batch], bias, backend="torch") - ref).abs().max() <= tol  # the pure-torch path
