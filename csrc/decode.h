@@ -30,6 +30,22 @@ struct QuantX {
   const float* scale;
 };
 
+// W [out, in] column by column for decode with activation sparsity (decode_columns.inc): outputs in tiles of
+// COL_TILE; entry r = t * in + j is input column j within output tile t, its COL_TILE_WORDS mask words at
+// mask[r * COL_TILE_WORDS] (bit k of word c: W[COL_TILE t + 16 c + k, j] kept; none past out) and its kept
+// values at [start[r], start[r + 1]) in output order. int8 values have one scale per output.
+constexpr int COL_TILE_WORDS = 16;
+constexpr int COL_TILE = 16 * COL_TILE_WORDS;
+
+struct ColBitmask {
+  const uint16_t* mask;    // [tiles * in, COL_TILE_WORDS]
+  const int64_t* start;    // [tiles * in + 1]
+  const void* values;
+  int vtype;
+  const float* scales;     // int8: [out], else null
+  int64_t out, in, tiles;  // tiles = ceil(out / COL_TILE)
+};
+
 #define ST_DECLARE_DECODE(NS)                                                                                \
   namespace NS {                                                                                             \
   /* y[b * ys + o] = W[o, :] . x[b * xs : ...] + bias[o] for rows o in [r0, r1) and batch rows b < nb */      \
@@ -40,6 +56,12 @@ struct QuantX {
   /* quantize rows of x: codes [nb, q.ld], scale [nb] */                                                     \
   void quantize_rows(const float* x, int64_t xs, int64_t nb, int64_t in, uint8_t* codes, int64_t ld,        \
                      float* scale);                                                                           \
+  /* y[k * ys + o] for output tiles [t0, t1), batch rows k < nb (<= 8): sum over the na active inputs a */   \
+  /* (columns active[a]) of xa[a * nb + k] * W[o, active[a]], scaled (int8) + bias */                        \
+  void colmask_tiles(const ColBitmask& w, const int32_t* active, const float* xa, int64_t na, int nb,         \
+                     const float* bias, float* y, int64_t ys, int64_t t0, int64_t t1);                       \
+  /* dense_t[j * out + o] = W[o, j] for the outputs of tiles [t0, t1) (W^T, float32, zeros in place) */       \
+  void colmask_unpack_t(const ColBitmask& w, float* dense_t, int64_t t0, int64_t t1);                        \
   }
 
 ST_DECLARE_DECODE(generic)
@@ -59,5 +81,10 @@ void bitmask_linear(int isa, int threads, const Bitmask& w, int64_t out, const f
 void bitmask_linear_q8(int threads, const Bitmask& w, int64_t out, const float* x, int64_t nb, int64_t xs,
                        const float* bias, float* y);
 void bitmask_to_dense(int isa, int threads, const Bitmask& w, int64_t out, float* dense);
+// y [nb, out] = (x masked to |x| > threshold) @ W^T + bias, reading only the columns of W some row keeps
+// (skip) or every column, the masked inputs multiplied as zeros (!skip: one unbroken stream of weights)
+void colmask_linear(int isa, int threads, const ColBitmask& w, const float* x, int64_t nb, int64_t xs,
+                    float threshold, bool skip, const float* bias, float* y);
+void colmask_to_dense_t(int isa, int threads, const ColBitmask& w, float* dense_t);
 
 }  // namespace st

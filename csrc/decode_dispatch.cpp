@@ -1,6 +1,7 @@
 // Threaded drivers of the bitmask kernels: rows split into chunks of about equal kept values (row_start is the
 // prefix of work), taken from a shared counter; each chunk runs every batch row so its weights stream once.
 #include <atomic>
+#include <cmath>
 #include <vector>
 
 #include "decode.h"
@@ -14,6 +15,10 @@ using RowsFn = decltype(&generic::bitmask_rows);
 using UnpackFn = decltype(&generic::bitmask_unpack);
 const RowsFn kRows[3] = {generic::bitmask_rows, avx2::bitmask_rows, avx512::bitmask_rows};
 const UnpackFn kUnpack[3] = {generic::bitmask_unpack, avx2::bitmask_unpack, avx512::bitmask_unpack};
+using ColFn = decltype(&generic::colmask_tiles);
+using ColUnpackFn = decltype(&generic::colmask_unpack_t);
+const ColFn kCol[3] = {generic::colmask_tiles, avx2::colmask_tiles, avx512::colmask_tiles};
+const ColUnpackFn kColUnpack[3] = {generic::colmask_unpack_t, avx2::colmask_unpack_t, avx512::colmask_unpack_t};
 
 // run(r0, r1) over the rows of w on up to `threads` threads (one when the call is too small to split)
 template <class Run>
@@ -30,7 +35,53 @@ void over_rows(int threads, const Bitmask& w, int64_t out, int64_t nb, Run run) 
   });
 }
 
+// run(t0, t1) over the output tiles of a column weight, split by kept values; `work` multiply-adds in all
+template <class Run>
+void over_tiles(int threads, const ColBitmask& w, int64_t work, Run run) {
+  const int nt = work < MIN_SPLIT_WORK ? 1 : (int)std::min<int64_t>(std::max(1, threads), w.tiles);
+  const int K = chunk_count(nt, w.tiles);
+  std::vector<int64_t> prefix((size_t)w.tiles + 1);
+  for (int64_t t = 0; t <= w.tiles; ++t) prefix[t] = w.start[t * w.in];
+  const std::vector<int64_t> bounds = chunk_bounds(prefix.data(), w.tiles, K);
+  std::atomic<int64_t> next{0};
+  parallel(nt, [&](int, int) {
+    take_chunks(next, K, [&](int64_t c) {
+      if (bounds[c + 1] > bounds[c]) run(bounds[c], bounds[c + 1]);
+    });
+  });
+}
+
 }  // namespace
+
+void colmask_linear(int isa, int threads, const ColBitmask& w, const float* x, int64_t nb, int64_t xs,
+                    float threshold, bool skip, const float* bias, float* y) {
+  const ColFn tiles = kCol[isa];
+  int32_t* active = scratch<LAYER_SCRATCH, int32_t>((size_t)w.in);
+  float* xa = scratch<LAYER_SCRATCH, float>((size_t)(w.in * 8));
+  for (int64_t b0 = 0; b0 < nb; b0 += 8) {  // 8 batch rows per pass: the inputs any of them keeps
+    const int n = (int)std::min<int64_t>(8, nb - b0);
+    const float* xb = x + b0 * xs;
+    int64_t na = 0;
+    for (int64_t j = 0; j < w.in; ++j) {
+      bool any = false;
+      for (int k = 0; k < n; ++k) any |= std::fabs(xb[k * xs + j]) > threshold;
+      if (!any && skip) continue;
+      for (int k = 0; k < n; ++k) {
+        const float v = xb[k * xs + j];
+        xa[na * n + k] = std::fabs(v) > threshold ? v : 0.f;
+      }
+      active[na++] = (int32_t)j;
+    }
+    const int64_t work = w.start[w.tiles * w.in] / std::max<int64_t>(w.in, 1) * na * n;
+    float* yb = y + b0 * w.out;
+    over_tiles(threads, w, work, [&](int64_t t0, int64_t t1) { tiles(w, active, xa, na, n, bias, yb, w.out, t0, t1); });
+  }
+}
+
+void colmask_to_dense_t(int isa, int threads, const ColBitmask& w, float* dense_t) {
+  const ColUnpackFn unpack = kColUnpack[isa];
+  over_tiles(threads, w, w.out * w.in, [&](int64_t t0, int64_t t1) { unpack(w, dense_t, t0, t1); });
+}
 
 void bitmask_linear(int isa, int threads, const Bitmask& w, int64_t out, const float* x, int64_t nb, int64_t xs,
                     const float* bias, float* y) {

@@ -9,3 +9,4 @@
 #define ST_NS avx512
 #include "kernels_impl.inc"
 #include "decode_impl.inc"
+#include "decode_columns.inc"

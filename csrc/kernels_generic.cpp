@@ -4,3 +4,4 @@
 #define ST_NS generic
 #include "kernels_impl.inc"
 #include "decode_impl.inc"
+#include "decode_columns.inc"

@@ -91,6 +91,15 @@ st::Bitmask bitmask(int64_t out, int64_t in, u64 mask, int64_t words, u64 row_st
                      ptr<const float>(scales), group, ptr<const float>(row_corr), in};
 }
 
+// A column-major bitmask weight from its fields (see csrc/decode.h).
+st::ColBitmask col_bitmask(int64_t out, int64_t in, u64 mask, u64 start, u64 values, int vtype, u64 scales) {
+  if (out < 1 || in < 1) throw std::invalid_argument("column bitmask weight: bad shape");
+  if (vtype < st::VALUES_F32 || vtype > st::VALUES_I8) throw std::invalid_argument("column bitmask weight: bad value type");
+  if ((vtype == st::VALUES_I8) != (scales != 0)) throw std::invalid_argument("column bitmask weight: int8 values need scales");
+  return st::ColBitmask{ptr<const uint16_t>(mask), ptr<const int64_t>(start), ptr<const void>(values), vtype,
+                        ptr<const float>(scales), out, in, (out + st::COL_TILE - 1) / st::COL_TILE};
+}
+
 struct Chain {
   std::vector<st::ChainLayer> layers;
 };
@@ -171,6 +180,28 @@ PYBIND11_MODULE(_C, m) {
         isa = checked_isa(isa);
         py::gil_scoped_release nogil;
         st::bitmask_to_dense(isa, threads, w, out, ptr<float>(dense));
+      });
+  m.def(
+      "colmask_linear",
+      // tile is unused (one signature with the other kernels); inputs with |x| <= threshold count as zero,
+      // and with skip their weight columns are not read
+      [](int isa, int threads, int /*tile*/, int64_t out, int64_t in, u64 mask, u64 start, u64 values, int vtype,
+         u64 scales, double threshold, int skip, u64 x, int64_t batch, int64_t x_stride, u64 bias, u64 y) {
+        const st::ColBitmask w = col_bitmask(out, in, mask, start, values, vtype, scales);
+        if (batch < 1 || x_stride < in) throw std::invalid_argument("bad input shape");
+        isa = checked_isa(isa);
+        py::gil_scoped_release nogil;
+        st::colmask_linear(isa, threads, w, ptr<const float>(x), batch, x_stride, (float)threshold, skip != 0,
+                           ptr<const float>(bias), ptr<float>(y));
+      });
+  m.def(
+      "colmask_to_dense_t",
+      [](int isa, int threads, int64_t out, int64_t in, u64 mask, u64 start, u64 values, int vtype, u64 scales,
+         u64 dense_t) {
+        const st::ColBitmask w = col_bitmask(out, in, mask, start, values, vtype, scales);
+        isa = checked_isa(isa);
+        py::gil_scoped_release nogil;
+        st::colmask_to_dense_t(isa, threads, w, ptr<float>(dense_t));
       });
   py::class_<Chain>(m, "Chain", "Consecutive sparse layers (+ bias, activation) run by one call; see csrc/chain.h")
       .def(py::init([](const py::list& specs) {

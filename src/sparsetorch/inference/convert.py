@@ -28,7 +28,9 @@ from ..core.masks import remove_masks
 from ..errors import SparsityError, SparsityWarning
 from ..kernels import extension_isa, has_extension
 from ..kernels.bitmask_weight import BitmaskWeight, has_vnni
+from ..kernels.column_bitmask import ColumnBitmaskWeight, sparsify_input
 from ..kernels.packed import BSRWeight, CSRWeight, NMWeight
+from .activation_sparsity import ActivationSparsity
 from .chain_decision import fuse_chains
 from .kernel_choice import KERNEL_CACHE, max_error, rtol, time_candidates
 from .packed_modules import PackedConv2d, PackedLinear
@@ -212,7 +214,7 @@ def _sparse_params(mod: nn.Module) -> bool:
 
 def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min_sparsity: float = 0.3,
                  fuse: bool | str = True, values: str = "fp32", decode: bool | None = None,
-                 verbose: bool = False) -> nn.Module:
+                 activation_sparsity: ActivationSparsity | None = None, verbose: bool = False) -> nn.Module:
     """A copy of ``model`` for inference (eval mode, no grad) in which each sparse Linear / Conv2d runs on
     the kernel measured fastest for its shape, sparsity, pattern and the batch of ``example_inputs``.
 
@@ -240,20 +242,45 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
     ``decode`` times every layer on one row of its input (the matrix-vector work of generating one token
     at a time) instead of the whole example batch; the default is True for models with a ``generate``
     method (Hugging Face decoders), whose example prompt would otherwise pick the prefill kernel.
+
+    ``activation_sparsity`` (from :func:`~sparsetorch.inference.activation_sparsity.calibrate_activation_sparsity`)
+    zeroes each calibrated Linear's inputs of magnitude at most its threshold (TEAL) and runs that layer, pruned
+    or dense, on the column kernel that skips the weights of zeroed inputs (values as ``values``; with fp32
+    values it streams them all, which measured faster: ``ColumnBitmaskWeight.skip_columns``). Each such layer is
+    checked against torch on its input with the thresholds applied (``activation_sparsity.attach``); the
+    whole model is not, as a float-order difference upstream can move an input across its threshold.
     """
     if values not in VALUES:
         raise SparsityError(f"unknown values {values!r}; use one of {list(VALUES)}")
     if not isinstance(model, nn.Module):
         raise SparsityError("to_inference takes an nn.Module", got=type(model).__name__)
     args = _as_args(example_inputs)
+    if activation_sparsity is not None and not isinstance(activation_sparsity, ActivationSparsity):
+        raise SparsityError("activation_sparsity takes the thresholds calibrate_activation_sparsity returns",
+                            got=type(activation_sparsity).__name__,
+                            fix="act = sparsetorch.inference.calibrate_activation_sparsity(model, ids, sparsity=0.4)")
     inf = copy.deepcopy(model)
     remove_masks(inf)  # zero pruned weights; drop masks and hooks (in the copy only)
     inf.eval().requires_grad_(False)
-    seen, ref_out = _capture_inputs(inf, args)
+    thresholded = {} if activation_sparsity is None else activation_sparsity.check(inf)
+    if thresholded:
+        with activation_sparsity.attach(inf):  # the reference: the same thresholds in torch
+            seen, ref_out = _capture_inputs(inf, args)
+    else:
+        seen, ref_out = _capture_inputs(inf, args)
     threads = torch.get_num_threads()
     decode = hasattr(model, "generate") if decode is None else bool(decode)
     plan = []
     for name, mod in list(inf.named_modules()):
+        if name in thresholded:
+            new = _column_layer(mod, activation_sparsity.thresholds[name], values)
+            _check_column_layer(name, new, mod, seen.get(name))
+            plan.append({"layer": name, "type": "Linear", "shape": [mod.out_features, mod.in_features],
+                         "density": float((mod.weight != 0).float().mean()), "pattern": "activation-sparse",
+                         "batch": 1, "kernel": new.kernel, "threshold": activation_sparsity.thresholds[name],
+                         "ms": {}, "skipped": {}})
+            inf.set_submodule(name, new)
+            continue
         # dense Linears (an LLM's lm_head) are candidates too: in a lossy value type, and at decode, where our
         # dense matrix-vector kernel streams fp32 weights faster than torch's (benchmarks/bench_decode.py)
         dense_candidate = isinstance(mod, nn.Linear) and name in seen and (values != "fp32" or decode)
@@ -306,10 +333,37 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
         inf = fuse_chains(inf, args, plan, budget_s, min_sparsity, verbose, always=fuse == "always")
     with torch.no_grad():
         out = inf(*args)
-    if values == "fp32":  # lossy values were checked layer by layer against their own rounding
+    # lossy values were checked layer by layer against their own rounding; so were thresholded layers, since a
+    # float-order difference upstream can move an input across its threshold, and whole models then differ
+    # by that input's product (not by float order)
+    if values == "fp32" and not thresholded:
         _check_same(out, ref_out)
     inf.sparsetorch_plan = plan
     return inf
+
+
+def _column_layer(mod: nn.Linear, threshold: float, values: str) -> PackedLinear:
+    """The Linear on the column kernel (or, without the compiled kernels, torch's sparse kernel on the
+    same packed weights) with its inputs sparsified at ``threshold``."""
+    if mod.weight.dtype != torch.float32 or mod.weight.is_cuda:
+        raise SparsityError("activation sparsity runs on CPU float32 models", layer_dtype=str(mod.weight.dtype),
+                            device=str(mod.weight.device), fix="model.float().cpu() before to_inference")
+    packed = ColumnBitmaskWeight.from_dense(mod.weight.detach(), threshold, values)
+    kernel = packed.format if has_extension() else "torch-" + packed.format
+    return PackedLinear(mod.in_features, mod.out_features, mod.bias, kernel, packed)
+
+
+def _check_column_layer(name: str, new: PackedLinear, mod: nn.Linear, x: torch.Tensor | None) -> None:
+    """The column layer against torch on the layer's captured (thresholded) input, with its own weight."""
+    if x is None:
+        return  # not called by the example
+    x = x.reshape(-1, mod.in_features)[:8]
+    packed = new.packed
+    with torch.no_grad():
+        ref = F.linear(sparsify_input(x.float(), float(packed.threshold)), packed.to_dense(), mod.bias)
+        err = float((new(x) - ref).abs().max())
+    if not err <= rtol(torch.float32) * (float(ref.abs().max()) + 1e-6) + 1e-5:
+        raise SparsityError(f"the column kernel of {name} disagrees with torch; please report this", max_error=err)
 
 
 def _check_same(a, b) -> None:

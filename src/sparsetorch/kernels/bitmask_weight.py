@@ -38,7 +38,7 @@ def has_vnni() -> bool:
                 and inference_ops.isa_level() == 2)
 
 
-def _scratch(n: int) -> torch.Tensor:
+def scratch_buffer(n: int) -> torch.Tensor:
     """A per-thread fp32 buffer of at least n elements, grown as needed and then reused."""
     buf = getattr(_SCRATCH, "buf", None)
     if buf is None or buf.numel() < n:
@@ -172,7 +172,7 @@ class BitmaskWeight(PackedWeight):
             if x.dim() == 2 and x.shape[0] >= self.prefill_rows and loader.load(loader.INFERENCE) is not None:
                 # prefill: a dense GEMM over the weight rebuilt in a reused buffer beats any per-row kernel
                 # here, and the rebuild (one pass, ~1/30 of the GEMM at 512 rows) keeps the file small
-                dense = self.unpack(threads, out=_scratch(self.out_features * self.in_features))
+                dense = self.unpack(threads, out=scratch_buffer(self.out_features * self.in_features))
                 return torch.nn.functional.linear(x.float(), dense, None if bias is None else bias.float())
             return super().linear(x, bias, backend, threads)
         return torch.nn.functional.linear(x.float(), self.to_dense(), None if bias is None else bias.float())
