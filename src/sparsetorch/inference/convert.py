@@ -30,6 +30,7 @@ from ..kernels import extension_isa, has_extension
 from ..kernels.bitmask_weight import BitmaskWeight, has_vnni
 from ..kernels.packed import BSRWeight, CSRWeight, NMWeight
 from .chain_decision import fuse_chains
+from .compiled_decode import compile_decode
 from .kernel_choice import KERNEL_CACHE, max_error, rtol, time_candidates
 from .packed_modules import PackedConv2d, PackedLinear
 
@@ -212,7 +213,7 @@ def _sparse_params(mod: nn.Module) -> bool:
 
 def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min_sparsity: float = 0.3,
                  fuse: bool | str = True, values: str = "fp32", decode: bool | None = None,
-                 verbose: bool = False) -> nn.Module:
+                 compile: bool = False, verbose: bool = False) -> nn.Module:
     """A copy of ``model`` for inference (eval mode, no grad) in which each sparse Linear / Conv2d runs on
     the kernel measured fastest for its shape, sparsity, pattern and the batch of ``example_inputs``.
 
@@ -240,6 +241,11 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
     ``decode`` times every layer on one row of its input (the matrix-vector work of generating one token
     at a time) instead of the whole example batch; the default is True for models with a ``generate``
     method (Hugging Face decoders), whose example prompt would otherwise pick the prefill kernel.
+
+    ``compile=True`` returns the model through :func:`~sparsetorch.inference.compiled_decode.compile_decode`:
+    a decoder's ``generate()`` then compiles its decode step with ``torch.compile`` (static KV cache), any
+    other model is returned ``torch.compile``'d. The sparse layers are ``torch.ops.sparsetorch`` operators in
+    the graph (no graph break); the first call compiles (tens of seconds on CPU).
     """
     if values not in VALUES:
         raise SparsityError(f"unknown values {values!r}; use one of {list(VALUES)}")
@@ -309,7 +315,7 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
     if values == "fp32":  # lossy values were checked layer by layer against their own rounding
         _check_same(out, ref_out)
     inf.sparsetorch_plan = plan
-    return inf
+    return compile_decode(inf) if compile else inf
 
 
 def _check_same(a, b) -> None:
