@@ -89,3 +89,19 @@ def test_fullgraph_compile_of_converted_layers_equals_eager():
         compiled = torch.compile(net, fullgraph=True)
         torch.testing.assert_close(compiled(x), net(x), rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(compiled(x[:1]), net(x[:1]), rtol=1e-6, atol=1e-6)
+
+
+def test_compile_decode_sets_up_transformers_static_cache_decode():
+    """The wiring only (compiling a Llama takes minutes of wall time on a busy 2-core machine): the greedy tokens of
+    the compiled decode against eager are checked by benchmarks/bench_compile_decode.py."""
+    transformers = pytest.importorskip("transformers")
+    from sparsetorch.inference import compile_decode
+
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, vocab_size=32)
+    model = compile_decode(transformers.LlamaForCausalLM(cfg).eval(), fullgraph=True)
+    assert model.generation_config.cache_implementation == "static"
+    config = model.generation_config.compile_config
+    assert config.fullgraph and config.mode == "default" and config._compile_all_devices
+    plain = compile_decode(_Net(_layers()[:1]))  # not a generate() model: torch.compile'd as a whole (lazily)
+    assert isinstance(plain._orig_mod, _Net)
