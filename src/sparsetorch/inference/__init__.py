@@ -4,6 +4,7 @@
 * ``packed_modules``: the layer modules it puts in place (PackedLinear, PackedConv2d).
 * ``activation_sparsity``: TEAL thresholds per Linear input (calibrate, attach in torch, state_dict).
 * ``kernel_choice``: timing candidates, checking they agree, and the per-process kernel cache.
+* ``compiled_decode``: ``compile_decode``, torch.compile of a converted model's decode step (``compile=True``).
 * ``fused_chain``: FusedChain, a run of small layers in one native call.
 * ``chain_discovery`` -> ``chain_rewrite`` -> ``chain_decision``: find chains, build fused copies, keep the
   faster (the fusion pass ``to_inference`` runs last).
@@ -11,13 +12,14 @@
 import warnings
 
 from .activation_sparsity import ActivationSparsity, calibrate_activation_sparsity
+from .compiled_decode import compile_decode
 from .convert import to_inference
 from .fused_chain import FusedChain
 from .kernel_choice import clear_kernel_cache
 from .packed_modules import PackedConv2d, PackedLinear
 
 __all__ = ["to_inference", "PackedLinear", "PackedConv2d", "clear_kernel_cache", "FusedChain",
-           "calibrate_activation_sparsity", "ActivationSparsity"]
+           "calibrate_activation_sparsity", "ActivationSparsity", "compile_decode"]
 
 _RENAMED = {"SparseLinear": "PackedLinear", "SparseConv2d": "PackedConv2d"}
 

@@ -32,6 +32,7 @@ from ..kernels.column_bitmask import ColumnBitmaskWeight, sparsify_input
 from ..kernels.packed import BSRWeight, CSRWeight, NMWeight
 from .activation_sparsity import ActivationSparsity
 from .chain_decision import fuse_chains
+from .compiled_decode import compile_decode
 from .kernel_choice import KERNEL_CACHE, max_error, rtol, time_candidates
 from .packed_modules import PackedConv2d, PackedLinear
 
@@ -214,7 +215,8 @@ def _sparse_params(mod: nn.Module) -> bool:
 
 def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min_sparsity: float = 0.3,
                  fuse: bool | str = True, values: str = "fp32", decode: bool | None = None,
-                 activation_sparsity: ActivationSparsity | None = None, verbose: bool = False) -> nn.Module:
+                 activation_sparsity: ActivationSparsity | None = None, compile: bool = False,
+                 verbose: bool = False) -> nn.Module:
     """A copy of ``model`` for inference (eval mode, no grad) in which each sparse Linear / Conv2d runs on
     the kernel measured fastest for its shape, sparsity, pattern and the batch of ``example_inputs``.
 
@@ -249,6 +251,10 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
     values it streams them all, which measured faster: ``ColumnBitmaskWeight.skip_columns``). Each such layer is
     checked against torch on its input with the thresholds applied (``activation_sparsity.attach``); the
     whole model is not, as a float-order difference upstream can move an input across its threshold.
+    ``compile=True`` returns the model through :func:`~sparsetorch.inference.compiled_decode.compile_decode`:
+    a decoder's ``generate()`` then compiles its decode step with ``torch.compile`` (static KV cache), any
+    other model is returned ``torch.compile``'d. The sparse layers are ``torch.ops.sparsetorch`` operators in
+    the graph (no graph break); the first call compiles (tens of seconds on CPU).
     """
     if values not in VALUES:
         raise SparsityError(f"unknown values {values!r}; use one of {list(VALUES)}")
@@ -339,7 +345,7 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
     if values == "fp32" and not thresholded:
         _check_same(out, ref_out)
     inf.sparsetorch_plan = plan
-    return inf
+    return compile_decode(inf) if compile else inf
 
 
 def _column_layer(mod: nn.Linear, threshold: float, values: str) -> PackedLinear:

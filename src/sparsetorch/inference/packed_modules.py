@@ -33,6 +33,11 @@ class PackedLinear(nn.Module):
         if self.kernel == "semi-structured":
             return F.linear(x, self.sparse_weight, self.bias)
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # [B(*T), in]
+        if self._backend == "ext" and torch.compiler.is_compiling():
+            # torch.compile: the kernel as a torch.ops.sparsetorch operator (buffers as tensors: no graph break)
+            y = self.packed.op_linear(x2, self.bias, self.threads)
+            y = y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+            return y if y.dtype == x.dtype else y.to(x.dtype)
         # hot path for small layers: skip the general checks (long prompts go to the weight's own prefill path)
         if self._backend == "ext" and x2.shape[0] < getattr(self.packed, "prefill_rows", 1 << 62):
             y = inference_ops.call_fast(self._fast(), x2, 0 if self.bias is None else self.bias.data_ptr(), self.out_features,

@@ -12,14 +12,12 @@ column order; ``scales`` fp32 [out, groups] for int8; ``row_corr`` the VNNI kern
 """
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import torch
 
 from ..errors import SparsityError
 from ..formats import index_checks
-from . import inference_ops, loader
+from . import custom_ops, inference_ops, loader
 from .packed import PackedWeight
 
 __all__ = ["BitmaskWeight", "VALUE_TYPES", "has_vnni"]
@@ -27,7 +25,6 @@ __all__ = ["BitmaskWeight", "VALUE_TYPES", "has_vnni"]
 VALUE_TYPES = {"fp32": (0, torch.float32), "bf16": (1, torch.bfloat16), "fp16": (2, torch.float16),
                "int8": (3, torch.int8)}
 PREFILL_ROWS = loader.BITMASK_PREFILL_ROWS  # from this many input rows on, unpack + dense GEMM
-_SCRATCH = threading.local()
 _BITS = torch.tensor([1 << j for j in range(16)], dtype=torch.int32)
 
 
@@ -36,14 +33,6 @@ def has_vnni() -> bool:
     ext = loader.load(loader.INFERENCE)
     return bool(ext is not None and hasattr(ext, "has_vnni") and ext.has_vnni()
                 and inference_ops.isa_level() == 2)
-
-
-def scratch_buffer(n: int) -> torch.Tensor:
-    """A per-thread fp32 buffer of at least n elements, grown as needed and then reused."""
-    buf = getattr(_SCRATCH, "buf", None)
-    if buf is None or buf.numel() < n:
-        _SCRATCH.buf = buf = torch.empty(n)
-    return buf
 
 
 def pack_mask(keep: torch.Tensor) -> torch.Tensor:
@@ -160,20 +149,18 @@ class BitmaskWeight(PackedWeight):
         return int(self.row_start[-1])
 
     def _static(self) -> tuple:
-        vtype = VALUE_TYPES[{torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
-                             torch.int8: "int8"}[self.values.dtype]][0]
-        addr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
-        return (self.out_features, self.in_features, addr(self.mask), (self.in_features + 15) // 16,
-                self.row_start.data_ptr(), self.values.data_ptr(), vtype, addr(self.scales), self.group,
-                addr(self.row_corr), int(self.quantize_input))
+        return inference_ops.bitmask_static(self.out_features, self.in_features, self.mask, self.row_start,
+                                            self.values, self.scales, self.group, self.row_corr, self.quantize_input)
+
+    def op_linear(self, x, bias=None, threads=None):
+        return custom_ops.bitmask_linear(x, self.mask, self.row_start, self.values, self.scales, self.row_corr, bias,
+                                         self.in_features, self.out_features, self.group, self.quantize_input,
+                                         threads or 0)
 
     def linear(self, x, bias=None, backend="ext", threads=None):
         if backend == "ext":
             if x.dim() == 2 and x.shape[0] >= self.prefill_rows and loader.load(loader.INFERENCE) is not None:
-                # prefill: a dense GEMM over the weight rebuilt in a reused buffer beats any per-row kernel
-                # here, and the rebuild (one pass, ~1/30 of the GEMM at 512 rows) keeps the file small
-                dense = self.unpack(threads, out=scratch_buffer(self.out_features * self.in_features))
-                return torch.nn.functional.linear(x.float(), dense, None if bias is None else bias.float())
+                return inference_ops.bitmask_prefill(self._static(), x, bias, threads)
             return super().linear(x, bias, backend, threads)
         return torch.nn.functional.linear(x.float(), self.to_dense(), None if bias is None else bias.float())
 
@@ -181,18 +168,10 @@ class BitmaskWeight(PackedWeight):
         """The dense fp32 weight (zeros in place), rebuilt by the compiled kernel; into ``out`` (at least
         out_features * in_features fp32 elements, contiguous) when given, avoiding a fresh allocation whose
         page faults cost more than the rebuild itself."""
-        ext = loader.load(loader.INFERENCE)
-        if ext is None:
+        if not inference_ops.available():
             return self.to_dense()
-        n = self.out_features * self.in_features
-        if out is None:
-            out = torch.empty(n)
-        elif out.dtype != torch.float32 or not out.is_contiguous() or out.numel() < n:
-            raise SparsityError(f"unpack needs a contiguous fp32 buffer of at least {n} elements", got=tuple(out.shape))
-        dense = out.view(-1)[:n].view(self.out_features, self.in_features)
-        s = self._static()
-        ext.bitmask_to_dense(inference_ops.isa_level(), threads or torch.get_num_threads(), *s[:9], dense.data_ptr())
-        return dense
+        out = torch.empty(self.out_features * self.in_features) if out is None else out
+        return inference_ops.bitmask_to_dense(self._static(), out, threads)
 
     def extra_repr(self) -> str:
         kind = "dense" if self.mask is None else f"nnz={self.nnz}"

@@ -18,7 +18,7 @@ import torch
 from ..errors import SparsityError
 from ..formats import index_checks
 from . import inference_ops, loader
-from .bitmask_weight import PREFILL_ROWS, VALUE_TYPES, pack_mask, scratch_buffer, unpack_mask
+from .bitmask_weight import PREFILL_ROWS, VALUE_TYPES, pack_mask, unpack_mask
 from .packed import PackedWeight
 
 __all__ = ["ColumnBitmaskWeight", "sparsify_input", "TILE"]
@@ -148,7 +148,7 @@ class ColumnBitmaskWeight(PackedWeight):
         if ext is None:  # torch's sparse kernel on the same weights (the pure-PyTorch fallback)
             return super().linear(xs, bias, "torch", threads)
         # prefill: a dense GEMM over W^T rebuilt in a reused buffer (as BitmaskWeight.linear)
-        dense_t = self.unpack_t(threads, out=scratch_buffer(self.out_features * self.in_features))
+        dense_t = self.unpack_t(threads, out=inference_ops.scratch(self.out_features * self.in_features))
         y = xs @ dense_t
         return y if bias is None else y + bias.float()
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import SparsityError
 from ..formats import index_checks
-from . import inference_ops
+from . import custom_ops, inference_ops
 
 
 # The kernels read 16-bit column indices as unsigned, so layers up to this many inputs use them
@@ -112,6 +112,11 @@ class PackedWeight(nn.Module):
         y = torch.sparse.mm(self.torch_weight(), x.float().t()).t()  # [B, out]
         return y if bias is None else y + bias
 
+    def op_linear(self, x: torch.Tensor, bias: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
+        """x [B, in] -> fp32 [B, out] on the compiled kernel through its ``torch.ops.sparsetorch`` operator: what
+        ``torch.compile`` traces without a graph break (eager calls are cheaper through ``linear``)."""
+        raise NotImplementedError
+
     def extra_repr(self) -> str:
         return f"{self.out_features}, {self.in_features}, nnz={self.nnz}"
 
@@ -180,6 +185,10 @@ class CSRWeight(PackedWeight):
     def _static(self):
         return inference_ops.csr_static(self.indptr, self.indices, self.values, self.out_features, self.in_features)
 
+    def op_linear(self, x, bias=None, threads=None):
+        return custom_ops.csr_linear(x, self.indptr, self.indices, self.values, bias, self.in_features,
+                                     self.out_features, threads or 0)
+
 
 class NMWeight(PackedWeight):
     format = "nm"
@@ -230,6 +239,9 @@ class NMWeight(PackedWeight):
 
     def _static(self):
         return inference_ops.nm_static(self.values, self.offsets, self.n, self.m, self.in_features)
+
+    def op_linear(self, x, bias=None, threads=None):
+        return custom_ops.nm_linear(x, self.values, self.offsets, bias, self.in_features, self.n, self.m, threads or 0)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self.n}:{self.m}"
@@ -288,6 +300,10 @@ class BSRWeight(PackedWeight):
 
     def _static(self):
         return inference_ops.bsr_static(self.indptr, self.indices, self.values, self.out_features, self.in_features)
+
+    def op_linear(self, x, bias=None, threads=None):
+        return custom_ops.bsr_linear(x, self.indptr, self.indices, self.values, bias, self.in_features,
+                                     self.out_features, threads or 0)
 
     def extra_repr(self) -> str:
         r, c = self.block
