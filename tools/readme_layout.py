@@ -22,7 +22,7 @@ ORDER = ["core", "sparsifiers", "oneshot", "sparse_training", "formats", "kernel
 OUTSIDE = [("csrc/", "the C++17 kernels (OpenMP; AVX-512/AVX2/portable chosen at run time)"),
            ("tests/", "pytest; the conformance suites run over every method and format (sparsetorch.testing)"),
            ("benchmarks/", "measured tables; results in benchmarks/results/"),
-           ("docs/", "the API vocabulary, training integrations, out-of-core one-shot pruning, edge runtime, "
+           ("docs/", "the API vocabulary, training integrations, out-of-core one-shot pruning, fast inference and decode, edge runtime, "
                      "other libraries' checkpoints"),
            ("tools/", "this generator")]
 
