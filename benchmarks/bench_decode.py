@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import datetime as dt
 import gc
 import json
@@ -49,6 +48,7 @@ import torch
 
 import sparsetorch
 from sparsetorch.kernels.microbench import copy_bandwidth
+from sparsetorch.oneshot.heap import return_freed_memory
 
 PRESETS = {
     "small": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
@@ -115,10 +115,7 @@ def rss_mib() -> float:
 def release_memory() -> None:
     """Return freed memory to the OS, so the next model's RSS is its own (glibc keeps freed pages otherwise)."""
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+    return_freed_memory()
 
 
 def file_mib(model, values: str) -> float:
@@ -170,16 +167,18 @@ def sparse_row(model, sp, values: str, act_s: float, ids, args, dense_tokens, ba
     tokens = dense_tokens
     if act_s:
         act = sparsetorch.inference.calibrate_activation_sparsity(model, ids, sparsity=act_s)
-        with torch.no_grad(), act.attach(model):
-            tokens = timed_generate(model, ids[:1], args.new_tokens)[0][0].tolist()  # masked dense + thresholds
-            thresholded = model(ids).logits
-        plain = model(ids).logits.detach()
+        with torch.no_grad():
+            with act.attach(model):
+                tokens = timed_generate(model, ids[:1], args.new_tokens)[0][0].tolist()  # masked dense + thresholds
+                thresholded = model(ids).logits
+            plain = model(ids).logits
     t0 = time.perf_counter()
     fast = sparsetorch.to_inference(model, (ids[:1],), values=values, activation_sparsity=act)
+    convert_s = time.perf_counter() - t0
     kernels = sorted({p["kernel"] for p in fast.sparsetorch_plan})
     size = file_mib(model, values)
     release_memory()
-    row = {"model": f"{sp}", "values": values, "activation_sparsity": act_s, "convert_s": time.perf_counter() - t0,
+    row = {"model": f"{sp}", "values": values, "activation_sparsity": act_s, "convert_s": convert_s,
            **measure(fast, ids, args), "kernels": kernels, "file_mib": size}
     row["token_agreement"] = sum(a == b for a, b in zip(row["tokens"], tokens)) / len(row["tokens"])
     if act_s:
@@ -318,7 +317,6 @@ def decoder_rows(args, bandwidth) -> list[dict]:
                 base_row = next((r for r in rows if r.get("model") == f"{sp}" and r["values"] == values
                                  and r.get("activation_sparsity", 0) == 0), None)
                 rows.append(sparse_row(model, sp, values, act_s, ids, args, reference_tokens[sp], base_row))
-                release_memory()
         del model
         release_memory()
         if sp == 0.7:

@@ -95,17 +95,6 @@ def _reset_peak() -> None:
         f.write("5")
 
 
-def _release_free_heap() -> None:
-    """Give free heap pages back to the OS (glibc malloc_trim), so what the model construction freed (the
-    dense weights the sparse model was converted from) does not count as training memory."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
 def _build(kind: str, shape: dict, checkpoint: bool, every: int):
     """(model, optimizer, sparsifier or None) for one variant."""
     import torch
@@ -163,6 +152,8 @@ def transformer_worker(kind: str, threads: int, steps: int, batch: int, checkpoi
 
     import torch
 
+    from sparsetorch.oneshot.heap import return_freed_memory  # what building freed is not training memory
+
     torch.set_num_threads(threads)
     # the libraries' own memory (lazy imports of the optimizer, autograd, checkpoint, our extension) is not
     # training memory: a tiny model of the same kind trains two steps before the baseline is read
@@ -171,7 +162,7 @@ def transformer_worker(kind: str, threads: int, steps: int, batch: int, checkpoi
         _train_step(*tiny, torch.randint(0, 256, (2, 17)))
     del tiny
     gc.collect()
-    _release_free_heap()
+    return_freed_memory()
     torch.manual_seed(0)
     base = _rss_mb()  # libraries loaded and warm, no model yet
     model, opt, dst = _build(kind, GPT_SHAPE, checkpoint, every)
@@ -179,7 +170,7 @@ def transformer_worker(kind: str, threads: int, steps: int, batch: int, checkpoi
     sparse_dense_params = sum(m.in_features * m.out_features for m in model.modules()
                               if type(m).__name__ == "SparseLinear")
     ids = torch.randint(0, 256, (batch, SEQ + 1), generator=torch.Generator().manual_seed(1))
-    _release_free_heap()  # what building freed (the dense weights the sparse model came from) is not training
+    return_freed_memory()  # what building freed (the dense weights the sparse model came from) is not training
     built = _rss_mb()
     _reset_peak()
     times, updates, peaks, update_peaks = [], [], [], []

@@ -16,6 +16,7 @@ and BSR.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from collections.abc import Callable
@@ -269,10 +270,8 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
     remove_masks(inf)  # zero pruned weights; drop masks and hooks (in the copy only)
     inf.eval().requires_grad_(False)
     thresholded = {} if activation_sparsity is None else activation_sparsity.check(inf)
-    if thresholded:
-        with activation_sparsity.attach(inf):  # the reference: the same thresholds in torch
-            seen, ref_out = _capture_inputs(inf, args)
-    else:
+    # the reference of thresholded layers: the same thresholds in torch
+    with activation_sparsity.attach(inf) if thresholded else contextlib.nullcontext():
         seen, ref_out = _capture_inputs(inf, args)
     threads = torch.get_num_threads()
     decode = hasattr(model, "generate") if decode is None else bool(decode)
@@ -367,8 +366,8 @@ def _check_column_layer(name: str, new: PackedLinear, mod: nn.Linear, x: torch.T
     packed = new.packed
     with torch.no_grad():
         ref = F.linear(sparsify_input(x.float(), float(packed.threshold)), packed.to_dense(), mod.bias)
-        err = float((new(x) - ref).abs().max())
-    if not err <= rtol(torch.float32) * (float(ref.abs().max()) + 1e-6) + 1e-5:
+        err = max_error(new(x), ref)
+    if err:
         raise SparsityError(f"the column kernel of {name} disagrees with torch; please report this", max_error=err)
 
 
