@@ -207,6 +207,7 @@ def sparse_rows(model, sp, values: str, act_s: float, ids, args, dense_tokens, b
     rows = []
     for compiled in (False, True) if args.compile and not act_s else (False,):
         if compiled:
+            torch._dynamo.reset()  # graphs of earlier models count against dynamo's recompile limit (8)
             fast = compile_decode(fast)
         row = {"model": f"{sp}", "values": values, "activation_sparsity": act_s, "compiled": compiled,
                "convert_s": convert_s, **measure(fast, ids, args, compiled), "kernels": kernels, "file_mib": size}
@@ -332,6 +333,7 @@ def decoder_rows(args, bandwidth) -> list[dict]:
         except Exception as exc:  # removed or broken in this torch
             print("torch dynamic int8 unavailable:", exc)
     if args.compile:
+        torch._dynamo.reset()
         rows.append({"model": "dense", "values": "fp32 (torch, compiled)", "compiled": True,
                      **measure(compile_decode(copy.deepcopy(base)), ids, args, compiled=True)})
         release_memory()

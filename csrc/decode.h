@@ -51,6 +51,9 @@ struct ColBitmask {
   /* y[b * ys + o] = W[o, :] . x[b * xs : ...] + bias[o] for rows o in [r0, r1) and batch rows b < nb */      \
   void bitmask_rows(const Bitmask& w, const float* x, int64_t xs, int64_t nb, const float* bias, float* y,    \
                     int64_t ys, int64_t r0, int64_t r1);                                                      \
+  /* yt[o * ld + i] for rows [r0, r1), i < 16 nv (nv <= 4), of one panel xt [in, ld] (X^T): W xt + bias */    \
+  void bitmask_spmm(const Bitmask& w, const float* xt, int64_t ld, int nv, const float* bias, float* yt,       \
+                    int64_t r0, int64_t r1);                                                                  \
   /* dense[o * in + c] = W[o, c] for rows [r0, r1) (float32, zeros in place) */                              \
   void bitmask_unpack(const Bitmask& w, float* dense, int64_t r0, int64_t r1);                               \
   /* quantize rows of x: codes [nb, q.ld], scale [nb] */                                                     \
@@ -81,6 +84,9 @@ void bitmask_linear(int isa, int threads, const Bitmask& w, int64_t out, const f
 void bitmask_linear_q8(int threads, const Bitmask& w, int64_t out, const float* x, int64_t nb, int64_t xs,
                        const float* bias, float* y);
 void bitmask_to_dense(int isa, int threads, const Bitmask& w, int64_t out, float* dense);
+// Many rows (prefill): X transposed into panels of 64 rows, each run through bitmask_spmm (decode_impl.inc).
+void bitmask_linear_many(int isa, int threads, const Bitmask& w, int64_t out, const float* x, int64_t nb,
+                         int64_t xs, const float* bias, float* y);
 // y [nb, out] = (x masked to |x| > threshold) @ W^T + bias, reading only the columns of W some row keeps
 // (skip) or every column, the masked inputs multiplied as zeros (!skip: one unbroken stream of weights)
 void colmask_linear(int isa, int threads, const ColBitmask& w, const float* x, int64_t nb, int64_t xs,

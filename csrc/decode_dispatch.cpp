@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "decode.h"
+#include "dispatch.h"
 #include "parallel.h"
 
 namespace st {
@@ -15,6 +16,8 @@ using RowsFn = decltype(&generic::bitmask_rows);
 using UnpackFn = decltype(&generic::bitmask_unpack);
 const RowsFn kRows[3] = {generic::bitmask_rows, avx2::bitmask_rows, avx512::bitmask_rows};
 const UnpackFn kUnpack[3] = {generic::bitmask_unpack, avx2::bitmask_unpack, avx512::bitmask_unpack};
+using BitmaskSpmmFn = decltype(&generic::bitmask_spmm);
+const BitmaskSpmmFn kSpmm[3] = {generic::bitmask_spmm, avx2::bitmask_spmm, avx512::bitmask_spmm};
 using ColFn = decltype(&generic::colmask_tiles);
 using ColUnpackFn = decltype(&generic::colmask_unpack_t);
 const ColFn kCol[3] = {generic::colmask_tiles, avx2::colmask_tiles, avx512::colmask_tiles};
@@ -97,6 +100,19 @@ void bitmask_linear_q8(int threads, const Bitmask& w, int64_t out, const float* 
   avx512::quantize_rows(x, xs, nb, w.in, codes.data(), ld, scale.data());
   const QuantX qx{codes.data(), ld, scale.data()};
   over_rows(threads, w, out, nb, [&](int64_t r0, int64_t r1) { vnni::bitmask_rows_q8(w, qx, nb, bias, y, out, r0, r1); });
+}
+
+void bitmask_linear_many(int isa, int threads, const Bitmask& w, int64_t out, const float* x, int64_t nb,
+                         int64_t xs, const float* bias, float* y) {
+  const RowsFn rows = kRows[isa];
+  const BitmaskSpmmFn spmm = kSpmm[isa];
+  const Problem p{out, w.in, nb, x, xs, y, threads, 4, out, 1, w.row_start, w.row_start[out] - w.row_start[0]};
+  linear(
+      p, [&](const float* xb, float* yb, int64_t r0, int64_t r1) { rows(w, xb, xs, 1, bias, yb, out, r0, r1); },
+      [&](const float* xt, int64_t ld, int64_t b0, int nv, float* yt, int64_t r0, int64_t r1) {
+        spmm(w, xt + b0, ld, nv, bias, yt + b0, r0, r1);
+      },
+      table(isa).transpose);
 }
 
 void bitmask_to_dense(int isa, int threads, const Bitmask& w, int64_t out, float* dense) {

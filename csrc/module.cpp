@@ -173,6 +173,18 @@ PYBIND11_MODULE(_C, m) {
                                 ptr<float>(y));
       });
   m.def(
+      "bitmask_linear_many",
+      // many input rows (prefill): X^T panels through the sparse x dense kernel (fp32 activations)
+      [](int isa, int threads, int64_t out, int64_t in, u64 mask, int64_t words, u64 row_start, u64 values, int vtype,
+         u64 scales, int64_t group, u64 x, int64_t batch, int64_t x_stride, u64 bias, u64 y) {
+        const st::Bitmask w = bitmask(out, in, mask, words, row_start, values, vtype, scales, group, 0);
+        if (batch < 1 || x_stride < in) throw std::invalid_argument("bad input shape");
+        isa = checked_isa(isa);
+        py::gil_scoped_release nogil;
+        st::bitmask_linear_many(isa, threads, w, out, ptr<const float>(x), batch, x_stride, ptr<const float>(bias),
+                                ptr<float>(y));
+      });
+  m.def(
       "bitmask_to_dense",
       [](int isa, int threads, int64_t out, int64_t in, u64 mask, int64_t words, u64 row_start, u64 values, int vtype,
          u64 scales, int64_t group, u64 dense) {

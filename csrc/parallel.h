@@ -99,6 +99,6 @@ T* scratch(size_t n) {
   return buf.data();
 }
 
-enum ScratchSlot { LAYER_SCRATCH = 0, CHAIN_SCRATCH = 1 };
+enum ScratchSlot { LAYER_SCRATCH = 0, CHAIN_SCRATCH = 1, SPMM_SCRATCH = 2 };
 
 }  // namespace st

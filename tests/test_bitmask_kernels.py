@@ -148,3 +148,36 @@ def test_prefill_rows_take_the_unpacked_gemm(values):
     assert layer.unpack(out=buf).data_ptr() == buf.data_ptr()
     with pytest.raises(SparsityError, match="buffer"):
         layer.unpack(out=torch.empty(10))
+
+
+@pytest.mark.parametrize("values,group", [("fp32", None), ("bf16", None), ("fp16", None), ("int8", None), ("int8", 32)])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_sparse_times_dense_kernel_for_many_rows(values, group, threads, isa, monkeypatch):
+    """bitmask_many (X^T panels, each kept weight broadcast into them) equals the dequantized weight's product
+    on every ISA this CPU runs: panel widths 16..64 and a partial last panel, inputs past one block of 1024,
+    strided rows, bias."""
+    level = ("generic", "avx2", "avx512").index(isa)
+    if level > inference_ops.isa_level():
+        pytest.skip(f"this CPU has no {isa}")
+    monkeypatch.setattr(inference_ops, "isa_level", lambda: level)
+    for out, n, sparsity, rows in [(37, 1100, 0.7, 77), (16, 70, 0.0, 16), (5, 2100, 0.95, 130)]:
+        layer = BitmaskWeight.from_dense(_weight(out, n, sparsity), values, group_size=group)
+        x = torch.randn(rows, n + 5)[:, :n]  # rows n + 5 apart
+        bias = torch.randn(out)
+        ref = x @ layer.to_dense().t() + bias
+        y = inference_ops.bitmask_many(layer._static(), x, bias, threads)
+        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_prefill_times_both_kernels_once_and_keeps_the_faster():
+    layer = BitmaskWeight.from_dense(_weight(40, 300, 0.5), "fp32")
+    x, static = torch.randn(200, 300), layer._static()
+    ref = x @ layer.to_dense().t()
+    torch.testing.assert_close(inference_ops.bitmask_prefill(static, x, None), ref, rtol=1e-4, atol=1e-4)
+    key = (static, x.shape[0].bit_length())
+    assert inference_ops._PREFILL_CHOICE[key] in ("spmm", "gemm")
+    for forced in ("spmm", "gemm"):
+        inference_ops._PREFILL_CHOICE[key] = forced
+        torch.testing.assert_close(inference_ops.bitmask_prefill(static, x, None), ref, rtol=1e-4, atol=1e-4)
+    del inference_ops._PREFILL_CHOICE[key]
