@@ -22,7 +22,9 @@ def compile_decode(model: nn.Module, *, fullgraph: bool = False, **compile_kwarg
     prefill eager), or ``torch.compile(model)`` for any other module. ``fullgraph=True`` makes a graph break an
     error instead of a slower graph (layers on torch's sparse kernels ``torch-csr`` / ``torch-bsr`` and fused
     chains still break it). Extra keywords go to ``torch.compile``. The first ``generate`` compiles (tens of
-    seconds on CPU); later calls with the same prompt length + ``max_new_tokens`` reuse the graph."""
+    seconds on CPU); later calls with the same prompt length + ``max_new_tokens`` reuse the graph. Graphs of
+    every model compiled in one process count against dynamo's recompile limit (8 by default), past which
+    generate silently runs eager: call ``torch._dynamo.reset()`` before compiling another model."""
     if not hasattr(torch, "compile"):
         raise SparsityError("compile_decode needs torch.compile (PyTorch 2.0 or later)", got=torch.__version__)
     config = getattr(model, "generation_config", None)
