@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 import sparsetorch
+from bench_decode import step_clock
 from sparsetorch.inference import compile_decode
 
 
@@ -58,23 +59,15 @@ def cpu_seconds() -> float:
 
 def step_times(model, ids, new: int) -> tuple[list[float], list[float], torch.Tensor]:
     """CPU and wall seconds of each decode step after the first two, and the generated tokens."""
-    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers import StoppingCriteriaList
 
-    class Clock(StoppingCriteria):
-        def __init__(self):
-            self.cpu, self.wall = [], []
-
-        def __call__(self, input_ids, scores, **kw):
-            self.cpu.append(time.process_time())
-            self.wall.append(time.perf_counter())
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
-
-    clock = Clock()
+    clock = step_clock(time.process_time, time.perf_counter)
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                              stopping_criteria=StoppingCriteriaList([clock]))
     diff = lambda t: [b - a for a, b in zip(t[2:], t[3:])]  # noqa: E731
-    return diff(clock.cpu), diff(clock.wall), out
+    cpu, wall = clock.times
+    return diff(cpu), diff(wall), out
 
 
 def main() -> None:

@@ -141,24 +141,33 @@ def file_mib(model, values: str) -> float:
 CLOCK = time.perf_counter
 
 
-def timed_generate(model, ids, new: int) -> tuple[torch.Tensor, float]:
-    """Greedy tokens and the seconds from the first generated token to the last: the new - 1 decode steps,
-    without the prompt's prefill (a stopping criterion reads the clock after every step)."""
-    from transformers import StoppingCriteria, StoppingCriteriaList
+def step_clock(*clocks):
+    """A transformers stopping criterion that never stops and reads ``clocks`` after every generated token:
+    ``.times[k]`` is the list of clock k's readings (generate passes it as ``stopping_criteria=[...]``)."""
+    from transformers import StoppingCriteria
 
-    class Clock(StoppingCriteria):
+    class StepClock(StoppingCriteria):
         def __init__(self):
-            self.times = []
+            self.times = [[] for _ in clocks]
 
         def __call__(self, input_ids, scores, **kw):
-            self.times.append(CLOCK())
+            for readings, clock in zip(self.times, clocks):
+                readings.append(clock())
             return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
-    clock = Clock()
+    return StepClock()
+
+
+def timed_generate(model, ids, new: int) -> tuple[torch.Tensor, float]:
+    """Greedy tokens and the seconds from the first generated token to the last: the new - 1 decode steps,
+    without the prompt's prefill."""
+    from transformers import StoppingCriteriaList
+
+    clock = step_clock(CLOCK)
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                              stopping_criteria=StoppingCriteriaList([clock]))
-    return out, clock.times[-1] - clock.times[0]
+    return out, clock.times[0][-1] - clock.times[0][0]
 
 
 def measure(model, ids, args, compiled: bool = False) -> dict:
