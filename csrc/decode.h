@@ -18,16 +18,21 @@ struct Bitmask {
   int vtype;
   const float* scales;          // int8: [out, groups] scale per row and group of `group` columns, else null
   int64_t group;                // int8 group size in columns, a multiple of 16 (in rounded up: one per row)
-  const float* row_corr;        // int8 x quantized (qx kernels): 128 * sum_g scale * sum(W codes in g), per row
   int64_t in;
 };
 
-// Activations quantized per row for the int8 x int8 kernels: codes + 128 (uint8), padded to `ld` (a multiple
-// of 64) with 128 (code 0), and the scale per row (x ~= (code - 128) * scale).
+// Activations quantized for the int8 x int8 kernels, per row and group of QX_GROUP columns: magnitudes
+// round(|x| / scale) in 0..255 (uint8, padded to `ld`, a multiple of 64, with 0), the signs one bit per column
+// (set: negative; 64 columns per word), scale [nb, groups] (x ~= +-code * scale). Sign and magnitude rather than
+// code + 128: twice the levels and no offset to correct; groups keep one outlier from coarsening a whole row.
+constexpr int64_t QX_GROUP = 256;
+
 struct QuantX {
-  const uint8_t* codes;
+  const uint8_t* codes;   // [nb, ld]
+  const uint64_t* signs;  // [nb, ld / 64]
   int64_t ld;
-  const float* scale;
+  const float* scale;     // [nb, groups]
+  int64_t groups;         // ceil(in / QX_GROUP)
 };
 
 // W [out, in] column by column for decode with activation sparsity (decode_columns.inc): outputs in tiles of
@@ -56,9 +61,9 @@ struct ColBitmask {
                     int64_t r0, int64_t r1);                                                                  \
   /* dense[o * in + c] = W[o, c] for rows [r0, r1) (float32, zeros in place) */                              \
   void bitmask_unpack(const Bitmask& w, float* dense, int64_t r0, int64_t r1);                               \
-  /* quantize rows of x: codes [nb, q.ld], scale [nb] */                                                     \
-  void quantize_rows(const float* x, int64_t xs, int64_t nb, int64_t in, uint8_t* codes, int64_t ld,        \
-                     float* scale);                                                                           \
+  /* quantize rows of x (QuantX): codes [nb, ld], signs [nb, ld / 64], scale [nb, ceil(in / QX_GROUP)] */  \
+  void quantize_rows(const float* x, int64_t xs, int64_t nb, int64_t in, uint8_t* codes, uint64_t* signs,    \
+                     int64_t ld, float* scale);                                                               \
   /* y[k * ys + o] for output tiles [t0, t1), batch rows k < nb (<= 8): sum over the na active inputs a */   \
   /* (columns active[a]) of xa[a * nb + k] * W[o, active[a]], scaled (int8) + bias */                        \
   void colmask_tiles(const ColBitmask& w, const int32_t* active, const float* xa, int64_t na, int nb,         \

@@ -95,10 +95,12 @@ void bitmask_linear(int isa, int threads, const Bitmask& w, int64_t out, const f
 void bitmask_linear_q8(int threads, const Bitmask& w, int64_t out, const float* x, int64_t nb, int64_t xs,
                        const float* bias, float* y) {
   const int64_t ld = (w.in + 63) / 64 * 64;
+  const int64_t groups = (w.in + QX_GROUP - 1) / QX_GROUP;
   std::vector<uint8_t> codes((size_t)(nb * ld));
-  std::vector<float> scale((size_t)nb);
-  avx512::quantize_rows(x, xs, nb, w.in, codes.data(), ld, scale.data());
-  const QuantX qx{codes.data(), ld, scale.data()};
+  std::vector<uint64_t> signs((size_t)(nb * ld / 64));
+  std::vector<float> scale((size_t)(nb * groups));
+  avx512::quantize_rows(x, xs, nb, w.in, codes.data(), signs.data(), ld, scale.data());
+  const QuantX qx{codes.data(), signs.data(), ld, scale.data(), groups};
   over_rows(threads, w, out, nb, [&](int64_t r0, int64_t r1) { vnni::bitmask_rows_q8(w, qx, nb, bias, y, out, r0, r1); });
 }
 

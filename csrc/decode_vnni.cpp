@@ -1,7 +1,7 @@
 // int8 weights x int8 activations with AVX-512 VNNI (vpdpbusd: 64 u8 x s8 products per instruction) and VBMI2
 // (vpexpandb: 64 kept int8 values placed at their mask bits). Only called when has_vnni() says the CPU has both.
-// Activations are quantized per row to code + 128 (uint8); the +128 is removed with the per-row correction
-// 128 * sum_g scale_g * sum(W codes in g) computed once at packing time.
+// Activations come as sign and magnitude (QuantX): each expanded weight vector is negated where its inputs are
+// negative (one masked subtract) and multiplied with the magnitudes, so no offset needs correcting afterwards.
 #include <algorithm>
 #include <cstring>
 
@@ -55,21 +55,33 @@ constexpr int PREFETCH_BYTES = 512;
 
 ST_VNNI inline void prefetch(const void* p) { _mm_prefetch((const char*)p + PREFETCH_BYTES, _MM_HINT_T0); }
 
+// w with the signs of its 64 inputs applied (bit set: input negative, weight negated). Weight codes lie in
+// [-127, 127], so the negation cannot overflow.
+ST_VNNI inline __m512i signed64(__m512i w, uint64_t negative) {
+  return _mm512_mask_sub_epi8(w, (__mmask64)negative, _mm512_setzero_si512(), w);
+}
+
+// The end of the segment of chunks from c on that shares one weight scale (gc chunks per weight group) and one
+// activation scale (QX_GROUP columns): its int32 sums are scaled once, at its end.
+ST_VNNI inline int64_t segment_end(int64_t c, int64_t gc, int64_t chunks) {
+  constexpr int64_t xc = QX_GROUP / 64;
+  return std::min(std::min((c / gc + 1) * gc, (c / xc + 1) * xc), chunks);
+}
+
 template <int NB, bool DENSE>
 ST_VNNI void rows(const Bitmask& w, const QuantX& qx, const float* bias, float* y, int64_t ys, int64_t r0,
                   int64_t r1) {
-  const int64_t chunks = (w.in + 63) / 64, gc = w.group / 64, ng = (chunks + gc - 1) / gc;
+  const int64_t chunks = (w.in + 63) / 64, gc = w.group / 64, ng = (chunks + gc - 1) / gc, sw = qx.ld / 64;
   const int8_t* val = (const int8_t*)w.values;
   for (int64_t o = r0; o < r1; ++o) {
     int64_t p = w.row_start[o];
     __m512 tot[NB];
     for (int b = 0; b < NB; ++b) tot[b] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < ng; ++g) {
+    for (int64_t c = 0; c < chunks;) {
+      const int64_t e = segment_end(c, gc, chunks);
       __m512i a0[NB], a1[NB];
       for (int b = 0; b < NB; ++b) a0[b] = a1[b] = _mm512_setzero_si512();
-      const int64_t c1 = std::min((g + 1) * gc, chunks);
-      int64_t c = g * gc;
-      for (; c + 2 <= c1; c += 2) {  // two chunks per step: independent loads and accumulators
+      for (; c + 2 <= e; c += 2) {  // two chunks per step: independent loads and accumulators
         prefetch(val + p);
         if (DENSE) prefetch(val + p + 64);
         const uint64_t m0 = mask64(w, o, c), m1 = mask64(w, o, c + 1);
@@ -77,24 +89,29 @@ ST_VNNI void rows(const Bitmask& w, const QuantX& qx, const float* bias, float* 
         const __m512i w0 = weights64<DENSE>(val + p, m0, n0), w1 = weights64<DENSE>(val + p + n0, m1, __builtin_popcountll(m1));
         p += n0 + __builtin_popcountll(m1);
         for (int b = 0; b < NB; ++b) {
-          a0[b] = _mm512_dpbusd_epi32(a0[b], _mm512_loadu_si512(qx.codes + b * qx.ld + 64 * c), w0);
-          a1[b] = _mm512_dpbusd_epi32(a1[b], _mm512_loadu_si512(qx.codes + b * qx.ld + 64 * c + 64), w1);
+          const uint8_t* xb = qx.codes + b * qx.ld + 64 * c;
+          a0[b] = _mm512_dpbusd_epi32(a0[b], _mm512_loadu_si512(xb), signed64(w0, qx.signs[b * sw + c]));
+          a1[b] = _mm512_dpbusd_epi32(a1[b], _mm512_loadu_si512(xb + 64), signed64(w1, qx.signs[b * sw + c + 1]));
         }
       }
-      if (c < c1) {
+      if (c < e) {
         const uint64_t m0 = mask64(w, o, c);
         const int64_t n0 = __builtin_popcountll(m0);
         const __m512i w0 = weights64<DENSE>(val + p, m0, n0);
         p += n0;
         for (int b = 0; b < NB; ++b)
-          a0[b] = _mm512_dpbusd_epi32(a0[b], _mm512_loadu_si512(qx.codes + b * qx.ld + 64 * c), w0);
+          a0[b] = _mm512_dpbusd_epi32(a0[b], _mm512_loadu_si512(qx.codes + b * qx.ld + 64 * c),
+                                      signed64(w0, qx.signs[b * sw + c]));
+        ++c;
       }
-      const __m512 s = _mm512_set1_ps(w.scales[o * ng + g]);
+      const float s = w.scales[o * ng + (c - 1) / gc];
+      const int64_t xg = (c - 1) * 64 / QX_GROUP;
       for (int b = 0; b < NB; ++b)
-        tot[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0[b], a1[b])), s, tot[b]);
+        tot[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0[b], a1[b])),
+                                 _mm512_set1_ps(s * qx.scale[b * qx.groups + xg]), tot[b]);
     }
-    const float bo = bias ? bias[o] : 0.f, corr = w.row_corr[o];
-    for (int b = 0; b < NB; ++b) y[b * ys + o] = (_mm512_reduce_add_ps(tot[b]) - corr) * qx.scale[b] + bo;
+    const float bo = bias ? bias[o] : 0.f;
+    for (int b = 0; b < NB; ++b) y[b * ys + o] = _mm512_reduce_add_ps(tot[b]) + bo;
   }
 }
 
@@ -117,21 +134,21 @@ ST_VNNI void row_pair(const Bitmask& w, const QuantX& qx, const float* bias, flo
   const int8_t *v0 = val + w.row_start[o], *v1 = val + w.row_start[o + 1];
   const uint16_t *k0 = DENSE ? nullptr : w.mask + o * w.words, *k1 = DENSE ? nullptr : k0 + w.words;
   __m512 t0 = _mm512_setzero_ps(), t1 = _mm512_setzero_ps();
-  for (int64_t g = 0; g < ng; ++g) {
+  for (int64_t c = 0; c < chunks;) {
     __m512i a0 = _mm512_setzero_si512(), a1 = a0, b0 = a0, b1 = a0;
-    const int64_t c1 = std::min((g + 1) * gc, chunks), cf = std::min(c1, full);
-    int64_t c = g * gc;
-    for (; c + 2 <= cf; c += 2) {
+    const int64_t e = segment_end(c, gc, chunks), ef = std::min(e, full);
+    for (; c + 2 <= ef; c += 2) {
       const __m512i x0 = _mm512_loadu_si512(qx.codes + 64 * c), x1 = _mm512_loadu_si512(qx.codes + 64 * c + 64);
+      const uint64_t s0 = qx.signs[c], s1 = qx.signs[c + 1];
       prefetch(v0);
       prefetch(v1);
       if constexpr (DENSE) {  // every weight kept: 64 values per chunk, two cache lines per row and step
         prefetch(v0 + 64);
         prefetch(v1 + 64);
-        a0 = _mm512_dpbusd_epi32(a0, x0, _mm512_loadu_si512(v0));
-        b0 = _mm512_dpbusd_epi32(b0, x0, _mm512_loadu_si512(v1));
-        a1 = _mm512_dpbusd_epi32(a1, x1, _mm512_loadu_si512(v0 + 64));
-        b1 = _mm512_dpbusd_epi32(b1, x1, _mm512_loadu_si512(v1 + 64));
+        a0 = _mm512_dpbusd_epi32(a0, x0, signed64(_mm512_loadu_si512(v0), s0));
+        b0 = _mm512_dpbusd_epi32(b0, x0, signed64(_mm512_loadu_si512(v1), s0));
+        a1 = _mm512_dpbusd_epi32(a1, x1, signed64(_mm512_loadu_si512(v0 + 64), s1));
+        b1 = _mm512_dpbusd_epi32(b1, x1, signed64(_mm512_loadu_si512(v1 + 64), s1));
         v0 += 128;
         v1 += 128;
       } else {
@@ -142,28 +159,30 @@ ST_VNNI void row_pair(const Bitmask& w, const QuantX& qx, const float* bias, flo
         std::memcpy(&m3, k1 + 4 * c + 4, 8);
         if ((c & 7) == 0) prefetch(k1 + 4 * c);  // both rows' masks: 64 bytes of them per 8 chunks
         const int64_t n0 = _mm_popcnt_u64(m0), n1 = _mm_popcnt_u64(m1), n2 = _mm_popcnt_u64(m2), n3 = _mm_popcnt_u64(m3);
-        a0 = _mm512_dpbusd_epi32(a0, x0, _mm512_maskz_expand_epi8(m0, packed64<TAIL>(v0, n0)));
-        b0 = _mm512_dpbusd_epi32(b0, x0, _mm512_maskz_expand_epi8(m1, packed64<TAIL>(v1, n1)));
-        a1 = _mm512_dpbusd_epi32(a1, x1, _mm512_maskz_expand_epi8(m2, packed64<TAIL>(v0 + n0, n2)));
-        b1 = _mm512_dpbusd_epi32(b1, x1, _mm512_maskz_expand_epi8(m3, packed64<TAIL>(v1 + n1, n3)));
+        a0 = _mm512_dpbusd_epi32(a0, x0, signed64(_mm512_maskz_expand_epi8(m0, packed64<TAIL>(v0, n0)), s0));
+        b0 = _mm512_dpbusd_epi32(b0, x0, signed64(_mm512_maskz_expand_epi8(m1, packed64<TAIL>(v1, n1)), s0));
+        a1 = _mm512_dpbusd_epi32(a1, x1, signed64(_mm512_maskz_expand_epi8(m2, packed64<TAIL>(v0 + n0, n2)), s1));
+        b1 = _mm512_dpbusd_epi32(b1, x1, signed64(_mm512_maskz_expand_epi8(m3, packed64<TAIL>(v1 + n1, n3)), s1));
         v0 += n0 + n2;
         v1 += n1 + n3;
       }
     }
-    for (; c < c1; ++c) {  // an odd chunk or the row's last, partial one
+    for (; c < e; ++c) {  // an odd chunk or the row's last, partial one
       const uint64_t m0 = mask64(w, o, c), m1 = mask64(w, o + 1, c);
       const int64_t n0 = _mm_popcnt_u64(m0), n1 = _mm_popcnt_u64(m1);
       const __m512i x0 = _mm512_loadu_si512(qx.codes + 64 * c);
-      a0 = _mm512_dpbusd_epi32(a0, x0, weights64<DENSE>(v0, m0, n0));
-      b0 = _mm512_dpbusd_epi32(b0, x0, weights64<DENSE>(v1, m1, n1));
+      a0 = _mm512_dpbusd_epi32(a0, x0, signed64(weights64<DENSE>(v0, m0, n0), qx.signs[c]));
+      b0 = _mm512_dpbusd_epi32(b0, x0, signed64(weights64<DENSE>(v1, m1, n1), qx.signs[c]));
       v0 += n0;
       v1 += n1;
     }
-    t0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1)), _mm512_set1_ps(w.scales[o * ng + g]), t0);
-    t1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(b0, b1)), _mm512_set1_ps(w.scales[(o + 1) * ng + g]), t1);
+    const float sx = qx.scale[(c - 1) * 64 / QX_GROUP];
+    const int64_t g = (c - 1) / gc;
+    t0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1)), _mm512_set1_ps(w.scales[o * ng + g] * sx), t0);
+    t1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(b0, b1)), _mm512_set1_ps(w.scales[(o + 1) * ng + g] * sx), t1);
   }
-  y[o] = (_mm512_reduce_add_ps(t0) - w.row_corr[o]) * qx.scale[0] + (bias ? bias[o] : 0.f);
-  y[o + 1] = (_mm512_reduce_add_ps(t1) - w.row_corr[o + 1]) * qx.scale[0] + (bias ? bias[o + 1] : 0.f);
+  y[o] = _mm512_reduce_add_ps(t0) + (bias ? bias[o] : 0.f);
+  y[o + 1] = _mm512_reduce_add_ps(t1) + (bias ? bias[o + 1] : 0.f);
 }
 
 // Batch 1 over rows [r0, r1) in pairs. A plain 64-byte load of values may read up to 63 bytes past the pair's
@@ -182,7 +201,9 @@ template <bool DENSE>
 ST_VNNI void rows_nb(const Bitmask& w, const QuantX& qx, int64_t nb, const float* bias, float* y, int64_t ys,
                      int64_t r0, int64_t r1) {
   int64_t b = 0;
-  auto shifted = [&](int64_t b0) { return QuantX{qx.codes + b0 * qx.ld, qx.ld, qx.scale + b0}; };
+  auto shifted = [&](int64_t b0) {
+    return QuantX{qx.codes + b0 * qx.ld, qx.signs + b0 * (qx.ld / 64), qx.ld, qx.scale + b0 * qx.groups, qx.groups};
+  };
   if (nb == 1) return row_pairs<DENSE>(w, qx, bias, y, r0, r1);
   for (; b + 4 <= nb; b += 4) rows<4, DENSE>(w, shifted(b), bias, y + b * ys, ys, r0, r1);
   for (; b + 2 <= nb; b += 2) rows<2, DENSE>(w, shifted(b), bias, y + b * ys, ys, r0, r1);

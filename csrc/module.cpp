@@ -81,14 +81,14 @@ st::ChainLayer chain_layer(const py::tuple& t) {
 
 // A bitmask weight from its fields (see csrc/decode.h); mask = 0 means dense values.
 st::Bitmask bitmask(int64_t out, int64_t in, u64 mask, int64_t words, u64 row_start, u64 values, int vtype, u64 scales,
-                    int64_t group, u64 row_corr) {
+                    int64_t group) {
   if (out < 1 || in < 1) throw std::invalid_argument("bitmask weight: bad shape");
   if (words != (in + 15) / 16) throw std::invalid_argument("bitmask weight: words per row must be ceil(in / 16)");
   if (vtype < st::VALUES_F32 || vtype > st::VALUES_I8) throw std::invalid_argument("bitmask weight: bad value type");
   if ((vtype == st::VALUES_I8) != (scales != 0)) throw std::invalid_argument("bitmask weight: int8 values need scales");
   if (scales && (group < 16 || group % 16 != 0)) throw std::invalid_argument("bitmask weight: group must be a multiple of 16");
   return st::Bitmask{ptr<const uint16_t>(mask), words, ptr<const int64_t>(row_start), ptr<const void>(values), vtype,
-                     ptr<const float>(scales), group, ptr<const float>(row_corr), in};
+                     ptr<const float>(scales), group, in};
 }
 
 // A column-major bitmask weight from its fields (see csrc/decode.h).
@@ -159,13 +159,13 @@ PYBIND11_MODULE(_C, m) {
       "bitmask_linear",
       // tile is unused (one signature with the other kernels); qx = 1 quantizes x to int8 (VNNI kernel)
       [](int isa, int threads, int /*tile*/, int64_t out, int64_t in, u64 mask, int64_t words, u64 row_start,
-         u64 values, int vtype, u64 scales, int64_t group, u64 row_corr, int qx, u64 x, int64_t batch,
+         u64 values, int vtype, u64 scales, int64_t group, int qx, u64 x, int64_t batch,
          int64_t x_stride, u64 bias, u64 y) {
-        const st::Bitmask w = bitmask(out, in, mask, words, row_start, values, vtype, scales, group, row_corr);
+        const st::Bitmask w = bitmask(out, in, mask, words, row_start, values, vtype, scales, group);
         if (batch < 1 || x_stride < in) throw std::invalid_argument("bad input shape");
         isa = checked_isa(isa);
-        if (qx && (vtype != st::VALUES_I8 || !row_corr || group % 64 != 0 || !st::has_vnni()))
-          throw std::invalid_argument("int8 activations need int8 values, row corrections, group % 64 == 0 and VNNI");
+        if (qx && (vtype != st::VALUES_I8 || group % 64 != 0 || !st::has_vnni()))
+          throw std::invalid_argument("int8 activations need int8 values, group % 64 == 0 and VNNI");
         py::gil_scoped_release nogil;
         if (qx) st::bitmask_linear_q8(threads, w, out, ptr<const float>(x), batch, x_stride, ptr<const float>(bias),
                                       ptr<float>(y));
@@ -177,7 +177,7 @@ PYBIND11_MODULE(_C, m) {
       // many input rows (prefill): X^T panels through the sparse x dense kernel (fp32 activations)
       [](int isa, int threads, int64_t out, int64_t in, u64 mask, int64_t words, u64 row_start, u64 values, int vtype,
          u64 scales, int64_t group, u64 x, int64_t batch, int64_t x_stride, u64 bias, u64 y) {
-        const st::Bitmask w = bitmask(out, in, mask, words, row_start, values, vtype, scales, group, 0);
+        const st::Bitmask w = bitmask(out, in, mask, words, row_start, values, vtype, scales, group);
         if (batch < 1 || x_stride < in) throw std::invalid_argument("bad input shape");
         isa = checked_isa(isa);
         py::gil_scoped_release nogil;
@@ -188,7 +188,7 @@ PYBIND11_MODULE(_C, m) {
       "bitmask_to_dense",
       [](int isa, int threads, int64_t out, int64_t in, u64 mask, int64_t words, u64 row_start, u64 values, int vtype,
          u64 scales, int64_t group, u64 dense) {
-        const st::Bitmask w = bitmask(out, in, mask, words, row_start, values, vtype, scales, group, 0);
+        const st::Bitmask w = bitmask(out, in, mask, words, row_start, values, vtype, scales, group);
         isa = checked_isa(isa);
         py::gil_scoped_release nogil;
         st::bitmask_to_dense(isa, threads, w, out, ptr<float>(dense));

@@ -135,7 +135,7 @@ class Linear:
             return self._blas(x, dense)
         y = np.empty((x.shape[0], self.out_features), np.float32)
         if x.shape[0]:
-            self._kernel.bitmask_linear(self._isa, self._threads(x.shape[0]), 0, *self._fields, 0, 0, x.ctypes.data,
+            self._kernel.bitmask_linear(self._isa, self._threads(x.shape[0]), 0, *self._fields, 0, x.ctypes.data,
                                         x.shape[0], x.shape[1], self.bias_addr, y.ctypes.data)
         return y
 

@@ -219,12 +219,10 @@ def _row_popcounts(words: np.ndarray) -> np.ndarray:
 
 
 def check_bitmask_weight(name: str, mask: np.ndarray | None, row_start: np.ndarray, values: np.ndarray,
-                         out_features: int, in_features: int, scales: np.ndarray | None = None, group: int = 0,
-                         row_corr: np.ndarray | None = None) -> None:
+                         out_features: int, in_features: int, scales: np.ndarray | None = None, group: int = 0) -> None:
     """A BitmaskWeight: mask int16 [out, ceil(in/16)] (None: every weight kept) with no bits past ``in``;
     row_start int64 [out+1] from 0, non-decreasing, each row's step equal to that row's set bits and the last
-    equal to values.size; int8 values need scales [out, ceil(in/group)] with group a positive multiple of 16;
-    row_corr (int8 activations) [out]."""
+    equal to values.size; int8 values need scales [out, ceil(in/group)] with group a positive multiple of 16."""
     out_features, in_features = check_shape(name, [out_features, in_features], ndim=2)
     words = (in_features + 15) // 16
     check_dtype(f"{name} row starts", row_start, (np.int64,))
@@ -259,5 +257,3 @@ def check_bitmask_weight(name: str, mask: np.ndarray | None, row_start: np.ndarr
             _fail(f"{name} scales have shape {list(scales.shape)}, expected [{out_features}, {groups}]", name=name)
         if not np.isfinite(scales).all():
             _fail(f"{name} scales hold NaN or infinite values", name=name)
-    if row_corr is not None and row_corr.shape != (out_features,):
-        _fail(f"{name} row corrections have shape {list(row_corr.shape)}, expected [{out_features}]", name=name)

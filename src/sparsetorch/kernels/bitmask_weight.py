@@ -4,11 +4,12 @@ At 50-90% sparsity this streams fewer bytes than any index format (CSR pays 16 b
 bitmask pays 1 bit per weight), and an N:M pattern is just a bitmask (2:4 costs 1 bit per weight, the same
 as 2-bit in-group positions). Values may be fp32 (exact), bf16 / fp16 (half the value bytes) or int8 with a
 scale per row or per group of columns. With int8 values, ``quantize_input=True`` also quantizes the
-activations per row and runs AVX-512 VNNI dot products (where the CPU has VNNI and VBMI2).
+activations (sign and an 8-bit magnitude, one scale per 256 columns: ``quantize_activations``) and runs AVX-512
+VNNI dot products (where the CPU has VNNI and VBMI2).
 
 Layout (kernels in csrc/decode_impl.inc, csrc/decode_vnni.cpp): ``mask`` int16 [out, ceil(in/16)] whose bit
 j of word c says W[o, 16c+j] is kept; ``row_start`` int64 [out+1]; ``values`` the kept values row by row in
-column order; ``scales`` fp32 [out, groups] for int8; ``row_corr`` the VNNI kernel's +128 offset correction.
+column order; ``scales`` fp32 [out, groups] for int8.
 """
 from __future__ import annotations
 
@@ -33,6 +34,24 @@ def has_vnni() -> bool:
     ext = loader.load(loader.INFERENCE)
     return bool(ext is not None and hasattr(ext, "has_vnni") and ext.has_vnni()
                 and inference_ops.isa_level() == 2)
+
+
+ACT_GROUP = 256  # input columns per activation scale of the int8 x int8 kernel (csrc/decode.h QX_GROUP)
+
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [B, in] as the int8 x int8 kernel sees it: per row and group of ACT_GROUP columns, the sign and
+    round(|x| / s) in 0..255 (half to even) with s = max |x| / 255, times s. Sign and magnitude give twice the
+    levels of a code + 128; a group's scale keeps an outlier from coarsening the rest of the row."""
+    b, n = x.shape
+    ng = -(-n // ACT_GROUP)
+    g = torch.zeros(b, ng * ACT_GROUP)
+    g[:, :n] = x
+    g = g.view(b, ng, ACT_GROUP)
+    s = g.abs().amax(-1, keepdim=True) / 255
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    codes = torch.round(g.abs() * (1 / s)).clamp_max(255)
+    return (torch.sign(g) * codes * s).view(b, -1)[:, :n]
 
 
 def pack_mask(keep: torch.Tensor) -> torch.Tensor:
@@ -67,7 +86,6 @@ class BitmaskWeight(PackedWeight):
         self.register_buffer("scales", None if scales is None else scales.to(torch.float32).contiguous())
         self.group = int(group)
         self.quantize_input = bool(quantize_input)
-        self.register_buffer("row_corr", self._row_corr() if self.quantize_input else None)
 
     # ---------------------------------------------------------------- packing
     @classmethod
@@ -106,14 +124,6 @@ class BitmaskWeight(PackedWeight):
         mask = None if dense else pack_mask(keep)
         return cls(mask, row_start, kept, out, n, scales, group, quantize_input)
 
-    def _row_corr(self) -> torch.Tensor:
-        """128 * sum_g scale_g * sum(codes in g) per row: what the +128 activation offset adds (VNNI kernel)."""
-        codes = self._codes_dense()  # [out, in] int codes
-        ng = self.scales.shape[1]
-        padded = torch.zeros(self.out_features, ng * self.group)
-        padded[:, :self.in_features] = codes
-        return 128 * (padded.view(self.out_features, ng, self.group).sum(-1) * self.scales).sum(-1)
-
     def _keep(self) -> torch.Tensor:
         if self.mask is None:
             return torch.ones(self.out_features, self.in_features, dtype=torch.bool)
@@ -140,8 +150,7 @@ class BitmaskWeight(PackedWeight):
         if self.values.dtype == torch.int8 and values.dtype != np.int8:
             values = values.astype(np.int8)  # load_state_dict copies into our int8 buffer: only the count matters
         index_checks.check_bitmask_weight(prefix.rstrip(".") or "BitmaskWeight", get("mask"), get("row_start"),
-                                          values, self.out_features, self.in_features, get("scales"), self.group,
-                                          get("row_corr"))
+                                          values, self.out_features, self.in_features, get("scales"), self.group)
 
     # ---------------------------------------------------------------- kernels
     @property
@@ -150,10 +159,10 @@ class BitmaskWeight(PackedWeight):
 
     def _static(self) -> tuple:
         return inference_ops.bitmask_static(self.out_features, self.in_features, self.mask, self.row_start,
-                                            self.values, self.scales, self.group, self.row_corr, self.quantize_input)
+                                            self.values, self.scales, self.group, self.quantize_input)
 
     def op_linear(self, x, bias=None, threads=None):
-        return custom_ops.bitmask_linear(x, self.mask, self.row_start, self.values, self.scales, self.row_corr, bias,
+        return custom_ops.bitmask_linear(x, self.mask, self.row_start, self.values, self.scales, bias,
                                          self.in_features, self.out_features, self.group, self.quantize_input,
                                          threads or 0)
 

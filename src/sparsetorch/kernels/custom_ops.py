@@ -32,8 +32,8 @@ def _run(kind: str, static: tuple, x: Tensor, bias: Optional[Tensor], threads: i
 
 
 _SCHEMAS = {
-    "bitmask_linear": "(Tensor x, Tensor? mask, Tensor row_start, Tensor values, Tensor? scales, Tensor? row_corr, "
-                      "Tensor? bias, int in_features, int out_features, int group, bool quantize_input, int threads)",
+    "bitmask_linear": "(Tensor x, Tensor? mask, Tensor row_start, Tensor values, Tensor? scales, Tensor? bias, "
+                      "int in_features, int out_features, int group, bool quantize_input, int threads)",
     "csr_linear": "(Tensor x, Tensor indptr, Tensor indices, Tensor values, Tensor? bias, int in_features, "
                   "int out_features, int threads)",
     "nm_linear": "(Tensor x, Tensor values, Tensor offsets, Tensor? bias, int in_features, int n, int m, int threads)",
@@ -42,10 +42,9 @@ _SCHEMAS = {
 }
 
 
-def _bitmask(x, mask, row_start, values, scales, row_corr, bias, in_features, out_features, group, quantize_input,
+def _bitmask(x, mask, row_start, values, scales, bias, in_features, out_features, group, quantize_input,
              threads):
-    static = inference_ops.bitmask_static(out_features, in_features, mask, row_start, values, scales, group, row_corr,
-                                          quantize_input)
+    static = inference_ops.bitmask_static(out_features, in_features, mask, row_start, values, scales, group, quantize_input)
     if x.shape[0] >= loader.BITMASK_PREFILL_ROWS and x.dim() == 2 and x.shape[1] == in_features:
         return inference_ops.bitmask_prefill(static, x, bias, threads or None)
     return _run("bitmask_linear", static, x, bias, threads)
@@ -75,7 +74,7 @@ def _output(x: Tensor, in_features: int, out_features: int) -> Tensor:
 
 _KERNELS = {"bitmask_linear": _bitmask, "csr_linear": _csr, "nm_linear": _nm, "bsr_linear": _bsr}
 _FAKES = {
-    "bitmask_linear": lambda x, mask, row_start, values, scales, row_corr, bias, in_features, out_features, *_: (
+    "bitmask_linear": lambda x, mask, row_start, values, scales, bias, in_features, out_features, *_: (
         _output(x, in_features, out_features)),
     "csr_linear": lambda x, indptr, indices, values, bias, in_features, out_features, threads: (
         _output(x, in_features, out_features)),
@@ -104,10 +103,10 @@ _LIB = _register()  # kept alive: the registrations last as long as this object
 
 
 def bitmask_linear(x: Tensor, mask: Optional[Tensor], row_start: Tensor, values: Tensor, scales: Optional[Tensor],
-                   row_corr: Optional[Tensor], bias: Optional[Tensor], in_features: int, out_features: int, group: int,
+                   bias: Optional[Tensor], in_features: int, out_features: int, group: int,
                    quantize_input: bool, threads: int = 0) -> Tensor:
     """x [B, in] @ W^T + bias for a bitmask weight (kernels.bitmask_weight); mask None = a dense layer."""
-    return torch.ops.sparsetorch.bitmask_linear(x, mask, row_start, values, scales, row_corr, bias, in_features,
+    return torch.ops.sparsetorch.bitmask_linear(x, mask, row_start, values, scales, bias, in_features,
                                                 out_features, group, quantize_input, threads)
 
 

@@ -127,11 +127,11 @@ def bsr_static(indptr, indices, values, out_features, in_features) -> tuple:
             values.data_ptr(), nblocks)
 
 
-def bitmask_static(out_features: int, in_features: int, mask, row_start, values, scales, group: int, row_corr,
+def bitmask_static(out_features: int, in_features: int, mask, row_start, values, scales, group: int,
                    quantize_input: bool) -> tuple:
     """The bitmask kernel's weight arguments (see kernels.bitmask_weight for the layout); mask None = dense."""
     return (out_features, in_features, _addr(mask), (in_features + 15) // 16, row_start.data_ptr(), values.data_ptr(),
-            BITMASK_VTYPES[values.dtype], _addr(scales), group, _addr(row_corr), int(quantize_input))
+            BITMASK_VTYPES[values.dtype], _addr(scales), group, int(quantize_input))
 
 
 def bitmask_to_dense(static: tuple, out: torch.Tensor, threads: int | None = None) -> torch.Tensor:
