@@ -61,12 +61,19 @@ ST_VNNI inline __m512i signed64(__m512i w, uint64_t negative) {
   return _mm512_mask_sub_epi8(w, (__mmask64)negative, _mm512_setzero_si512(), w);
 }
 
-// The end of the segment of chunks from c on that shares one weight scale (gc chunks per weight group) and one
-// activation scale (QX_GROUP columns): its int32 sums are scaled once, at its end.
-ST_VNNI inline int64_t segment_end(int64_t c, int64_t gc, int64_t chunks) {
-  constexpr int64_t xc = QX_GROUP / 64;
-  return std::min(std::min((c / gc + 1) * gc, (c / xc + 1) * xc), chunks);
-}
+// Chunks come in segments that share one weight scale (gc chunks per weight group) and one activation scale
+// (XC chunks per QX_GROUP columns): each segment's int32 sums are scaled once, at its end. The weight group is
+// tracked incrementally: a division per segment (gc is not a constant) cost more than the segment's dot products.
+constexpr int64_t XC = QX_GROUP / 64;
+
+struct Segments {
+  int64_t gc, chunks, g = 0, g_end;  // current weight group g ends at chunk g_end
+  ST_VNNI Segments(int64_t gc_, int64_t chunks_) : gc(gc_), chunks(chunks_), g_end(gc_) {}
+  ST_VNNI int64_t end(int64_t c) const { return std::min(std::min(g_end, (c / XC + 1) * XC), chunks); }
+  ST_VNNI void advance(int64_t c) {  // c: the end of the segment just done
+    if (c == g_end) ++g, g_end += gc;
+  }
+};
 
 template <int NB, bool DENSE>
 ST_VNNI void rows(const Bitmask& w, const QuantX& qx, const float* bias, float* y, int64_t ys, int64_t r0,
@@ -77,8 +84,9 @@ ST_VNNI void rows(const Bitmask& w, const QuantX& qx, const float* bias, float* 
     int64_t p = w.row_start[o];
     __m512 tot[NB];
     for (int b = 0; b < NB; ++b) tot[b] = _mm512_setzero_ps();
+    Segments seg(gc, chunks);
     for (int64_t c = 0; c < chunks;) {
-      const int64_t e = segment_end(c, gc, chunks);
+      const int64_t e = seg.end(c);
       __m512i a0[NB], a1[NB];
       for (int b = 0; b < NB; ++b) a0[b] = a1[b] = _mm512_setzero_si512();
       for (; c + 2 <= e; c += 2) {  // two chunks per step: independent loads and accumulators
@@ -104,11 +112,12 @@ ST_VNNI void rows(const Bitmask& w, const QuantX& qx, const float* bias, float* 
                                       signed64(w0, qx.signs[b * sw + c]));
         ++c;
       }
-      const float s = w.scales[o * ng + (c - 1) / gc];
-      const int64_t xg = (c - 1) * 64 / QX_GROUP;
+      const float s = w.scales[o * ng + seg.g];
+      const int64_t xg = (c - 1) / XC;
       for (int b = 0; b < NB; ++b)
         tot[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0[b], a1[b])),
                                  _mm512_set1_ps(s * qx.scale[b * qx.groups + xg]), tot[b]);
+      seg.advance(c);
     }
     const float bo = bias ? bias[o] : 0.f;
     for (int b = 0; b < NB; ++b) y[b * ys + o] = _mm512_reduce_add_ps(tot[b]) + bo;
@@ -134,9 +143,10 @@ ST_VNNI void row_pair(const Bitmask& w, const QuantX& qx, const float* bias, flo
   const int8_t *v0 = val + w.row_start[o], *v1 = val + w.row_start[o + 1];
   const uint16_t *k0 = DENSE ? nullptr : w.mask + o * w.words, *k1 = DENSE ? nullptr : k0 + w.words;
   __m512 t0 = _mm512_setzero_ps(), t1 = _mm512_setzero_ps();
+  Segments seg(gc, chunks);
   for (int64_t c = 0; c < chunks;) {
     __m512i a0 = _mm512_setzero_si512(), a1 = a0, b0 = a0, b1 = a0;
-    const int64_t e = segment_end(c, gc, chunks), ef = std::min(e, full);
+    const int64_t e = seg.end(c), ef = std::min(e, full);
     for (; c + 2 <= ef; c += 2) {
       const __m512i x0 = _mm512_loadu_si512(qx.codes + 64 * c), x1 = _mm512_loadu_si512(qx.codes + 64 * c + 64);
       const uint64_t s0 = qx.signs[c], s1 = qx.signs[c + 1];
@@ -176,10 +186,10 @@ ST_VNNI void row_pair(const Bitmask& w, const QuantX& qx, const float* bias, flo
       v0 += n0;
       v1 += n1;
     }
-    const float sx = qx.scale[(c - 1) * 64 / QX_GROUP];
-    const int64_t g = (c - 1) / gc;
-    t0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1)), _mm512_set1_ps(w.scales[o * ng + g] * sx), t0);
-    t1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(b0, b1)), _mm512_set1_ps(w.scales[(o + 1) * ng + g] * sx), t1);
+    const float sx = qx.scale[(c - 1) / XC];
+    t0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1)), _mm512_set1_ps(w.scales[o * ng + seg.g] * sx), t0);
+    t1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(b0, b1)), _mm512_set1_ps(w.scales[(o + 1) * ng + seg.g] * sx), t1);
+    seg.advance(c);
   }
   y[o] = _mm512_reduce_add_ps(t0) + (bias ? bias[o] : 0.f);
   y[o + 1] = _mm512_reduce_add_ps(t1) + (bias ? bias[o + 1] : 0.f);
