@@ -101,7 +101,7 @@ def test_to_inference_decoder_values():
     with torch.no_grad():
         assert torch.equal(fast.generate(ids, max_new_tokens=6, do_sample=False), ref)
     low = sparsetorch.to_inference(model, (ids,), budget_s=0.02, values="bf16")
-    kinds = {p["kernel"] for p in low.sparsetorch_plan}
+    kinds = {p["kernel"] for p in low.sparsetorch_plan if p["type"] != "SiblingLinear"}
     assert kinds <= {"bitmask-bf16", "dense-bf16"} and "dense-bf16" in kinds  # lm_head in bf16 too
     with torch.no_grad():
         out = low(ids).logits

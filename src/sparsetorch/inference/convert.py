@@ -36,6 +36,7 @@ from .chain_decision import fuse_chains
 from .compiled_decode import compile_decode
 from .kernel_choice import KERNEL_CACHE, max_error, rtol, time_candidates
 from .packed_modules import PackedConv2d, PackedLinear
+from .siblings import fuse_siblings
 
 __all__ = ["to_inference", "detect_structure"]
 
@@ -336,6 +337,7 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
                 inf = new
     if fuse and plan:
         inf = fuse_chains(inf, args, plan, budget_s, min_sparsity, verbose, always=fuse == "always")
+        inf = fuse_siblings(inf, args, plan)
     with torch.no_grad():
         out = inf(*args)
     # lossy values were checked layer by layer against their own rounding; so were thresholded layers, since a

@@ -124,6 +124,33 @@ class BitmaskWeight(PackedWeight):
         mask = None if dense else pack_mask(keep)
         return cls(mask, row_start, kept, out, n, scales, group, quantize_input)
 
+    @classmethod
+    def concat(cls, parts: list["BitmaskWeight"]) -> "BitmaskWeight":
+        """One weight with the rows of ``parts`` one after another (same inputs, value type, scale groups and
+        activation handling): several Linears fed the same input run as one kernel call."""
+        first = parts[0]
+        for p in parts[1:]:
+            same = (p.in_features == first.in_features and p.values.dtype == first.values.dtype
+                    and p.group == first.group and p.quantize_input == first.quantize_input
+                    and p.dense_values == first.dense_values)
+            if not same:
+                raise SparsityError("bitmask weights concatenated by rows need the same inputs, value type, scale "
+                                    "groups and activation handling", got=[repr(q) for q in parts])
+        counts = torch.cat([p.row_start.diff() for p in parts])
+        row_start = torch.zeros(counts.numel() + 1, dtype=torch.int64)
+        row_start[1:] = counts.cumsum(0)
+        mask = None if first.mask is None else torch.cat([p.mask for p in parts])
+        scales = None if first.scales is None else torch.cat([p.scales for p in parts])
+        return cls(mask, row_start, torch.cat([p.values for p in parts]), int(counts.numel()), first.in_features,
+                   scales, first.group, first.quantize_input)
+
+    def rows(self, r0: int, r1: int) -> "BitmaskWeight":
+        """Rows [r0, r1) as a weight whose buffers are views of this one's (only row_start is new)."""
+        a, b = int(self.row_start[r0]), int(self.row_start[r1])
+        return BitmaskWeight(None if self.mask is None else self.mask[r0:r1], self.row_start[r0:r1 + 1] - a,
+                             self.values[a:b], r1 - r0, self.in_features,
+                             None if self.scales is None else self.scales[r0:r1], self.group, self.quantize_input)
+
     def _keep(self) -> torch.Tensor:
         if self.mask is None:
             return torch.ones(self.out_features, self.in_features, dtype=torch.bool)

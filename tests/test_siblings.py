@@ -1,0 +1,89 @@
+"""Linears fed the same input run as one kernel call (inference/siblings.py)."""
+import pytest
+import torch
+
+import sparsetorch
+from sparsetorch.kernels import has_extension
+from sparsetorch.kernels.bitmask_weight import BitmaskWeight
+from sparsetorch.inference.siblings import SiblingLinear
+
+pytestmark = pytest.mark.skipif(not has_extension(), reason="compiled kernels not built")
+
+
+def _weight(out, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, n, generator=g)
+    return w * (torch.rand(out, n, generator=g) > 0.7)
+
+
+@pytest.mark.parametrize("values", ["fp32", "int8"])
+def test_concat_and_rows_round_trip(values):
+    parts = [BitmaskWeight.from_dense(_weight(out, 96, out), values) for out in (5, 16, 3)]
+    whole = BitmaskWeight.concat(parts)
+    assert torch.equal(whole.to_dense(), torch.cat([p.to_dense() for p in parts]))
+    bounds = [0, 5, 21, 24]
+    for p, a, b in zip(parts, bounds, bounds[1:]):
+        view = whole.rows(a, b)
+        assert torch.equal(view.to_dense(), p.to_dense())
+        assert view.values.data_ptr() == whole.values[int(whole.row_start[a]):].data_ptr()  # a view, not a copy
+        x = torch.randn(2, 96)
+        assert torch.allclose(view.linear(x), p.linear(x), rtol=1e-5, atol=1e-5)
+
+
+def test_concat_rejects_mismatched_parts():
+    with pytest.raises(sparsetorch.SparsityError, match="same inputs"):
+        BitmaskWeight.concat([BitmaskWeight.from_dense(_weight(4, 32, 0)), BitmaskWeight.from_dense(_weight(4, 48, 1))])
+    with pytest.raises(sparsetorch.SparsityError, match="same inputs"):
+        BitmaskWeight.concat([BitmaskWeight.from_dense(_weight(4, 32, 0)),
+                              BitmaskWeight.from_dense(_weight(4, 32, 1), "int8")])
+
+
+def _llama():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=96, attention_bias=True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and "lm_head" not in name:
+                mod.weight.mul_(torch.rand(mod.weight.shape) > 0.7)
+                if mod.bias is not None:
+                    mod.bias.normal_()
+    return model
+
+
+def test_decoder_projections_share_one_call():
+    model = _llama()
+    ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(0))
+    fused = sparsetorch.to_inference(model, (ids,), budget_s=0.02, values="int8")
+    apart = sparsetorch.to_inference(model, (ids,), budget_s=0.02, values="int8", fuse=False)
+    groups = [row["members"] for row in fused.sparsetorch_plan if row["type"] == "SiblingLinear"]
+    assert [m.rpartition(".")[2] for m in groups[0]] == ["q_proj", "k_proj", "v_proj"]  # biases included
+    assert [m.rpartition(".")[2] for m in groups[1]] == ["gate_proj", "up_proj"]
+    assert len(groups) == 4 and not any(isinstance(m, SiblingLinear) for m in apart.modules())
+    with torch.no_grad():
+        # the same rows on the same kernels: the same numbers, prompt and decode
+        assert torch.equal(fused(ids).logits, apart(ids).logits)
+        assert torch.equal(fused.generate(ids, max_new_tokens=6, do_sample=False),
+                           apart.generate(ids, max_new_tokens=6, do_sample=False))
+        # a sibling called alone (another input) runs its own rows of the combined weight
+        attn, ref_attn = fused.model.layers[1].self_attn, apart.model.layers[1].self_attn
+        x = torch.randn(3, 128)
+        assert torch.equal(attn.k_proj(x), ref_attn.k_proj(x))
+        assert torch.equal(attn.v_proj(x), ref_attn.v_proj(x))
+        assert attn.k_proj._group._input is x  # q_proj's rows wait for it
+        assert torch.equal(attn.q_proj(x), ref_attn.q_proj(x))
+        assert attn.k_proj._group._input is None  # every sibling served: the input is let go
+
+
+def test_combined_model_compiles():
+    model = _llama()
+    ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(0))
+    fast = sparsetorch.to_inference(model, (ids,), budget_s=0.02, values="int8")
+    with torch.no_grad():
+        ref = fast.generate(ids, max_new_tokens=4, do_sample=False)
+        torch._dynamo.reset()
+        out = sparsetorch.inference.compile_decode(fast).generate(ids, max_new_tokens=4, do_sample=False)
+    torch._dynamo.reset()
+    assert torch.equal(out, ref)
