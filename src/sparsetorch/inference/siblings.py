@@ -6,8 +6,8 @@ arriving from DRAM. On a 1B Llama (2 threads, 70%, int8 x int8) q_proj, k_proj a
 called one by one and 140 us as one 2560-row layer. ``fuse_siblings`` finds, by running the example, the bitmask
 layers with one parent that are called one after another on the same tensor, packs their weights into one
 (rows concatenated), and lets the first of them called compute all: the others take their rows of that output.
-Each keeps a view of its own rows of the combined weight, so it still runs alone (called with another input, or
-traced by torch.compile) and nothing is stored twice.
+Each keeps a view of its own rows of the combined weight (nothing is stored twice), so its ``layer`` still runs
+alone.
 """
 from __future__ import annotations
 
@@ -34,21 +34,24 @@ class SiblingGroup:
         self._pending: list[torch.Tensor | None] = []
 
     def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        if self._input is x and self._version == x._version and self._pending[index] is not None:
+        # torch.compile traces this too (one kernel call in the graph) but cannot compare versions: there the
+        # identity alone, which fuse_siblings saw hold with the version unchanged when it ran the example
+        same = self._input is x and (torch.compiler.is_compiling() or self._version == x._version)
+        if same and self._pending[index] is not None:
             y, self._pending[index] = self._pending[index], None
             if all(p is None for p in self._pending):
                 self._input, self._pending = None, []  # every sibling served: let go of the input
             return y
         y = self.fused(x)  # [..., sum of out_features]
         self._pending = [y[..., a:b] for a, b in zip(self.bounds[:-1], self.bounds[1:])]
-        self._input, self._version = x, x._version
+        self._input, self._version = x, (-1 if torch.compiler.is_compiling() else x._version)
         mine, self._pending[index] = self._pending[index], None
         return mine
 
 
 class SiblingLinear(nn.Module):
-    """One Linear of a group fed the same input: its rows of the group's single kernel call (eager), or its own
-    rows of the combined weight run alone (torch.compile, which traces each call separately)."""
+    """One Linear of a group fed the same input: its rows of the group's single kernel call (eager or traced by
+    torch.compile). ``layer`` holds its own rows of the combined weight, to run alone."""
 
     def __init__(self, layer: PackedLinear, group: SiblingGroup, index: int):
         super().__init__()
@@ -64,8 +67,6 @@ class SiblingLinear(nn.Module):
         return self.layer.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            return self.layer(x)
         return self._group.output(self.index, x)
 
     def extra_repr(self) -> str:
