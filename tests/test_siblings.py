@@ -75,6 +75,8 @@ def test_decoder_projections_share_one_call():
         assert attn.k_proj._group._input is x  # q_proj's rows wait for it
         assert torch.equal(attn.q_proj(x), ref_attn.q_proj(x))
         assert attn.k_proj._group._input is None  # every sibling served: the input is let go
+    with torch.inference_mode():  # tensors without version counters
+        assert torch.equal(fused(ids).logits, apart(ids).logits)
 
 
 def test_combined_model_compiles():

@@ -16,6 +16,7 @@ from torch import nn
 from ..core.layer_selection import Spec, select_targets
 from ..errors import SparsityError
 from ..kernels.column_bitmask import sparsify_input
+from ..tracing import hooked
 
 __all__ = ["ActivationSparsity", "calibrate_activation_sparsity", "magnitude_threshold"]
 
@@ -151,11 +152,6 @@ def calibrate_activation_sparsity(model: nn.Module, calibration, sparsity: float
             return (sparsify_input(inp[0], thresholds[name]), *inp[1:])
         return hook
 
-    handles = [m.register_forward_pre_hook(calibrate(n)) for n, m in layers.items()]
-    try:
-        with torch.no_grad():
-            model(*args)
-    finally:
-        for h in handles:
-            h.remove()
+    with hooked(m.register_forward_pre_hook(calibrate(n)) for n, m in layers.items()), torch.no_grad():
+        model(*args)
     return ActivationSparsity(thresholds, {n: layers[n].in_features for n in thresholds}, sparsity)

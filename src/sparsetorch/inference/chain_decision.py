@@ -10,6 +10,7 @@ from torch import nn
 
 from ..errors import SparsityWarning
 from ..kernels import inference_ops
+from ..tracing import hooked
 from .chain_rewrite import fused_graph, fused_sequential, get_path, has_path, set_path
 from .kernel_choice import KERNEL_CACHE, outputs_close, time_candidates
 from .packed_modules import PackedLinear
@@ -82,17 +83,15 @@ def chain_candidates(model: nn.Module, is_linear) -> list[tuple[str, nn.Module]]
 def capture_inputs(model: nn.Module, args: tuple, candidates) -> dict[str, tuple]:
     """name -> (args, kwargs) of each candidate's first call while the model runs on the example."""
     seen: dict[str, tuple] = {}
-    handles = []
-    for name, mod in candidates:
-        def hook(m, a, kw, name=name):
+
+    def keep_first(name: str):
+        def hook(m, a, kw) -> None:  # a pre-hook that returned a value would replace the input
             seen.setdefault(name, (a, kw))
-        handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            model(*args)
-    finally:
-        for h in handles:
-            h.remove()
+        return hook
+
+    with hooked(mod.register_forward_pre_hook(keep_first(name), with_kwargs=True) for name, mod in candidates), \
+            torch.no_grad():
+        model(*args)
     return seen
 
 

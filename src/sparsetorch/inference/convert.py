@@ -31,6 +31,7 @@ from ..kernels import extension_isa, has_extension
 from ..kernels.bitmask_weight import BitmaskWeight, has_vnni
 from ..kernels.column_bitmask import ColumnBitmaskWeight, sparsify_input
 from ..kernels.packed import BSRWeight, CSRWeight, NMWeight
+from ..tracing import hooked
 from .activation_sparsity import ActivationSparsity
 from .chain_decision import fuse_chains
 from .compiled_decode import compile_decode
@@ -196,18 +197,16 @@ def _as_args(example_inputs) -> tuple:
 def _capture_inputs(model: nn.Module, args: tuple) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """First input of every Linear / Conv2d for the example, and the model's output."""
     seen: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, (nn.Linear, nn.Conv2d)):
-            def hook(m, inp, name=name):
-                seen.setdefault(name, inp[0].detach())
-            handles.append(mod.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            out = model(*args)
-    finally:
-        for h in handles:
-            h.remove()
+
+    def keep_first(name: str):
+        def hook(m, inp) -> None:  # a pre-hook that returned a value would replace the input
+            seen.setdefault(name, inp[0].detach())
+        return hook
+
+    hooks = (mod.register_forward_pre_hook(keep_first(name)) for name, mod in model.named_modules()
+             if isinstance(mod, (nn.Linear, nn.Conv2d)))
+    with hooked(hooks), torch.no_grad():
+        out = model(*args)
     return seen, out
 
 

@@ -20,8 +20,14 @@ from ..errors import SparsityWarning
 from ..kernels.bitmask_weight import BitmaskWeight
 from .kernel_choice import max_error
 from .packed_modules import PackedLinear
+from ..tracing import hooked
 
 __all__ = ["SiblingLinear", "fuse_siblings"]
+
+
+def _version(x: torch.Tensor) -> int:
+    """x's in-place version counter; -1 for tensors made under torch.inference_mode, which keep none."""
+    return -1 if x.is_inference() else x._version
 
 
 class SiblingGroup:
@@ -36,7 +42,7 @@ class SiblingGroup:
     def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
         # torch.compile traces this too (one kernel call in the graph) but cannot compare versions: there the
         # identity alone, which fuse_siblings saw hold with the version unchanged when it ran the example
-        same = self._input is x and (torch.compiler.is_compiling() or self._version == x._version)
+        same = self._input is x and (torch.compiler.is_compiling() or self._version == _version(x))
         if same and self._pending[index] is not None:
             y, self._pending[index] = self._pending[index], None
             if all(p is None for p in self._pending):
@@ -44,7 +50,7 @@ class SiblingGroup:
             return y
         y = self.fused(x)  # [..., sum of out_features]
         self._pending = [y[..., a:b] for a, b in zip(self.bounds[:-1], self.bounds[1:])]
-        self._input, self._version = x, (-1 if torch.compiler.is_compiling() else x._version)
+        self._input, self._version = x, (-1 if torch.compiler.is_compiling() else _version(x))
         mine, self._pending[index] = self._pending[index], None
         return mine
 
@@ -80,15 +86,15 @@ def _groupable(mod: nn.Module) -> bool:
 def _call_order(model: nn.Module, args: tuple) -> list[tuple[str, int, tuple]]:
     """(name, input identity, input shape) of every bitmask PackedLinear call while the example runs."""
     calls: list[tuple[str, int, tuple]] = []
-    handles = [mod.register_forward_pre_hook(lambda m, inp, name=name: calls.append(
-        (name, id(inp[0]), (inp[0].data_ptr(), tuple(inp[0].shape), inp[0]._version))))
-        for name, mod in model.named_modules() if _groupable(mod)]
-    try:
-        with torch.no_grad():
-            model(*args)
-    finally:
-        for h in handles:
-            h.remove()
+
+    def record(name: str):
+        def hook(m, inp) -> None:
+            calls.append((name, id(inp[0]), (inp[0].data_ptr(), tuple(inp[0].shape), _version(inp[0]))))
+        return hook
+
+    hooks = (mod.register_forward_pre_hook(record(name)) for name, mod in model.named_modules() if _groupable(mod))
+    with hooked(hooks), torch.no_grad():
+        model(*args)
     return calls
 
 

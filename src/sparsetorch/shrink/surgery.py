@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import SparsityError, SparsityWarning
+from ..tracing import hooked
 from .groups import Group, Member, adapter_for
 from .transformer_heads import hf_groups, is_hf_model, update_config
 from .channel_graph import TraceFailed, trace_groups
@@ -155,13 +156,9 @@ def _warn_unowned_zero_rows(groups: list[Group], modules: dict[str, nn.Module]) 
 def _capture_inputs(model: nn.Module, args: tuple, names: set[str]) -> dict[str, list[torch.Tensor]]:
     """The first input of every named module on one run of the model."""
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    handles = [m.register_forward_pre_hook(lambda mod, inp, n=n: seen[n].append(inp[0].detach().clone()))
-               for n, m in model.named_modules() if n in names]
-    try:
+    with hooked(m.register_forward_pre_hook(lambda mod, inp, n=n: seen[n].append(inp[0].detach().clone()))
+                for n, m in model.named_modules() if n in names):
         run_model(model, args)
-    finally:
-        for h in handles:
-            h.remove()
     return seen
 
 
