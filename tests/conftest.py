@@ -159,3 +159,26 @@ def params_fixture():
 @pytest.fixture(name="assert_same_outputs")
 def assert_same_outputs_fixture():
     return assert_same_outputs
+
+
+# ---- decoders for to_inference (test_bitmask_kernels.py, test_siblings.py) ------------------------------
+def pruned_llama(hidden: int = 64, intermediate: int = 128, bias: bool = False):
+    """A 2-block Llama (4 heads, 2 KV heads, vocab 96) with ~70% of every block Linear's weights zeroed (and,
+    with ``bias``, random biases), seeded."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=96, attention_bias=bias)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, nn.Linear) and "lm_head" not in name:
+                mod.weight.mul_(torch.rand(mod.weight.shape) > 0.7)
+                if mod.bias is not None:
+                    mod.bias.normal_()
+    return model
+
+
+@pytest.fixture(name="pruned_llama")
+def pruned_llama_fixture():
+    return pruned_llama

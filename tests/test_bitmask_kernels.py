@@ -79,18 +79,10 @@ def test_bad_input():
         BitmaskWeight.from_dense(torch.ones(4, 128), "int8", group_size=48, quantize_input=True)
 
 
-def test_to_inference_decoder_values():
-    transformers = pytest.importorskip("transformers")
+def test_to_inference_decoder_values(pruned_llama):
     import sparsetorch
 
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=96)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, mod in model.named_modules():
-            if isinstance(mod, torch.nn.Linear) and "lm_head" not in name:
-                mod.weight.mul_(torch.rand(mod.weight.shape) > 0.7)
+    model = pruned_llama()
     ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model.generate(ids, max_new_tokens=6, do_sample=False)

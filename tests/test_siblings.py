@@ -38,23 +38,8 @@ def test_concat_rejects_mismatched_parts():
                               BitmaskWeight.from_dense(_weight(4, 32, 1), "int8")])
 
 
-def _llama():
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=96, attention_bias=True)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, mod in model.named_modules():
-            if isinstance(mod, torch.nn.Linear) and "lm_head" not in name:
-                mod.weight.mul_(torch.rand(mod.weight.shape) > 0.7)
-                if mod.bias is not None:
-                    mod.bias.normal_()
-    return model
-
-
-def test_decoder_projections_share_one_call():
-    model = _llama()
+def test_decoder_projections_share_one_call(pruned_llama):
+    model = pruned_llama(hidden=128, intermediate=256, bias=True)
     ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(0))
     fused = sparsetorch.to_inference(model, (ids,), budget_s=0.02, values="int8")
     apart = sparsetorch.to_inference(model, (ids,), budget_s=0.02, values="int8", fuse=False)
@@ -79,8 +64,8 @@ def test_decoder_projections_share_one_call():
         assert torch.equal(fused(ids).logits, apart(ids).logits)
 
 
-def test_combined_model_compiles():
-    model = _llama()
+def test_combined_model_compiles(pruned_llama):
+    model = pruned_llama(hidden=128, intermediate=256, bias=True)
     ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(0))
     fast = sparsetorch.to_inference(model, (ids,), budget_s=0.02, values="int8")
     with torch.no_grad():

@@ -3,7 +3,7 @@
 At batch-1 decode every kernel call pays a fixed cost that a small layer does not amortize: the call from
 Python, waking the threads, quantizing the input (int8 activations), and the first bytes of each weight stream
 arriving from DRAM. On a 1B Llama (2 threads, 70%, int8 x int8) q_proj, k_proj and v_proj took 110 + 2 x 45 us
-called one by one and 140 us as one 2560-row layer. ``fuse_siblings`` finds, by running the example, the bitmask
+called one by one and 140 us as one 2560-row layer (one-off timings, recorded in issue #19's notes). ``fuse_siblings`` finds, by running the example, the bitmask
 layers with one parent that are called one after another on the same tensor, packs their weights into one
 (rows concatenated), and lets the first of them called compute all: the others take their rows of that output.
 Each keeps a view of its own rows of the combined weight (nothing is stored twice), so its ``layer`` still runs
@@ -18,9 +18,9 @@ from torch import nn
 
 from ..errors import SparsityWarning
 from ..kernels.bitmask_weight import BitmaskWeight
+from ..tracing import hooked
 from .kernel_choice import max_error
 from .packed_modules import PackedLinear
-from ..tracing import hooked
 
 __all__ = ["SiblingLinear", "fuse_siblings"]
 
@@ -83,8 +83,9 @@ def _groupable(mod: nn.Module) -> bool:
     return isinstance(mod, PackedLinear) and type(mod.packed) is BitmaskWeight and mod.kernel == "bitmask"
 
 
-def _call_order(model: nn.Module, args: tuple) -> list[tuple[str, int, tuple]]:
-    """(name, input identity, input shape) of every bitmask PackedLinear call while the example runs."""
+def _call_order(model: nn.Module, args: tuple) -> tuple[list[tuple[str, int, tuple]], object]:
+    """(name, input identity, input shape) of every bitmask PackedLinear call while the example runs, and the
+    model's output."""
     calls: list[tuple[str, int, tuple]] = []
 
     def record(name: str):
@@ -94,8 +95,8 @@ def _call_order(model: nn.Module, args: tuple) -> list[tuple[str, int, tuple]]:
 
     hooks = (mod.register_forward_pre_hook(record(name)) for name, mod in model.named_modules() if _groupable(mod))
     with hooked(hooks), torch.no_grad():
-        model(*args)
-    return calls
+        out = model(*args)
+    return calls, out
 
 
 def _groups(model: nn.Module, calls: list[tuple[str, int, tuple]]) -> list[list[str]]:
@@ -111,24 +112,17 @@ def _groups(model: nn.Module, calls: list[tuple[str, int, tuple]]) -> list[list[
         elif name in once:
             groups.append([name])
     mods = dict(model.named_modules())
-    return [g for g in groups if len(g) > 1 and _compatible([mods[n].packed for n in g])]
-
-
-def _compatible(parts: list[BitmaskWeight]) -> bool:
-    first = parts[0]
-    return all(p.in_features == first.in_features and p.values.dtype == first.values.dtype and p.group == first.group
-               and p.quantize_input == first.quantize_input and p.dense_values == first.dense_values for p in parts)
+    return [g for g in groups if len(g) > 1 and BitmaskWeight.concatenable([mods[n].packed for n in g])]
 
 
 def fuse_siblings(model: nn.Module, args: tuple, plan: list[dict]) -> nn.Module:
     """Replace each group of bitmask layers fed the same input by SiblingLinears sharing one kernel call, if the
     model then reproduces its output on the example (else the group is left as it was, with a warning); a plan
     row per group."""
-    groups = _groups(model, _call_order(model, args))
+    calls, before = _call_order(model, args)
+    groups = _groups(model, calls)
     if not groups:
         return model
-    with torch.no_grad():
-        before = model(*args)
     originals = {}
     for names in groups:
         layers = [model.get_submodule(n) for n in names]

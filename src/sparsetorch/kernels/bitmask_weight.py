@@ -124,18 +124,23 @@ class BitmaskWeight(PackedWeight):
         mask = None if dense else pack_mask(keep)
         return cls(mask, row_start, kept, out, n, scales, group, quantize_input)
 
+    @staticmethod
+    def concatenable(parts: list["BitmaskWeight"]) -> bool:
+        """Whether ``concat`` takes ``parts``: the same inputs, value type, scale groups, activation handling
+        and mask (or none)."""
+        first = parts[0]
+        return all(p.in_features == first.in_features and p.values.dtype == first.values.dtype
+                   and p.group == first.group and p.quantize_input == first.quantize_input
+                   and p.dense_values == first.dense_values for p in parts[1:])
+
     @classmethod
     def concat(cls, parts: list["BitmaskWeight"]) -> "BitmaskWeight":
-        """One weight with the rows of ``parts`` one after another (same inputs, value type, scale groups and
-        activation handling): several Linears fed the same input run as one kernel call."""
+        """One weight with the rows of ``parts`` one after another (see ``concatenable``): several Linears fed
+        the same input run as one kernel call."""
+        if not cls.concatenable(parts):
+            raise SparsityError("bitmask weights concatenated by rows need the same inputs, value type, scale "
+                                "groups and activation handling", got=[repr(q) for q in parts])
         first = parts[0]
-        for p in parts[1:]:
-            same = (p.in_features == first.in_features and p.values.dtype == first.values.dtype
-                    and p.group == first.group and p.quantize_input == first.quantize_input
-                    and p.dense_values == first.dense_values)
-            if not same:
-                raise SparsityError("bitmask weights concatenated by rows need the same inputs, value type, scale "
-                                    "groups and activation handling", got=[repr(q) for q in parts])
         counts = torch.cat([p.row_start.diff() for p in parts])
         row_start = torch.zeros(counts.numel() + 1, dtype=torch.int64)
         row_start[1:] = counts.cumsum(0)
