@@ -5,7 +5,8 @@ on CPU they cost milliseconds per token, as much as the sparse weights of a 1B m
 them into one graph: the sparse layers appear in it as ``torch.ops.sparsetorch`` operators
 (``kernels.custom_ops``), so a model from ``to_inference`` compiles without graph breaks. For a Hugging Face
 decoder this uses transformers' own recipe: a static KV cache (fixed shapes, so one graph serves every step)
-and its ``compile_config``, which compiles the decode step and runs the prompt (prefill) eagerly.
+and its ``compile_config``, which compiles the decode step and runs the prompt (prefill) eagerly, with
+grouped-query attention that reads the cache without repeating it (``gqa_attention``).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import SparsityError
+from .gqa_attention import use_packed_decode_attention
 
 __all__ = ["compile_decode"]
 
@@ -24,7 +26,8 @@ def compile_decode(model: nn.Module, *, fullgraph: bool = False, **compile_kwarg
     chains still break it). Extra keywords go to ``torch.compile``. The first ``generate`` compiles (tens of
     seconds on CPU); later calls with the same prompt length + ``max_new_tokens`` reuse the graph. Graphs of
     every model compiled in one process count against dynamo's recompile limit (8 by default), past which
-    generate silently runs eager: call ``torch._dynamo.reset()`` before compiling another model."""
+    generate silently runs eager: call ``torch._dynamo.reset()`` before compiling another model. A transformers
+    model with grouped-query ``sdpa`` attention is switched (in place) to ``gqa_attention``'s, the same math."""
     if not hasattr(torch, "compile"):
         raise SparsityError("compile_decode needs torch.compile (PyTorch 2.0 or later)", got=torch.__version__)
     config = getattr(model, "generation_config", None)
@@ -40,4 +43,5 @@ def compile_decode(model: nn.Module, *, fullgraph: bool = False, **compile_kwarg
     compile_config._compile_all_devices = True  # transformers compiles on CUDA only unless this is set
     config.cache_implementation = "static"
     config.compile_config = compile_config
+    use_packed_decode_attention(model)
     return model
