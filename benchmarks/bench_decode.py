@@ -289,6 +289,7 @@ def main() -> None:
     ap.add_argument("--skip-baselines", action="store_true", help="no int8 dense baselines (dense fp32 still timed)")
     ap.add_argument("--compile", action="store_true",
                     help="also every sparse model (and dense fp32) with its decode step compiled (to_inference(compile=True))")
+    ap.add_argument("--out", help="results file (default: benchmarks/results/decode_<preset>.json)")
     args = ap.parse_args()
     global CLOCK
     CLOCK = time.process_time if args.threads == 1 else time.perf_counter
@@ -311,7 +312,7 @@ def main() -> None:
         dense = encoder[-1]
         print(f"dense fp32: batch 1 {dense['b1_ms']:.2f} ms, batch 32 {dense['b32_ms']:.1f} ms")
     name = "encoder" if args.encoder_only else args.preset
-    out = Path(__file__).parent / "results" / f"decode_{name}.json"
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"decode_{name}.json"
     dense = rows[0]["dense"] if rows else None
     out.write_text(json.dumps({"date": str(dt.date.today()), "machine": platform.processor() or platform.machine(),
                                "command": "python benchmarks/bench_decode.py " + " ".join(sys.argv[1:]),

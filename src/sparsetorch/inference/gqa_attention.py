@@ -5,8 +5,9 @@ side ([b, heads, 1, d] -> [b, kv_heads, group, d]) so that SDPA reads each cache
 when not compiling: a compiled decode step repeats every key/value head ``group`` times instead, copying the
 whole static cache in every layer at every token. Between two layers' attention the weight stream has evicted
 that cache, so the copy and the SDPA that reads it come from memory. On the 1B preset of bench_decode (4 kv
-heads for 32 query heads, 70% int8, 2 threads, 128-token prompt) the compiled decode step took 35.2-36.4 ms per
-token with ``sdpa`` and 31.6-32.6 ms with this (one-off measurement, session 11 notes). The math is ``sdpa``'s.
+heads for 32 query heads, 70% int8, 2 threads, 128-token prompt) the compiled decode step took 37.1-43.0 ms
+per token with ``sdpa`` and 32.9-35.7 ms with this, 1.17x (``benchmarks/bench_gqa_attention.py --rounds 3``).
+The math is ``sdpa``'s.
 """
 from __future__ import annotations
 
