@@ -199,10 +199,9 @@ def measure(model, ids, args, compiled: bool = False) -> dict:
 
 
 def sparse_rows(model, sp, values: str, act_s: float, ids, args, dense_tokens, base_row,
-                variants=(False, True)) -> list[dict]:
-    """One weight-sparse model through to_inference with ``values`` and activation sparsity ``act_s``; with
-    --compile (and no activation sparsity) the same converted model again with its decode step compiled
-    (``variants``: which of eager / compiled to time)."""
+                variants=(False,)) -> list[dict]:
+    """One weight-sparse model through to_inference with ``values`` and activation sparsity ``act_s``, timed
+    as it is and/or with its decode step compiled (``variants``: False eager, True compiled)."""
     act = None
     tokens = dense_tokens
     if act_s:
@@ -219,7 +218,7 @@ def sparse_rows(model, sp, values: str, act_s: float, ids, args, dense_tokens, b
     size = file_mib(model, values)
     release_memory()
     rows = []
-    for compiled in [c for c in variants if not c or (args.compile and not act_s)]:
+    for compiled in variants:
         if compiled:
             torch._dynamo.reset()  # graphs of earlier models count against dynamo's recompile limit (8)
             fast = compile_decode(fast)
@@ -409,8 +408,6 @@ def decoder_rows(args, bandwidth) -> list[dict]:
         row = isolated(args, _baseline, args, ids, kind)
         if row is not None:
             rows.append(row)
-    # each compiled model converted again in a process of its own, unless --same-process (one conversion, both timed)
-    variants = [(False, True)] if args.same_process else [(False,), (True,)]
     for sp in args.sparsities.split(","):
         sp = sp if sp == "2:4" else float(sp)
         tokens = isolated(args, _reference_tokens, args, ids, sp)  # the masked dense model's greedy tokens
@@ -418,9 +415,9 @@ def decoder_rows(args, bandwidth) -> list[dict]:
             for act_s in [float(a) for a in args.activation_sparsity.split(",")]:
                 base_row = next((r for r in rows if r.get("model") == f"{sp}" and r["values"] == values
                                  and r.get("activation_sparsity", 0) == 0 and not r["compiled"]), None)
-                for which in variants:
-                    if act_s and which == (True,):
-                        continue
+                timed = (False, True) if args.compile and not act_s else (False,)
+                # each compiled model converted again in a process of its own, unless --same-process
+                for which in [timed] if args.same_process else [(c,) for c in timed]:
                     rows += isolated(args, _sparse, args, ids, sp, values, act_s, tokens, base_row, which)
         if sp == 0.7:
             dense_run()
