@@ -55,8 +55,7 @@ def layer_rows(name: str, out: int, inp: int, reps: int, threads: int, min_bytes
             continue
         src = w if sparsity is None else pruned(w, sparsity)
         weights[fmt] = BitmaskWeight.from_dense(src, values=values, quantize_input=q8, dense=sparsity is None)
-    nbytes = {k: bench._nbytes(v) if isinstance(v, torch.Tensor) else sum(b.numel() * b.element_size() for b in v.buffers())
-              for k, v in weights.items()}
+    nbytes = {k: bench._nbytes(v) for k, v in weights.items()}  # a tensor's bytes, or a packed weight's .nbytes
     pools = {k: bench._copies(v, max(1, min(64, math.ceil(min_bytes / nbytes[k])))) for k, v in weights.items()}
     fns = {k: [(lambda c=c: F.linear(x, c)) if isinstance(c, torch.Tensor) else (lambda c=c: c.linear(x))
                for c in pool] for k, pool in pools.items()}
