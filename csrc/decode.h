@@ -27,6 +27,9 @@ struct Bitmask {
 // code + 128: twice the levels and no offset to correct; groups keep one outlier from coarsening a whole row.
 constexpr int64_t QX_GROUP = 256;
 
+// Batch columns per panel of the many-rows (prefill) kernel: X^T is laid out as [panels, in, SPMM_PANEL].
+constexpr int64_t SPMM_PANEL = 64;
+
 struct QuantX {
   const uint8_t* codes;   // [nb, ld]
   const uint64_t* signs;  // [nb, ld / 64]
@@ -56,9 +59,10 @@ struct ColBitmask {
   /* y[b * ys + o] = W[o, :] . x[b * xs : ...] + bias[o] for rows o in [r0, r1) and batch rows b < nb */      \
   void bitmask_rows(const Bitmask& w, const float* x, int64_t xs, int64_t nb, const float* bias, float* y,    \
                     int64_t ys, int64_t r0, int64_t r1);                                                      \
-  /* yt[o * ld + i] for rows [r0, r1), i < 16 nv (nv <= 4), of one panel xt [in, ld] (X^T): W xt + bias */    \
-  void bitmask_spmm(const Bitmask& w, const float* xt, int64_t ld, int nv, const float* bias, float* yt,       \
-                    int64_t r0, int64_t r1);                                                                  \
+  /* yt[p][o][:] for rows [r0, r1) of every panel p of X^T xt[p][j][:] (SPMM_PANEL columns, zero-padded;  */ \
+  /* 16 last_nv of them computed in the last panel): W xt + bias, each block of W decoded once for all panels */ \
+  void bitmask_spmm(const Bitmask& w, const float* xt, int64_t panels, int last_nv, int64_t out,               \
+                    const float* bias, float* yt, int64_t r0, int64_t r1);                                    \
   /* dense[o * in + c] = W[o, c] for rows [r0, r1) (float32, zeros in place) */                              \
   void bitmask_unpack(const Bitmask& w, float* dense, int64_t r0, int64_t r1);                               \
   /* quantize rows of x (QuantX): codes [nb, ld], signs [nb, ld / 64], scale [nb, ceil(in / QX_GROUP)] */  \

@@ -1,5 +1,6 @@
 // Threaded drivers of the bitmask kernels: rows split into chunks of about equal kept values (row_start is the
 // prefix of work), taken from a shared counter; each chunk runs every batch row so its weights stream once.
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <vector>
@@ -104,17 +105,41 @@ void bitmask_linear_q8(int threads, const Bitmask& w, int64_t out, const float* 
   over_rows(threads, w, out, nb, [&](int64_t r0, int64_t r1) { vnni::bitmask_rows_q8(w, qx, nb, bias, y, out, r0, r1); });
 }
 
+// X^T in panels of SPMM_PANEL batch rows (zero-padded), threads over chunks of output rows; each chunk runs
+// every panel (one decode of its weights for all of them), then writes its rows of Y back from Y^T.
 void bitmask_linear_many(int isa, int threads, const Bitmask& w, int64_t out, const float* x, int64_t nb,
                          int64_t xs, const float* bias, float* y) {
-  const RowsFn rows = kRows[isa];
+  if (nb == 1) return bitmask_linear(isa, threads, w, out, x, nb, xs, bias, y);
   const BitmaskSpmmFn spmm = kSpmm[isa];
-  const Problem p{out, w.in, nb, x, xs, y, threads, 4, out, 1, w.row_start, w.row_start[out] - w.row_start[0]};
-  linear(
-      p, [&](const float* xb, float* yb, int64_t r0, int64_t r1) { rows(w, xb, xs, 1, bias, yb, out, r0, r1); },
-      [&](const float* xt, int64_t ld, int64_t b0, int nv, float* yt, int64_t r0, int64_t r1) {
-        spmm(w, xt + b0, ld, nv, bias, yt + b0, r0, r1);
-      },
-      table(isa).transpose);
+  const auto transpose = table(isa).transpose;
+  constexpr int64_t PW = SPMM_PANEL;
+  const int64_t in = w.in, P = (nb + PW - 1) / PW;
+  const int last_nv = (int)((nb - (P - 1) * PW + 15) / 16);
+  float* xt = scratch<LAYER_SCRATCH>((size_t)(P * (in + out) * PW));
+  float* yt = xt + P * in * PW;
+  const int64_t work = (w.row_start[out] - w.row_start[0]) * nb;
+  const int nt = work < MIN_SPLIT_WORK ? 1 : (int)std::min<int64_t>(std::max(1, threads), std::max<int64_t>(out, 1));
+  const int K = chunk_count(nt, out);
+  const std::vector<int64_t> bounds = chunk_bounds(w.row_start, out, K);
+  std::atomic<int64_t> next{0};
+  parallel(nt, [&](int t, int n) {
+    const int64_t i0 = in * t / n, i1 = in * (t + 1) / n;  // this thread's inputs, in every panel
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t rows = std::min(PW, nb - p * PW);
+      float* dst = xt + p * in * PW;
+      transpose(x + p * PW * xs + i0, xs, dst + i0 * PW, PW, rows, i1 - i0);
+      if (rows < PW)
+        for (int64_t i = i0; i < i1; ++i) std::fill(dst + i * PW + rows, dst + (i + 1) * PW, 0.f);
+    }
+    barrier(n);
+    take_chunks(next, K, [&](int64_t c) {
+      const int64_t r0 = bounds[c], r1 = bounds[c + 1];
+      if (r1 <= r0) return;
+      spmm(w, xt, P, last_nv, out, bias, yt, r0, r1);
+      for (int64_t p = 0; p < P; ++p)
+        transpose(yt + (p * out + r0) * PW, PW, y + p * PW * out + r0, out, r1 - r0, std::min(PW, nb - p * PW));
+    });
+  });
 }
 
 void bitmask_to_dense(int isa, int threads, const Bitmask& w, int64_t out, float* dense) {

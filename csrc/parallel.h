@@ -92,11 +92,15 @@ void take_chunks(std::atomic<int64_t>& next, int64_t K, Run run) {
 
 // The calling thread's scratch buffer number Slot (grown, never shrunk; OpenMP workers write through it).
 // Separate slots for callers whose buffers are live at the same time (a chain's panels and a layer's).
+// Aligned to 64 bytes: a large vector's data sits 16 bytes past a page start (malloc's header), which made
+// every 64-byte vector load of a panel straddle two cache lines.
 template <int Slot, class T = float>
 T* scratch(size_t n) {
   thread_local std::vector<T> buf;
-  if (buf.size() < n) buf.resize(n);
-  return buf.data();
+  constexpr size_t pad = 64 / sizeof(T);
+  if (buf.size() < n + pad) buf.resize(n + pad);
+  const uintptr_t p = reinterpret_cast<uintptr_t>(buf.data());
+  return reinterpret_cast<T*>((p + 63) & ~uintptr_t(63));
 }
 
 enum ScratchSlot { LAYER_SCRATCH = 0, CHAIN_SCRATCH = 1, SPMM_SCRATCH = 2 };
