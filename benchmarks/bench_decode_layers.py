@@ -3,6 +3,7 @@ format against dense torch fp32, and the sum over one token (22 blocks + lm_head
 
     .venv/bin/python benchmarks/bench_decode_layers.py                 # 2 threads, ~5 minutes
     .venv/bin/python benchmarks/bench_decode_layers.py --threads 1 --reps 30
+    .venv/bin/python benchmarks/bench_decode_layers.py --rows 512 --reps 5   # prefill: a 512-token prompt
 
 Splits a token's time into what the Linears take (here) and what the rest of the model takes (bench_decode's
 end-to-end figure minus this sum). Weights are magnitude-pruned random matrices, rotated over copies totalling
@@ -46,9 +47,9 @@ def pruned(w: torch.Tensor, sparsity) -> torch.Tensor:
     return w * (w.abs() > w.abs().kthvalue(k, dim=1, keepdim=True).values)
 
 
-def layer_rows(name: str, out: int, inp: int, reps: int, threads: int, min_bytes: int, gen) -> list[dict]:
+def layer_rows(name: str, out: int, inp: int, reps: int, threads: int, min_bytes: int, gen, n_rows: int = 1) -> list[dict]:
     w = torch.randn(out, inp, generator=gen) * 0.02
-    x = torch.randn(1, inp, generator=gen)
+    x = torch.randn(n_rows, inp, generator=gen)
     weights = {"dense torch fp32": w}
     for fmt, sparsity, values, q8 in FORMATS:
         if q8 and not has_vnni():
@@ -68,6 +69,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=21)
+    ap.add_argument("--rows", type=int, default=1, help="input rows per call: 1 is decode, 128 or more the prefill path")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/decode_layers_t<threads>.json)")
     args = ap.parse_args(argv)
     command = "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
@@ -78,11 +80,12 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(0)
     rows = []
     for name, out, inp, _ in LAYERS:
-        rows += layer_rows(name, out, inp, args.reps, args.threads, 256 << 20, gen)
+        rows += layer_rows(name, out, inp, args.reps, args.threads, 256 << 20 if args.rows == 1 else 0, gen, args.rows)
         print(f"  {name} {out}x{inp}: " + ", ".join(f"{r['format']} {r['ms']:.3f} ms" for r in rows if r["layer"] == name),
               flush=True)
     formats = list(dict.fromkeys(r["format"] for r in rows))
-    print("\n| format | " + " | ".join(f"{n} {o}x{i}" for n, o, i, _ in LAYERS) + " | Linears per token |")
+    per = "token" if args.rows == 1 else f"{args.rows}-token prompt"
+    print("\n| format | " + " | ".join(f"{n} {o}x{i}" for n, o, i, _ in LAYERS) + f" | Linears per {per} |")
     print("|---" * (len(LAYERS) + 2) + "|")
     per_token = {}
     for fmt in formats:
@@ -91,13 +94,15 @@ def main(argv=None) -> int:
             r = next(r for r in rows if r["layer"] == name and r["format"] == fmt)
             if name == "lm_head" and not fmt.startswith("dense"):  # the models keep lm_head dense: int8 or fp32, ours
                 r = next(r for r in rows if r["layer"] == name and r["format"] == f"dense ours {'int8' if 'int8' in fmt else 'fp32'}")
-            cells.append(f"{r['ms']:.3f} ms {r['x_dense']:.2f}x {r['gbs']:.0f} GB/s ({100 * r['gbs'] / bw['read_gbs']:.0f}%)")
+            streamed = f" {r['gbs']:.0f} GB/s ({100 * r['gbs'] / bw['read_gbs']:.0f}%)" if args.rows == 1 else ""  # prefill: compute
+            cells.append(f"{r['ms']:.3f} ms {r['x_dense']:.2f}x" + streamed)
             total += r["ms"] * count
         per_token[fmt] = total
         print(f"| {fmt} | " + " | ".join(cells) + f" | {total:.1f} ms |")
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"decode_layers_t{args.threads}.json"
+    suffix = "" if args.rows == 1 else f"_rows{args.rows}"
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"decode_layers_t{args.threads}{suffix}.json"
     out.write_text(json.dumps({"command": command, "machine": bench.machine(), "date": when, "threads": args.threads,
-                               "bandwidth": bw, "rows": rows, "linears_ms_per_token": per_token}, indent=1))
+                               "rows_per_call": args.rows, "bandwidth": bw, "rows": rows, "linears_ms_per_token": per_token}, indent=1))
     print(f"wrote {out}")
     return 0
 
