@@ -25,7 +25,7 @@ __all__ = ["BitmaskWeight", "VALUE_TYPES", "has_vnni"]
 
 VALUE_TYPES = {"fp32": (0, torch.float32), "bf16": (1, torch.bfloat16), "fp16": (2, torch.float16),
                "int8": (3, torch.int8)}
-PREFILL_ROWS = loader.BITMASK_PREFILL_ROWS  # from this many input rows on, unpack + dense GEMM
+PREFILL_ROWS = loader.BITMASK_MANY_ROWS  # from this many input rows on, the prefill path (bitmask_prefill)
 _BITS = torch.tensor([1 << j for j in range(16)], dtype=torch.int32)
 
 

@@ -18,7 +18,7 @@ import torch
 from ..errors import SparsityError
 from ..formats import index_checks
 from . import inference_ops, loader
-from .bitmask_weight import PREFILL_ROWS, VALUE_TYPES, pack_mask, unpack_mask
+from .bitmask_weight import VALUE_TYPES, pack_mask, unpack_mask
 from .packed import PackedWeight
 
 __all__ = ["ColumnBitmaskWeight", "sparsify_input", "TILE"]
@@ -37,7 +37,7 @@ class ColumnBitmaskWeight(PackedWeight):
 
     format = "bitmask-columns"
     kernel_name = "colmask_linear"
-    prefill_rows = PREFILL_ROWS
+    prefill_rows = loader.BITMASK_PREFILL_ROWS  # from here on the rebuilt weight and a dense GEMM
 
     def __init__(self, mask, start, values, out_features: int, in_features: int, threshold: float,
                  scales=None):
