@@ -93,7 +93,7 @@ void bitmask_linear(int isa, int threads, const Bitmask& w, int64_t out, const f
 void bitmask_linear_q8(int threads, const Bitmask& w, int64_t out, const float* x, int64_t nb, int64_t xs,
                        const float* bias, float* y);
 void bitmask_to_dense(int isa, int threads, const Bitmask& w, int64_t out, float* dense);
-// Many rows (prefill): X transposed into panels of 64 rows, each run through bitmask_spmm (decode_impl.inc).
+// Many rows (prefill): X transposed into panels of SPMM_PANEL rows, all run through bitmask_spmm per chunk of rows.
 void bitmask_linear_many(int isa, int threads, const Bitmask& w, int64_t out, const float* x, int64_t nb,
                          int64_t xs, const float* bias, float* y);
 // y [nb, out] = (x masked to |x| > threshold) @ W^T + bias, reading only the columns of W some row keeps
