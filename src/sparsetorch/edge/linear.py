@@ -5,8 +5,9 @@ straight from their file: importing the ``sparsetorch.kernels`` package would im
 
 * dense float32 weights: BLAS (numpy's matmul);
 * bitmask weights (and dense ones with bf16 / fp16 / int8 values): the decode kernels read the mask and
-  values as stored; from ``BITMASK_PREFILL_ROWS`` input rows on, the weight is unpacked (compiled) into a
-  reused float32 buffer for one BLAS product, as the torch runtime's ``BitmaskWeight`` does;
+  values as stored; from ``BITMASK_MANY_ROWS`` input rows on, weights at most half kept run the sparse x dense
+  panel kernel (the torch runtime's prefill kernel), and from ``BITMASK_PREFILL_ROWS`` rows on the others are
+  unpacked (compiled) into a reused float32 buffer for one BLAS product;
 * CSR weights: the CSR kernel, or gather + reduceat in numpy.
 """
 from __future__ import annotations
@@ -26,6 +27,10 @@ BACKENDS = ("auto", "compiled", "numpy", "dense")
 # benchmarks/bench_edge.py: 1866 tokens/s dense vs 670 on the bitmask kernels; the torch runtime's 50% rows in
 # benchmarks/bench_decode.py agree). Sparser weights, and bf16 / fp16 / int8 ones at any density, stay compact.
 AUTO_DENSE_ABOVE = 0.35
+# From loader.BITMASK_MANY_ROWS input rows on, a bitmask weight with at most this density runs the sparse x
+# dense panel kernel (the torch runtime's prefill kernel): at 50% and 2:4 it ran 1.34-1.76x a dense GEMM at
+# 512 rows and more at 32 (benchmarks/bench_decode_layers.py --rows); denser ones keep unpack + BLAS.
+PANEL_MAX_DENSITY = 0.5
 _SCRATCH = threading.local()
 
 
@@ -125,6 +130,12 @@ class Linear:
     # -- bitmask (decode kernels) ------------------------------------------------------------------------------
     def _bitmask(self, x: np.ndarray) -> np.ndarray:
         n = self.out_features * self.in_features
+        if (self.backend == "compiled" and x.shape[0] >= loader.BITMASK_MANY_ROWS and self.weight.mask is not None
+                and self.weight.density <= PANEL_MAX_DENSITY):
+            y = np.empty((x.shape[0], self.out_features), np.float32)
+            self._kernel.bitmask_linear_many(self._isa, self._threads(x.shape[0]), *self._fields, x.ctypes.data,
+                                             x.shape[0], x.shape[1], self.bias_addr, y.ctypes.data)
+            return y
         if self.backend == "numpy" or x.shape[0] >= loader.BITMASK_PREFILL_ROWS:
             # numpy, or a long prompt: rebuild the dense weight in a reused buffer and run one BLAS product
             if self.backend == "compiled":
