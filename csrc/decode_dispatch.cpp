@@ -105,14 +105,14 @@ void bitmask_linear_q8(int threads, const Bitmask& w, int64_t out, const float* 
   over_rows(threads, w, out, nb, [&](int64_t r0, int64_t r1) { vnni::bitmask_rows_q8(w, qx, nb, bias, y, out, r0, r1); });
 }
 
-// X^T in panels of SPMM_PANEL batch rows (zero-padded), threads over chunks of output rows; each chunk runs
+// X^T in panels of PW batch rows (zero-padded), threads over chunks of output rows; each chunk runs
 // every panel (one decode of its weights for all of them), then writes its rows of Y back from Y^T.
 void bitmask_linear_many(int isa, int threads, const Bitmask& w, int64_t out, const float* x, int64_t nb,
                          int64_t xs, const float* bias, float* y) {
   if (nb == 1) return bitmask_linear(isa, threads, w, out, x, nb, xs, bias, y);
   const BitmaskSpmmFn spmm = kSpmm[isa];
   const auto transpose = table(isa).transpose;
-  constexpr int64_t PW = SPMM_PANEL;
+  const int64_t PW = nb > SPMM_PANEL_MIN ? SPMM_PANEL_MAX : SPMM_PANEL_MIN;
   const int64_t in = w.in, P = (nb + PW - 1) / PW;
   const int last_nv = (int)((nb - (P - 1) * PW + 15) / 16);
   float* xt = scratch<LAYER_SCRATCH>((size_t)(P * (in + out) * PW));
@@ -135,7 +135,7 @@ void bitmask_linear_many(int isa, int threads, const Bitmask& w, int64_t out, co
     take_chunks(next, K, [&](int64_t c) {
       const int64_t r0 = bounds[c], r1 = bounds[c + 1];
       if (r1 <= r0) return;
-      spmm(w, xt, P, last_nv, out, bias, yt, r0, r1);
+      spmm(w, xt, P, PW, last_nv, out, bias, yt, r0, r1);
       for (int64_t p = 0; p < P; ++p)
         transpose(yt + (p * out + r0) * PW, PW, y + p * PW * out + r0, out, r1 - r0, std::min(PW, nb - p * PW));
     });
