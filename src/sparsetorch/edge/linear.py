@@ -28,7 +28,7 @@ BACKENDS = ("auto", "compiled", "numpy", "dense")
 # benchmarks/bench_decode.py agree). Sparser weights, and bf16 / fp16 / int8 ones at any density, stay compact.
 AUTO_DENSE_ABOVE = 0.35
 # From loader.BITMASK_MANY_ROWS input rows on, a bitmask weight with at most this density runs the sparse x
-# dense panel kernel (the torch runtime's prefill kernel): at 50% and 2:4 it ran 1.34-1.76x a dense GEMM at
+# dense panel kernel (the torch runtime's prefill kernel): at 50% and 2:4 it ran 1.50-1.80x a dense GEMM at
 # 512 rows and more at 32 (benchmarks/bench_decode_layers.py --rows); denser ones keep unpack + BLAS.
 PANEL_MAX_DENSITY = 0.5
 _SCRATCH = threading.local()
