@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "decode.h"
@@ -24,15 +25,24 @@ using ColUnpackFn = decltype(&generic::colmask_unpack_t);
 const ColFn kCol[3] = {generic::colmask_tiles, avx2::colmask_tiles, avx512::colmask_tiles};
 const ColUnpackFn kColUnpack[3] = {generic::colmask_unpack_t, avx2::colmask_unpack_t, avx512::colmask_unpack_t};
 
-// run(r0, r1) over the rows of w on up to `threads` threads (one when the call is too small to split)
-template <class Run>
-void over_rows(int threads, const Bitmask& w, int64_t out, int64_t nb, Run run) {
+struct NoSetup {
+  void operator()(int, int) const {}
+};
+
+// run(r0, r1) over the rows of w on up to `threads` threads (one when the call is too small to split); each
+// thread first runs setup(t, n), all of them before any run (a barrier, only when there is a setup)
+template <class Run, class Setup = NoSetup>
+void over_rows(int threads, const Bitmask& w, int64_t out, int64_t nb, Run run, Setup setup = {}) {
   const int64_t work = (w.row_start[out] - w.row_start[0]) * nb;
   int nt = work < MIN_SPLIT_WORK ? 1 : (int)std::min<int64_t>(std::max(1, threads), std::max<int64_t>(out, 1));
   const int K = chunk_count(nt, out);
   const std::vector<int64_t> bounds = chunk_bounds(w.row_start, out, K);
   std::atomic<int64_t> next{0};
-  parallel(nt, [&](int, int) {
+  parallel(nt, [&](int t, int n) {
+    if constexpr (!std::is_same_v<Setup, NoSetup>) {
+      setup(t, n);
+      barrier(n);
+    }
     take_chunks(next, K, [&](int64_t c) {
       if (bounds[c + 1] > bounds[c]) run(bounds[c], bounds[c + 1]);
     });
@@ -117,13 +127,8 @@ void bitmask_linear_many(int isa, int threads, const Bitmask& w, int64_t out, co
   const int last_nv = (int)((nb - (P - 1) * PW + 15) / 16);
   float* xt = scratch<LAYER_SCRATCH>((size_t)(P * (in + out) * PW));
   float* yt = xt + P * in * PW;
-  const int64_t work = (w.row_start[out] - w.row_start[0]) * nb;
-  const int nt = work < MIN_SPLIT_WORK ? 1 : (int)std::min<int64_t>(std::max(1, threads), std::max<int64_t>(out, 1));
-  const int K = chunk_count(nt, out);
-  const std::vector<int64_t> bounds = chunk_bounds(w.row_start, out, K);
-  std::atomic<int64_t> next{0};
-  parallel(nt, [&](int t, int n) {
-    const int64_t i0 = in * t / n, i1 = in * (t + 1) / n;  // this thread's inputs, in every panel
+  auto panels_of_x = [&](int t, int n) {  // this thread's inputs, in every panel
+    const int64_t i0 = in * t / n, i1 = in * (t + 1) / n;
     for (int64_t p = 0; p < P; ++p) {
       const int64_t rows = std::min(PW, nb - p * PW);
       float* dst = xt + p * in * PW;
@@ -131,15 +136,15 @@ void bitmask_linear_many(int isa, int threads, const Bitmask& w, int64_t out, co
       if (rows < PW)
         for (int64_t i = i0; i < i1; ++i) std::fill(dst + i * PW + rows, dst + (i + 1) * PW, 0.f);
     }
-    barrier(n);
-    take_chunks(next, K, [&](int64_t c) {
-      const int64_t r0 = bounds[c], r1 = bounds[c + 1];
-      if (r1 <= r0) return;
-      spmm(w, xt, P, PW, last_nv, out, bias, yt, r0, r1);
-      for (int64_t p = 0; p < P; ++p)
-        transpose(yt + (p * out + r0) * PW, PW, y + p * PW * out + r0, out, r1 - r0, std::min(PW, nb - p * PW));
-    });
-  });
+  };
+  over_rows(
+      threads, w, out, nb,
+      [&](int64_t r0, int64_t r1) {
+        spmm(w, xt, P, PW, last_nv, out, bias, yt, r0, r1);
+        for (int64_t p = 0; p < P; ++p)
+          transpose(yt + (p * out + r0) * PW, PW, y + p * PW * out + r0, out, r1 - r0, std::min(PW, nb - p * PW));
+      },
+      panels_of_x);
 }
 
 void bitmask_to_dense(int isa, int threads, const Bitmask& w, int64_t out, float* dense) {

@@ -142,9 +142,10 @@ def test_clean_state_round_trips():
 
 
 @pytest.mark.parametrize("values", ["fp32", "bf16", "int8"])
-def test_prefill_rows_take_the_unpacked_gemm(values):
-    """From PREFILL_ROWS rows on, linear rebuilds the weight (compiled unpack into a reused buffer) and runs a
-    dense GEMM: same answer as the dequantized weight, and a buffer reused across calls and layers."""
+def test_prefill_rows_and_the_unpack_into_a_reused_buffer(values):
+    """From PREFILL_ROWS rows on, linear takes the prefill path (the panel kernel, or the weight rebuilt by the
+    compiled unpack into a reused buffer for a dense GEMM): same answer as the dequantized weight; the unpack
+    writes into a given buffer."""
     from sparsetorch.kernels import bitmask_weight as bwm
     w = _weight(48, 70, 0.6)
     layer = BitmaskWeight.from_dense(w, values)
