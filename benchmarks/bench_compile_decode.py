@@ -63,7 +63,7 @@ def step_times(model, ids, new: int) -> tuple[list[float], list[float], torch.Te
 
     clock = step_clock(time.process_time, time.perf_counter)
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+        out = model.generate(ids, max_new_tokens=new, eos_token_id=None, do_sample=False,
                              stopping_criteria=StoppingCriteriaList([clock]))
     diff = lambda t: [b - a for a, b in zip(t[2:], t[3:])]  # noqa: E731
     cpu, wall = clock.times

@@ -53,7 +53,7 @@ ST_VNNI inline __m512i weights64(const int8_t* v, uint64_t m) {
 }
 
 // Prefetch distance in bytes of the weight streams (see decode_impl.inc: ~1.8x on one core's DRAM stream).
-constexpr int PREFETCH_BYTES = 512;
+constexpr int PREFETCH_BYTES = 2048;
 
 ST_VNNI inline void prefetch(const void* p) { _mm_prefetch((const char*)p + PREFETCH_BYTES, _MM_HINT_T0); }
 
@@ -152,7 +152,10 @@ ST_VNNI void row_pair(const Bitmask& w, const QuantX& qx, const float* bias, flo
       std::memcpy(&m1, k1 + 4 * c, 8);
       std::memcpy(&m2, k0 + 4 * c + 4, 8);
       std::memcpy(&m3, k1 + 4 * c + 4, 8);
-      if ((c & 7) == 0) prefetch(k1 + 4 * c);  // both rows' masks: 64 bytes of them per 8 chunks
+      if ((c & 7) == 0) {  // each row's mask: 64 bytes of it per 8 chunks
+        prefetch(k0 + 4 * c);
+        prefetch(k1 + 4 * c);
+      }
       const int64_t n0 = _mm_popcnt_u64(m0), n1 = _mm_popcnt_u64(m1), n2 = _mm_popcnt_u64(m2), n3 = _mm_popcnt_u64(m3);
       a0 = _mm512_dpbusd_epi32(a0, x0, signed64(weights64<false>(v0, m0), s0));
       b0 = _mm512_dpbusd_epi32(b0, x0, signed64(weights64<false>(v1, m1), s0));
