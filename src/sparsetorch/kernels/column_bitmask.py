@@ -17,7 +17,7 @@ import torch
 
 from ..errors import SparsityError
 from ..formats import index_checks
-from . import inference_ops, loader
+from . import custom_ops, inference_ops, loader
 from .bitmask_weight import VALUE_TYPES, pack_mask, unpack_mask
 from .packed import PackedWeight
 
@@ -133,38 +133,57 @@ class ColumnBitmaskWeight(PackedWeight):
         return (*super().storage_key(), self.skip_columns)  # the kernel addresses cached with it change with it
 
     def _static(self) -> tuple:
-        vtype = VALUE_TYPES[{torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
-                             torch.int8: "int8"}[self.values.dtype]][0]
-        return (self.out_features, self.in_features, self.mask.data_ptr(), self.start.data_ptr(),
-                self.values.data_ptr(), vtype, 0 if self.scales is None else self.scales.data_ptr(),
-                float(self.threshold), int(self.skip_columns))
+        return column_static(self.out_features, self.in_features, self.mask, self.start, self.values, self.scales,
+                             self.threshold, self.skip_columns)
 
     def linear(self, x, bias=None, backend="ext", threads=None):
         """x [B, in] -> sparsify_input(x, threshold) @ W^T + bias."""
         ext = loader.load(loader.INFERENCE) if backend == "ext" else None
         if ext is not None and x.dim() == 2 and x.shape[0] < self.prefill_rows:
             return super().linear(x, bias, backend, threads)
-        xs = sparsify_input(x.float(), float(self.threshold))
         if ext is None:  # torch's sparse kernel on the same weights (the pure-PyTorch fallback)
-            return super().linear(xs, bias, "torch", threads)
-        # prefill: a dense GEMM over W^T rebuilt in a reused buffer (as BitmaskWeight.linear)
-        dense_t = self.unpack_t(threads, out=inference_ops.scratch(self.out_features * self.in_features))
-        y = xs @ dense_t
-        return y if bias is None else y + bias.float()
+            return super().linear(sparsify_input(x.float(), float(self.threshold)), bias, "torch", threads)
+        return prefill_linear(self._static(), x, bias, threads)
+
+    def op_linear(self, x, bias=None, threads=None):
+        return custom_ops.colmask_linear(x, self.mask, self.start, self.values, self.scales, self.threshold, bias,
+                                         self.in_features, self.out_features, self.skip_columns, threads or 0)
 
     def unpack_t(self, threads: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """W^T [in, out] fp32 rebuilt by the compiled kernel (into ``out`` when given: see BitmaskWeight.unpack)."""
-        ext = loader.load(loader.INFERENCE)
-        if ext is None:
+        if loader.load(loader.INFERENCE) is None:
             return self.to_dense().t().contiguous()
-        n = self.out_features * self.in_features
-        out = torch.empty(n) if out is None else out
-        if out.dtype != torch.float32 or not out.is_contiguous() or out.numel() < n:
-            raise SparsityError(f"unpack_t needs a contiguous fp32 buffer of at least {n} elements", got=tuple(out.shape))
-        dense_t = out.view(-1)[:n].view(self.in_features, self.out_features)
-        ext.colmask_to_dense_t(inference_ops.isa_level(), threads or torch.get_num_threads(), *self._static()[:7],
-                               dense_t.data_ptr())
-        return dense_t
+        return unpack_t(self._static(), threads, out)
+
+
+def column_static(out_features: int, in_features: int, mask: torch.Tensor, start: torch.Tensor, values: torch.Tensor,
+                  scales: torch.Tensor | None, threshold, skip_columns: bool) -> tuple:
+    """The column kernels' arguments after (isa, threads, tile): array addresses, value type, threshold, skip."""
+    vtype = VALUE_TYPES[{torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+                         torch.int8: "int8"}[values.dtype]][0]
+    return (out_features, in_features, mask.data_ptr(), start.data_ptr(), values.data_ptr(), vtype,
+            0 if scales is None else scales.data_ptr(), float(threshold), int(skip_columns))
+
+
+def unpack_t(static: tuple, threads: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """W^T [in, out] fp32 of the column weight ``static`` describes, rebuilt into ``out`` (a new tensor if None)."""
+    out_features, in_features = static[0], static[1]
+    n = out_features * in_features
+    out = torch.empty(n) if out is None else out
+    if out.dtype != torch.float32 or not out.is_contiguous() or out.numel() < n:
+        raise SparsityError(f"unpack_t needs a contiguous fp32 buffer of at least {n} elements", got=tuple(out.shape))
+    dense_t = out.view(-1)[:n].view(in_features, out_features)
+    loader.load(loader.INFERENCE).colmask_to_dense_t(inference_ops.isa_level(), threads or torch.get_num_threads(),
+                                                     *static[:7], dense_t.data_ptr())
+    return dense_t
+
+
+def prefill_linear(static: tuple, x: torch.Tensor, bias: torch.Tensor | None, threads: int | None) -> torch.Tensor:
+    """Many rows: sparsify_input(x) @ W^T + bias as a dense GEMM over W^T rebuilt in a reused buffer (as
+    BitmaskWeight.linear's prefill)."""
+    dense_t = unpack_t(static, threads, out=inference_ops.scratch(static[0] * static[1]))
+    y = sparsify_input(x.float(), static[7]) @ dense_t
+    return y if bias is None else y + bias.float()
 
     def extra_repr(self) -> str:
         return (f"{self.out_features}, {self.in_features}, nnz={self.nnz}, values={self.values.dtype}, "

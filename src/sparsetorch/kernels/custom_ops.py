@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import inference_ops, loader
 
-__all__ = ["bitmask_linear", "csr_linear", "nm_linear", "bsr_linear"]
+__all__ = ["bitmask_linear", "csr_linear", "nm_linear", "bsr_linear", "colmask_linear"]
 
 
 def _run(kind: str, static: tuple, x: Tensor, bias: Optional[Tensor], threads: int) -> Tensor:
@@ -39,6 +39,8 @@ _SCHEMAS = {
     "nm_linear": "(Tensor x, Tensor values, Tensor offsets, Tensor? bias, int in_features, int n, int m, int threads)",
     "bsr_linear": "(Tensor x, Tensor indptr, Tensor indices, Tensor values, Tensor? bias, int in_features, "
                   "int out_features, int threads)",
+    "colmask_linear": "(Tensor x, Tensor mask, Tensor start, Tensor values, Tensor? scales, Tensor threshold, "
+                      "Tensor? bias, int in_features, int out_features, bool skip_columns, int threads)",
 }
 
 
@@ -65,6 +67,16 @@ def _bsr(x, indptr, indices, values, bias, in_features, out_features, threads):
     return _run("bsr_linear", static, x, bias, threads)
 
 
+def _colmask(x, mask, start, values, scales, threshold, bias, in_features, out_features, skip_columns, threads):
+    from . import column_bitmask
+
+    static = column_bitmask.column_static(out_features, in_features, mask, start, values, scales, threshold,
+                                          skip_columns)
+    if x.shape[0] >= column_bitmask.ColumnBitmaskWeight.prefill_rows and x.dim() == 2 and x.shape[1] == in_features:
+        return column_bitmask.prefill_linear(static, x, bias, threads or None)
+    return _run("colmask_linear", static, x, bias, threads)
+
+
 def _output(x: Tensor, in_features: int, out_features: int) -> Tensor:
     """What tracing sees: fp32 [B, out] for x [B, in]."""
     torch._check(x.dim() == 2 and x.shape[1] == in_features,
@@ -72,7 +84,8 @@ def _output(x: Tensor, in_features: int, out_features: int) -> Tensor:
     return x.new_empty((x.shape[0], out_features), dtype=torch.float32)
 
 
-_KERNELS = {"bitmask_linear": _bitmask, "csr_linear": _csr, "nm_linear": _nm, "bsr_linear": _bsr}
+_KERNELS = {"bitmask_linear": _bitmask, "csr_linear": _csr, "nm_linear": _nm, "bsr_linear": _bsr,
+            "colmask_linear": _colmask}
 _FAKES = {
     "bitmask_linear": lambda x, mask, row_start, values, scales, bias, in_features, out_features, *_: (
         _output(x, in_features, out_features)),
@@ -80,6 +93,8 @@ _FAKES = {
         _output(x, in_features, out_features)),
     "nm_linear": lambda x, values, offsets, bias, in_features, n, m, threads: _output(x, in_features, values.shape[0]),
     "bsr_linear": lambda x, indptr, indices, values, bias, in_features, out_features, threads: (
+        _output(x, in_features, out_features)),
+    "colmask_linear": lambda x, mask, start, values, scales, threshold, bias, in_features, out_features, *_: (
         _output(x, in_features, out_features)),
 }
 
@@ -120,6 +135,14 @@ def nm_linear(x: Tensor, values: Tensor, offsets: Tensor, bias: Optional[Tensor]
               threads: int = 0) -> Tensor:
     """x [B, in] @ W^T + bias for W packed N:M (kernels.packed.NMWeight); out = values.shape[0]."""
     return torch.ops.sparsetorch.nm_linear(x, values, offsets, bias, in_features, n, m, threads)
+
+
+def colmask_linear(x: Tensor, mask: Tensor, start: Tensor, values: Tensor, scales: Optional[Tensor], threshold: Tensor,
+                   bias: Optional[Tensor], in_features: int, out_features: int, skip_columns: bool,
+                   threads: int = 0) -> Tensor:
+    """sparsify_input(x, threshold) [B, in] @ W^T + bias for W stored by columns (kernels.column_bitmask)."""
+    return torch.ops.sparsetorch.colmask_linear(x, mask, start, values, scales, threshold, bias, in_features,
+                                                out_features, skip_columns, threads)
 
 
 def bsr_linear(x: Tensor, indptr: Tensor, indices: Tensor, values: Tensor, bias: Optional[Tensor], in_features: int,
