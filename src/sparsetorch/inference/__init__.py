@@ -5,6 +5,7 @@
 * ``activation_sparsity``: TEAL thresholds per Linear input (calibrate, attach in torch, state_dict).
 * ``kernel_choice``: timing candidates, checking they agree, and the per-process kernel cache.
 * ``compiled_decode``: ``compile_decode``, torch.compile of a converted model's decode step (``compile=True``).
+* ``arena``: ``use_huge_pages``, the packed weights moved into 2 MB pages (``to_inference`` does it).
 * ``fused_chain``: FusedChain, a run of small layers in one native call.
 * ``chain_discovery`` -> ``chain_rewrite`` -> ``chain_decision``: find chains, build fused copies, keep the
   faster (the fusion pass ``to_inference`` runs last).
@@ -12,6 +13,7 @@
 import warnings
 
 from .activation_sparsity import ActivationSparsity, calibrate_activation_sparsity
+from .arena import use_huge_pages
 from .compiled_decode import compile_decode
 from .convert import to_inference
 from .fused_chain import FusedChain
@@ -19,7 +21,7 @@ from .kernel_choice import clear_kernel_cache
 from .packed_modules import PackedConv2d, PackedLinear
 
 __all__ = ["to_inference", "PackedLinear", "PackedConv2d", "clear_kernel_cache", "FusedChain",
-           "calibrate_activation_sparsity", "ActivationSparsity", "compile_decode"]
+           "calibrate_activation_sparsity", "ActivationSparsity", "compile_decode", "use_huge_pages"]
 
 _RENAMED = {"SparseLinear": "PackedLinear", "SparseConv2d": "PackedConv2d"}
 

@@ -33,6 +33,7 @@ from ..kernels.column_bitmask import ColumnBitmaskWeight, sparsify_input
 from ..kernels.packed import BSRWeight, CSRWeight, NMWeight
 from ..tracing import hooked
 from .activation_sparsity import ActivationSparsity
+from .arena import use_huge_pages
 from .chain_decision import fuse_chains
 from .compiled_decode import compile_decode
 from .kernel_choice import KERNEL_CACHE, max_error, rtol, time_candidates
@@ -345,6 +346,7 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
     if values == "fp32" and not thresholded:
         _check_same(out, ref_out)
     inf.sparsetorch_plan = plan
+    use_huge_pages(inf)
     return compile_decode(inf) if compile else inf
 
 

@@ -19,17 +19,12 @@ from ..errors import SparsityError
 from ..formats import index_checks
 from . import custom_ops, inference_ops, loader
 from .bitmask_weight import VALUE_TYPES, pack_mask, unpack_mask
+from .inference_ops import sparsify_input
 from .packed import PackedWeight
 
 __all__ = ["ColumnBitmaskWeight", "sparsify_input", "TILE"]
 
 TILE = 256  # outputs per tile (csrc/decode.h COL_TILE): 16 accumulator vectors at batch 1
-
-
-def sparsify_input(x: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
-    """x with the entries of magnitude at most ``threshold`` set to zero."""
-    # TEAL (Liu et al. 2024, eq. 1): s_t(x) = x if |x| > t else 0
-    return torch.where(x.abs() > threshold, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 class ColumnBitmaskWeight(PackedWeight):
@@ -133,8 +128,8 @@ class ColumnBitmaskWeight(PackedWeight):
         return (*super().storage_key(), self.skip_columns)  # the kernel addresses cached with it change with it
 
     def _static(self) -> tuple:
-        return column_static(self.out_features, self.in_features, self.mask, self.start, self.values, self.scales,
-                             self.threshold, self.skip_columns)
+        return inference_ops.colmask_static(self.out_features, self.in_features, self.mask, self.start, self.values,
+                                            self.scales, self.threshold, self.skip_columns)
 
     def linear(self, x, bias=None, backend="ext", threads=None):
         """x [B, in] -> sparsify_input(x, threshold) @ W^T + bias."""
@@ -143,7 +138,7 @@ class ColumnBitmaskWeight(PackedWeight):
             return super().linear(x, bias, backend, threads)
         if ext is None:  # torch's sparse kernel on the same weights (the pure-PyTorch fallback)
             return super().linear(sparsify_input(x.float(), float(self.threshold)), bias, "torch", threads)
-        return prefill_linear(self._static(), x, bias, threads)
+        return inference_ops.colmask_prefill(self._static(), x, bias, threads)
 
     def op_linear(self, x, bias=None, threads=None):
         return custom_ops.colmask_linear(x, self.mask, self.start, self.values, self.scales, self.threshold, bias,
@@ -153,37 +148,8 @@ class ColumnBitmaskWeight(PackedWeight):
         """W^T [in, out] fp32 rebuilt by the compiled kernel (into ``out`` when given: see BitmaskWeight.unpack)."""
         if loader.load(loader.INFERENCE) is None:
             return self.to_dense().t().contiguous()
-        return unpack_t(self._static(), threads, out)
+        return inference_ops.colmask_to_dense_t(self._static(), out, threads)
 
-
-def column_static(out_features: int, in_features: int, mask: torch.Tensor, start: torch.Tensor, values: torch.Tensor,
-                  scales: torch.Tensor | None, threshold, skip_columns: bool) -> tuple:
-    """The column kernels' arguments after (isa, threads, tile): array addresses, value type, threshold, skip."""
-    vtype = VALUE_TYPES[{torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
-                         torch.int8: "int8"}[values.dtype]][0]
-    return (out_features, in_features, mask.data_ptr(), start.data_ptr(), values.data_ptr(), vtype,
-            0 if scales is None else scales.data_ptr(), float(threshold), int(skip_columns))
-
-
-def unpack_t(static: tuple, threads: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """W^T [in, out] fp32 of the column weight ``static`` describes, rebuilt into ``out`` (a new tensor if None)."""
-    out_features, in_features = static[0], static[1]
-    n = out_features * in_features
-    out = torch.empty(n) if out is None else out
-    if out.dtype != torch.float32 or not out.is_contiguous() or out.numel() < n:
-        raise SparsityError(f"unpack_t needs a contiguous fp32 buffer of at least {n} elements", got=tuple(out.shape))
-    dense_t = out.view(-1)[:n].view(in_features, out_features)
-    loader.load(loader.INFERENCE).colmask_to_dense_t(inference_ops.isa_level(), threads or torch.get_num_threads(),
-                                                     *static[:7], dense_t.data_ptr())
-    return dense_t
-
-
-def prefill_linear(static: tuple, x: torch.Tensor, bias: torch.Tensor | None, threads: int | None) -> torch.Tensor:
-    """Many rows: sparsify_input(x) @ W^T + bias as a dense GEMM over W^T rebuilt in a reused buffer (as
-    BitmaskWeight.linear's prefill)."""
-    dense_t = unpack_t(static, threads, out=inference_ops.scratch(static[0] * static[1]))
-    y = sparsify_input(x.float(), static[7]) @ dense_t
-    return y if bias is None else y + bias.float()
 
     def extra_repr(self) -> str:
         return (f"{self.out_features}, {self.in_features}, nnz={self.nnz}, values={self.values.dtype}, "

@@ -68,12 +68,10 @@ def _bsr(x, indptr, indices, values, bias, in_features, out_features, threads):
 
 
 def _colmask(x, mask, start, values, scales, threshold, bias, in_features, out_features, skip_columns, threads):
-    from . import column_bitmask
-
-    static = column_bitmask.column_static(out_features, in_features, mask, start, values, scales, threshold,
+    static = inference_ops.colmask_static(out_features, in_features, mask, start, values, scales, threshold,
                                           skip_columns)
-    if x.shape[0] >= column_bitmask.ColumnBitmaskWeight.prefill_rows and x.dim() == 2 and x.shape[1] == in_features:
-        return column_bitmask.prefill_linear(static, x, bias, threads or None)
+    if x.shape[0] >= loader.BITMASK_PREFILL_ROWS and x.dim() == 2 and x.shape[1] == in_features:
+        return inference_ops.colmask_prefill(static, x, bias, threads or None)
     return _run("colmask_linear", static, x, bias, threads)
 
 

@@ -175,6 +175,37 @@ def bitmask_unpacked_gemm(static: tuple, x: torch.Tensor, bias: torch.Tensor | N
     return torch.nn.functional.linear(x.float(), dense, None if bias is None else bias.float())
 
 
+def sparsify_input(x: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
+    """x with the entries of magnitude at most ``threshold`` set to zero."""
+    # TEAL (Liu et al. 2024, eq. 1): s_t(x) = x if |x| > t else 0
+    return torch.where(x.abs() > threshold, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def colmask_static(out_features: int, in_features: int, mask, start, values, scales, threshold,
+                   skip_columns: bool) -> tuple:
+    """The column (activation-sparse) kernels' weight arguments (see kernels.column_bitmask for the layout)."""
+    return (out_features, in_features, mask.data_ptr(), start.data_ptr(), values.data_ptr(), BITMASK_VTYPES[values.dtype],
+            _addr(scales), float(threshold), int(skip_columns))
+
+
+def colmask_to_dense_t(static: tuple, out: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
+    """W^T [in, out] fp32 of a column weight, rebuilt into ``out`` (a new tensor if None; else contiguous fp32
+    of at least out * in elements, whose leading view is returned)."""
+    n = static[0] * static[1]
+    out = torch.empty(n) if out is None else out
+    if out.dtype != torch.float32 or not out.is_contiguous() or out.numel() < n:
+        raise SparsityError(f"unpack_t needs a contiguous fp32 buffer of at least {n} elements", got=tuple(out.shape))
+    dense_t = out.view(-1)[:n].view(static[1], static[0])
+    _load().colmask_to_dense_t(isa_level(), threads or torch.get_num_threads(), *static[:7], dense_t.data_ptr())
+    return dense_t
+
+
+def colmask_prefill(static: tuple, x: torch.Tensor, bias: torch.Tensor | None, threads: int | None = None) -> torch.Tensor:
+    """Many rows: sparsify_input(x) @ W^T + bias as one dense GEMM over W^T rebuilt in a reused buffer."""
+    y = sparsify_input(x.float(), static[7]) @ colmask_to_dense_t(static, scratch(static[0] * static[1]), threads)
+    return y if bias is None else y + bias.float()
+
+
 # Prefill kernel per weight (keyed by its kernel arguments) and batch size class, chosen by timing both the
 # first time: the sparse x dense kernel does only the kept multiply-adds but one load per multiply-add, a
 # tuned dense GEMM (MKL) reuses registers; which wins depends on density, shape and CPU.
