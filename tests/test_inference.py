@@ -89,6 +89,27 @@ def test_fallback_without_extension(monkeypatch):
     clear_kernel_cache()
 
 
+def test_decode_times_kernels_cold_once_the_weights_outgrow_the_cache(monkeypatch):
+    from sparsetorch.inference import convert, kernel_choice
+
+    colds = []
+    real = convert.time_candidates
+    monkeypatch.setattr(convert, "time_candidates", lambda fns, b, cuda, cold=False: colds.append(cold) or real(fns, b, cuda, cold))
+    monkeypatch.setattr(kernel_choice, "EVICT_BYTES", 1 << 20)  # the buffer read before each timed call
+    model, x = pruned_mlp(), torch.randn(1, 64)
+    clear_kernel_cache()
+    sparsetorch.to_inference(model, x, decode=True, **FAST)  # ~0.4 MB of weights: stays in cache at decode
+    assert colds and not any(colds)
+    monkeypatch.setattr(convert, "EVICT_BYTES", 1000)  # as if the cache were smaller than the weights
+    colds.clear()
+    clear_kernel_cache()
+    inf = sparsetorch.to_inference(model, x, decode=True, **FAST)
+    assert colds and all(colds)
+    with torch.no_grad():
+        assert_same(inf(x), model(x))
+    clear_kernel_cache()
+
+
 def test_chosen_kernel_is_used_when_it_wins():
     # a 99% sparse 512x512 layer at batch 1: some sparse kernel must beat dense on any CPU
     torch.manual_seed(1)

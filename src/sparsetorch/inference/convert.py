@@ -36,7 +36,7 @@ from .activation_sparsity import ActivationSparsity
 from .arena import use_huge_pages
 from .chain_decision import fuse_chains
 from .compiled_decode import compile_decode
-from .kernel_choice import KERNEL_CACHE, max_error, rtol, time_candidates
+from .kernel_choice import EVICT_BYTES, KERNEL_CACHE, max_error, rtol, time_candidates
 from .packed_modules import PackedConv2d, PackedLinear
 from .siblings import fuse_siblings
 
@@ -150,9 +150,9 @@ def _cuda_candidates(w: torch.Tensor, bias: torch.Tensor | None, structure: dict
 
 
 def _choose(key: tuple, dense: nn.Module, x: torch.Tensor, cands: dict[str, Callable], budget_s: float,
-            cuda: bool) -> tuple[str, nn.Module | None, dict[str, float], dict[str, str]]:
+            cuda: bool, cold: bool = False) -> tuple[str, nn.Module | None, dict[str, float], dict[str, str]]:
     """Build the candidates, drop any that fail or disagree with dense (-> skipped: name -> why), time the
-    rest (unless cached)."""
+    rest (unless cached; ``cold``: each call with its weight out of cache, as at decode)."""
     skipped: dict[str, str] = {}
     with torch.no_grad():
         ref = dense(x)
@@ -177,7 +177,7 @@ def _choose(key: tuple, dense: nn.Module, x: torch.Tensor, cands: dict[str, Call
         if key in KERNEL_CACHE and KERNEL_CACHE[key] in built:
             return KERNEL_CACHE[key], built[KERNEL_CACHE[key]], {}, skipped
         fns = {name: (lambda m=(mod or dense): m(x)) for name, mod in built.items()}
-        times = time_candidates(fns, budget_s, cuda) if len(fns) > 1 else {name: float("nan") for name in fns}
+        times = time_candidates(fns, budget_s, cuda, cold) if len(fns) > 1 else {name: float("nan") for name in fns}
     best = min(times, key=lambda k: times[k]) if len(times) > 1 else next(iter(times), "dense")
     KERNEL_CACHE[key] = best
     return best, built.get(best), times, skipped
@@ -276,6 +276,8 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
         seen, ref_out = _capture_inputs(inf, args)
     threads = torch.get_num_threads()
     decode = hasattr(model, "generate") if decode is None else bool(decode)
+    # a decode step finds each weight out of cache once the model's weights outgrow the cache: time them so
+    cold = decode and sum(p.numel() * p.element_size() for p in inf.parameters()) > EVICT_BYTES
     plan = []
     for name, mod in list(inf.named_modules()):
         if name in thresholded:
@@ -318,12 +320,12 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
         structure = detect_structure(w)
         cuda = w.is_cuda
         key = (type(mod).__name__, *w.shape, round(density, 3), _signature(structure), x.shape[0], threads,
-               str(w.device), extension_isa(), values)
+               str(w.device), extension_isa(), values, cold)
         if dense_kernel:
             cands = _dense_candidates(w, mod.bias, values)
         else:
             cands = _cuda_candidates(w, mod.bias, structure) if cuda else _cpu_candidates(w, mod.bias, structure, values)
-        kernel, new, times, skipped = _choose(key, dense_fn, x, cands, budget_s, cuda)
+        kernel, new, times, skipped = _choose(key, dense_fn, x, cands, budget_s, cuda, cold=cold)
         plan.append({"layer": name, "type": type(mod).__name__, "shape": list(w.shape), "density": density,
                      "pattern": _signature(structure), "batch": int(x.shape[0]), "kernel": kernel,
                      "ms": {k: v * 1e3 for k, v in times.items()}, "skipped": skipped})
