@@ -94,7 +94,8 @@ def test_decode_times_kernels_cold_once_the_weights_outgrow_the_cache(monkeypatc
 
     colds = []
     real = convert.time_candidates
-    monkeypatch.setattr(convert, "time_candidates", lambda fns, b, cuda, cold=False: colds.append(cold) or real(fns, b, cuda, cold))
+    monkeypatch.setattr(convert, "time_candidates",
+                        lambda fns, b, cuda, cold=False: colds.append(cold) or real(fns, b, cuda, cold))
     monkeypatch.setattr(kernel_choice, "EVICT_BYTES", 1 << 20)  # the buffer read before each timed call
     model, x = pruned_mlp(), torch.randn(1, 64)
     clear_kernel_cache()

@@ -39,7 +39,9 @@ def compile_decode(model: nn.Module, *, fullgraph: bool = False, **compile_kwarg
         raise SparsityError("compile_decode on a generate() model needs transformers with CompileConfig (4.48+)",
                             fix="pip install -U transformers") from exc
     # "default": the transformers default "reduce-overhead" means CUDA graphs, nothing on CPU
-    compile_config = CompileConfig(fullgraph=fullgraph, mode=compile_kwargs.pop("mode", None if "options" in compile_kwargs else "default"), **compile_kwargs)
+    # (torch.compile takes a mode or options, not both)
+    mode = compile_kwargs.pop("mode", None if "options" in compile_kwargs else "default")
+    compile_config = CompileConfig(fullgraph=fullgraph, mode=mode, **compile_kwargs)
     compile_config._compile_all_devices = True  # transformers compiles on CUDA only unless this is set
     config.cache_implementation = "static"
     config.compile_config = compile_config

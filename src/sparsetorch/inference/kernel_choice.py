@@ -28,10 +28,11 @@ def time_candidates(fns: dict[str, Callable[[], torch.Tensor]], budget_s: float,
                     cold: bool = False) -> dict[str, float]:
     """Median seconds per call of each fn, measured in interleaved rounds (fair under shared-CPU noise).
     ``cold``: each call after reading EVICT_BYTES of other memory. Called back to back, a layer's weight stays in
-    cache, where torch's dense kernel reads its 3x the bytes of a 70%-sparse weight at cache speed; a choice made
-    there is shared by every layer of that shape, and one conversion of the 1B Llama at 70% fp32 put such a shape
-    on torch's dense kernel (benchmarks/results/decode_1b_compiled.json, kernels of the compiled fp32 row), which
-    streamed from memory is 3-5x slower. Timed cold, the candidates are compared as decode runs them."""
+    cache, where torch's dense kernel reads a dense weight's 3x the bytes at cache speed and comes near a
+    70%-sparse kernel; a choice made there is shared by every layer of that shape, and one conversion of the 1B
+    Llama at 70% fp32 put such a shape on torch's dense kernel (benchmarks/results/decode_1b_compiled.json, kernels
+    of the compiled fp32 row), which streamed from memory is 3-5x slower. Timed cold, the candidates are compared
+    as decode runs them."""
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     flush = torch.ones(EVICT_BYTES // 4) if cold and not cuda else None
 

@@ -150,7 +150,6 @@ class ColumnBitmaskWeight(PackedWeight):
             return self.to_dense().t().contiguous()
         return inference_ops.colmask_to_dense_t(self._static(), out, threads)
 
-
     def extra_repr(self) -> str:
         return (f"{self.out_features}, {self.in_features}, nnz={self.nnz}, values={self.values.dtype}, "
                 f"threshold={float(self.threshold):.4g}")

@@ -2,12 +2,14 @@
 
 Batch-1 decode reads every weight byte once per token, hundreds of MB in 4 KB pages: a TLB miss every 4 KB,
 and the hardware prefetchers stop at each 4 KB page boundary. In 2 MB pages the same kernels streamed a 1B
-Llama block of 70%-sparse layers from DRAM 1.2-1.3x faster (2-core Zen 4 VM, 2 threads: int8 x int8
-1.02 -> 0.84 ms, fp32 2.56 -> 2.01 ms; one thread 1.17-1.24x). Linux gives anonymous memory huge pages only where
+Llama block of 70%-sparse layers from DRAM 1.2-1.3x faster (2-core Zen 4 VM, 2 threads, 4 blocks rotated:
+int8 x int8 1.02 -> 0.84 ms, fp32 2.56 -> 2.01 ms; one thread 1.17-1.24x; 22 blocks of fp32 only 2.34 -> 2.17 ms).
+Linux gives anonymous memory huge pages only where
 asked (``/sys/kernel/mm/transparent_hugepage/enabled`` is usually ``madvise``), so the weights are copied into a
 private mapping marked ``MADV_HUGEPAGE``. One arena for all weights wastes at most one 2 MB page; tensors that
 share a storage (a fused q/k/v weight and the views its layers keep) still share it afterwards.
-``SPARSETORCH_HUGE_PAGES=0`` turns this off; elsewhere (not Linux, THP ``never``) the copy is ordinary memory.
+``SPARSETORCH_HUGE_PAGES=0`` or an OS without MADV_HUGEPAGE leaves the weights where they are; with THP
+``never`` the copy is made but lands in ordinary pages.
 """
 from __future__ import annotations
 

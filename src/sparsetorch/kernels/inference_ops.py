@@ -184,8 +184,8 @@ def sparsify_input(x: torch.Tensor, threshold: float | torch.Tensor) -> torch.Te
 def colmask_static(out_features: int, in_features: int, mask, start, values, scales, threshold,
                    skip_columns: bool) -> tuple:
     """The column (activation-sparse) kernels' weight arguments (see kernels.column_bitmask for the layout)."""
-    return (out_features, in_features, mask.data_ptr(), start.data_ptr(), values.data_ptr(), BITMASK_VTYPES[values.dtype],
-            _addr(scales), float(threshold), int(skip_columns))
+    return (out_features, in_features, mask.data_ptr(), start.data_ptr(), values.data_ptr(),
+            BITMASK_VTYPES[values.dtype], _addr(scales), float(threshold), int(skip_columns))
 
 
 def colmask_to_dense_t(static: tuple, out: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
