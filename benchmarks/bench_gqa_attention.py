@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=None, help="results file (default results/gqa_attention_PRESET.json)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -66,9 +67,9 @@ def main() -> None:
         print(f"  {impl:18s} " + "  ".join(f"{t:.2f}" for t in ts))
     print(f"  ratio sdpa / {ATTENTION}: {statistics.median(times['sdpa']) / statistics.median(times[ATTENTION]):.3f}x;"
           f" greedy tokens agree {agree:.2f}")
-    out = Path(__file__).parent / "results" / f"gqa_attention_{args.preset}.json"
+    out = args.out or Path(__file__).parent / "results" / f"gqa_attention_{args.preset}.json"
     out.write_text(json.dumps({"command": "python benchmarks/bench_gqa_attention.py " + " ".join(sys.argv[1:]),
-                               "machine": machine(), "date": when, "args": vars(args), "ms_per_token": times,
+                               "machine": machine(), "date": when, "args": {k: str(v) for k, v in vars(args).items()}, "ms_per_token": times,
                                "token_agreement": agree}, indent=1))
     print("wrote", out)
 

@@ -76,6 +76,11 @@ struct ColBitmask {
                      const float* bias, float* y, int64_t ys, int64_t t0, int64_t t1);                       \
   /* dense_t[j * out + o] = W[o, j] for the outputs of tiles [t0, t1) (W^T, float32, zeros in place) */       \
   void colmask_unpack_t(const ColBitmask& w, float* dense_t, int64_t t0, int64_t t1);                        \
+  /* out [group, dv] = softmax(q [group, d] . K[keep]^T * scale) V[keep]: n kept rows of K and V (rows ks */  \
+  /* and vs floats apart), p a [group, n] scratch (attention.inc) */                                          \
+  void attention_head(const float* q, const float* k, int64_t ks, const float* v, int64_t vs,                \
+                      const int32_t* keep, int64_t n, int64_t group, int64_t d, int64_t dv, float scale,      \
+                      float* p, float* out);                                                                  \
   }
 
 ST_DECLARE_DECODE(generic)
@@ -103,5 +108,20 @@ void bitmask_linear_many(int isa, int threads, const Bitmask& w, int64_t out, co
 void colmask_linear(int isa, int threads, const ColBitmask& w, const float* x, int64_t nb, int64_t xs,
                     float threshold, bool skip, const float* bias, float* y);
 void colmask_to_dense_t(int isa, int threads, const ColBitmask& w, float* dense_t);
+
+// Attention of one query token per batch row (decode): q [batch, kv_heads, group, d] (contiguous), K and V
+// [batch, kv_heads, L, d or dv] with element strides (batch, head, row; unit last stride), keep [batch, L]
+// (row bs apart; nonzero = attend) or null for every row; out [batch, kv_heads * group, dv] contiguous.
+struct DecodeAttention {
+  const float* q;
+  const float* k;
+  const float* v;
+  const uint8_t* keep;
+  int64_t batch, kv_heads, group, L, d, dv;
+  int64_t k_bs, k_hs, k_ls, v_bs, v_hs, v_ls, keep_bs;
+  float scale;
+  float* out;
+};
+void decode_attention(int isa, int threads, const DecodeAttention& a);
 
 }  // namespace st

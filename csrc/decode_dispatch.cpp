@@ -24,6 +24,8 @@ using ColFn = decltype(&generic::colmask_tiles);
 using ColUnpackFn = decltype(&generic::colmask_unpack_t);
 const ColFn kCol[3] = {generic::colmask_tiles, avx2::colmask_tiles, avx512::colmask_tiles};
 const ColUnpackFn kColUnpack[3] = {generic::colmask_unpack_t, avx2::colmask_unpack_t, avx512::colmask_unpack_t};
+using AttentionFn = decltype(&generic::attention_head);
+const AttentionFn kAttention[3] = {generic::attention_head, avx2::attention_head, avx512::attention_head};
 
 struct NoSetup {
   void operator()(int, int) const {}
@@ -95,6 +97,31 @@ void colmask_linear(int isa, int threads, const ColBitmask& w, const float* x, i
 void colmask_to_dense_t(int isa, int threads, const ColBitmask& w, float* dense_t) {
   const ColUnpackFn unpack = kColUnpack[isa];
   over_tiles(threads, w, w.out * w.in, [&](int64_t t0, int64_t t1) { unpack(w, dense_t, t0, t1); });
+}
+
+// Threads over (batch row, key/value head) units; each unit's scores live in the thread's scratch.
+void decode_attention(int isa, int threads, const DecodeAttention& a) {
+  const AttentionFn head = kAttention[isa];
+  std::vector<int32_t> keep((size_t)(a.batch * a.L));
+  std::vector<int64_t> kept((size_t)a.batch);
+  for (int64_t b = 0; b < a.batch; ++b) {
+    int64_t n = 0;
+    for (int64_t l = 0; l < a.L; ++l)
+      if (!a.keep || a.keep[b * a.keep_bs + l]) keep[b * a.L + n++] = (int32_t)l;
+    kept[b] = n;
+  }
+  const int64_t units = a.batch * a.kv_heads;
+  const int64_t work = units * a.group * a.L * (a.d + a.dv);
+  const int nt = work < MIN_SPLIT_WORK ? 1 : (int)std::min<int64_t>(std::max(1, threads), units);
+  std::atomic<int64_t> next{0};
+  parallel(nt, [&](int, int) {
+    float* p = scratch<LAYER_SCRATCH>((size_t)(a.group * a.L));
+    take_chunks(next, units, [&](int64_t u) {
+      const int64_t b = u / a.kv_heads, h = u % a.kv_heads;
+      head(a.q + u * a.group * a.d, a.k + b * a.k_bs + h * a.k_hs, a.k_ls, a.v + b * a.v_bs + h * a.v_hs, a.v_ls,
+           keep.data() + b * a.L, kept[b], a.group, a.d, a.dv, a.scale, p, a.out + u * a.group * a.dv);
+    });
+  });
 }
 
 void bitmask_linear(int isa, int threads, const Bitmask& w, int64_t out, const float* x, int64_t nb, int64_t xs,

@@ -5,3 +5,4 @@
 #include "kernels_impl.inc"
 #include "decode_impl.inc"
 #include "decode_columns.inc"
+#include "attention.inc"

@@ -207,6 +207,22 @@ PYBIND11_MODULE(_C, m) {
                            ptr<const float>(bias), ptr<float>(y));
       });
   m.def(
+      "decode_attention",
+      // shapes and strides in elements; keep is a bool [batch, L] mask (row keep_bs apart) or 0 for all rows
+      [](int isa, int threads, u64 q, u64 k, u64 v, u64 keep, int64_t batch, int64_t kv_heads, int64_t group,
+         int64_t L, int64_t d, int64_t dv, int64_t k_bs, int64_t k_hs, int64_t k_ls, int64_t v_bs, int64_t v_hs,
+         int64_t v_ls, int64_t keep_bs, double scale, u64 out) {
+        if (batch < 1 || kv_heads < 1 || group < 1 || L < 1 || d < 1 || dv < 1 || k_ls < d || v_ls < dv ||
+            L > INT32_MAX)
+          throw std::invalid_argument("bad decode attention shape");
+        const st::DecodeAttention a{ptr<const float>(q), ptr<const float>(k), ptr<const float>(v),
+                                    ptr<const uint8_t>(keep), batch, kv_heads, group, L, d, dv, k_bs, k_hs, k_ls,
+                                    v_bs, v_hs, v_ls, keep_bs, (float)scale, ptr<float>(out)};
+        isa = checked_isa(isa);
+        py::gil_scoped_release nogil;
+        st::decode_attention(isa, threads, a);
+      });
+  m.def(
       "colmask_to_dense_t",
       [](int isa, int threads, int64_t out, int64_t in, u64 mask, u64 start, u64 values, int vtype, u64 scales,
          u64 dense_t) {

@@ -42,8 +42,14 @@ def _llama(kv_heads: int, attn: str = "sdpa"):
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
-def test_static_cache_generate_gives_sdpa_tokens():
-    """Static cache (what compile_decode sets up), run eagerly: the masks of its unfilled slots must come along."""
+def test_static_cache_generate_gives_sdpa_tokens(monkeypatch):
+    """Static cache (what compile_decode sets up), run eagerly: the masks of its unfilled slots must come along,
+    and every decode step's attention runs on the compiled kernel where it is built."""
+    from sparsetorch.kernels import custom_ops, inference_ops
+
+    calls = []
+    real = custom_ops.decode_attention
+    monkeypatch.setattr(custom_ops, "decode_attention", lambda *a: calls.append(a[3]) or real(*a))
     model = _llama(kv_heads=2)
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(2))
     model.generation_config.cache_implementation = "static"
@@ -52,6 +58,9 @@ def test_static_cache_generate_gives_sdpa_tokens():
         assert use_packed_decode_attention(model) and model.config._attn_implementation == ATTENTION
         got = model.generate(ids, max_new_tokens=12, do_sample=False)
     assert torch.equal(got, want)
+    if inference_ops.available():  # 2 layers x 11 decode steps, each with the static cache's slot mask
+        assert len(calls) == 22 and all(keep is not None and keep.shape[0] == 2 for keep in calls)
+        assert calls[0].sum(1).tolist() == [8, 8]  # first decode step: the 7 prompt slots and its own
 
 
 def test_only_grouped_query_sdpa_models_switch():

@@ -7,17 +7,25 @@ whole static cache in every layer at every token. Between two layers' attention 
 that cache, so the copy and the SDPA that reads it come from memory. On the 1B preset of bench_decode (4 kv
 heads for 32 query heads, 70% int8, 2 threads, 128-token prompt) the compiled decode step took 37.1-43.0 ms
 per token with ``sdpa`` and 32.9-35.7 ms with this, 1.17x (``benchmarks/bench_gqa_attention.py --rounds 3``).
-The math is ``sdpa``'s.
+The math is ``sdpa``'s. In fp32 with the compiled kernels built, one query token runs on
+``kernels.decode_attention`` instead (every query head of a key/value head per read of the cache, masked rows
+of a static cache not read, no SDPA dispatch): on a 2-core AVX2 VM (Zen 3) the compiled 70% int8 step was within
+noise of SDPA's (1.03x, ``benchmarks/results/decode_attention_1b_avx2.json``), where Linears take ~95% of it.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import custom_ops, decode_attention
+
 __all__ = ["ATTENTION", "packed_decode_attention", "use_packed_decode_attention"]
 
 ATTENTION = "sparsetorch_sdpa"  # the name under which transformers finds this attention (and sdpa's masks)
+_UNSUPPORTED = ("position_bias", "softcap", "s_aux", "sinks")  # attention variants left to transformers' sdpa
 
 
 def packed_decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -26,17 +34,34 @@ def packed_decode_attention(module: nn.Module, query: torch.Tensor, key: torch.T
     """transformers' attention signature: query [b, h, q, d], key/value [b, kv, L, d] -> ([b, q, h, d], None)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    group = getattr(module, "num_key_value_groups", 1)
     b, h, q, d = query.shape
-    if q != 1 or group == 1 or dropout or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None:
+    kv = key.shape[1]
+    if (q != 1 or dropout or h % kv or any(kwargs.get(k) is not None for k in _UNSUPPORTED)
+            or (attention_mask is not None and attention_mask.shape[1] != 1 and kv != h)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    mask = attention_mask
-    if mask is not None and mask.shape[1] != 1:  # a mask per query head: grouped like the heads
-        mask = mask.reshape(mask.shape[0], h // group, group, mask.shape[-1])
-    out = F.scaled_dot_product_attention(query.reshape(b, h // group, group, d), key, value, attn_mask=mask,
+    group = h // kv
+    keep = _keep_rows(attention_mask, b, key.shape[2])
+    if keep is not False and decode_attention.supported(query, key, value, keep):  # the compiled kernel
+        scale = 1 / math.sqrt(d) if scaling is None else scaling
+        out = custom_ops.decode_attention(query.reshape(b, kv, group, d), key, value, keep, scale)
+        return out.view(b, 1, h, value.shape[-1]), None
+    if group == 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    out = F.scaled_dot_product_attention(query.reshape(b, kv, group, d), key, value, attn_mask=attention_mask,
                                          scale=scaling)  # [b, kv, group, d]: group g of head k is query head k*group+g
     return out.reshape(b, h, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+def _keep_rows(mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None | bool:
+    """The cache rows one query token attends to, [batch, length] bool, from transformers' mask [b or 1, 1 or
+    heads, 1, length]: None for every row, False for a mask the kernel does not take (additive, per head)."""
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-1] != length:
+        return False
+    return mask[:, 0, -1, :].expand(batch, length)
 
 
 def _register() -> None:

@@ -15,9 +15,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import decode_attention as attention
 from . import inference_ops, loader
 
-__all__ = ["bitmask_linear", "csr_linear", "nm_linear", "bsr_linear", "colmask_linear"]
+__all__ = ["bitmask_linear", "csr_linear", "nm_linear", "bsr_linear", "colmask_linear", "decode_attention"]
 
 
 def _run(kind: str, static: tuple, x: Tensor, bias: Optional[Tensor], threads: int) -> Tensor:
@@ -41,6 +42,7 @@ _SCHEMAS = {
                   "int out_features, int threads)",
     "colmask_linear": "(Tensor x, Tensor mask, Tensor start, Tensor values, Tensor? scales, Tensor threshold, "
                       "Tensor? bias, int in_features, int out_features, bool skip_columns, int threads)",
+    "decode_attention": "(Tensor query, Tensor key, Tensor value, Tensor? keep, float scale, int threads)",
 }
 
 
@@ -83,7 +85,7 @@ def _output(x: Tensor, in_features: int, out_features: int) -> Tensor:
 
 
 _KERNELS = {"bitmask_linear": _bitmask, "csr_linear": _csr, "nm_linear": _nm, "bsr_linear": _bsr,
-            "colmask_linear": _colmask}
+            "colmask_linear": _colmask, "decode_attention": attention.decode_attention}
 _FAKES = {
     "bitmask_linear": lambda x, mask, row_start, values, scales, bias, in_features, out_features, *_: (
         _output(x, in_features, out_features)),
@@ -94,6 +96,8 @@ _FAKES = {
         _output(x, in_features, out_features)),
     "colmask_linear": lambda x, mask, start, values, scales, threshold, bias, in_features, out_features, *_: (
         _output(x, in_features, out_features)),
+    "decode_attention": lambda query, key, value, *_: query.new_empty(
+        (query.shape[0], query.shape[1] * query.shape[2], value.shape[3])),
 }
 
 
@@ -147,3 +151,10 @@ def bsr_linear(x: Tensor, indptr: Tensor, indices: Tensor, values: Tensor, bias:
                out_features: int, threads: int = 0) -> Tensor:
     """x [B, in] @ W^T + bias for W in BSR (kernels.packed.BSRWeight)."""
     return torch.ops.sparsetorch.bsr_linear(x, indptr, indices, values, bias, in_features, out_features, threads)
+
+
+def decode_attention(query: Tensor, key: Tensor, value: Tensor, keep: Optional[Tensor], scale: float,
+                     threads: int = 0) -> Tensor:
+    """One query token's attention (kernels.decode_attention): query [b, kv, group, d], key/value [b, kv, L, d],
+    keep [b, L] bool or None -> [b, kv * group, dv]."""
+    return torch.ops.sparsetorch.decode_attention(query, key, value, keep, scale, threads)
