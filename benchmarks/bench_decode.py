@@ -42,7 +42,6 @@ import datetime as dt
 import gc
 import json
 import multiprocessing
-import platform
 import statistics
 import sys
 import tempfile
@@ -57,7 +56,7 @@ import torch
 import sparsetorch
 from sparsetorch.inference import compile_decode
 from sparsetorch.kernels.huge_pages import move_to_huge_pages
-from sparsetorch.kernels.microbench import copy_bandwidth
+from sparsetorch.kernels.microbench import copy_bandwidth, machine
 from sparsetorch.oneshot.heap import return_freed_memory
 
 PRESETS = {
@@ -306,7 +305,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     bandwidth = copy_bandwidth()
-    head = (f"{dt.date.today()}  {platform.processor() or platform.machine()}  threads={args.threads}  "
+    head = (f"{dt.date.today()}  {machine()}  threads={args.threads}  "
             f"({'process CPU time' if args.threads == 1 else 'wall time'})  preset={args.preset}  torch {torch.__version__}  read bandwidth {bandwidth['read_gbs']:.1f} GB/s")
     rows = [] if args.encoder_only else decoder_rows(args, bandwidth)
     encoder = encoder_table(args) if args.encoder or args.encoder_only else []
@@ -324,7 +323,7 @@ def main() -> None:
     name = "encoder" if args.encoder_only else args.preset
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"decode_{name}.json"
     dense = rows[0]["dense"] if rows else None
-    out.write_text(json.dumps({"date": str(dt.date.today()), "machine": platform.processor() or platform.machine(),
+    out.write_text(json.dumps({"date": str(dt.date.today()), "machine": machine(),
                                "command": "python benchmarks/bench_decode.py " + " ".join(sys.argv[1:]),
                                "threads": args.threads, "args": vars(args), "bandwidth": bandwidth, "dense_fp32": dense,
                                "rows": [{k: v for k, v in r.items() if k not in ("tokens", "dense")} for r in rows],
