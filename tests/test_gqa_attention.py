@@ -28,6 +28,22 @@ def test_packed_attention_equals_sdpa_for_one_query_token(mask_heads):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_decode_attention_traces_in_one_graph():
+    """Inside a compiled decode step it must not break the graph: a break there leaves each layer's attention a
+    frame of its own, recompiled per layer index until dynamo's limit, after which the step runs eager."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 8, 1, 16, generator=g), torch.randn(1, 2, 12, 16, generator=g),
+               torch.randn(1, 2, 12, 16, generator=g))
+    mask = torch.ones(1, 1, 1, 12, dtype=torch.bool)
+    mask[..., 9:] = False
+
+    def step(q, k, v, mask):
+        return packed_decode_attention(_Attn(), q, k, v, mask, scaling=0.25)[0]
+
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(step, fullgraph=True)(q, k, v, mask), step(q, k, v, mask))
+
+
 def test_prompts_fall_back_to_sdpa():
     g = torch.Generator().manual_seed(1)
     q, k, v = torch.randn(1, 8, 5, 16, generator=g), torch.randn(1, 2, 5, 16, generator=g), torch.randn(1, 2, 5, 16, generator=g)

@@ -1,7 +1,7 @@
 """Fast CPU inference for pruned models: ``to_inference`` swaps layers for compiled kernels chosen by measuring.
 
 * ``convert``: ``to_inference``, the entry point (structure detection, per-layer candidates).
-* ``packed_modules``: the layer modules it puts in place (PackedLinear, PackedConv2d).
+* ``packed_modules``: the layer modules it puts in place (PackedLinear, PackedConv2d, SparsifiedInputLinear).
 * ``activation_sparsity``: TEAL thresholds per Linear input (calibrate, attach in torch, state_dict).
 * ``kernel_choice``: timing candidates, checking they agree, and the per-process kernel cache.
 * ``compiled_decode``: ``compile_decode``, torch.compile of a converted model's decode step (``compile=True``).
@@ -18,9 +18,9 @@ from .compiled_decode import compile_decode
 from .convert import to_inference
 from .fused_chain import FusedChain
 from .kernel_choice import clear_kernel_cache
-from .packed_modules import PackedConv2d, PackedLinear
+from .packed_modules import PackedConv2d, PackedLinear, SparsifiedInputLinear
 
-__all__ = ["to_inference", "PackedLinear", "PackedConv2d", "clear_kernel_cache", "FusedChain",
+__all__ = ["to_inference", "PackedLinear", "PackedConv2d", "SparsifiedInputLinear", "clear_kernel_cache", "FusedChain",
            "calibrate_activation_sparsity", "ActivationSparsity", "compile_decode", "use_huge_pages"]
 
 _RENAMED = {"SparseLinear": "PackedLinear", "SparseConv2d": "PackedConv2d"}

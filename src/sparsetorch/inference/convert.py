@@ -37,7 +37,7 @@ from .arena import use_huge_pages
 from .chain_decision import fuse_chains
 from .compiled_decode import compile_decode
 from .kernel_choice import EVICT_BYTES, KERNEL_CACHE, max_error, rtol, time_candidates
-from .packed_modules import PackedConv2d, PackedLinear
+from .packed_modules import PackedConv2d, PackedLinear, SparsifiedInputLinear
 from .siblings import fuse_siblings
 
 __all__ = ["to_inference", "detect_structure"]
@@ -252,7 +252,9 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
     or dense, on the column kernel that skips the weights of zeroed inputs (values as ``values``; with fp32
     values it streams them all, which measured faster: ``ColumnBitmaskWeight.skip_columns``). Each such layer is
     checked against torch on its input with the thresholds applied (``activation_sparsity.attach``); the
-    whole model is not, as a float-order difference upstream can move an input across its threshold.
+    whole model is not, as a float-order difference upstream can move an input across its threshold. Each is
+    also timed on one row against the fastest row kernel behind the same threshold (``SparsifiedInputLinear``),
+    which keeps it where skipping columns does not pay (int8 x int8 rows with VNNI, CPUs without AVX-512).
     ``compile=True`` returns the model through :func:`~sparsetorch.inference.compiled_decode.compile_decode`:
     a decoder's ``generate()`` then compiles its decode step with ``torch.compile`` (static KV cache), any
     other model is returned ``torch.compile``'d. The sparse layers are ``torch.ops.sparsetorch`` operators in
@@ -281,12 +283,14 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
     plan = []
     for name, mod in list(inf.named_modules()):
         if name in thresholded:
-            new = _column_layer(mod, activation_sparsity.thresholds[name], values)
-            _check_column_layer(name, new, mod, seen.get(name))
+            threshold = activation_sparsity.thresholds[name]
+            column = _column_layer(mod, threshold, values)
+            _check_column_layer(name, column, mod, seen.get(name))
+            new, kernel, times = _column_or_rows(column, mod, threshold, values, seen.get(name), budget_s, cold)
             plan.append({"layer": name, "type": "Linear", "shape": [mod.out_features, mod.in_features],
                          "density": float((mod.weight != 0).float().mean()), "pattern": "activation-sparse",
-                         "batch": 1, "kernel": new.kernel, "threshold": activation_sparsity.thresholds[name],
-                         "ms": {}, "skipped": {}})
+                         "batch": 1, "kernel": kernel, "threshold": threshold,
+                         "ms": {k: v * 1e3 for k, v in times.items()}, "skipped": {}})
             inf.set_submodule(name, new)
             continue
         # dense Linears (an LLM's lm_head) are candidates too: in a lossy value type, and at decode, where our
@@ -361,6 +365,30 @@ def _column_layer(mod: nn.Linear, threshold: float, values: str) -> PackedLinear
     packed = ColumnBitmaskWeight.from_dense(mod.weight.detach(), threshold, values)
     kernel = packed.format if has_extension() else "torch-" + packed.format
     return PackedLinear(mod.in_features, mod.out_features, mod.bias, kernel, packed)
+
+
+def _column_or_rows(column: PackedLinear, mod: nn.Linear, threshold: float, values: str, x: torch.Tensor | None,
+                    budget_s: float, cold: bool) -> tuple[nn.Module, str, dict[str, float]]:
+    """The column layer, or the fastest row kernel behind the same input threshold (SparsifiedInputLinear) where
+    that is faster on one row of the layer's input: (layer, kernel name, seconds per call of each)."""
+    if x is None or not has_extension():
+        return column, column.kernel, {}
+    x = x.reshape(-1, mod.in_features)[:1].float()
+    w = mod.weight.detach()
+    structure = detect_structure(w)
+    key = ("thresholded", *w.shape, round(float((w != 0).float().mean()), 3), _signature(structure),
+           torch.get_num_threads(), extension_isa(), values, cold)
+    kernel, row, _, _ = _choose(key, mod, x, _cpu_candidates(w, mod.bias, structure, values), budget_s, False, cold)
+    rows = SparsifiedInputLinear(threshold, row if row is not None else mod)
+    times: dict[str, float] = {}
+    if ("column-or-rows", *key) not in KERNEL_CACHE:  # cached like every choice: one process converts alike
+        with torch.no_grad():
+            times = time_candidates({"column": lambda: column(x), "rows": lambda: rows(x)}, budget_s, False, cold)
+        KERNEL_CACHE[("column-or-rows", *key)] = "column" if times["column"] <= times["rows"] else "rows"
+    times = {(column.kernel if k == "column" else "rows/" + kernel): v for k, v in times.items()}
+    if KERNEL_CACHE[("column-or-rows", *key)] == "column":
+        return column, column.kernel, times
+    return rows, "rows/" + kernel, times
 
 
 def _check_column_layer(name: str, new: PackedLinear, mod: nn.Linear, x: torch.Tensor | None) -> None:

@@ -17,11 +17,18 @@ from . import inference_ops, loader
 __all__ = ["decode_attention", "supported"]
 
 
+@torch.compiler.assume_constant_result
+def _built() -> bool:
+    """Whether the extension is built and enabled; a constant to torch.compile, which would otherwise break the
+    graph on the check's environment read and cached import."""
+    return inference_ops.available()
+
+
 def supported(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor | None) -> bool:
     """Whether ``decode_attention`` runs these (fp32 CPU, unit last strides, a bool keep mask of the cache's
     length) with the extension built; otherwise use SDPA."""
     tensors = (query, key, value) if keep is None else (query, key, value, keep)
-    return (inference_ops.available()
+    return (_built()
             and all(t.device.type == "cpu" and t.stride(-1) == 1 for t in tensors)
             and query.dtype == key.dtype == value.dtype == torch.float32
             and query.dim() == 4 and key.dim() == 4 and value.dim() == 4 and key.shape[2] > 0
