@@ -17,7 +17,7 @@ from setuptools.command.build_ext import build_ext
 
 SOURCES = ["csrc/module.cpp", "csrc/dispatch.cpp", "csrc/chain.cpp", "csrc/kernels_generic.cpp",
            "csrc/kernels_avx2.cpp", "csrc/kernels_avx512.cpp",
-           "csrc/decode_dispatch.cpp", "csrc/decode_vnni.cpp"]
+           "csrc/decode_dispatch.cpp", "csrc/decode_vnni.cpp", "csrc/decode_q8_avx2.cpp"]
 # rebuild when these change
 DEPENDS = ["csrc/isa.h", "csrc/kernels.h", "csrc/dispatch.h", "csrc/chain.h", "csrc/kernels_impl.inc", "csrc/parallel.h",
            "csrc/decode.h", "csrc/decode_impl.inc", "csrc/decode_columns.inc", "csrc/attention.inc"]

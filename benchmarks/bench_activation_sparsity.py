@@ -15,14 +15,13 @@ the same numbers up to float order, tests/test_activation_sparsity.py).
 
     nice python benchmarks/bench_activation_sparsity.py --threads 2
 
-Results go to benchmarks/results/activation_sparsity.json.
+Results go to benchmarks/results/activation_sparsity.json (``--out`` for another file).
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from sparsetorch.inference import PackedLinear, calibrate_activation_sparsity
 from sparsetorch.inference.activation_sparsity import magnitude_threshold
 from sparsetorch.kernels.bitmask_weight import BitmaskWeight
 from sparsetorch.kernels.column_bitmask import ColumnBitmaskWeight
+from sparsetorch.kernels.microbench import machine
 from sparsetorch.recovery import DistillLoss, distill
 
 HERE = Path(__file__).resolve().parent
@@ -154,16 +154,17 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=400)
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "activation_sparsity.json")
     args = ap.parse_args()
     args.activation_sparsity = [float(a) for a in args.activation_sparsity.split(",")]
     torch.set_num_threads(args.threads)
-    out = {"date": str(dt.date.today()), "machine": platform.processor() or platform.machine(), "threads": args.threads,
-           "torch": torch.__version__, "args": {k: v for k, v in vars(args).items()}}
+    out = {"date": str(dt.date.today()), "machine": machine(), "threads": args.threads,
+           "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()}}
     if not args.skip_speed:
         out["layers"] = layer_speed(args)
     if not args.skip_quality:
         out["quality"] = quality(args)
-    path = HERE / "results" / "activation_sparsity.json"
+    path = args.out
     if path.is_file():  # a --skip-speed / --skip-quality run keeps the other part's last results
         kept = json.loads(path.read_text())
         out = {**{k: kept[k] for k in ("layers", "quality") if k in kept and k not in out}, **out}

@@ -294,6 +294,8 @@ def main() -> None:
     ap.add_argument("--encoder-only", action="store_true", help="only the encoder table")
     ap.add_argument("--activation-sparsity", default="0", help="comma-separated fractions, e.g. 0,0.4,0.5")
     ap.add_argument("--skip-baselines", action="store_true", help="no int8 dense baselines (dense fp32 still timed)")
+    ap.add_argument("--baselines", default="", help="only the dense baselines whose name contains one of these "
+                    "comma-separated words (e.g. int8); default all")
     ap.add_argument("--compile", action="store_true",
                     help="also every sparse model (and dense fp32) with its decode step compiled (to_inference(compile=True))")
     ap.add_argument("--out", help="results file (default: benchmarks/results/decode_<preset>.json)")
@@ -419,6 +421,8 @@ def decoder_rows(args, bandwidth) -> list[dict]:
     kinds += ["fp32 (torch, compiled)"] if args.compile else []
     kinds += [] if args.skip_baselines else ["fp32 (ours)", "int8 (ours)"]
     kinds += ["int8 (ours, compiled)"] if args.compile and not args.skip_baselines else []
+    if args.baselines:  # only the kinds naming one of these, e.g. "int8"
+        kinds = [k for k in kinds if any(b.strip() in k for b in args.baselines.split(","))]
     for kind in kinds:
         row = isolated(args, _baseline, args, ids, kind)
         if row is not None:

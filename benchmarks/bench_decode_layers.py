@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsetorch.kernels import microbench as bench
-from sparsetorch.kernels.bitmask_weight import BitmaskWeight, has_vnni
+from sparsetorch.kernels.bitmask_weight import BitmaskWeight, has_int8_activations
 
 # (name, out, in, per token) of the 1B preset (hidden 2048, MLP 5632, 32 heads of 64, 4 kv heads, 22 blocks)
 LAYERS = [("qkv", 2048 + 2 * 256, 2048, 22), ("o_proj", 2048, 2048, 22), ("gate_up", 2 * 5632, 2048, 22),
@@ -52,7 +52,7 @@ def layer_rows(name: str, out: int, inp: int, reps: int, threads: int, min_bytes
     x = torch.randn(n_rows, inp, generator=gen)
     weights = {"dense torch fp32": w}
     for fmt, sparsity, values, q8 in FORMATS:
-        if q8 and not has_vnni():
+        if q8 and not has_int8_activations():
             continue
         src = w if sparsity is None else pruned(w, sparsity)
         weights[fmt] = BitmaskWeight.from_dense(src, values=values, quantize_input=q8, dense=sparsity is None)

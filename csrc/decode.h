@@ -94,10 +94,18 @@ void bitmask_rows_q8(const Bitmask& w, const QuantX& qx, int64_t nb, const float
 }  // namespace vnni
 bool has_vnni();  // the CPU has AVX-512 VNNI and VBMI2 (and the F/BW/VL/DQ tier)
 
+namespace q8avx2 {
+// The same on AVX2 (decode_q8_avx2.cpp); x16 [nb, qx.ld]: the activations as signed 16-bit codes (signed_codes)
+void signed_codes(const QuantX& qx, int64_t nb, int16_t* x16);
+void bitmask_rows_q8(const Bitmask& w, const QuantX& qx, const int16_t* x16, int64_t nb, const float* bias, float* y,
+                     int64_t ys, int64_t r0, int64_t r1);
+}  // namespace q8avx2
+
 // Threaded drivers (decode_dispatch.cpp).
 void bitmask_linear(int isa, int threads, const Bitmask& w, int64_t out, const float* x, int64_t nb, int64_t xs,
                     const float* bias, float* y);
-void bitmask_linear_q8(int threads, const Bitmask& w, int64_t out, const float* x, int64_t nb, int64_t xs,
+// int8 activations: the VNNI kernel at isa 2 where the CPU has it, else the AVX2 one (isa >= 1)
+void bitmask_linear_q8(int isa, int threads, const Bitmask& w, int64_t out, const float* x, int64_t nb, int64_t xs,
                        const float* bias, float* y);
 void bitmask_to_dense(int isa, int threads, const Bitmask& w, int64_t out, float* dense);
 // Many rows (prefill): X transposed into panels of 64 or 128 rows, all run through bitmask_spmm per chunk of rows.

@@ -130,16 +130,24 @@ void bitmask_linear(int isa, int threads, const Bitmask& w, int64_t out, const f
   over_rows(threads, w, out, nb, [&](int64_t r0, int64_t r1) { rows(w, x, xs, nb, bias, y, out, r0, r1); });
 }
 
-void bitmask_linear_q8(int threads, const Bitmask& w, int64_t out, const float* x, int64_t nb, int64_t xs,
+void bitmask_linear_q8(int isa, int threads, const Bitmask& w, int64_t out, const float* x, int64_t nb, int64_t xs,
                        const float* bias, float* y) {
   const int64_t ld = (w.in + 63) / 64 * 64;
   const int64_t groups = (w.in + QX_GROUP - 1) / QX_GROUP;
+  const bool vnni = isa == 2 && has_vnni();
   std::vector<uint8_t> codes((size_t)(nb * ld));
   std::vector<uint64_t> signs((size_t)(nb * ld / 64));
   std::vector<float> scale((size_t)(nb * groups));
-  avx512::quantize_rows(x, xs, nb, w.in, codes.data(), signs.data(), ld, scale.data());
+  (vnni ? avx512::quantize_rows : avx2::quantize_rows)(x, xs, nb, w.in, codes.data(), signs.data(), ld, scale.data());
   const QuantX qx{codes.data(), signs.data(), ld, scale.data(), groups};
-  over_rows(threads, w, out, nb, [&](int64_t r0, int64_t r1) { vnni::bitmask_rows_q8(w, qx, nb, bias, y, out, r0, r1); });
+  if (vnni) {
+    over_rows(threads, w, out, nb, [&](int64_t r0, int64_t r1) { vnni::bitmask_rows_q8(w, qx, nb, bias, y, out, r0, r1); });
+    return;
+  }
+  std::vector<int16_t> x16((size_t)(nb * ld));
+  q8avx2::signed_codes(qx, nb, x16.data());
+  over_rows(threads, w, out, nb,
+            [&](int64_t r0, int64_t r1) { q8avx2::bitmask_rows_q8(w, qx, x16.data(), nb, bias, y, out, r0, r1); });
 }
 
 // X^T in panels of PW batch rows (zero-padded), threads over chunks of output rows; each chunk runs

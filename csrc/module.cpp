@@ -157,17 +157,17 @@ PYBIND11_MODULE(_C, m) {
   m.def("has_vnni", &st::has_vnni, "AVX-512 VNNI + VBMI2 (int8 x int8 bitmask kernels)");
   m.def(
       "bitmask_linear",
-      // tile is unused (one signature with the other kernels); qx = 1 quantizes x to int8 (VNNI kernel)
+      // tile is unused (one signature with the other kernels); qx = 1 quantizes x to int8 (VNNI / AVX2 kernel)
       [](int isa, int threads, int /*tile*/, int64_t out, int64_t in, u64 mask, int64_t words, u64 row_start,
          u64 values, int vtype, u64 scales, int64_t group, int qx, u64 x, int64_t batch,
          int64_t x_stride, u64 bias, u64 y) {
         const st::Bitmask w = bitmask(out, in, mask, words, row_start, values, vtype, scales, group);
         if (batch < 1 || x_stride < in) throw std::invalid_argument("bad input shape");
         isa = checked_isa(isa);
-        if (qx && (vtype != st::VALUES_I8 || group % 64 != 0 || !st::has_vnni()))
-          throw std::invalid_argument("int8 activations need int8 values, group % 64 == 0 and VNNI");
+        if (qx && (vtype != st::VALUES_I8 || group % 64 != 0 || isa < 1))
+          throw std::invalid_argument("int8 activations need int8 values, group % 64 == 0 and AVX2 or VNNI");
         py::gil_scoped_release nogil;
-        if (qx) st::bitmask_linear_q8(threads, w, out, ptr<const float>(x), batch, x_stride, ptr<const float>(bias),
+        if (qx) st::bitmask_linear_q8(isa, threads, w, out, ptr<const float>(x), batch, x_stride, ptr<const float>(bias),
                                       ptr<float>(y));
         else st::bitmask_linear(isa, threads, w, out, ptr<const float>(x), batch, x_stride, ptr<const float>(bias),
                                 ptr<float>(y));

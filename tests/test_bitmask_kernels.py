@@ -42,11 +42,16 @@ def test_matches_dequantized_weight(shape, values, dense):
             assert torch.allclose(y, ref, rtol=1e-4, atol=1e-4), (isa, batch)
 
 
-@pytest.mark.skipif(not has_vnni(), reason="needs AVX-512 VNNI + VBMI2")
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
 @pytest.mark.parametrize("dense", [False, True])
 @pytest.mark.parametrize("group", [None, 64, 128])
 @pytest.mark.parametrize("shape", [(96, 320), (33, 1000), (130, 2048)])
-def test_int8_activations_match_their_quantization(dense, group, shape):
+def test_int8_activations_match_their_quantization(isa, dense, group, shape, monkeypatch):
+    """The int8 x int8 kernels, VNNI (avx512) and AVX2 (csrc/decode_q8_avx2.cpp), on every one this CPU runs."""
+    level = ("generic", "avx2", "avx512").index(isa)
+    if level > inference_ops.isa_level() or (isa == "avx512" and not has_vnni()):
+        pytest.skip(f"this CPU has no {'AVX-512 VNNI' if isa == 'avx512' else isa}")
+    monkeypatch.setattr(inference_ops, "isa_level", lambda: level)
     out, n = shape
     w = _weight(out, n, 0.7)
     p = BitmaskWeight.from_dense(w, "int8", group_size=group, quantize_input=True, dense=dense)

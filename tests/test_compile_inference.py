@@ -7,7 +7,7 @@ from torch import nn
 
 from sparsetorch.inference import PackedLinear
 from sparsetorch.kernels import has_extension
-from sparsetorch.kernels.bitmask_weight import BitmaskWeight, has_vnni
+from sparsetorch.kernels.bitmask_weight import BitmaskWeight, has_int8_activations
 from sparsetorch.kernels.column_bitmask import ColumnBitmaskWeight
 from sparsetorch.kernels.packed import BSRWeight, CSRWeight, NMWeight
 
@@ -35,7 +35,7 @@ def _layers():
              ("bsr", lambda w: BSRWeight.from_dense(w, 4, 4)),
              ("bitmask-columns", lambda w: ColumnBitmaskWeight.from_dense(w, threshold=0.4)),
              ("bitmask-columns", lambda w: ColumnBitmaskWeight.from_dense(w, threshold=0.2, values="int8"))]
-    if has_vnni():
+    if has_int8_activations():
         specs.append(("bitmask", lambda w: BitmaskWeight.from_dense(w, "int8", quantize_input=True)))
     layers = []
     for i, (kind, pack) in enumerate(specs):

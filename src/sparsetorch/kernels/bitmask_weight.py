@@ -21,7 +21,7 @@ from ..formats import index_checks
 from . import custom_ops, inference_ops, loader
 from .packed import PackedWeight
 
-__all__ = ["BitmaskWeight", "VALUE_TYPES", "has_vnni"]
+__all__ = ["BitmaskWeight", "VALUE_TYPES", "has_vnni", "has_int8_activations"]
 
 VALUE_TYPES = {"fp32": (0, torch.float32), "bf16": (1, torch.bfloat16), "fp16": (2, torch.float16),
                "int8": (3, torch.int8)}
@@ -34,6 +34,13 @@ def has_vnni() -> bool:
     ext = loader.load(loader.INFERENCE)
     return bool(ext is not None and hasattr(ext, "has_vnni") and ext.has_vnni()
                 and inference_ops.isa_level() == 2)
+
+
+def has_int8_activations() -> bool:
+    """Whether ``quantize_input=True`` layers run here: the VNNI kernel, or the AVX2 one (csrc/decode_q8_avx2.cpp,
+    the same sums) on CPUs without it."""
+    ext = loader.load(loader.INFERENCE)
+    return bool(ext is not None and inference_ops.isa_level() >= 1)
 
 
 ACT_GROUP = 256  # input columns per activation scale of the int8 x int8 kernel (csrc/decode.h QX_GROUP)
