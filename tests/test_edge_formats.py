@@ -14,7 +14,6 @@ import sparsetorch.edge as edge
 from sparsetorch.edge.linear import Linear, bitmask_kernels
 from sparsetorch.edge.weights import bf16_to_float, decode_matrix, encode_matrix, pack_mask, to_bf16
 from sparsetorch.errors import SparsityError
-from sparsetorch.kernels.loader import BITMASK_MANY_ROWS
 from sparsetorch.kernels.bitmask_weight import BitmaskWeight
 from sparsetorch.kernels.bitmask_weight import pack_mask as torch_pack_mask
 
@@ -70,9 +69,10 @@ def test_kernels_numpy_and_torch_agree_on_the_stored_weight(values, shape, densi
         if bitmask_kernels() is not None:
             with torch.no_grad():
                 ext = twin.linear(torch.from_numpy(x), torch.from_numpy(bias), backend="ext").numpy()
-            # for many rows each runtime picks its own kernel (the panel kernel, or unpack + BLAS, or the torch
-            # runtime's faster-on-first-call choice): the same products summed in another order
-            tol = 1e-6 if rows < BITMASK_MANY_ROWS else 1e-5
+            # each runtime may pick its own kernel (for many rows the panel kernel, or unpack + BLAS, or the torch
+            # runtime's faster-on-first-call choice; on AVX2 a dense row's dot product): the same products summed
+            # in another order, outputs up to ~20 here
+            tol = 1e-5
             np.testing.assert_allclose(Linear(decode_matrix("w", parts, meta), bias, "compiled")(x), ext,
                                        rtol=tol, atol=tol)
 
