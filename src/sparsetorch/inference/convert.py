@@ -382,6 +382,8 @@ def _column_or_rows(column: PackedLinear, mod: nn.Linear, threshold: float, valu
     structure = detect_structure(w)
     key = ("thresholded", *w.shape, round(float((w != 0).float().mean()), 3), _signature(structure),
            torch.get_num_threads(), extension_isa(), values, cold)
+    if KERNEL_CACHE.get(("column-or-rows", *key)) == "column":  # decided before: no row kernels to pack
+        return column, column.kernel, {}
     kernel, row, _, _ = _choose(key, mod, x, _cpu_candidates(w, mod.bias, structure, values), budget_s, False, cold)
     rows = SparsifiedInputLinear(threshold, row if row is not None else mod)
     times: dict[str, float] = {}
