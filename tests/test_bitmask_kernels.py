@@ -92,7 +92,7 @@ def test_to_inference_decoder_values(pruned_llama):
     with torch.no_grad():
         ref = model.generate(ids, max_new_tokens=6, do_sample=False)
     fast = sparsetorch.to_inference(model, (ids,), budget_s=0.02)
-    assert all(p["batch"] == 1 for p in fast.sparsetorch_plan)  # a decoder is timed on one row (decode)
+    assert all(p["batch"] == 1 for p in fast.sparsetorch_plan if p["type"] != "SiblingLinear")  # a decoder is timed on one row (decode)
     head = next(p for p in fast.sparsetorch_plan if p["layer"] == "lm_head")  # dense: our kernel vs torch's
     assert head["kernel"] in ("dense", "dense-fp32") and set(head["ms"]) in (set(), {"dense", "dense-fp32"})  # set(): cached
     with torch.no_grad():

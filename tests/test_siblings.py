@@ -1,10 +1,14 @@
 """Linears fed the same input run as one kernel call (inference/siblings.py)."""
+import copy
+
 import pytest
 import torch
 
 import sparsetorch
 from sparsetorch.kernels import has_extension
 from sparsetorch.kernels.bitmask_weight import BitmaskWeight
+from sparsetorch.inference import convert, sibling_choice
+from sparsetorch.inference.sibling_choice import Sibling
 from sparsetorch.inference.siblings import SiblingLinear
 
 pytestmark = pytest.mark.skipif(not has_extension(), reason="compiled kernels not built")
@@ -42,11 +46,11 @@ def test_decoder_projections_share_one_call(pruned_llama):
     model = pruned_llama(hidden=128, intermediate=256, bias=True)
     ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(0))
     fused = sparsetorch.to_inference(model, (ids,), budget_s=0.02, values="int8")
-    apart = sparsetorch.to_inference(model, (ids,), budget_s=0.02, values="int8", fuse=False)
     groups = [row["members"] for row in fused.sparsetorch_plan if row["type"] == "SiblingLinear"]
     assert [m.rpartition(".")[2] for m in groups[0]] == ["q_proj", "k_proj", "v_proj"]  # biases included
     assert [m.rpartition(".")[2] for m in groups[1]] == ["gate_proj", "up_proj"]
-    assert len(groups) == 4 and not any(isinstance(m, SiblingLinear) for m in apart.modules())
+    assert len(groups) == 4
+    apart = _unfused(fused)
     with torch.no_grad():
         # the same rows on the same kernels: the same numbers, prompt and decode
         assert torch.equal(fused(ids).logits, apart(ids).logits)
@@ -62,6 +66,50 @@ def test_decoder_projections_share_one_call(pruned_llama):
         assert attn.k_proj._group._input is None  # every sibling served: the input is let go
     with torch.inference_mode():  # tensors without version counters
         assert torch.equal(fused(ids).logits, apart(ids).logits)
+
+
+def _unfused(model):
+    """A copy of ``model`` whose siblings each run their own rows of the combined weight."""
+    apart = copy.deepcopy(model)
+    for name, mod in list(apart.named_modules()):
+        if isinstance(mod, SiblingLinear):
+            apart.set_submodule(name, mod.layer)
+    assert not any(isinstance(m, SiblingLinear) for m in apart.modules())
+    return apart
+
+
+def test_unfused_conversion_keeps_siblings_apart(pruned_llama):
+    model = pruned_llama(hidden=128, intermediate=256, bias=True)
+    ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(0))
+    apart = sparsetorch.to_inference(model, (ids,), budget_s=0.02, values="int8", fuse=False)
+    assert not any(isinstance(m, SiblingLinear) for m in apart.modules())
+    assert not any("siblings_ms" in row for row in apart.sparsetorch_plan)
+
+
+@pytest.mark.parametrize("faster", ["shared", "apart"])
+def test_siblings_that_chose_different_layouts_share_one_where_faster(faster, monkeypatch):
+    """q_proj alone on the dense int8 layout, k_proj on the bitmask one: timed as one call on a layout both
+    offer against the two calls apart, the faster is kept (timings rigged to pick each)."""
+    ws = [_weight(32, 64, 1), _weight(32, 64, 2)]
+    layouts = {"q": "dense-int8", "k": "bitmask-int8"}
+    cands = {n: convert._lossy_candidates(w, None, "int8") for n, w in zip("qk", ws)}
+    siblings = [Sibling(n, cands[n][layouts[n]](), cands[n], ("key", n, faster)) for n in "qk"]
+    assert not BitmaskWeight.concatenable([s.chosen.packed for s in siblings])
+
+    def rigged(fns, budget_s, cuda, cold=False):
+        assert "apart" in fns and "bitmask-int8" in fns and "dense-int8" in fns
+        return {k: (1.0 if k == "apart" else 2.0 if k != "bitmask-int8" else 0.5 if faster == "shared" else 3.0)
+                for k in fns}
+    monkeypatch.setattr(sibling_choice, "time_candidates", rigged)
+    x = torch.randn(1, 64)
+    layout, layers, times = sibling_choice.shared_layout(siblings, x, 0.01, False)
+    assert set(times) >= {"apart", "bitmask-int8"}
+    if faster == "apart":
+        assert layout is None and layers == {}
+        return
+    assert layout == "bitmask-int8" and BitmaskWeight.concatenable([layers[n].packed for n in "qk"])
+    for n, w in zip("qk", ws):  # each sibling's own weight, in the shared layout
+        assert torch.allclose(layers[n](x), cands[n]["bitmask-int8"]()(x))
 
 
 def test_combined_model_compiles(pruned_llama):

@@ -38,7 +38,8 @@ from .chain_decision import fuse_chains
 from .compiled_decode import compile_decode
 from .kernel_choice import EVICT_BYTES, KERNEL_CACHE, max_error, rtol, time_candidates
 from .packed_modules import PackedConv2d, PackedLinear, SparsifiedInputLinear
-from .siblings import fuse_siblings
+from .sibling_choice import Sibling, shared_layout
+from .siblings import call_record, fuse_siblings, sibling_groups
 
 __all__ = ["to_inference", "detect_structure"]
 
@@ -199,20 +200,24 @@ def _as_args(example_inputs) -> tuple:
                         got=type(example_inputs).__name__)
 
 
-def _capture_inputs(model: nn.Module, args: tuple) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """First input of every Linear / Conv2d for the example, and the model's output."""
+def _capture_inputs(model: nn.Module, args: tuple) -> tuple[dict[str, torch.Tensor], list[list[str]], torch.Tensor]:
+    """First input of every Linear / Conv2d for the example, the groups of Linears called on the same input
+    (``sibling_groups``), and the model's output."""
     seen: dict[str, torch.Tensor] = {}
+    calls: list[tuple] = []
 
-    def keep_first(name: str):
+    def keep_first(name: str, linear: bool):
         def hook(m, inp) -> None:  # a pre-hook that returned a value would replace the input
             seen.setdefault(name, inp[0].detach())
+            if linear:
+                calls.append(call_record(name, inp[0]))
         return hook
 
-    hooks = (mod.register_forward_pre_hook(keep_first(name)) for name, mod in model.named_modules()
-             if isinstance(mod, (nn.Linear, nn.Conv2d)))
+    hooks = (mod.register_forward_pre_hook(keep_first(name, isinstance(mod, nn.Linear)))
+             for name, mod in model.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d)))
     with hooked(hooks), torch.no_grad():
         out = model(*args)
-    return seen, out
+    return seen, sibling_groups(calls), out
 
 
 def _sparse_params(mod: nn.Module) -> bool:
@@ -279,13 +284,21 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
     thresholded = {} if activation_sparsity is None else activation_sparsity.check(inf)
     # the reference of thresholded layers: the same thresholds in torch
     with activation_sparsity.attach(inf) if thresholded else contextlib.nullcontext():
-        seen, ref_out = _capture_inputs(inf, args)
+        seen, groups, ref_out = _capture_inputs(inf, args)
     threads = torch.get_num_threads()
     decode = hasattr(model, "generate") if decode is None else bool(decode)
     # a decode step finds each weight out of cache once the model's weights outgrow the cache: time them so
     cold = decode and sum(p.numel() * p.element_size() for p in inf.parameters()) > EVICT_BYTES
     plan = []
-    for name, mod in list(inf.named_modules()):
+    modules = list(inf.named_modules())
+    # the module position after which each sibling's group is complete (thresholded layers run apart)
+    position = {name: i for i, (name, _) in enumerate(modules)}
+    complete_at = {n: max(position[m] for m in g) for g in groups if fuse and not set(g) & set(thresholded) for n in g}
+    group_of = {n: g for g in groups for n in g if n in complete_at}
+    waiting: dict[str, Sibling] = {}
+    for i, (name, mod) in enumerate(modules):
+        for n in [n for n in waiting if complete_at[n] < i]:  # a sibling stayed dense: its group is not converted
+            del waiting[n]
         if name in thresholded:
             threshold = activation_sparsity.thresholds[name]
             column = _column_layer(mod, threshold, values)
@@ -345,6 +358,10 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
                 inf.set_submodule(name, new)
             else:  # the model is itself one layer
                 inf = new
+        if name in group_of and not cuda:
+            waiting[name] = Sibling(name, new if new is not None else mod, cands, key, skipped)
+            if all(n in waiting for n in group_of[name]):
+                _share_layout(inf, [waiting.pop(n) for n in group_of[name]], plan, x, budget_s, cold, verbose)
     if fuse and plan:
         inf = fuse_chains(inf, args, plan, budget_s, min_sparsity, verbose, always=fuse == "always")
         inf = fuse_siblings(inf, args, plan)
@@ -358,6 +375,24 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
     inf.sparsetorch_plan = plan
     use_huge_pages(inf)
     return compile_decode(inf) if compile else inf
+
+
+def _share_layout(inf: nn.Module, siblings: list[Sibling], plan: list[dict], x: torch.Tensor, budget_s: float,
+                  cold: bool, verbose: bool) -> None:
+    """Siblings (Linears fed the same input, each converted alone) put on one layout where their shared call
+    (fuse_siblings) is faster than running them apart; their plan rows say so."""
+    layout, layers, times = shared_layout(siblings, x, budget_s, cold)
+    if verbose and times:
+        print("+".join(s.name for s in siblings) + f": {layout or 'apart'}  "
+              + "  ".join(f"{k}={v * 1e3:.3f}ms" for k, v in times.items()))
+    rows = {row["layer"]: row for row in plan}
+    for s in siblings:
+        row = rows[s.name]
+        if times:
+            row["siblings_ms"] = {k: v * 1e3 for k, v in times.items()}
+        if layout is not None:
+            inf.set_submodule(s.name, layers[s.name])
+            row["kernel"] = layout
 
 
 def _column_layer(mod: nn.Linear, threshold: float, values: str) -> PackedLinear:

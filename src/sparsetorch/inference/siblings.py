@@ -22,7 +22,7 @@ from ..tracing import hooked
 from .kernel_choice import max_error
 from .packed_modules import PackedLinear
 
-__all__ = ["SiblingLinear", "fuse_siblings"]
+__all__ = ["SiblingLinear", "fuse_siblings", "sibling_groups", "call_record"]
 
 
 def _version(x: torch.Tensor) -> int:
@@ -83,14 +83,19 @@ def _groupable(mod: nn.Module) -> bool:
     return isinstance(mod, PackedLinear) and type(mod.packed) is BitmaskWeight and mod.kernel == "bitmask"
 
 
+def call_record(name: str, x: torch.Tensor) -> tuple[str, int, tuple]:
+    """What ``sibling_groups`` compares of one call: the layer, its input's identity, and the input's storage,
+    shape and version (the same tensor, unchanged in between)."""
+    return name, id(x), (x.data_ptr(), tuple(x.shape), _version(x))
+
+
 def _call_order(model: nn.Module, args: tuple) -> tuple[list[tuple[str, int, tuple]], object]:
-    """(name, input identity, input shape) of every bitmask PackedLinear call while the example runs, and the
-    model's output."""
+    """``call_record`` of every bitmask PackedLinear call while the example runs, and the model's output."""
     calls: list[tuple[str, int, tuple]] = []
 
     def record(name: str):
         def hook(m, inp) -> None:
-            calls.append((name, id(inp[0]), (inp[0].data_ptr(), tuple(inp[0].shape), _version(inp[0]))))
+            calls.append(call_record(name, inp[0]))
         return hook
 
     hooks = (mod.register_forward_pre_hook(record(name)) for name, mod in model.named_modules() if _groupable(mod))
@@ -99,8 +104,9 @@ def _call_order(model: nn.Module, args: tuple) -> tuple[list[tuple[str, int, tup
     return calls, out
 
 
-def _groups(model: nn.Module, calls: list[tuple[str, int, tuple]]) -> list[list[str]]:
-    """Runs of consecutive calls of one parent's children on the same tensor, each layer called once."""
+def sibling_groups(calls: list[tuple[str, int, tuple]]) -> list[list[str]]:
+    """Runs of consecutive calls (``call_record``) of one parent's children on the same tensor, each layer
+    called once."""
     once = {name for name, *_ in calls if sum(c[0] == name for c in calls) == 1}
     groups: list[list[str]] = []
     for (name, ident, key), prev in zip(calls, [None, *calls[:-1]]):
@@ -111,8 +117,7 @@ def _groups(model: nn.Module, calls: list[tuple[str, int, tuple]]) -> list[list[
             groups[-1].append(name)
         elif name in once:
             groups.append([name])
-    mods = dict(model.named_modules())
-    return [g for g in groups if len(g) > 1 and BitmaskWeight.concatenable([mods[n].packed for n in g])]
+    return [g for g in groups if len(g) > 1]
 
 
 def fuse_siblings(model: nn.Module, args: tuple, plan: list[dict]) -> nn.Module:
@@ -120,7 +125,8 @@ def fuse_siblings(model: nn.Module, args: tuple, plan: list[dict]) -> nn.Module:
     model then reproduces its output on the example (else the group is left as it was, with a warning); a plan
     row per group."""
     calls, before = _call_order(model, args)
-    groups = _groups(model, calls)
+    mods = dict(model.named_modules())
+    groups = [g for g in sibling_groups(calls) if BitmaskWeight.concatenable([mods[n].packed for n in g])]
     if not groups:
         return model
     originals = {}

@@ -1,0 +1,76 @@
+"""One layout for Linears fed the same input, chosen for the call they will share.
+
+``to_inference`` times each layer's candidates alone, and ``fuse_siblings`` then combines siblings (q/k/v,
+gate/up) into one kernel call only where their packed weights concatenate: the same kernel, value type and
+mask-or-none. Timed alone, siblings of one shape and density can pick different layouts (bitmask int8 for
+q_proj, dense int8 for k_proj: within noise of each other on a CPU without AVX-512) and so lose the shared
+call, which at decode saves more than the difference. Here, once every sibling is timed, the layouts all of
+them offer are timed as the one combined call, against the siblings run apart on their own choices, and the
+faster wins.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..kernels.bitmask_weight import BitmaskWeight
+from .kernel_choice import KERNEL_CACHE, time_candidates
+from .packed_modules import PackedLinear
+
+__all__ = ["Sibling", "shared_layout"]
+
+
+@dataclass
+class Sibling:
+    """One converted member of a group: its choice alone, and the builders of every candidate it passed."""
+    name: str
+    chosen: nn.Module  # the layer it runs alone (a PackedLinear, or the torch layer kept)
+    builders: dict[str, Callable[[], PackedLinear | None]]
+    key: tuple  # its kernel-choice key (shape, density, pattern, values, ...)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _combinable(layer: nn.Module | None) -> bool:
+    return (isinstance(layer, PackedLinear) and type(layer.packed) is BitmaskWeight and layer.kernel == "bitmask"
+            and layer.threads is None)
+
+
+def _combined(layers: list[PackedLinear]) -> PackedLinear:
+    """The rows of ``layers`` as one layer (what fuse_siblings will build), biases zero-filled where absent."""
+    packed = BitmaskWeight.concat([m.packed for m in layers])
+    biases = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in layers]
+    bias = None if all(m.bias is None for m in layers) else torch.cat(biases)
+    return PackedLinear(layers[0].in_features, packed.out_features, bias, "bitmask", packed)
+
+
+def shared_layout(siblings: list[Sibling], x: torch.Tensor, budget_s: float,
+                  cold: bool) -> tuple[str | None, dict[str, nn.Module], dict[str, float]]:
+    """(layout, the siblings' layers in it, seconds per call of each timed option), or (None, {}, times) where
+    the siblings run apart faster, already share a layout, or have none in common. ``x``: their input."""
+    chosen = [s.chosen for s in siblings]
+    if all(_combinable(m) for m in chosen) and BitmaskWeight.concatenable([m.packed for m in chosen]):
+        return None, {}, {}  # fuse_siblings combines them as chosen
+    common = [name for name in siblings[0].builders
+              if all(name in s.builders and name not in s.skipped for s in siblings)]
+    options: dict[str, list[PackedLinear]] = {}
+    for name in common:
+        layers = [s.builders[name]() for s in siblings]
+        if all(_combinable(m) for m in layers) and BitmaskWeight.concatenable([m.packed for m in layers]):
+            options[name] = layers
+    if not options:
+        return None, {}, {}
+    key = ("siblings", *(s.key for s in siblings))
+    times: dict[str, float] = {}
+    if key not in KERNEL_CACHE:  # cached like every choice: one process converts alike
+        fns = {name: (lambda m=_combined(layers): m(x)) for name, layers in options.items()}
+        fns["apart"] = lambda: [m(x) for m in chosen]
+        with torch.no_grad():
+            times = time_candidates(fns, budget_s, False, cold)
+        KERNEL_CACHE[key] = min(times, key=lambda k: times[k])
+    best = KERNEL_CACHE[key]
+    if best not in options:
+        return None, {}, times
+    return best, {s.name: m for s, m in zip(siblings, options[best])}, times
