@@ -47,6 +47,8 @@ struct QuantX {
 constexpr int COL_TILE_WORDS = 16;
 constexpr int COL_TILE = 16 * COL_TILE_WORDS;
 
+// mask == nullptr: dense columns (DenseColumnWeight), values [in, out] (column j of W at values + j * out), no
+// start; a zeroed input skips a whole column of W, a gap of out values the hardware prefetchers do not fill.
 struct ColBitmask {
   const uint16_t* mask;    // [tiles * in, COL_TILE_WORDS]
   const int64_t* start;    // [tiles * in + 1]
@@ -74,6 +76,9 @@ struct ColBitmask {
   /* (columns active[a]) of xa[a * nb + k] * W[o, active[a]], scaled (int8) + bias */                        \
   void colmask_tiles(const ColBitmask& w, const int32_t* active, const float* xa, int64_t na, int nb,         \
                      const float* bias, float* y, int64_t ys, int64_t t0, int64_t t1);                       \
+  /* dense columns (w.mask null): part[k * out + o] = sum over a < na of xa[a * nb + k] * W[o, active[a]] */  \
+  void coldense_columns(const ColBitmask& w, const int32_t* active, const float* xa, int64_t na, int nb,      \
+                        float* part);                                                                         \
   /* dense_t[j * out + o] = W[o, j] for the outputs of tiles [t0, t1) (W^T, float32, zeros in place) */       \
   void colmask_unpack_t(const ColBitmask& w, float* dense_t, int64_t t0, int64_t t1);                        \
   /* out [group, dv] = softmax(q [group, d] . K[keep]^T * scale) V[keep]: n kept rows of K and V (rows ks */  \

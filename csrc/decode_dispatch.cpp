@@ -23,6 +23,8 @@ const BitmaskSpmmFn kSpmm[3] = {generic::bitmask_spmm, avx2::bitmask_spmm, avx51
 using ColFn = decltype(&generic::colmask_tiles);
 using ColUnpackFn = decltype(&generic::colmask_unpack_t);
 const ColFn kCol[3] = {generic::colmask_tiles, avx2::colmask_tiles, avx512::colmask_tiles};
+using ColDenseFn = decltype(&generic::coldense_columns);
+const ColDenseFn kColDense[3] = {generic::coldense_columns, avx2::coldense_columns, avx512::coldense_columns};
 const ColUnpackFn kColUnpack[3] = {generic::colmask_unpack_t, avx2::colmask_unpack_t, avx512::colmask_unpack_t};
 using AttentionFn = decltype(&generic::attention_head);
 const AttentionFn kAttention[3] = {generic::attention_head, avx2::attention_head, avx512::attention_head};
@@ -67,6 +69,27 @@ void over_tiles(int threads, const ColBitmask& w, int64_t work, Run run) {
   });
 }
 
+// Dense columns: each thread sums its share of the active columns (whole columns: sequential reads, and the
+// skipped ones gaps too large for the prefetchers to fill) over every output into its own part; then each
+// thread adds up the parts for its share of the outputs, scaled and biased.
+void coldense_linear(ColDenseFn columns, int threads, const ColBitmask& w, const int32_t* active, const float* xa,
+                     int64_t na, int nb, const float* bias, float* y) {
+  const int nt = w.out * na * nb < MIN_SPLIT_WORK ? 1 : (int)std::min<int64_t>(std::max(1, threads), std::max<int64_t>(na / 16, 1));
+  float* parts = scratch<COLUMN_SCRATCH>((size_t)(nt * nb * w.out));
+  parallel(nt, [&](int t, int m) {
+    const int64_t a0 = na * t / m, a1 = na * (t + 1) / m;
+    columns(w, active + a0, xa + a0 * nb, a1 - a0, nb, parts + t * nb * w.out);
+    barrier(m);
+    const int64_t n = nb * w.out, i0 = n * t / m, i1 = n * (t + 1) / m;
+    for (int64_t i = i0; i < i1; ++i) {
+      float sum = 0.f;
+      for (int p = 0; p < m; ++p) sum += parts[p * n + i];
+      const int64_t o = i % w.out;
+      y[i] = sum * (w.scales ? w.scales[o] : 1.f) + (bias ? bias[o] : 0.f);
+    }
+  });
+}
+
 }  // namespace
 
 void colmask_linear(int isa, int threads, const ColBitmask& w, const float* x, int64_t nb, int64_t xs,
@@ -88,8 +111,12 @@ void colmask_linear(int isa, int threads, const ColBitmask& w, const float* x, i
       }
       active[na++] = (int32_t)j;
     }
-    const int64_t work = w.start[w.tiles * w.in] / std::max<int64_t>(w.in, 1) * na * n;
     float* yb = y + b0 * w.out;
+    if (!w.mask) {
+      coldense_linear(kColDense[isa], threads, w, active, xa, na, n, bias, yb);
+      continue;
+    }
+    const int64_t work = w.start[w.tiles * w.in] / std::max<int64_t>(w.in, 1) * na * n;
     over_tiles(threads, w, work, [&](int64_t t0, int64_t t1) { tiles(w, active, xa, na, n, bias, yb, w.out, t0, t1); });
   }
 }

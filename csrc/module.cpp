@@ -227,6 +227,7 @@ PYBIND11_MODULE(_C, m) {
       [](int isa, int threads, int64_t out, int64_t in, u64 mask, u64 start, u64 values, int vtype, u64 scales,
          u64 dense_t) {
         const st::ColBitmask w = col_bitmask(out, in, mask, start, values, vtype, scales);
+        if (!w.mask) throw std::invalid_argument("dense columns have no tiles to unpack: they are W^T already");
         isa = checked_isa(isa);
         py::gil_scoped_release nogil;
         st::colmask_to_dense_t(isa, threads, w, ptr<float>(dense_t));

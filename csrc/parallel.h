@@ -103,6 +103,6 @@ T* scratch(size_t n) {
   return reinterpret_cast<T*>((p + 63) & ~uintptr_t(63));
 }
 
-enum ScratchSlot { LAYER_SCRATCH = 0, CHAIN_SCRATCH = 1, SPMM_SCRATCH = 2, ROWS_SCRATCH = 3 };
+enum ScratchSlot { LAYER_SCRATCH = 0, CHAIN_SCRATCH = 1, SPMM_SCRATCH = 2, ROWS_SCRATCH = 3, COLUMN_SCRATCH = 4 };
 
 }  // namespace st

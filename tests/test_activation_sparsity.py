@@ -122,19 +122,23 @@ def test_state_dict_round_trip():
         ActivationSparsity.from_state_dict({"sparsity": torch.tensor(0.4), "fc.threshold": torch.tensor(0.1)})
 
 
-@pytest.mark.parametrize("faster", ["column", "rows"])
+@pytest.mark.parametrize("faster", ["bitmask-columns", "dense-columns", "rows"])
 def test_to_inference_matches_masked_dense_with_thresholds(faster, monkeypatch):
-    """Each thresholded layer runs on the column kernel or, where timed faster, on a row kernel behind the same
-    threshold (SparsifiedInputLinear): both give the masked dense model's outputs with the thresholds applied."""
+    """Each thresholded layer runs on the column kernel over its kept values in tiles, over all its values in
+    whole columns, or on a row kernel behind the same threshold (SparsifiedInputLinear), whichever is timed
+    fastest: each gives the masked dense model's outputs with the thresholds applied."""
     pytest.importorskip("transformers")
     warnings.simplefilter("ignore")
     from sparsetorch.inference import clear_kernel_cache, convert
 
     real = convert.time_candidates
 
-    def rigged(fns, *args, **kwargs):  # the column-or-rows race decided by `faster`; other timings real
+    def rigged(fns, *args, **kwargs):  # the layout race decided by `faster`; other timings real
         times = real(fns, *args, **kwargs)
-        return {k: float(k != faster) for k in fns} if set(fns) == {"column", "rows"} else times
+        if "bitmask-columns" not in fns:
+            return times
+        assert "dense-columns" in fns and sum(k.startswith("rows/") for k in fns) == 1
+        return {k: float(k.partition("/")[0] != faster) for k in fns}
 
     monkeypatch.setattr(convert, "time_candidates", rigged)
     clear_kernel_cache()
@@ -145,8 +149,8 @@ def test_to_inference_matches_masked_dense_with_thresholds(faster, monkeypatch):
     kernels = {r["kernel"] for r in thresholded}
     if not has_extension():
         assert kernels == {"torch-bitmask-columns"}
-    elif faster == "column":
-        assert kernels == {"bitmask-columns"}
+    elif faster != "rows":
+        assert kernels == {faster}
     else:
         assert all(k.startswith("rows/") for k in kernels)
         assert all(isinstance(fast.get_submodule(r["layer"]), SparsifiedInputLinear) for r in thresholded)
@@ -162,11 +166,17 @@ def test_to_inference_matches_masked_dense_with_thresholds(faster, monkeypatch):
     again.load_state_dict(load(save({k: v.contiguous() for k, v in fast.state_dict().items()})))
     with torch.no_grad():
         assert torch.equal(again(ids).logits, logits)
-    if faster == "column":  # (the row kernels' own files are tested with them)
+    if faster == "bitmask-columns":  # (the row kernels' own files are tested with them)
         state = fast.state_dict()
         key = next(k for k in state if k.endswith("packed.mask"))
         state[key] = state[key].clone().fill_(-1)  # bits past the outputs / counts that disagree with the starts
         with pytest.raises(SparsityError):
+            again.load_state_dict(state)
+    if faster == "dense-columns":
+        state = fast.state_dict()
+        key = next(k for k in state if k.endswith("packed.values"))
+        state[key] = state[key][:-1]  # a column short: the kernel would read past it
+        with pytest.raises(SparsityError, match="W transposed"):
             again.load_state_dict(state)
     clear_kernel_cache()  # the rigged choices stay in this test
 

@@ -9,6 +9,7 @@ from sparsetorch.inference import PackedLinear
 from sparsetorch.kernels import has_extension
 from sparsetorch.kernels.bitmask_weight import BitmaskWeight, has_int8_activations
 from sparsetorch.kernels.column_bitmask import ColumnBitmaskWeight
+from sparsetorch.kernels.dense_columns import DenseColumnWeight
 from sparsetorch.kernels.packed import BSRWeight, CSRWeight, NMWeight
 
 pytestmark = pytest.mark.skipif(not has_extension() or not hasattr(torch, "compile"),
@@ -34,7 +35,8 @@ def _layers():
              ("nm", lambda w: NMWeight.from_dense(w, 2, 4)),
              ("bsr", lambda w: BSRWeight.from_dense(w, 4, 4)),
              ("bitmask-columns", lambda w: ColumnBitmaskWeight.from_dense(w, threshold=0.4)),
-             ("bitmask-columns", lambda w: ColumnBitmaskWeight.from_dense(w, threshold=0.2, values="int8"))]
+             ("bitmask-columns", lambda w: ColumnBitmaskWeight.from_dense(w, threshold=0.2, values="int8")),
+             ("dense-columns", lambda w: DenseColumnWeight.from_dense(w, threshold=0.2, values="int8"))]
     if has_int8_activations():
         specs.append(("bitmask", lambda w: BitmaskWeight.from_dense(w, "int8", quantize_input=True)))
     layers = []

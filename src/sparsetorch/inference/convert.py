@@ -30,6 +30,7 @@ from ..errors import SparsityError, SparsityWarning
 from ..kernels import extension_isa, has_extension
 from ..kernels.bitmask_weight import BitmaskWeight, has_int8_activations
 from ..kernels.column_bitmask import ColumnBitmaskWeight, sparsify_input
+from ..kernels.dense_columns import DenseColumnWeight
 from ..kernels.packed import BSRWeight, CSRWeight, NMWeight
 from ..tracing import hooked
 from .activation_sparsity import ActivationSparsity
@@ -258,12 +259,13 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
 
     ``activation_sparsity`` (from :func:`~sparsetorch.inference.activation_sparsity.calibrate_activation_sparsity`)
     zeroes each calibrated Linear's inputs of magnitude at most its threshold (TEAL) and runs that layer, pruned
-    or dense, on the column kernel that skips the weights of zeroed inputs (values as ``values``; with fp32
-    values it streams them all, which measured faster: ``ColumnBitmaskWeight.skip_columns``). Each such layer is
-    checked against torch on its input with the thresholds applied (``activation_sparsity.attach``); the
-    whole model is not, as a float-order difference upstream can move an input across its threshold. Each is
-    also timed on one row against the fastest row kernel behind the same threshold (``SparsifiedInputLinear``),
-    which keeps it where skipping columns does not pay (int8 x int8 rows with VNNI, CPUs without AVX-512).
+    or dense, on a column kernel that skips the weights of zeroed inputs (values as ``values``): its kept values
+    in tiles (``ColumnBitmaskWeight``; with fp32 values it streams them all, which measured faster:
+    ``skip_columns``) or all its values in whole columns (``DenseColumnWeight``: on CPUs without AVX-512 a pruned
+    layer's mask costs more to expand than its bytes save), or on the fastest row kernel behind the same threshold
+    (``SparsifiedInputLinear``: int8 x int8 rows with VNNI), whichever is timed fastest on one row. Each column
+    layer is checked against torch on its input with the thresholds applied (``activation_sparsity.attach``); the
+    whole model is not, as a float-order difference upstream can move an input across its threshold.
     ``compile=True`` returns the model through :func:`~sparsetorch.inference.compiled_decode.compile_decode`:
     a decoder's ``generate()`` then compiles its decode step with ``torch.compile`` (static KV cache), any
     other model is returned ``torch.compile``'d. The sparse layers are ``torch.ops.sparsetorch`` operators in
@@ -301,9 +303,7 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
             del waiting[n]
         if name in thresholded:
             threshold = activation_sparsity.thresholds[name]
-            column = _column_layer(mod, threshold, values)
-            _check_column_layer(name, column, mod, seen.get(name))
-            new, kernel, times = _column_or_rows(column, mod, threshold, values, seen.get(name), budget_s, cold)
+            new, kernel, times = _thresholded_layer(name, mod, threshold, values, seen.get(name), budget_s, cold)
             plan.append({"layer": name, "type": "Linear", "shape": [mod.out_features, mod.in_features],
                          "density": float((mod.weight != 0).float().mean()), "pattern": "activation-sparse",
                          "batch": 1, "kernel": kernel, "threshold": threshold,
@@ -395,41 +395,50 @@ def _share_layout(inf: nn.Module, siblings: list[Sibling], plan: list[dict], x: 
             row["kernel"] = layout
 
 
-def _column_layer(mod: nn.Linear, threshold: float, values: str) -> PackedLinear:
-    """The Linear on the column kernel (or, without the compiled kernels, torch's sparse kernel on the
-    same packed weights) with its inputs sparsified at ``threshold``."""
+def _column_layer(mod: nn.Linear, threshold: float, values: str, layout: type = ColumnBitmaskWeight) -> PackedLinear:
+    """The Linear on a column kernel (``layout``: kept values in tiles, or every value in whole columns; without
+    the compiled kernels, torch on the same packed weights) with its inputs sparsified at ``threshold``."""
     if mod.weight.dtype != torch.float32 or mod.weight.is_cuda:
         raise SparsityError("activation sparsity runs on CPU float32 models", layer_dtype=str(mod.weight.dtype),
                             device=str(mod.weight.device), fix="model.float().cpu() before to_inference")
-    packed = ColumnBitmaskWeight.from_dense(mod.weight.detach(), threshold, values)
+    packed = layout.from_dense(mod.weight.detach(), threshold, values)
     kernel = packed.format if has_extension() else "torch-" + packed.format
     return PackedLinear(mod.in_features, mod.out_features, mod.bias, kernel, packed)
 
 
-def _column_or_rows(column: PackedLinear, mod: nn.Linear, threshold: float, values: str, x: torch.Tensor | None,
-                    budget_s: float, cold: bool) -> tuple[nn.Module, str, dict[str, float]]:
-    """The column layer, or the fastest row kernel behind the same input threshold (SparsifiedInputLinear) where
-    that is faster on one row of the layer's input: (layer, kernel name, seconds per call of each)."""
+def _thresholded_layer(name: str, mod: nn.Linear, threshold: float, values: str, x: torch.Tensor | None,
+                       budget_s: float, cold: bool) -> tuple[nn.Module, str, dict[str, float]]:
+    """The fastest of a Linear with inputs sparsified at ``threshold`` on one row of its input: the column kernel
+    over the kept values in tiles (``bitmask-columns``), over every value in whole columns (``dense-columns``:
+    where, as on AVX2, expanding kept values costs more than their bytes save), or the fastest row kernel behind
+    the threshold (``rows/<kernel>``, SparsifiedInputLinear). (layer, kernel name, seconds per call of each)."""
+    column = _column_layer(mod, threshold, values)
+    _check_column_layer(name, column, mod, x)
     if x is None or not has_extension():
         return column, column.kernel, {}
-    x = x.reshape(-1, mod.in_features)[:1].float()
+    row = x.reshape(-1, mod.in_features)[:1].float()
     w = mod.weight.detach()
     structure = detect_structure(w)
     key = ("thresholded", *w.shape, round(float((w != 0).float().mean()), 3), _signature(structure),
            torch.get_num_threads(), extension_isa(), values, cold)
-    if KERNEL_CACHE.get(("column-or-rows", *key)) == "column":  # decided before: no row kernels to pack
-        return column, column.kernel, {}
-    kernel, row, _, _ = _choose(key, mod, x, _cpu_candidates(w, mod.bias, structure, values), budget_s, False, cold)
-    rows = SparsifiedInputLinear(threshold, row if row is not None else mod)
+    layers: dict[str, nn.Module] = {"bitmask-columns": column}
+    decided = KERNEL_CACHE.get(("thresholded-layout", *key))
+    if decided in (None, "dense-columns"):
+        layers["dense-columns"] = _column_layer(mod, threshold, values, DenseColumnWeight)
+        _check_column_layer(name, layers["dense-columns"], mod, x)
+    if decided in (None, "rows"):  # the row kernels packed and timed only where they may be chosen
+        kernel, packed, _, _ = _choose(key, mod, row, _cpu_candidates(w, mod.bias, structure, values), budget_s,
+                                       False, cold)
+        layers["rows/" + kernel] = SparsifiedInputLinear(threshold, packed if packed is not None else mod)
     times: dict[str, float] = {}
-    if ("column-or-rows", *key) not in KERNEL_CACHE:  # cached like every choice: one process converts alike
+    if decided is None:  # cached like every choice: one process converts alike
         with torch.no_grad():
-            times = time_candidates({"column": lambda: column(x), "rows": lambda: rows(x)}, budget_s, False, cold)
-        KERNEL_CACHE[("column-or-rows", *key)] = "column" if times["column"] <= times["rows"] else "rows"
-    times = {(column.kernel if k == "column" else "rows/" + kernel): v for k, v in times.items()}
-    if KERNEL_CACHE[("column-or-rows", *key)] == "column":
-        return column, column.kernel, times
-    return rows, "rows/" + kernel, times
+            times = time_candidates({k: (lambda m=m: m(row)) for k, m in layers.items()}, budget_s, False, cold)
+        best = min(times, key=lambda k: times[k])
+        KERNEL_CACHE[("thresholded-layout", *key)] = "rows" if best.startswith("rows/") else best
+        decided = KERNEL_CACHE[("thresholded-layout", *key)]
+    kernel = next(k for k in layers if k == decided or (decided == "rows" and k.startswith("rows/")))
+    return layers[kernel], kernel, times
 
 
 def _check_column_layer(name: str, new: PackedLinear, mod: nn.Linear, x: torch.Tensor | None) -> None:

@@ -70,9 +70,15 @@ def _bsr(x, indptr, indices, values, bias, in_features, out_features, threads):
 
 
 def _colmask(x, mask, start, values, scales, threshold, bias, in_features, out_features, skip_columns, threads):
+    prefill = x.shape[0] >= loader.BITMASK_PREFILL_ROWS and x.dim() == 2 and x.shape[1] == in_features
+    if mask.numel() == 0:  # dense columns (kernels.dense_columns): W^T, no mask
+        if prefill:
+            return inference_ops.coldense_prefill(values, scales, threshold, x, bias)
+        return _run("colmask_linear", inference_ops.coldense_static(out_features, in_features, values, scales,
+                                                                    threshold), x, bias, threads)
     static = inference_ops.colmask_static(out_features, in_features, mask, start, values, scales, threshold,
                                           skip_columns)
-    if x.shape[0] >= loader.BITMASK_PREFILL_ROWS and x.dim() == 2 and x.shape[1] == in_features:
+    if prefill:
         return inference_ops.colmask_prefill(static, x, bias, threads or None)
     return _run("colmask_linear", static, x, bias, threads)
 

@@ -206,6 +206,23 @@ def colmask_prefill(static: tuple, x: torch.Tensor, bias: torch.Tensor | None, t
     return y if bias is None else y + bias.float()
 
 
+def coldense_static(out_features: int, in_features: int, values, scales, threshold) -> tuple:
+    """The column kernel's arguments for dense columns (kernels.dense_columns): no mask, no starts."""
+    return (out_features, in_features, 0, 0, values.data_ptr(), BITMASK_VTYPES[values.dtype], _addr(scales),
+            float(threshold), 1)
+
+
+def coldense_prefill(values: torch.Tensor, scales: torch.Tensor | None, threshold, x: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    """Many rows: sparsify_input(x) @ W^T + bias as one dense GEMM over W^T [in, out] (values times their
+    scales, in a reused buffer)."""
+    n = values.numel()
+    w_t = scratch(n)[:n].view(values.shape)
+    w_t = torch.mul(values, scales, out=w_t) if scales is not None else w_t.copy_(values)
+    y = sparsify_input(x.float(), threshold) @ w_t
+    return y if bias is None else y + bias.float()
+
+
 # Prefill kernel per weight (keyed by its kernel arguments) and batch size class, chosen by timing both the
 # first time: the sparse x dense kernel does only the kept multiply-adds but one load per multiply-add, a
 # tuned dense GEMM (MKL) reuses registers; which wins depends on density, shape and CPU.
