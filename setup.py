@@ -20,7 +20,7 @@ SOURCES = ["csrc/module.cpp", "csrc/dispatch.cpp", "csrc/chain.cpp", "csrc/kerne
            "csrc/decode_dispatch.cpp", "csrc/decode_vnni.cpp", "csrc/decode_q8_avx2.cpp"]
 # rebuild when these change
 DEPENDS = ["csrc/isa.h", "csrc/kernels.h", "csrc/dispatch.h", "csrc/chain.h", "csrc/kernels_impl.inc", "csrc/parallel.h",
-           "csrc/decode.h", "csrc/decode_impl.inc", "csrc/decode_columns.inc", "csrc/attention.inc"]
+           "csrc/decode.h", "csrc/decode_impl.inc", "csrc/decode_columns.inc", "csrc/attention.inc", "csrc/hsum.h"]
 # sparse training kernels (sparsetorch.kernels._train): a second, independent extension
 TRAIN_SOURCES = ["csrc/train_module.cpp", "csrc/train_dispatch.cpp", "csrc/train_generic.cpp",
                  "csrc/train_avx2.cpp", "csrc/train_avx512.cpp"]

@@ -3,7 +3,9 @@
 Speed: single Linear layers of the ``small`` decode preset's shapes (1024x1024 attention, 2816x1024 gate/up,
 1024x2816 down; out x in), pruned by magnitude per row (50%, 70%, 2:4), fp32 and bf16 values, at batch 1:
 the weight-sparse row kernel (``BitmaskWeight``, what ``to_inference`` runs without activation sparsity)
-against the column kernel (``ColumnBitmaskWeight``) with 0/40/50% of the inputs under the threshold. Enough
+and the same values dense (``dense-rows``: zeros stored, no mask) against the column kernels, kept values in
+tiles (``col``: ``ColumnBitmaskWeight``) and every value in whole columns (``dcol``: ``DenseColumnWeight``), with
+0/40/50% of the inputs under the threshold (``--shapes 2048x2048,5632x2048,2048x5632`` for the 1B preset's). Enough
 copies of each layer are cycled that they do not fit in the last-level cache (decode streams weights from
 memory); kernels are timed in interleaved rounds and the medians kept (the machine is shared: with
 ``--threads 1`` the clock is the thread's CPU time, which other jobs' time slices do not inflate).
@@ -35,11 +37,11 @@ from sparsetorch.inference import PackedLinear, calibrate_activation_sparsity
 from sparsetorch.inference.activation_sparsity import magnitude_threshold
 from sparsetorch.kernels.bitmask_weight import BitmaskWeight
 from sparsetorch.kernels.column_bitmask import ColumnBitmaskWeight
+from sparsetorch.kernels.dense_columns import DenseColumnWeight
 from sparsetorch.kernels.microbench import machine
 from sparsetorch.recovery import DistillLoss, distill
 
 HERE = Path(__file__).resolve().parent
-SHAPES = ((1024, 1024), (2816, 1024), (1024, 2816))
 
 
 def pruned(out: int, n: int, sparsity, gen: torch.Generator) -> torch.Tensor:
@@ -59,7 +61,7 @@ def clock_for(args):
 def layer_speed(args) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for out, n in SHAPES:
+    for out, n in (tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")):
         x = torch.randn(1, n, generator=gen)
         for sp in args.sparsities.split(","):
             sp = sp if sp == "2:4" else float(sp)
@@ -69,11 +71,15 @@ def layer_speed(args) -> list[dict]:
                 copies = max(1, -(-args.cycle_mb * 2**20 // row_w.nbytes))  # more bytes than the caches hold
                 # each copy scaled a little so no two share memory the hardware could dedupe (none does; cheap)
                 ws = [w * (1 + 1e-3 * i) for i in range(copies)]
-                kernels = {"row": [PackedLinear(n, out, None, "bitmask", BitmaskWeight.from_dense(c, values)) for c in ws]}
+                kernels = {"row": [PackedLinear(n, out, None, "bitmask", BitmaskWeight.from_dense(c, values)) for c in ws],
+                           "dense-rows": [PackedLinear(n, out, None, "bitmask",
+                                                       BitmaskWeight.from_dense(c, values, dense=True)) for c in ws]}
                 for a in args.activation_sparsity:
                     t = magnitude_threshold(x, a)
                     kernels[f"col{a:g}"] = [PackedLinear(n, out, None, "bitmask-columns",
                                                          ColumnBitmaskWeight.from_dense(c, t, values)) for c in ws]
+                    kernels[f"dcol{a:g}"] = [PackedLinear(n, out, None, "dense-columns",
+                                                          DenseColumnWeight.from_dense(c, t, values)) for c in ws]
                 times = {k: [] for k in kernels}
                 clock = clock_for(args)
                 with torch.no_grad():
@@ -146,6 +152,7 @@ def quality(args) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--shapes", default="1024x1024,2816x1024,1024x2816", help="out x in of each layer")
     ap.add_argument("--sparsities", default="0.5,0.7,2:4")
     ap.add_argument("--values", default="fp32,bf16")
     ap.add_argument("--activation-sparsity", default="0,0.4,0.5")

@@ -47,8 +47,9 @@ struct QuantX {
 constexpr int COL_TILE_WORDS = 16;
 constexpr int COL_TILE = 16 * COL_TILE_WORDS;
 
-// mask == nullptr: dense columns (DenseColumnWeight), values [in, out] (column j of W at values + j * out), no
-// start; a zeroed input skips a whole column of W, a gap of out values the hardware prefetchers do not fill.
+// mask == nullptr: dense columns (DenseColumnWeight), values [in, out] (column j of W at values + j * ld, ld >=
+// out: a sibling's columns within its group's), no start; a zeroed input skips a whole column of W, a gap of out
+// values the hardware prefetchers do not fill.
 struct ColBitmask {
   const uint16_t* mask;    // [tiles * in, COL_TILE_WORDS]
   const int64_t* start;    // [tiles * in + 1]
@@ -56,6 +57,7 @@ struct ColBitmask {
   int vtype;
   const float* scales;     // int8: [out], else null
   int64_t out, in, tiles;  // tiles = ceil(out / COL_TILE)
+  int64_t ld;              // dense columns: values between columns
 };
 
 #define ST_DECLARE_DECODE(NS)                                                                                \

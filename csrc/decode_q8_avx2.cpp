@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "decode.h"
+#include "hsum.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -89,11 +90,7 @@ ST_Q8 void rows1(const Bitmask& w, const int16_t* x16, const float* xscale, cons
       }
       tot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a0, a1)), _mm256_set1_ps(s), tot);
     }
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, tot);
-    float sum = bias ? bias[o] : 0.f;
-    for (int i = 0; i < 8; ++i) sum += lanes[i];
-    y[o] = sum;
+    y[o] = (bias ? bias[o] : 0.f) + hsum8(tot);
   }
 }
 

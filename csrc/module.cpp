@@ -92,12 +92,14 @@ st::Bitmask bitmask(int64_t out, int64_t in, u64 mask, int64_t words, u64 row_st
 }
 
 // A column-major bitmask weight from its fields (see csrc/decode.h).
-st::ColBitmask col_bitmask(int64_t out, int64_t in, u64 mask, u64 start, u64 values, int vtype, u64 scales) {
+st::ColBitmask col_bitmask(int64_t out, int64_t in, u64 mask, u64 start, u64 values, int vtype, u64 scales,
+                           int64_t ld = 0) {
   if (out < 1 || in < 1) throw std::invalid_argument("column bitmask weight: bad shape");
   if (vtype < st::VALUES_F32 || vtype > st::VALUES_I8) throw std::invalid_argument("column bitmask weight: bad value type");
   if ((vtype == st::VALUES_I8) != (scales != 0)) throw std::invalid_argument("column bitmask weight: int8 values need scales");
+  if (!mask && ld < out) throw std::invalid_argument("dense columns: ld below out");
   return st::ColBitmask{ptr<const uint16_t>(mask), ptr<const int64_t>(start), ptr<const void>(values), vtype,
-                        ptr<const float>(scales), out, in, (out + st::COL_TILE - 1) / st::COL_TILE};
+                        ptr<const float>(scales), out, in, (out + st::COL_TILE - 1) / st::COL_TILE, ld};
 }
 
 struct Chain {
@@ -196,10 +198,10 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "colmask_linear",
       // tile is unused (one signature with the other kernels); inputs with |x| <= threshold count as zero,
-      // and with skip their weight columns are not read
+      // and with skip their weight columns are not read; ld: values between dense columns (mask 0)
       [](int isa, int threads, int /*tile*/, int64_t out, int64_t in, u64 mask, u64 start, u64 values, int vtype,
-         u64 scales, double threshold, int skip, u64 x, int64_t batch, int64_t x_stride, u64 bias, u64 y) {
-        const st::ColBitmask w = col_bitmask(out, in, mask, start, values, vtype, scales);
+         u64 scales, double threshold, int skip, int64_t ld, u64 x, int64_t batch, int64_t x_stride, u64 bias, u64 y) {
+        const st::ColBitmask w = col_bitmask(out, in, mask, start, values, vtype, scales, ld);
         if (batch < 1 || x_stride < in) throw std::invalid_argument("bad input shape");
         isa = checked_isa(isa);
         py::gil_scoped_release nogil;

@@ -1,4 +1,6 @@
 """Shared fixtures and the helpers several test modules use (as fixtures: test modules import no test module)."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -182,3 +184,21 @@ def pruned_llama(hidden: int = 64, intermediate: int = 128, bias: bool = False):
 @pytest.fixture(name="pruned_llama")
 def pruned_llama_fixture():
     return pruned_llama
+
+
+def unfused(model):
+    """A copy of a converted ``model`` whose siblings (inference/siblings.py) each run their own rows of the
+    combined weight."""
+    from sparsetorch.inference.siblings import SiblingLinear
+
+    apart = copy.deepcopy(model)
+    for name, mod in list(apart.named_modules()):
+        if isinstance(mod, SiblingLinear):
+            apart.set_submodule(name, mod.layer)
+    assert not any(isinstance(m, SiblingLinear) for m in apart.modules())
+    return apart
+
+
+@pytest.fixture(name="unfused")
+def unfused_fixture():
+    return unfused

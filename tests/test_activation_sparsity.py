@@ -123,7 +123,7 @@ def test_state_dict_round_trip():
 
 
 @pytest.mark.parametrize("faster", ["bitmask-columns", "dense-columns", "rows"])
-def test_to_inference_matches_masked_dense_with_thresholds(faster, monkeypatch):
+def test_to_inference_matches_masked_dense_with_thresholds(faster, monkeypatch, unfused):
     """Each thresholded layer runs on the column kernel over its kept values in tiles, over all its values in
     whole columns, or on a row kernel behind the same threshold (SparsifiedInputLinear), whichever is timed
     fastest: each gives the masked dense model's outputs with the thresholds applied."""
@@ -145,8 +145,9 @@ def test_to_inference_matches_masked_dense_with_thresholds(faster, monkeypatch):
     model, ids = _tiny_llama(), _ids(3, 10, seed=5)
     act = calibrate_activation_sparsity(model, _ids(4, 24), sparsity=0.4)
     fast = sparsetorch.to_inference(model, (ids[:1],), activation_sparsity=act)
-    thresholded = [r for r in fast.sparsetorch_plan if r["layer"] != "lm_head"]  # the dense head is timed apart
-    kernels = {r["kernel"] for r in thresholded}
+    thresholded = [r for r in fast.sparsetorch_plan if r["layer"] != "lm_head" and r["type"] != "SiblingLinear"]
+    kernels = {r["kernel"] for r in thresholded}  # (the dense head is timed apart)
+    groups = [r for r in fast.sparsetorch_plan if r["type"] == "SiblingLinear"]
     if not has_extension():
         assert kernels == {"torch-bitmask-columns"}
     elif faster != "rows":
@@ -154,6 +155,15 @@ def test_to_inference_matches_masked_dense_with_thresholds(faster, monkeypatch):
     else:
         assert all(k.startswith("rows/") for k in kernels)
         assert all(isinstance(fast.get_submodule(r["layer"]), SparsifiedInputLinear) for r in thresholded)
+    if has_extension() and faster == "dense-columns":  # q/k/v and gate/up share one threshold: one call each
+        assert [len(r["members"]) for r in groups] == [3, 2, 3, 2]
+        assert {r["kernel"] for r in groups} == {"dense-columns (one call)"}
+        apart = unfused(fast)  # each sibling on its own view of the group's columns (strided)
+        assert apart.get_submodule(groups[0]["members"][1]).packed.values.stride(0) > 64
+        with torch.no_grad():
+            assert torch.allclose(apart(ids).logits, fast(ids).logits, rtol=1e-5, atol=1e-5)
+    else:
+        assert groups == []
     with torch.no_grad(), act.attach(model):
         ref_logits, ref_tokens = model(ids).logits, model.generate(ids[:2], max_new_tokens=12, do_sample=False)
     with torch.no_grad():

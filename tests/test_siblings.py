@@ -1,6 +1,4 @@
 """Linears fed the same input run as one kernel call (inference/siblings.py)."""
-import copy
-
 import pytest
 import torch
 
@@ -42,7 +40,7 @@ def test_concat_rejects_mismatched_parts():
                               BitmaskWeight.from_dense(_weight(4, 32, 1), "int8")])
 
 
-def test_decoder_projections_share_one_call(pruned_llama):
+def test_decoder_projections_share_one_call(pruned_llama, unfused):
     model = pruned_llama(hidden=128, intermediate=256, bias=True)
     ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(0))
     fused = sparsetorch.to_inference(model, (ids,), budget_s=0.02, values="int8")
@@ -50,7 +48,7 @@ def test_decoder_projections_share_one_call(pruned_llama):
     assert [m.rpartition(".")[2] for m in groups[0]] == ["q_proj", "k_proj", "v_proj"]  # biases included
     assert [m.rpartition(".")[2] for m in groups[1]] == ["gate_proj", "up_proj"]
     assert len(groups) == 4
-    apart = _unfused(fused)
+    apart = unfused(fused)
     with torch.no_grad():
         # the same rows on the same kernels: the same numbers, prompt and decode
         assert torch.equal(fused(ids).logits, apart(ids).logits)
@@ -68,16 +66,6 @@ def test_decoder_projections_share_one_call(pruned_llama):
         assert torch.equal(fused(ids).logits, apart(ids).logits)
 
 
-def _unfused(model):
-    """A copy of ``model`` whose siblings each run their own rows of the combined weight."""
-    apart = copy.deepcopy(model)
-    for name, mod in list(apart.named_modules()):
-        if isinstance(mod, SiblingLinear):
-            apart.set_submodule(name, mod.layer)
-    assert not any(isinstance(m, SiblingLinear) for m in apart.modules())
-    return apart
-
-
 def test_unfused_conversion_keeps_siblings_apart(pruned_llama):
     model = pruned_llama(hidden=128, intermediate=256, bias=True)
     ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(0))
@@ -93,7 +81,8 @@ def test_siblings_that_chose_different_layouts_share_one_where_faster(faster, mo
     ws = [_weight(32, 64, 1), _weight(32, 64, 2)]
     layouts = {"q": "dense-int8", "k": "bitmask-int8"}
     cands = {n: convert._lossy_candidates(w, None, "int8") for n, w in zip("qk", ws)}
-    siblings = [Sibling(n, cands[n][layouts[n]](), cands[n], ("key", n, faster)) for n in "qk"]
+    siblings = [Sibling(n, cands[n][layouts[n]](), {k: b() for k, b in cands[n].items()}, ("key", n, faster))
+                for n in "qk"]
     assert not BitmaskWeight.concatenable([s.chosen.packed for s in siblings])
 
     def rigged(fns, budget_s, cuda, cold=False):
@@ -109,7 +98,7 @@ def test_siblings_that_chose_different_layouts_share_one_where_faster(faster, mo
         return
     assert layout == "bitmask-int8" and BitmaskWeight.concatenable([layers[n].packed for n in "qk"])
     for n, w in zip("qk", ws):  # each sibling's own weight, in the shared layout
-        assert torch.allclose(layers[n](x), cands[n]["bitmask-int8"]()(x))
+        assert torch.allclose(layers[n](x), siblings["qk".index(n)].options["bitmask-int8"](x))
 
 
 def test_combined_model_compiles(pruned_llama):

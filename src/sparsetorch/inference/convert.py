@@ -40,7 +40,7 @@ from .compiled_decode import compile_decode
 from .kernel_choice import EVICT_BYTES, KERNEL_CACHE, max_error, rtol, time_candidates
 from .packed_modules import PackedConv2d, PackedLinear, SparsifiedInputLinear
 from .sibling_choice import Sibling, shared_layout
-from .siblings import call_record, fuse_siblings, sibling_groups
+from .siblings import call_record, combinable, fuse_siblings, sibling_groups
 
 __all__ = ["to_inference", "detect_structure"]
 
@@ -358,8 +358,9 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
                 inf.set_submodule(name, new)
             else:  # the model is itself one layer
                 inf = new
-        if name in group_of and not cuda:
-            waiting[name] = Sibling(name, new if new is not None else mod, cands, key, skipped)
+        if name in group_of and not cuda:  # the candidates that could share a call kept, built (packs shared)
+            options = {n: m for n, build in cands.items() if n not in skipped and combinable(m := build())}
+            waiting[name] = Sibling(name, new if new is not None else mod, options, key)
             if all(n in waiting for n in group_of[name]):
                 _share_layout(inf, [waiting.pop(n) for n in group_of[name]], plan, x, budget_s, cold, verbose)
     if fuse and plan:
@@ -412,21 +413,24 @@ def _thresholded_layer(name: str, mod: nn.Linear, threshold: float, values: str,
     over the kept values in tiles (``bitmask-columns``), over every value in whole columns (``dense-columns``:
     where, as on AVX2, expanding kept values costs more than their bytes save), or the fastest row kernel behind
     the threshold (``rows/<kernel>``, SparsifiedInputLinear). (layer, kernel name, seconds per call of each)."""
-    column = _column_layer(mod, threshold, values)
-    _check_column_layer(name, column, mod, x)
     if x is None or not has_extension():
+        column = _column_layer(mod, threshold, values)
+        _check_column_layer(name, column, mod, x)
         return column, column.kernel, {}
     row = x.reshape(-1, mod.in_features)[:1].float()
     w = mod.weight.detach()
     structure = detect_structure(w)
     key = ("thresholded", *w.shape, round(float((w != 0).float().mean()), 3), _signature(structure),
            torch.get_num_threads(), extension_isa(), values, cold)
-    layers: dict[str, nn.Module] = {"bitmask-columns": column}
-    decided = KERNEL_CACHE.get(("thresholded-layout", *key))
-    if decided in (None, "dense-columns"):
-        layers["dense-columns"] = _column_layer(mod, threshold, values, DenseColumnWeight)
-        _check_column_layer(name, layers["dense-columns"], mod, x)
-    if decided in (None, "rows"):  # the row kernels packed and timed only where they may be chosen
+    # which layout wins depends on how many inputs are zeroed too (the bytes the column kernels skip)
+    layout_key = ("thresholded-layout", *key, round(float((row.abs() <= threshold).float().mean()), 1))
+    decided = KERNEL_CACHE.get(layout_key)
+    layers: dict[str, nn.Module] = {}  # built only where they may be chosen
+    for fmt, layout in (("bitmask-columns", ColumnBitmaskWeight), ("dense-columns", DenseColumnWeight)):
+        if decided in (None, fmt):
+            layers[fmt] = _column_layer(mod, threshold, values, layout)
+            _check_column_layer(name, layers[fmt], mod, x)
+    if decided in (None, "rows"):
         kernel, packed, _, _ = _choose(key, mod, row, _cpu_candidates(w, mod.bias, structure, values), budget_s,
                                        False, cold)
         layers["rows/" + kernel] = SparsifiedInputLinear(threshold, packed if packed is not None else mod)
@@ -435,8 +439,7 @@ def _thresholded_layer(name: str, mod: nn.Linear, threshold: float, values: str,
         with torch.no_grad():
             times = time_candidates({k: (lambda m=m: m(row)) for k, m in layers.items()}, budget_s, False, cold)
         best = min(times, key=lambda k: times[k])
-        KERNEL_CACHE[("thresholded-layout", *key)] = "rows" if best.startswith("rows/") else best
-        decided = KERNEL_CACHE[("thresholded-layout", *key)]
+        decided = KERNEL_CACHE[layout_key] = "rows" if best.startswith("rows/") else best
     kernel = next(k for k in layers if k == decided or (decided == "rows" and k.startswith("rows/")))
     return layers[kernel], kernel, times
 

@@ -10,40 +10,34 @@ faster wins.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..kernels.bitmask_weight import BitmaskWeight
 from .kernel_choice import KERNEL_CACHE, time_candidates
 from .packed_modules import PackedLinear
+from .siblings import combinable, concatenable
 
 __all__ = ["Sibling", "shared_layout"]
 
 
 @dataclass
 class Sibling:
-    """One converted member of a group: its choice alone, and the builders of every candidate it passed."""
+    """One converted member of a group: the layer it runs alone, and its candidates that could join a shared call
+    (built, checked against the layer's dense output; the other candidates are not kept)."""
     name: str
-    chosen: nn.Module  # the layer it runs alone (a PackedLinear, or the torch layer kept)
-    builders: dict[str, Callable[[], PackedLinear | None]]
+    chosen: nn.Module  # a PackedLinear, or the torch layer kept
+    options: dict[str, PackedLinear]
     key: tuple  # its kernel-choice key (shape, density, pattern, values, ...)
-    skipped: dict[str, str] = field(default_factory=dict)
-
-
-def _combinable(layer: nn.Module | None) -> bool:
-    return (isinstance(layer, PackedLinear) and type(layer.packed) is BitmaskWeight and layer.kernel == "bitmask"
-            and layer.threads is None)
 
 
 def _combined(layers: list[PackedLinear]) -> PackedLinear:
-    """The rows of ``layers`` as one layer (what fuse_siblings will build), biases zero-filled where absent."""
-    packed = BitmaskWeight.concat([m.packed for m in layers])
+    """The outputs of ``layers`` as one layer (what fuse_siblings will build), biases zero-filled where absent."""
+    packed = type(layers[0].packed).concat([m.packed for m in layers])
     biases = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in layers]
     bias = None if all(m.bias is None for m in layers) else torch.cat(biases)
-    return PackedLinear(layers[0].in_features, packed.out_features, bias, "bitmask", packed)
+    return PackedLinear(layers[0].in_features, packed.out_features, bias, packed.format, packed)
 
 
 def shared_layout(siblings: list[Sibling], x: torch.Tensor, budget_s: float,
@@ -51,15 +45,11 @@ def shared_layout(siblings: list[Sibling], x: torch.Tensor, budget_s: float,
     """(layout, the siblings' layers in it, seconds per call of each timed option), or (None, {}, times) where
     the siblings run apart faster, already share a layout, or have none in common. ``x``: their input."""
     chosen = [s.chosen for s in siblings]
-    if all(_combinable(m) for m in chosen) and BitmaskWeight.concatenable([m.packed for m in chosen]):
+    if all(combinable(m) for m in chosen) and concatenable(chosen):
         return None, {}, {}  # fuse_siblings combines them as chosen
-    common = [name for name in siblings[0].builders
-              if all(name in s.builders and name not in s.skipped for s in siblings)]
-    options: dict[str, list[PackedLinear]] = {}
-    for name in common:
-        layers = [s.builders[name]() for s in siblings]
-        if all(_combinable(m) for m in layers) and BitmaskWeight.concatenable([m.packed for m in layers]):
-            options[name] = layers
+    options = {name: [s.options[name] for s in siblings] for name in siblings[0].options
+               if all(name in s.options for s in siblings)}
+    options = {name: layers for name, layers in options.items() if concatenable(layers)}
     if not options:
         return None, {}, {}
     key = ("siblings", *(s.key for s in siblings))

@@ -3,11 +3,13 @@
 At batch-1 decode every kernel call pays a fixed cost that a small layer does not amortize: the call from
 Python, waking the threads, quantizing the input (int8 activations), and the first bytes of each weight stream
 arriving from DRAM. On a 1B Llama (2 threads, 70%, int8 x int8) q_proj, k_proj and v_proj took 110 + 2 x 45 us
-called one by one and 140 us as one 2560-row layer (one-off timings, recorded in issue #19's notes). ``fuse_siblings`` finds, by running the example, the bitmask
-layers with one parent that are called one after another on the same tensor, packs their weights into one
-(rows concatenated), and lets the first of them called compute all: the others take their rows of that output.
-Each keeps a view of its own rows of the combined weight (nothing is stored twice), so its ``layer`` still runs
-alone.
+called one by one and 140 us as one 2560-row layer (one-off timings, recorded in issue #19's notes).
+``fuse_siblings`` finds, by running the example, the bitmask (or, with activation sparsity, dense-column) layers
+with one parent that are called one after another on the same tensor, packs their weights into one (outputs
+concatenated), and lets the first of them called compute all: the others take their rows of that output. Each
+keeps a view of its own rows of the combined weight (nothing is stored twice), so its ``layer`` still runs
+alone. Dense columns gain twice: a zeroed input then skips one long column (q, k and v together) rather than
+three shorter ones, the shortest of them (k, v of a grouped-query attention) too short to skip.
 """
 from __future__ import annotations
 
@@ -18,11 +20,12 @@ from torch import nn
 
 from ..errors import SparsityWarning
 from ..kernels.bitmask_weight import BitmaskWeight
+from ..kernels.dense_columns import DenseColumnWeight
 from ..tracing import hooked
 from .kernel_choice import max_error
 from .packed_modules import PackedLinear
 
-__all__ = ["SiblingLinear", "fuse_siblings", "sibling_groups", "call_record"]
+__all__ = ["SiblingLinear", "fuse_siblings", "sibling_groups", "call_record", "combinable", "concatenable"]
 
 
 def _version(x: torch.Tensor) -> int:
@@ -79,8 +82,21 @@ class SiblingLinear(nn.Module):
         return f"{self.index} of {len(self._group.bounds) - 1} siblings"
 
 
-def _groupable(mod: nn.Module) -> bool:
-    return isinstance(mod, PackedLinear) and type(mod.packed) is BitmaskWeight and mod.kernel == "bitmask"
+# the layouts whose weights concatenate by outputs into one kernel call, each output range a view
+_COMBINABLE = (BitmaskWeight, DenseColumnWeight)
+
+
+def combinable(mod: nn.Module | None) -> bool:
+    """Whether ``mod`` can join a sibling group's call: a layout that concatenates, on its own kernel, with the
+    group's thread count (the combined call runs with torch's)."""
+    return (isinstance(mod, PackedLinear) and type(mod.packed) in _COMBINABLE and mod.kernel == mod.packed.format
+            and mod.threads is None)
+
+
+def concatenable(layers: list[PackedLinear]) -> bool:
+    """Whether combinable ``layers`` concatenate into one weight (one layout, value type, ...)."""
+    layout = type(layers[0].packed)
+    return all(type(m.packed) is layout for m in layers) and layout.concatenable([m.packed for m in layers])
 
 
 def call_record(name: str, x: torch.Tensor) -> tuple[str, int, tuple]:
@@ -98,7 +114,7 @@ def _call_order(model: nn.Module, args: tuple) -> tuple[list[tuple[str, int, tup
             calls.append(call_record(name, inp[0]))
         return hook
 
-    hooks = (mod.register_forward_pre_hook(record(name)) for name, mod in model.named_modules() if _groupable(mod))
+    hooks = (mod.register_forward_pre_hook(record(name)) for name, mod in model.named_modules() if combinable(mod))
     with hooked(hooks), torch.no_grad():
         out = model(*args)
     return calls, out
@@ -121,31 +137,32 @@ def sibling_groups(calls: list[tuple[str, int, tuple]]) -> list[list[str]]:
 
 
 def fuse_siblings(model: nn.Module, args: tuple, plan: list[dict]) -> nn.Module:
-    """Replace each group of bitmask layers fed the same input by SiblingLinears sharing one kernel call, if the
+    """Replace each group of bitmask (or dense-column) layers fed the same input by SiblingLinears sharing one kernel call, if the
     model then reproduces its output on the example (else the group is left as it was, with a warning); a plan
     row per group."""
     calls, before = _call_order(model, args)
     mods = dict(model.named_modules())
-    groups = [g for g in sibling_groups(calls) if BitmaskWeight.concatenable([mods[n].packed for n in g])]
+    groups = [g for g in sibling_groups(calls) if concatenable([mods[n] for n in g])]
     if not groups:
         return model
     originals = {}
     for names in groups:
         layers = [model.get_submodule(n) for n in names]
-        fused_weight = BitmaskWeight.concat([m.packed for m in layers])
+        fused_weight = type(layers[0].packed).concat([m.packed for m in layers])
+        kernel = fused_weight.format
         bounds = [0]
         for m in layers:
             bounds.append(bounds[-1] + m.out_features)
         biases = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in layers]
         bias = None if all(m.bias is None for m in layers) else torch.cat(biases)
-        group = SiblingGroup(PackedLinear(layers[0].in_features, bounds[-1], bias, "bitmask", fused_weight), bounds)
+        group = SiblingGroup(PackedLinear(layers[0].in_features, bounds[-1], bias, kernel, fused_weight), bounds)
         for i, (name, m) in enumerate(zip(names, layers)):
             originals[name] = m
-            alone = PackedLinear(m.in_features, m.out_features, m.bias, "bitmask",
-                                 fused_weight.rows(bounds[i], bounds[i + 1]), threads=m.threads)
+            alone = PackedLinear(m.in_features, m.out_features, m.bias, kernel,
+                                 fused_weight.rows(bounds[i], bounds[i + 1]))
             model.set_submodule(name, SiblingLinear(alone, group, i))
         plan.append({"layer": "+".join(names), "type": "SiblingLinear", "shape": [bounds[-1], layers[0].in_features],
-                     "kernel": "bitmask (one call)", "members": names, "ms": {}, "skipped": {}})
+                     "kernel": f"{kernel} (one call)", "members": names, "ms": {}, "skipped": {}})
     try:
         with torch.no_grad():
             err = max_error(model(*args), before)

@@ -7,7 +7,7 @@ hardware prefetchers fetch anyway: on a Zen 3 (AVX2, 2 threads, out of cache) a 
 40% of its inputs zeroed at random ran no faster in such tiles than with none zeroed, while zeroed runs of 32 and
 more columns saved their share. On a CPU without AVX-512 a 70%-pruned int8 layer is fastest dense (expanding its
 mask costs more than its bytes save), so this is the layout in which activation sparsity pays there. Kernel:
-``coldense_outputs`` in csrc/decode_columns.inc, through the ``colmask_linear`` entry with no mask.
+``coldense_columns`` in csrc/decode_columns.inc, through the ``colmask_linear`` entry with no mask.
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ class DenseColumnWeight(PackedWeight):
     def __init__(self, values: torch.Tensor, out_features: int, in_features: int, threshold: float,
                  scales: torch.Tensor | None = None):
         super().__init__(out_features, in_features)
-        self.register_buffer("values", values.contiguous())  # [in, out]
+        # [in, out]; a view of a sibling group's wider values (columns values.stride(0) apart) stays a view
+        self.register_buffer("values", values if values.dim() == 2 and values.stride(1) == 1 else values.contiguous())
         self.register_buffer("scales", None if scales is None else scales.to(torch.float32).contiguous())
         self.register_buffer("threshold", torch.tensor(float(threshold), dtype=torch.float32))
 
@@ -56,13 +57,34 @@ class DenseColumnWeight(PackedWeight):
         dtype = torch.int8 if values == "int8" else VALUE_TYPES[values][1]
         return cls(w.t().contiguous().to(dtype), w.shape[0], w.shape[1], threshold, scales)
 
+    @staticmethod
+    def concatenable(parts: list["DenseColumnWeight"]) -> bool:
+        """Whether ``concat`` takes ``parts``: the same inputs, value type and threshold."""
+        first = parts[0]
+        return all(type(p) is DenseColumnWeight and p.in_features == first.in_features
+                   and p.values.dtype == first.values.dtype and (p.scales is None) == (first.scales is None)
+                   and float(p.threshold) == float(first.threshold) for p in parts)
+
+    @classmethod
+    def concat(cls, parts: list["DenseColumnWeight"]) -> "DenseColumnWeight":
+        """One weight with the outputs of ``parts`` one after another: Linears fed the same input (q/k/v,
+        gate/up) as one call, whose columns are also longer gaps to skip."""
+        if not cls.concatenable(parts):
+            raise SparsityError("dense column weights concatenated by outputs need the same inputs, value type "
+                                "and threshold", got=[repr(q) for q in parts])
+        scales = None if parts[0].scales is None else torch.cat([p.scales for p in parts])
+        return cls(torch.cat([p.values for p in parts], 1), sum(p.out_features for p in parts), parts[0].in_features,
+                   float(parts[0].threshold), scales)
+
+    def rows(self, r0: int, r1: int) -> "DenseColumnWeight":
+        """Outputs [r0, r1) as a weight whose values and scales are views of this one's."""
+        return DenseColumnWeight(self.values[:, r0:r1], r1 - r0, self.in_features, float(self.threshold),
+                                 None if self.scales is None else self.scales[r0:r1])
+
     def to_dense(self) -> torch.Tensor:
         """W [out, in] fp32 (int8 dequantized)."""
         w = self.values.float().t()
         return (w if self.scales is None else w * self.scales[:, None]).contiguous()
-
-    def _torch_weight(self):
-        return self.to_dense().to_sparse_csr()
 
     def _check_incoming(self, state_dict, prefix):
         name = prefix.rstrip(".") or "DenseColumnWeight"

@@ -185,7 +185,7 @@ def colmask_static(out_features: int, in_features: int, mask, start, values, sca
                    skip_columns: bool) -> tuple:
     """The column (activation-sparse) kernels' weight arguments (see kernels.column_bitmask for the layout)."""
     return (out_features, in_features, mask.data_ptr(), start.data_ptr(), values.data_ptr(),
-            BITMASK_VTYPES[values.dtype], _addr(scales), float(threshold), int(skip_columns))
+            BITMASK_VTYPES[values.dtype], _addr(scales), float(threshold), int(skip_columns), 0)
 
 
 def colmask_to_dense_t(static: tuple, out: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
@@ -207,18 +207,29 @@ def colmask_prefill(static: tuple, x: torch.Tensor, bias: torch.Tensor | None, t
 
 
 def coldense_static(out_features: int, in_features: int, values, scales, threshold) -> tuple:
-    """The column kernel's arguments for dense columns (kernels.dense_columns): no mask, no starts."""
+    """The column kernel's arguments for dense columns (kernels.dense_columns): no mask, no starts; values [in, out]
+    with unit stride along out (columns values.stride(0) apart: a view of a sibling group's columns)."""
+    if values.shape != (in_features, out_features) or values.stride(1) != 1 or values.stride(0) < out_features:
+        raise SparsityError(f"dense columns need values [{in_features}, {out_features}] with unit stride along out",
+                            shape=tuple(values.shape), strides=values.stride())
+    if (values.dtype == torch.int8) != (scales is not None) or (scales is not None and (
+            scales.dtype != torch.float32 or scales.shape != (out_features,) or scales.stride(0) != 1)):
+        raise SparsityError(f"dense columns need {out_features} float32 scales with int8 values, none otherwise",
+                            scales=None if scales is None else tuple(scales.shape))
     return (out_features, in_features, 0, 0, values.data_ptr(), BITMASK_VTYPES[values.dtype], _addr(scales),
-            float(threshold), 1)
+            float(threshold), 1, values.stride(0))
 
 
 def coldense_prefill(values: torch.Tensor, scales: torch.Tensor | None, threshold, x: torch.Tensor,
                      bias: torch.Tensor | None) -> torch.Tensor:
     """Many rows: sparsify_input(x) @ W^T + bias as one dense GEMM over W^T [in, out] (values times their
     scales, in a reused buffer)."""
-    n = values.numel()
-    w_t = scratch(n)[:n].view(values.shape)
-    w_t = torch.mul(values, scales, out=w_t) if scales is not None else w_t.copy_(values)
+    if scales is None and values.dtype == torch.float32:
+        w_t = values  # already W^T (a group's view: matmul takes its strides)
+    else:
+        n = values.numel()
+        w_t = scratch(n)[:n].view(values.shape)  # contiguous, whatever the stride of values
+        w_t = torch.mul(values, scales, out=w_t) if scales is not None else w_t.copy_(values)
     y = sparsify_input(x.float(), threshold) @ w_t
     return y if bias is None else y + bias.float()
 
