@@ -122,25 +122,31 @@ def test_state_dict_round_trip():
         ActivationSparsity.from_state_dict({"sparsity": torch.tensor(0.4), "fc.threshold": torch.tensor(0.1)})
 
 
-@pytest.mark.parametrize("faster", ["bitmask-columns", "dense-columns", "rows"])
+@pytest.mark.parametrize("faster", ["bitmask-columns", "dense-columns", "rows", "rows-shared"])
 def test_to_inference_matches_masked_dense_with_thresholds(faster, monkeypatch, unfused):
     """Each thresholded layer runs on the column kernel over its kept values in tiles, over all its values in
     whole columns, or on a row kernel behind the same threshold (SparsifiedInputLinear), whichever is timed
-    fastest: each gives the masked dense model's outputs with the thresholds applied."""
+    fastest; siblings (q/k/v, gate/up) that chose otherwise alone share one call on dense columns where that
+    is faster ("rows-shared"): each gives the masked dense model's outputs with the thresholds applied."""
     pytest.importorskip("transformers")
     warnings.simplefilter("ignore")
-    from sparsetorch.inference import clear_kernel_cache, convert
+    from sparsetorch.inference import clear_kernel_cache, convert, sibling_choice
 
     real = convert.time_candidates
+    alone = faster.partition("-shared")[0]
 
-    def rigged(fns, *args, **kwargs):  # the layout race decided by `faster`; other timings real
+    def rigged(fns, *args, **kwargs):  # the layout races decided by `faster`; other timings real
         times = real(fns, *args, **kwargs)
+        if "apart" in fns:  # the siblings' shared call against their choices alone
+            assert set(fns) == {"apart", "dense-columns"}
+            return {k: float(k != ("dense-columns" if faster.endswith("-shared") else "apart")) for k in fns}
         if "bitmask-columns" not in fns:
             return times
         assert "dense-columns" in fns and sum(k.startswith("rows/") for k in fns) == 1
-        return {k: float(k.partition("/")[0] != faster) for k in fns}
+        return {k: float(k.partition("/")[0] != alone) for k in fns}
 
     monkeypatch.setattr(convert, "time_candidates", rigged)
+    monkeypatch.setattr(sibling_choice, "time_candidates", rigged)
     clear_kernel_cache()
     model, ids = _tiny_llama(), _ids(3, 10, seed=5)
     act = calibrate_activation_sparsity(model, _ids(4, 24), sparsity=0.4)
@@ -150,12 +156,15 @@ def test_to_inference_matches_masked_dense_with_thresholds(faster, monkeypatch, 
     groups = [r for r in fast.sparsetorch_plan if r["type"] == "SiblingLinear"]
     if not has_extension():
         assert kernels == {"torch-bitmask-columns"}
+    elif faster == "rows-shared":  # o_proj and down_proj alone on rows
+        assert all(r["kernel"].startswith("rows/") for r in thresholded if r["layer"].endswith(("o_proj", "down_proj")))
+        assert {r["kernel"] for r in thresholded if not r["layer"].endswith(("o_proj", "down_proj"))} == {"dense-columns"}
     elif faster != "rows":
         assert kernels == {faster}
     else:
         assert all(k.startswith("rows/") for k in kernels)
         assert all(isinstance(fast.get_submodule(r["layer"]), SparsifiedInputLinear) for r in thresholded)
-    if has_extension() and faster == "dense-columns":  # q/k/v and gate/up share one threshold: one call each
+    if has_extension() and faster in ("dense-columns", "rows-shared"):  # q/k/v and gate/up share one threshold
         assert [len(r["members"]) for r in groups] == [3, 2, 3, 2]
         assert {r["kernel"] for r in groups} == {"dense-columns (one call)"}
         apart = unfused(fast)  # each sibling on its own view of the group's columns (strided)

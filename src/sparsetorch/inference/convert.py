@@ -207,15 +207,21 @@ def _capture_inputs(model: nn.Module, args: tuple) -> tuple[dict[str, torch.Tens
     seen: dict[str, torch.Tensor] = {}
     calls: list[tuple] = []
 
-    def keep_first(name: str, linear: bool):
+    def keep_first(name: str):
         def hook(m, inp) -> None:  # a pre-hook that returned a value would replace the input
             seen.setdefault(name, inp[0].detach())
-            if linear:
-                calls.append(call_record(name, inp[0]))
         return hook
 
-    hooks = (mod.register_forward_pre_hook(keep_first(name, isinstance(mod, nn.Linear)))
-             for name, mod in model.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d)))
+    def record(name: str):
+        def hook(m, inp) -> None:
+            calls.append(call_record(name, inp[0]))
+        return hook
+
+    layers = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))]
+    # the calls recorded before any thresholding hook replaces the input: siblings share the tensor they are given
+    hooks = [*(mod.register_forward_pre_hook(record(name), prepend=True) for name, mod in layers
+               if isinstance(mod, nn.Linear)),
+             *(mod.register_forward_pre_hook(keep_first(name)) for name, mod in layers)]
     with hooked(hooks), torch.no_grad():
         out = model(*args)
     return seen, sibling_groups(calls), out
@@ -295,7 +301,8 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
     modules = list(inf.named_modules())
     # the module position after which each sibling's group is complete (thresholded layers run apart)
     position = {name: i for i, (name, _) in enumerate(modules)}
-    complete_at = {n: max(position[m] for m in g) for g in groups if fuse and not set(g) & set(thresholded) for n in g}
+    complete_at = {n: max(position[m] for m in g) for g in groups
+                   if fuse and (set(g) <= set(thresholded) or not set(g) & set(thresholded)) for n in g}
     group_of = {n: g for g in groups for n in g if n in complete_at}
     waiting: dict[str, Sibling] = {}
     for i, (name, mod) in enumerate(modules):
@@ -303,12 +310,17 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
             del waiting[n]
         if name in thresholded:
             threshold = activation_sparsity.thresholds[name]
-            new, kernel, times = _thresholded_layer(name, mod, threshold, values, seen.get(name), budget_s, cold)
+            new, kernel, times, options, key = _thresholded_layer(name, mod, threshold, values, seen.get(name),
+                                                                  budget_s, cold, sibling=name in group_of)
             plan.append({"layer": name, "type": "Linear", "shape": [mod.out_features, mod.in_features],
                          "density": float((mod.weight != 0).float().mean()), "pattern": "activation-sparse",
                          "batch": 1, "kernel": kernel, "threshold": threshold,
                          "ms": {k: v * 1e3 for k, v in times.items()}, "skipped": {}})
             inf.set_submodule(name, new)
+            if name in group_of and name in seen:
+                x = seen[name].reshape(-1, mod.in_features)[:1].float()
+                _sibling_converted(inf, Sibling(name, new, options, key), group_of[name], waiting, plan, x,
+                                   budget_s, cold, verbose)
             continue
         # dense Linears (an LLM's lm_head) are candidates too: in a lossy value type, and at decode, where our
         # dense matrix-vector kernel streams fp32 weights faster than torch's (benchmarks/bench_decode.py)
@@ -360,9 +372,8 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
                 inf = new
         if name in group_of and not cuda:  # the candidates that could share a call kept, built (packs shared)
             options = {n: m for n, build in cands.items() if n not in skipped and combinable(m := build())}
-            waiting[name] = Sibling(name, new if new is not None else mod, options, key)
-            if all(n in waiting for n in group_of[name]):
-                _share_layout(inf, [waiting.pop(n) for n in group_of[name]], plan, x, budget_s, cold, verbose)
+            _sibling_converted(inf, Sibling(name, new if new is not None else mod, options, key), group_of[name],
+                               waiting, plan, x, budget_s, cold, verbose)
     if fuse and plan:
         inf = fuse_chains(inf, args, plan, budget_s, min_sparsity, verbose, always=fuse == "always")
         inf = fuse_siblings(inf, args, plan)
@@ -376,6 +387,14 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
     inf.sparsetorch_plan = plan
     use_huge_pages(inf)
     return compile_decode(inf) if compile else inf
+
+
+def _sibling_converted(inf: nn.Module, sibling: Sibling, group: list[str], waiting: dict[str, Sibling],
+                       plan: list[dict], x: torch.Tensor, budget_s: float, cold: bool, verbose: bool) -> None:
+    """Note a converted member of a sibling group; with the last of them, choose the group's layout."""
+    waiting[sibling.name] = sibling
+    if all(n in waiting for n in group):
+        _share_layout(inf, [waiting.pop(n) for n in group], plan, x, budget_s, cold, verbose)
 
 
 def _share_layout(inf: nn.Module, siblings: list[Sibling], plan: list[dict], x: torch.Tensor, budget_s: float,
@@ -408,15 +427,18 @@ def _column_layer(mod: nn.Linear, threshold: float, values: str, layout: type = 
 
 
 def _thresholded_layer(name: str, mod: nn.Linear, threshold: float, values: str, x: torch.Tensor | None,
-                       budget_s: float, cold: bool) -> tuple[nn.Module, str, dict[str, float]]:
+                       budget_s: float, cold: bool, sibling: bool = False
+                       ) -> tuple[nn.Module, str, dict[str, float], dict[str, PackedLinear], tuple]:
     """The fastest of a Linear with inputs sparsified at ``threshold`` on one row of its input: the column kernel
     over the kept values in tiles (``bitmask-columns``), over every value in whole columns (``dense-columns``:
     where, as on AVX2, expanding kept values costs more than their bytes save), or the fastest row kernel behind
-    the threshold (``rows/<kernel>``, SparsifiedInputLinear). (layer, kernel name, seconds per call of each)."""
+    the threshold (``rows/<kernel>``, SparsifiedInputLinear). (layer, kernel name, seconds per call of each, the
+    built layers that could share a call with their siblings, the choice's cache key); with ``sibling`` the
+    dense columns are built whatever the choice alone, to be timed as the siblings' one call."""
     if x is None or not has_extension():
         column = _column_layer(mod, threshold, values)
         _check_column_layer(name, column, mod, x)
-        return column, column.kernel, {}
+        return column, column.kernel, {}, {}, ()
     row = x.reshape(-1, mod.in_features)[:1].float()
     w = mod.weight.detach()
     structure = detect_structure(w)
@@ -427,7 +449,7 @@ def _thresholded_layer(name: str, mod: nn.Linear, threshold: float, values: str,
     decided = KERNEL_CACHE.get(layout_key)
     layers: dict[str, nn.Module] = {}  # built only where they may be chosen
     for fmt, layout in (("bitmask-columns", ColumnBitmaskWeight), ("dense-columns", DenseColumnWeight)):
-        if decided in (None, fmt):
+        if decided in (None, fmt) or (sibling and fmt == "dense-columns"):
             layers[fmt] = _column_layer(mod, threshold, values, layout)
             _check_column_layer(name, layers[fmt], mod, x)
     if decided in (None, "rows"):
@@ -441,7 +463,7 @@ def _thresholded_layer(name: str, mod: nn.Linear, threshold: float, values: str,
         best = min(times, key=lambda k: times[k])
         decided = KERNEL_CACHE[layout_key] = "rows" if best.startswith("rows/") else best
     kernel = next(k for k in layers if k == decided or (decided == "rows" and k.startswith("rows/")))
-    return layers[kernel], kernel, times
+    return layers[kernel], kernel, times, {k: m for k, m in layers.items() if combinable(m)}, layout_key
 
 
 def _check_column_layer(name: str, new: PackedLinear, mod: nn.Linear, x: torch.Tensor | None) -> None:
