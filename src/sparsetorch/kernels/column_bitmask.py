@@ -22,9 +22,27 @@ from .bitmask_weight import VALUE_TYPES, pack_mask, unpack_mask
 from .inference_ops import sparsify_input
 from .packed import PackedWeight
 
-__all__ = ["ColumnBitmaskWeight", "sparsify_input", "TILE"]
+__all__ = ["ColumnBitmaskWeight", "sparsify_input", "checked_codes", "TILE"]
 
 TILE = 256  # outputs per tile (csrc/decode.h COL_TILE): 16 accumulator vectors at batch 1
+
+
+def checked_codes(w: torch.Tensor, threshold: float, values: str) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """A column layout's inputs checked: w as fp32 (int8: codes round(w / scale), one symmetric scale per output
+    row), its scales (int8, else None) and the threshold."""
+    if values not in VALUE_TYPES:
+        raise SparsityError(f"unknown value type {values!r}; use one of {sorted(VALUE_TYPES)}")
+    threshold = float(threshold)
+    if not threshold >= 0 or threshold == float("inf"):
+        raise SparsityError(f"activation threshold must be a finite number >= 0, got {threshold}")
+    w = w.detach().to("cpu", torch.float32)
+    if not torch.isfinite(w).all():
+        raise SparsityError("weight has NaN or infinite entries; fix the model before packing it")
+    scales = None
+    if values == "int8":
+        scales = (w.abs().amax(1) / 127).clamp_min(1e-12)
+        w = torch.round(w / scales[:, None]).clamp(-127, 127)
+    return w, scales, threshold
 
 
 class ColumnBitmaskWeight(PackedWeight):
@@ -51,19 +69,8 @@ class ColumnBitmaskWeight(PackedWeight):
     @classmethod
     def from_dense(cls, w: torch.Tensor, threshold: float, values: str = "fp32") -> "ColumnBitmaskWeight":
         """Pack w's nonzeros by columns. int8: symmetric scale per output row, values = round(w / scale)."""
-        if values not in VALUE_TYPES:
-            raise SparsityError(f"unknown value type {values!r}; use one of {sorted(VALUE_TYPES)}")
-        threshold = float(threshold)
-        if not threshold >= 0 or threshold == float("inf"):
-            raise SparsityError(f"activation threshold must be a finite number >= 0, got {threshold}")
-        w = w.detach().to("cpu", torch.float32)
-        if not torch.isfinite(w).all():
-            raise SparsityError("weight has NaN or infinite entries; fix the model before packing it")
+        w, scales, threshold = checked_codes(w, threshold, values)
         out, n = w.shape
-        scales = None
-        if values == "int8":
-            scales = (w.abs().amax(1) / 127).clamp_min(1e-12)
-            w = torch.round(w / scales[:, None]).clamp(-127, 127)
         tiles = -(-out // TILE)
         padded = torch.zeros(tiles * TILE, n)
         padded[:out] = w

@@ -16,6 +16,7 @@ import torch
 from ..errors import SparsityError
 from . import custom_ops, inference_ops, loader
 from .bitmask_weight import VALUE_TYPES
+from .column_bitmask import checked_codes
 from .inference_ops import sparsify_input
 from .packed import PackedWeight
 
@@ -42,18 +43,7 @@ class DenseColumnWeight(PackedWeight):
     @classmethod
     def from_dense(cls, w: torch.Tensor, threshold: float, values: str = "fp32") -> "DenseColumnWeight":
         """W^T in ``values``. int8: symmetric scale per output row, values = round(w / scale)."""
-        if values not in VALUE_TYPES:
-            raise SparsityError(f"unknown value type {values!r}; use one of {sorted(VALUE_TYPES)}")
-        threshold = float(threshold)
-        if not threshold >= 0 or threshold == float("inf"):
-            raise SparsityError(f"activation threshold must be a finite number >= 0, got {threshold}")
-        w = w.detach().to("cpu", torch.float32)
-        if not torch.isfinite(w).all():
-            raise SparsityError("weight has NaN or infinite entries; fix the model before packing it")
-        scales = None
-        if values == "int8":
-            scales = (w.abs().amax(1) / 127).clamp_min(1e-12)
-            w = torch.round(w / scales[:, None]).clamp(-127, 127)
+        w, scales, threshold = checked_codes(w, threshold, values)
         dtype = torch.int8 if values == "int8" else VALUE_TYPES[values][1]
         return cls(w.t().contiguous().to(dtype), w.shape[0], w.shape[1], threshold, scales)
 
