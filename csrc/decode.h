@@ -21,6 +21,13 @@ struct Bitmask {
   int64_t in;
 };
 
+// Mask word c of row o; rows without a mask are dense (all 16 bits, fewer in the last word).
+inline unsigned word_at(const Bitmask& w, int64_t o, int64_t c) {
+  if (w.mask) return w.mask[o * w.words + c];
+  const int64_t left = w.in - 16 * c;
+  return left >= 16 ? 0xFFFFu : (1u << left) - 1u;
+}
+
 // Activations quantized for the int8 x int8 kernels, per row and group of QX_GROUP columns: magnitudes
 // round(|x| / scale) in 0..255 (uint8, padded to `ld`, a multiple of 64, with 0), the signs one bit per column
 // (set: negative; 64 columns per word), scale [nb, groups] (x ~= +-code * scale). Sign and magnitude rather than

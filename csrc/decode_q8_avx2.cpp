@@ -52,12 +52,6 @@ ST_Q8 inline __m256i weights16_tail(const int8_t* v, unsigned m) {
   return _mm256_cvtepi8_epi16(_mm_load_si128((const __m128i*)w));
 }
 
-ST_Q8 inline unsigned mask_word(const Bitmask& w, int64_t o, int64_t c) {
-  if (w.mask) return w.mask[o * w.words + c];
-  const int64_t left = w.in - 16 * c;
-  return left >= 16 ? 0xFFFFu : (1u << left) - 1u;
-}
-
 // Rows [r0, r1) for one batch row (x16: its signed codes, padded with zeros to whole words). Segments end at a
 // weight group's or an activation group's end, where their exact int32 sums are scaled.
 ST_Q8 void rows1(const Bitmask& w, const int16_t* x16, const float* xscale, const float* bias, float* y, int64_t r0,
@@ -74,7 +68,7 @@ ST_Q8 void rows1(const Bitmask& w, const int16_t* x16, const float* xscale, cons
       __m256i a0 = _mm256_setzero_si256(), a1 = a0;
       for (; c + 2 <= e && p + 16 <= vend; c += 2) {  // two words per step: two independent sums
         if ((c & 3) == 0) _mm_prefetch((const char*)(val + p) + PREFETCH_BYTES, _MM_HINT_T0);
-        const unsigned m0 = mask_word(w, o, c), m1 = mask_word(w, o, c + 1);
+        const unsigned m0 = word_at(w, o, c), m1 = word_at(w, o, c + 1);
         const int n0 = __builtin_popcount(m0);
         a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(weights16(val + p, m0),
                                                     _mm256_loadu_si256((const __m256i*)(x16 + 16 * c))));
@@ -83,7 +77,7 @@ ST_Q8 void rows1(const Bitmask& w, const int16_t* x16, const float* xscale, cons
         p += n0 + __builtin_popcount(m1);
       }
       for (; c < e; ++c) {
-        const unsigned m = mask_word(w, o, c);
+        const unsigned m = word_at(w, o, c);
         const __m256i wv = p <= vend ? weights16(val + p, m) : weights16_tail(val + p, m);
         a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(wv, _mm256_loadu_si256((const __m256i*)(x16 + 16 * c))));
         p += __builtin_popcount(m);
