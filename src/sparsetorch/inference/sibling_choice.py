@@ -17,7 +17,7 @@ from torch import nn
 
 from .kernel_choice import KERNEL_CACHE, time_candidates
 from .packed_modules import PackedLinear
-from .siblings import combinable, concatenable
+from .siblings import combinable, combined_layer, concatenable
 
 __all__ = ["Sibling", "shared_layout"]
 
@@ -30,14 +30,6 @@ class Sibling:
     chosen: nn.Module  # a PackedLinear, or the torch layer kept
     options: dict[str, PackedLinear]
     key: tuple  # its kernel-choice key (shape, density, pattern, values, ...)
-
-
-def _combined(layers: list[PackedLinear]) -> PackedLinear:
-    """The outputs of ``layers`` as one layer (what fuse_siblings will build), biases zero-filled where absent."""
-    packed = type(layers[0].packed).concat([m.packed for m in layers])
-    biases = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in layers]
-    bias = None if all(m.bias is None for m in layers) else torch.cat(biases)
-    return PackedLinear(layers[0].in_features, packed.out_features, bias, packed.format, packed)
 
 
 def shared_layout(siblings: list[Sibling], x: torch.Tensor, budget_s: float,
@@ -55,7 +47,7 @@ def shared_layout(siblings: list[Sibling], x: torch.Tensor, budget_s: float,
     key = ("siblings", *(s.key for s in siblings))
     times: dict[str, float] = {}
     if key not in KERNEL_CACHE:  # cached like every choice: one process converts alike
-        fns = {name: (lambda m=_combined(layers): m(x)) for name, layers in options.items()}
+        fns = {name: (lambda m=combined_layer(layers): m(x)  # what fuse_siblings builds) for name, layers in options.items()}
         fns["apart"] = lambda: [m(x) for m in chosen]
         with torch.no_grad():
             times = time_candidates(fns, budget_s, False, cold)

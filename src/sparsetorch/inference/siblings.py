@@ -25,7 +25,8 @@ from ..tracing import hooked
 from .kernel_choice import max_error
 from .packed_modules import PackedLinear
 
-__all__ = ["SiblingLinear", "fuse_siblings", "sibling_groups", "call_record", "combinable", "concatenable"]
+__all__ = ["SiblingLinear", "fuse_siblings", "sibling_groups", "call_record", "combinable", "concatenable",
+           "combined_layer"]
 
 
 def _version(x: torch.Tensor) -> int:
@@ -99,6 +100,14 @@ def concatenable(layers: list[PackedLinear]) -> bool:
     return all(type(m.packed) is layout for m in layers) and layout.concatenable([m.packed for m in layers])
 
 
+def combined_layer(layers: list[PackedLinear]) -> PackedLinear:
+    """The outputs of concatenable ``layers`` as one layer (weights concatenated, biases zero-filled where absent)."""
+    packed = type(layers[0].packed).concat([m.packed for m in layers])
+    biases = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in layers]
+    bias = None if all(m.bias is None for m in layers) else torch.cat(biases)
+    return PackedLinear(layers[0].in_features, packed.out_features, bias, packed.format, packed)
+
+
 def call_record(name: str, x: torch.Tensor) -> tuple[str, int, tuple]:
     """What ``sibling_groups`` compares of one call: the layer, its input's identity, and the input's storage,
     shape and version (the same tensor, unchanged in between)."""
@@ -137,9 +146,9 @@ def sibling_groups(calls: list[tuple[str, int, tuple]]) -> list[list[str]]:
 
 
 def fuse_siblings(model: nn.Module, args: tuple, plan: list[dict]) -> nn.Module:
-    """Replace each group of bitmask (or dense-column) layers fed the same input by SiblingLinears sharing one kernel call, if the
-    model then reproduces its output on the example (else the group is left as it was, with a warning); a plan
-    row per group."""
+    """Replace each group of bitmask (or dense-column) layers fed the same input by SiblingLinears sharing one
+    kernel call, if the model then reproduces its output on the example (else the group is left as it was, with
+    a warning); a plan row per group."""
     calls, before = _call_order(model, args)
     mods = dict(model.named_modules())
     groups = [g for g in sibling_groups(calls) if concatenable([mods[n] for n in g])]
@@ -148,14 +157,12 @@ def fuse_siblings(model: nn.Module, args: tuple, plan: list[dict]) -> nn.Module:
     originals = {}
     for names in groups:
         layers = [model.get_submodule(n) for n in names]
-        fused_weight = type(layers[0].packed).concat([m.packed for m in layers])
-        kernel = fused_weight.format
+        fused = combined_layer(layers)
+        fused_weight, kernel = fused.packed, fused.kernel
         bounds = [0]
         for m in layers:
             bounds.append(bounds[-1] + m.out_features)
-        biases = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in layers]
-        bias = None if all(m.bias is None for m in layers) else torch.cat(biases)
-        group = SiblingGroup(PackedLinear(layers[0].in_features, bounds[-1], bias, kernel, fused_weight), bounds)
+        group = SiblingGroup(fused, bounds)
         for i, (name, m) in enumerate(zip(names, layers)):
             originals[name] = m
             alone = PackedLinear(m.in_features, m.out_features, m.bias, kernel,

@@ -44,8 +44,7 @@ class DenseColumnWeight(PackedWeight):
     def from_dense(cls, w: torch.Tensor, threshold: float, values: str = "fp32") -> "DenseColumnWeight":
         """W^T in ``values``. int8: symmetric scale per output row, values = round(w / scale)."""
         w, scales, threshold = checked_codes(w, threshold, values)
-        dtype = torch.int8 if values == "int8" else VALUE_TYPES[values][1]
-        return cls(w.t().contiguous().to(dtype), w.shape[0], w.shape[1], threshold, scales)
+        return cls(w.t().contiguous().to(VALUE_TYPES[values][1]), w.shape[0], w.shape[1], threshold, scales)
 
     @staticmethod
     def concatenable(parts: list["DenseColumnWeight"]) -> bool:
