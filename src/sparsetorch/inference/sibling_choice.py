@@ -47,7 +47,8 @@ def shared_layout(siblings: list[Sibling], x: torch.Tensor, budget_s: float,
     key = ("siblings", *(s.key for s in siblings))
     times: dict[str, float] = {}
     if key not in KERNEL_CACHE:  # cached like every choice: one process converts alike
-        fns = {name: (lambda m=combined_layer(layers): m(x)  # what fuse_siblings builds) for name, layers in options.items()}
+        # each option as the layer fuse_siblings will build
+        fns = {name: (lambda m=combined_layer(layers): m(x)) for name, layers in options.items()}
         fns["apart"] = lambda: [m(x) for m in chosen]
         with torch.no_grad():
             times = time_candidates(fns, budget_s, False, cold)
