@@ -6,8 +6,9 @@ import sparsetorch
 from sparsetorch.kernels import has_extension
 from sparsetorch.kernels.bitmask_weight import BitmaskWeight
 from sparsetorch.inference import convert, sibling_choice
+from sparsetorch.inference import siblings as siblings_module
 from sparsetorch.inference.sibling_choice import Sibling
-from sparsetorch.inference.siblings import SiblingLinear
+from sparsetorch.inference.siblings import SiblingLinear, concatenable
 
 pytestmark = pytest.mark.skipif(not has_extension(), reason="compiled kernels not built")
 
@@ -99,6 +100,39 @@ def test_siblings_that_chose_different_layouts_share_one_where_faster(faster, mo
     assert layout == "bitmask-int8" and BitmaskWeight.concatenable([layers[n].packed for n in "qk"])
     for n, w in zip("qk", ws):  # each sibling's own weight, in the shared layout
         assert torch.allclose(layers[n](x), siblings["qk".index(n)].options["bitmask-int8"](x))
+
+
+def test_siblings_go_back_to_their_own_layouts_when_the_shared_call_is_refused(pruned_llama, monkeypatch):
+    """Siblings moved to a common layout for one call, which fuse_siblings then does not make (the combined
+    model did not reproduce the output: rigged here), run again on the layouts they chose alone."""
+    own, kernel_alone = {}, {}
+    share_layout = convert._share_layout
+
+    def spy(inf, siblings, plan, *args):  # what each sibling chose alone, by the plan
+        rows = {row["layer"]: row for row in plan}
+        kernel_alone.update({s.name: rows[s.name]["kernel"] for s in siblings})
+        return share_layout(inf, siblings, plan, *args)
+
+    def moved(siblings, x, budget_s, cold):  # each group moved to a layout all offer and none chose alone
+        common = [n for n in siblings[0].options if all(n in s.options for s in siblings)
+                  and concatenable([s.options[n] for s in siblings])
+                  and all(kernel_alone[s.name] != n for s in siblings)]
+        if not common:
+            return None, {}, {}
+        own.update({s.name: s.chosen for s in siblings})
+        return common[0], {s.name: s.options[common[0]] for s in siblings}, {common[0]: 1.0, "apart": 2.0}
+    monkeypatch.setattr(convert, "_share_layout", spy)
+    monkeypatch.setattr(convert, "shared_layout", moved)
+    monkeypatch.setattr(siblings_module, "max_error", lambda out, ref: "rigged mismatch")
+    model = pruned_llama(hidden=128, intermediate=256)
+    ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.warns(sparsetorch.SparsityWarning, match="rigged mismatch"):
+        fast = sparsetorch.to_inference(model, (ids,), budget_s=0.02, values="int8")
+    assert own and not any(isinstance(m, SiblingLinear) for m in fast.modules())
+    rows = {row["layer"]: row for row in fast.sparsetorch_plan}
+    for name, layer in own.items():
+        assert fast.get_submodule(name) is layer
+        assert rows[name]["kernel"] == kernel_alone[name]
 
 
 def test_combined_model_compiles(pruned_llama):

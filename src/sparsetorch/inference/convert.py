@@ -40,7 +40,7 @@ from .compiled_decode import compile_decode
 from .kernel_choice import EVICT_BYTES, KERNEL_CACHE, max_error, rtol, time_candidates
 from .packed_modules import PackedConv2d, PackedLinear, SparsifiedInputLinear
 from .sibling_choice import Sibling, shared_layout
-from .siblings import call_record, combinable, fuse_siblings, sibling_groups
+from .siblings import combinable, fuse_siblings, recording_hook, sibling_groups
 
 __all__ = ["to_inference", "detect_structure"]
 
@@ -212,14 +212,9 @@ def _capture_inputs(model: nn.Module, args: tuple) -> tuple[dict[str, torch.Tens
             seen.setdefault(name, inp[0].detach())
         return hook
 
-    def record(name: str):
-        def hook(m, inp) -> None:
-            calls.append(call_record(name, inp[0]))
-        return hook
-
     layers = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))]
     # the calls recorded before any thresholding hook replaces the input: siblings share the tensor they are given
-    hooks = [*(mod.register_forward_pre_hook(record(name), prepend=True) for name, mod in layers
+    hooks = [*(mod.register_forward_pre_hook(recording_hook(calls, name), prepend=True) for name, mod in layers
                if isinstance(mod, nn.Linear)),
              *(mod.register_forward_pre_hook(keep_first(name)) for name, mod in layers)]
     with hooked(hooks), torch.no_grad():
@@ -305,6 +300,7 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
                    if fuse and (set(g) <= set(thresholded) or not set(g) & set(thresholded)) for n in g}
     group_of = {n: g for g in groups for n in g if n in complete_at}
     waiting: dict[str, Sibling] = {}
+    apart: dict[str, tuple[nn.Module, str]] = {}  # siblings moved to a shared layout: their own choice
     for i, (name, mod) in enumerate(modules):
         for n in [n for n in waiting if complete_at[n] < i]:  # a sibling stayed dense: its group is not converted
             del waiting[n]
@@ -319,8 +315,8 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
             inf.set_submodule(name, new)
             if name in group_of and name in seen:
                 x = seen[name].reshape(-1, mod.in_features)[:1].float()
-                _sibling_converted(inf, Sibling(name, new, options, key), group_of[name], waiting, plan, x,
-                                   budget_s, cold, verbose)
+                apart.update(_sibling_converted(inf, Sibling(name, new, options, key), group_of[name], waiting,
+                                                plan, x, budget_s, cold, verbose))
             continue
         # dense Linears (an LLM's lm_head) are candidates too: in a lossy value type, and at decode, where our
         # dense matrix-vector kernel streams fp32 weights faster than torch's (benchmarks/bench_decode.py)
@@ -372,11 +368,11 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
                 inf = new
         if name in group_of and not cuda:  # the candidates that could share a call kept, built (packs shared)
             options = {n: m for n, build in cands.items() if n not in skipped and combinable(m := build())}
-            _sibling_converted(inf, Sibling(name, new if new is not None else mod, options, key), group_of[name],
-                               waiting, plan, x, budget_s, cold, verbose)
+            apart.update(_sibling_converted(inf, Sibling(name, new if new is not None else mod, options, key),
+                                            group_of[name], waiting, plan, x, budget_s, cold, verbose))
     if fuse and plan:
         inf = fuse_chains(inf, args, plan, budget_s, min_sparsity, verbose, always=fuse == "always")
-        inf = fuse_siblings(inf, args, plan)
+        inf = fuse_siblings(inf, args, plan, apart)
     with torch.no_grad():
         out = inf(*args)
     # lossy values were checked layer by layer against their own rounding; so were thresholded layers, since a
@@ -390,29 +386,36 @@ def to_inference(model: nn.Module, example_inputs, *, budget_s: float = 0.3, min
 
 
 def _sibling_converted(inf: nn.Module, sibling: Sibling, group: list[str], waiting: dict[str, Sibling],
-                       plan: list[dict], x: torch.Tensor, budget_s: float, cold: bool, verbose: bool) -> None:
-    """Note a converted member of a sibling group; with the last of them, choose the group's layout."""
+                       plan: list[dict], x: torch.Tensor, budget_s: float, cold: bool,
+                       verbose: bool) -> dict[str, tuple[nn.Module, str]]:
+    """Note a converted member of a sibling group; with the last of them, choose the group's layout. Returns
+    what _share_layout replaced."""
     waiting[sibling.name] = sibling
     if all(n in waiting for n in group):
-        _share_layout(inf, [waiting.pop(n) for n in group], plan, x, budget_s, cold, verbose)
+        return _share_layout(inf, [waiting.pop(n) for n in group], plan, x, budget_s, cold, verbose)
+    return {}
 
 
 def _share_layout(inf: nn.Module, siblings: list[Sibling], plan: list[dict], x: torch.Tensor, budget_s: float,
-                  cold: bool, verbose: bool) -> None:
+                  cold: bool, verbose: bool) -> dict[str, tuple[nn.Module, str]]:
     """Siblings (Linears fed the same input, each converted alone) put on one layout where their shared call
-    (fuse_siblings) is faster than running them apart; their plan rows say so."""
+    (fuse_siblings) is faster than running them apart; their plan rows say so. Returns each moved sibling's
+    own choice (layer, kernel), for fuse_siblings to restore should the shared call not be made."""
     layout, layers, times = shared_layout(siblings, x, budget_s, cold)
     if verbose and times:
         print("+".join(s.name for s in siblings) + f": {layout or 'apart'}  "
               + "  ".join(f"{k}={v * 1e3:.3f}ms" for k, v in times.items()))
     rows = {row["layer"]: row for row in plan}
+    own = {}
     for s in siblings:
         row = rows[s.name]
         if times:
             row["siblings_ms"] = {k: v * 1e3 for k, v in times.items()}
         if layout is not None:
+            own[s.name] = (s.chosen, row["kernel"])
             inf.set_submodule(s.name, layers[s.name])
             row["kernel"] = layout
+    return own
 
 
 def _column_layer(mod: nn.Linear, threshold: float, values: str, layout: type = ColumnBitmaskWeight) -> PackedLinear:

@@ -25,8 +25,8 @@ from ..tracing import hooked
 from .kernel_choice import max_error
 from .packed_modules import PackedLinear
 
-__all__ = ["SiblingLinear", "fuse_siblings", "sibling_groups", "call_record", "combinable", "concatenable",
-           "combined_layer"]
+__all__ = ["SiblingLinear", "fuse_siblings", "sibling_groups", "call_record", "recording_hook", "combinable",
+           "concatenable", "combined_layer"]
 
 
 def _version(x: torch.Tensor) -> int:
@@ -114,16 +114,18 @@ def call_record(name: str, x: torch.Tensor) -> tuple[str, int, tuple]:
     return name, id(x), (x.data_ptr(), tuple(x.shape), _version(x))
 
 
+def recording_hook(calls: list[tuple[str, int, tuple]], name: str):
+    """A forward pre-hook that appends each call's ``call_record`` to ``calls``."""
+    def hook(m, inp) -> None:
+        calls.append(call_record(name, inp[0]))
+    return hook
+
+
 def _call_order(model: nn.Module, args: tuple) -> tuple[list[tuple[str, int, tuple]], object]:
     """``call_record`` of every bitmask PackedLinear call while the example runs, and the model's output."""
     calls: list[tuple[str, int, tuple]] = []
-
-    def record(name: str):
-        def hook(m, inp) -> None:
-            calls.append(call_record(name, inp[0]))
-        return hook
-
-    hooks = (mod.register_forward_pre_hook(record(name)) for name, mod in model.named_modules() if combinable(mod))
+    hooks = (mod.register_forward_pre_hook(recording_hook(calls, name)) for name, mod in model.named_modules()
+             if combinable(mod))
     with hooked(hooks), torch.no_grad():
         out = model(*args)
     return calls, out
@@ -145,10 +147,12 @@ def sibling_groups(calls: list[tuple[str, int, tuple]]) -> list[list[str]]:
     return [g for g in groups if len(g) > 1]
 
 
-def fuse_siblings(model: nn.Module, args: tuple, plan: list[dict]) -> nn.Module:
+def fuse_siblings(model: nn.Module, args: tuple, plan: list[dict],
+                  apart: dict[str, tuple[nn.Module, str]] | None = None) -> nn.Module:
     """Replace each group of bitmask (or dense-column) layers fed the same input by SiblingLinears sharing one
-    kernel call, if the model then reproduces its output on the example (else the group is left as it was, with
-    a warning); a plan row per group."""
+    kernel call, if the model then reproduces its output on the example (else, with a warning, each layer goes
+    back to its own choice: ``apart[name]`` = (layer, kernel) where it was moved to a layout for the shared
+    call, else as it was); a plan row per group."""
     calls, before = _call_order(model, args)
     mods = dict(model.named_modules())
     groups = [g for g in sibling_groups(calls) if concatenable([mods[n] for n in g])]
@@ -176,8 +180,12 @@ def fuse_siblings(model: nn.Module, args: tuple, plan: list[dict]) -> nn.Module:
     except (RuntimeError, ValueError, TypeError) as exc:  # a caller reshaping the outputs in a way views refuse
         err = repr(exc)
     if err:
+        rows = {row["layer"]: row for row in plan}
         for name, m in originals.items():
-            model.set_submodule(name, m)
+            layer, kernel = (apart or {}).get(name, (m, None))
+            model.set_submodule(name, layer)
+            if kernel is not None and name in rows:
+                rows[name]["kernel"] = kernel
         del plan[-len(groups):]
         warnings.warn(f"Linears fed the same input left as separate calls: the model with them combined did not "
                       f"reproduce its output ({err})", SparsityWarning, stacklevel=3)
