@@ -42,6 +42,34 @@ def test_matches_dequantized_weight(shape, values, dense):
             assert torch.allclose(y, ref, rtol=1e-4, atol=1e-4), (isa, batch)
 
 
+def _two_of_four(out, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, n, generator=g)
+    top = w.abs().reshape(out, n // 4, 4).topk(2, dim=2).indices
+    keep = torch.zeros(out, n // 4, 4, dtype=torch.bool).scatter_(2, top, True).reshape(out, n)
+    return w * keep
+
+
+@pytest.mark.parametrize("values,group", [("fp32", None), ("bf16", None), ("int8", None), ("int8", 64)])
+def test_two_of_four_rows_and_rows_that_only_keep_half(values, group):
+    """Batch 1 on AVX2 takes words whose bytes each keep 4 of 8 columns (2:4, 4:8) eight values at a time
+    (group24_avx2); a row keeping half its columns that stops being so part-way falls back to the general kernel
+    from there. Every row against torch on the same weight."""
+    w = _two_of_four(24, 512)
+    w[5, -64:] = 0  # half its columns, but its last 64 keep 1 of 4 and then 3 of 4
+    w[5, -64:-32:4] = 1.0
+    w[5, -32:] = (torch.arange(32.0) + 1) * torch.tensor([1.0, 1.0, 1.0, 0.0]).repeat(8)
+    w[9, 0:8] = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 2.0, 0.0])  # 3 of 4 and 1 of 4: 4 of 8 still
+    assert all(int((w[r] != 0).sum()) == 256 for r in (5, 9))
+    p = BitmaskWeight.from_dense(w, values, group_size=group)
+    bias = torch.randn(24, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(1, 512, generator=torch.Generator().manual_seed(3))
+    ref = torch.nn.functional.linear(x, p.to_dense(), bias)
+    for isa in inference_ops.ISAS[:inference_ops.isa_level() + 1]:
+        y = inference_ops.call("bitmask_linear", p._static(), x, bias, isa=isa)
+        assert torch.allclose(y, ref, rtol=1e-4, atol=1e-4), isa
+
+
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
 @pytest.mark.parametrize("dense", [False, True])
 @pytest.mark.parametrize("group", [None, 64, 128])
