@@ -17,7 +17,8 @@ the first model is the median of the per-round ratios, with their spread. Models
   on the prompt (``0.7/int8/act0.4``).
 
     python benchmarks/bench_decode_paired.py --preset 1b --models dense,2:4/fp32 --rounds 5
-    python benchmarks/bench_decode_paired.py --preset 1b --models dense/int8,0.7/int8/act0.4,dense --rounds 5
+    python benchmarks/bench_decode_paired.py --preset 1b --models dense/int8,0.7/int8/act0.4,2:4/fp32,dense \
+        --pairs 2:4/fp32:dense --rounds 12 --new-tokens 32
 
 Results go to benchmarks/results/decode_paired_<preset>.json (``--out``).
 """
@@ -109,13 +110,13 @@ def rounds(specs: list[str], args) -> tuple[dict[str, list[float]], dict[str, li
                 proc.kill()
 
 
-def summary(specs: list[str], speeds: dict[str, list[float]]) -> list[dict]:
-    """Per model: median tok/s and the median, min and max of its per-round ratio to the first model."""
-    ref = speeds[specs[0]]
+def summary(specs: list[str], speeds: dict[str, list[float]], pairs: list[tuple[str, str]]) -> list[dict]:
+    """Per model: median tok/s and the median, min and max of its per-round ratio to the first model; then one
+    row per (model, reference) pair of --pairs."""
     rows = []
-    for spec in specs:
-        ratios = [a / b for a, b in zip(speeds[spec], ref)]
-        rows.append({"model": spec, "tok_s": speeds[spec], "median_tok_s": statistics.median(speeds[spec]),
+    for spec, ref in [(s, specs[0]) for s in specs] + pairs:
+        ratios = [a / b for a, b in zip(speeds[spec], speeds[ref])]
+        rows.append({"model": spec, "versus": ref, "tok_s": speeds[spec], "median_tok_s": statistics.median(speeds[spec]),
                      "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)})
     return rows
 
@@ -124,6 +125,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(bd.PRESETS), default="small")
     ap.add_argument("--models", default="dense,2:4/fp32", help="comma-separated; ratios are to the first")
+    ap.add_argument("--pairs", default="", help="more ratios, MODEL:REFERENCE comma-separated "
+                    "(e.g. 2:4/fp32:dense; a model named with a colon is split at its last one)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=128)
@@ -133,16 +136,19 @@ def main() -> None:
     if args.rounds < 1 or args.new_tokens < 2:
         ap.error("--rounds must be at least 1 and --new-tokens at least 2")
     specs = [s.strip() for s in args.models.split(",") if s.strip()]
+    pairs = [tuple(p.strip().rsplit(":", 1)) for p in args.pairs.split(",") if p.strip()]
+    if any(len(p) != 2 or not set(p) <= set(specs) for p in pairs):
+        ap.error("--pairs takes MODEL:REFERENCE with both in --models")
     bandwidth = bd.copy_bandwidth()
     speeds, tokens = rounds(specs, args)
-    rows = summary(specs, speeds)
+    rows = summary(specs, speeds, pairs)
     print(f"\n{dt.date.today()}  {bd.machine()}  threads={args.threads}  preset={args.preset}  "
           f"torch {torch.__version__}  read bandwidth {bandwidth['read_gbs']:.1f} GB/s")
     print(f"batch-1 decode, {args.new_tokens} new tokens after {args.prompt}, {args.rounds} alternating rounds; "
-          f"x {specs[0]} per round")
-    print("| model | tok/s (median) | x first, median | min - max |\n|---|---|---|---|")
+          f"ratios per round")
+    print("| model | tok/s (median) | versus | ratio, median | min - max |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['median_tok_s']:.2f} | {r['ratio_median']:.2f}x | "
+        print(f"| {r['model']} | {r['median_tok_s']:.2f} | {r['versus']} | {r['ratio_median']:.2f}x | "
               f"{r['ratio_min']:.2f} - {r['ratio_max']:.2f} |")
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"decode_paired_{args.preset}.json"
     out.write_text(json.dumps({"date": str(dt.date.today()), "machine": bd.machine(),
