@@ -228,3 +228,24 @@ def test_old_layer_names_are_deprecated_aliases():
         assert inference.SparseLinear is PackedLinear
     with pytest.warns(DeprecationWarning, match="PackedConv2d"):
         assert inference.SparseConv2d is PackedConv2d
+
+
+def test_timing_torch_candidates_leaves_no_second_copy_of_the_weight():
+    # torch-csr is timed on the same CSRWeight as csr; the torch sparse tensor it caches (8 bytes per kept value)
+    # must not stay on the layer that won on our kernel
+    from sparsetorch.inference.convert import _drop_torch_copies
+    from sparsetorch.kernels.packed import CSRWeight, PackedWeight
+
+    w = torch.randn(64, 128) * (torch.rand(64, 128) < 0.2)
+    ours, theirs = CSRWeight.from_dense(w), CSRWeight.from_dense(w)
+    model = nn.Sequential(PackedLinear(128, 64, None, "csr", ours), PackedLinear(64, 64, None, "torch-csr", theirs))
+    x = torch.randn(3, 128)
+    ours.linear(x, backend="torch")  # what timing the torch-csr candidate does to the shared weight
+    theirs.linear(x, backend="torch")
+    assert ours._torch_cache is not None and theirs._torch_cache is not None
+    _drop_torch_copies(model)
+    assert ours._torch_cache is None and theirs._torch_cache is not None  # torch's layer still needs its copy
+    inf = sparsetorch.to_inference(pruned_mlp(0.8), torch.randn(4, 64), **FAST)
+    for m in inf.modules():
+        if isinstance(m, PackedLinear) and m.kernel != "dense" and m._backend == "ext":
+            assert isinstance(m.packed, PackedWeight) and m.packed._torch_cache is None
