@@ -84,3 +84,18 @@ def test_only_grouped_query_sdpa_models_switch():
     eager = _llama(kv_heads=2, attn="eager")
     assert not use_packed_decode_attention(eager) and eager.config._attn_implementation == "eager"
     assert not use_packed_decode_attention(torch.nn.Linear(2, 2))
+
+
+def test_to_inference_switches_a_decoder_and_keeps_its_tokens():
+    import sparsetorch
+
+    model = _llama(kv_heads=2)
+    ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=10, do_sample=False)
+        fast = sparsetorch.to_inference(model, (ids,), budget_s=0.005)
+        got = fast.generate(ids, max_new_tokens=10, do_sample=False)
+    assert fast.config._attn_implementation == ATTENTION and model.config._attn_implementation == "sdpa"
+    assert torch.equal(got, want)
+    eager = _llama(kv_heads=2, attn="eager")
+    assert sparsetorch.to_inference(eager, (ids,), budget_s=0.005).config._attn_implementation == "eager"

@@ -11,6 +11,8 @@ The math is ``sdpa``'s. In fp32 with the compiled kernels built, one query token
 ``kernels.decode_attention`` instead (every query head of a key/value head per read of the cache, masked rows
 of a static cache not read, no SDPA dispatch): on a 2-core AVX2 VM (Zen 3) the compiled 70% int8 step was within
 noise of SDPA's (1.03x, ``benchmarks/results/decode_attention_1b_avx2.json``), where Linears take ~95% of it.
+``to_inference`` switches decoders to it at decode, compiled or not (eager, over 2048 cached tokens, 347 vs
+598 us per layer).
 """
 from __future__ import annotations
 
