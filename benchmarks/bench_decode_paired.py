@@ -7,7 +7,8 @@ five back-to-back runs of one process (2-core AVX2 VM), and dense fp32 torch 3.9
 and end of one bench_decode run. Here every model lives in a process of its own, built and converted one after
 the other, and then all of them stay loaded while the parent asks each in turn for one timed greedy generation
 (a round; the order reverses every round). Each model's speed is its median over the rounds, and its ratio to
-the first model is the median of the per-round ratios, with their spread. Models (``--models``, comma-separated):
+the first model is the median of the per-round ratios, with their spread. ``--prefill N`` also times one
+forward of an N-token prompt per model and round. Models (``--models``, comma-separated):
 
 * ``dense``: the model in fp32 on torch (the reference when first);
 * ``dense/int8``, ``dense/fp32``: the dense model through ``to_inference`` with those values (our dense kernels);
@@ -19,6 +20,7 @@ the first model is the median of the per-round ratios, with their spread. Models
     python benchmarks/bench_decode_paired.py --preset 1b --models dense,2:4/fp32 --rounds 5
     python benchmarks/bench_decode_paired.py --preset 1b --models dense/int8,0.7/int8/act0.4,2:4/fp32,dense \
         --pairs 2:4/fp32:dense --rounds 12 --new-tokens 32
+    python benchmarks/bench_decode_paired.py --preset 1b --models dense,2:4/fp32 --rounds 8 --new-tokens 16 --prefill 512
 
 Results go to benchmarks/results/decode_paired_<preset>.json (``--out``).
 """
@@ -62,24 +64,35 @@ def load(spec: str, args, ids) -> torch.nn.Module:
 
 
 def worker(conn, spec: str, args) -> None:
-    """Builds ``spec``'s model, says "ready", then answers each "run" with (tok/s, tokens) until "stop"."""
+    """Builds ``spec``'s model, says "ready", then answers each "run" with (decode tok/s, tokens, prefill tok/s
+    or None without --prefill) until "stop"."""
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     ids = prompt(args)
     model = load(spec, args, ids)
+    long = torch.randint(0, 32000, (1, max(args.prefill, 1)), generator=torch.Generator().manual_seed(1))
     bd.timed_generate(model, ids[:1], 3)  # warm-up: first-call plans and allocations
+    with torch.no_grad():
+        model(long) if args.prefill else None  # the prefill kernels' first-call choices
     conn.send("ready")
     while conn.recv() == "run":
         out, seconds = bd.timed_generate(model, ids[:1], args.new_tokens)
-        conn.send(((args.new_tokens - 1) / seconds, out[0].tolist()))
+        prefill = None
+        if args.prefill:
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                model(long)
+                prefill = args.prefill / (time.perf_counter() - t0)
+        conn.send(((args.new_tokens - 1) / seconds, out[0].tolist(), prefill))
 
 
 def prompt(args) -> torch.Tensor:
     return torch.randint(0, 32000, (8, args.prompt), generator=torch.Generator().manual_seed(0))
 
 
-def rounds(specs: list[str], args) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
-    """tok/s of every model in every round; workers started one at a time (conversion peaks do not overlap)."""
+def rounds(specs: list[str], args) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, list[int]]]:
+    """Decode and prefill tok/s of every model in every round (prefill empty without --prefill); workers started
+    one at a time (conversion peaks do not overlap)."""
     ctx = multiprocessing.get_context("spawn")
     pipes, procs = {}, []
     try:
@@ -93,16 +106,19 @@ def rounds(specs: list[str], args) -> tuple[dict[str, list[float]], dict[str, li
             pipes[spec] = parent
             print(f"{spec}: loaded", flush=True)
         speeds: dict[str, list[float]] = {s: [] for s in specs}
+        prefill: dict[str, list[float]] = {s: [] for s in specs}
         tokens = {}
         for r in range(args.rounds):
             for spec in specs if r % 2 == 0 else specs[::-1]:
                 pipes[spec].send("run")
-                tok_s, tokens[spec] = pipes[spec].recv()
+                tok_s, tokens[spec], prefill_tok_s = pipes[spec].recv()
                 speeds[spec].append(tok_s)
+                if prefill_tok_s is not None:
+                    prefill[spec].append(prefill_tok_s)
             print(f"round {r + 1}: " + ", ".join(f"{s} {speeds[s][-1]:.2f}" for s in specs) + " tok/s", flush=True)
         for pipe in pipes.values():
             pipe.send("stop")
-        return speeds, tokens
+        return speeds, prefill, tokens
     finally:
         for proc in procs:
             proc.join(timeout=60)
@@ -131,6 +147,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prefill", type=int, default=0, help="also time one forward of a prompt this long per round")
     ap.add_argument("--out", help="results file (default: benchmarks/results/decode_paired_<preset>.json)")
     args = ap.parse_args()
     if args.rounds < 1 or args.new_tokens < 2:
@@ -140,15 +157,18 @@ def main() -> None:
     if any(len(p) != 2 or not set(p) <= set(specs) for p in pairs):
         ap.error("--pairs takes MODEL:REFERENCE with both in --models")
     bandwidth = bd.copy_bandwidth()
-    speeds, tokens = rounds(specs, args)
-    rows = summary(specs, speeds, pairs)
+    speeds, prefill, tokens = rounds(specs, args)
+    rows = [dict(r, metric="decode") for r in summary(specs, speeds, pairs)]
+    if args.prefill:
+        rows += [dict(r, metric=f"prefill {args.prefill}") for r in summary(specs, prefill, pairs)]
     print(f"\n{dt.date.today()}  {bd.machine()}  threads={args.threads}  preset={args.preset}  "
           f"torch {torch.__version__}  read bandwidth {bandwidth['read_gbs']:.1f} GB/s")
-    print(f"batch-1 decode, {args.new_tokens} new tokens after {args.prompt}, {args.rounds} alternating rounds; "
-          f"ratios per round")
-    print("| model | tok/s (median) | versus | ratio, median | min - max |\n|---|---|---|---|---|")
+    print(f"batch-1 decode, {args.new_tokens} new tokens after {args.prompt}"
+          + (f", and a {args.prefill}-token prefill" if args.prefill else "")
+          + f", {args.rounds} alternating rounds; ratios per round")
+    print("| model | metric | tok/s (median) | versus | ratio, median | min - max |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['median_tok_s']:.2f} | {r['versus']} | {r['ratio_median']:.2f}x | "
+        print(f"| {r['model']} | {r['metric']} | {r['median_tok_s']:.2f} | {r['versus']} | {r['ratio_median']:.2f}x | "
               f"{r['ratio_min']:.2f} - {r['ratio_max']:.2f} |")
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"decode_paired_{args.preset}.json"
     out.write_text(json.dumps({"date": str(dt.date.today()), "machine": bd.machine(),
