@@ -192,15 +192,17 @@ def test_prefill_rows_and_the_unpack_into_a_reused_buffer(values):
 
 
 def test_dense_fp32_prefill_is_one_gemm_on_the_values(monkeypatch):
-    """A dense fp32 layer (an lm_head) prefills straight from its values: no copy of W into the scratch buffer,
-    which would stay allocated after (250 MiB for a 32000 x 2048 lm_head)."""
+    """A dense fp32 layer (an lm_head) prefills straight from its values, eager or through its operator: no copy
+    of W into the scratch buffer, which would stay allocated after (250 MiB for a 32000 x 2048 lm_head)."""
     from sparsetorch.kernels import bitmask_weight as bwm
 
     w = torch.randn(40, 70, generator=torch.Generator().manual_seed(4))
     layer, bias = BitmaskWeight.from_dense(w, "fp32", dense=True), torch.randn(40)
     monkeypatch.setattr(inference_ops, "scratch", lambda n: pytest.fail("dense fp32 prefill copied its weight"))
     x = torch.randn(bwm.PREFILL_ROWS + 1, 70)
-    torch.testing.assert_close(layer.linear(x, bias), torch.nn.functional.linear(x, w, bias), rtol=1e-5, atol=1e-5)
+    want = torch.nn.functional.linear(x, w, bias)
+    torch.testing.assert_close(layer.linear(x, bias), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.op_linear(x, bias), want, rtol=1e-5, atol=1e-5)  # the torch.compile operator
 
 
 @pytest.mark.parametrize("values,group", [("fp32", None), ("bf16", None), ("fp16", None), ("int8", None), ("int8", 32)])

@@ -208,11 +208,7 @@ class BitmaskWeight(PackedWeight):
     def linear(self, x, bias=None, backend="ext", threads=None):
         if backend == "ext":
             if x.dim() == 2 and x.shape[0] >= self.prefill_rows and loader.load(loader.INFERENCE) is not None:
-                if self.mask is None and self.values.dtype == torch.float32:  # a dense fp32 layer: values are W
-                    # one GEMM on them, instead of copying W (an lm_head's 250 MiB) into a scratch buffer kept after
-                    w = self.values.view(self.out_features, self.in_features)
-                    return torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float())
-                return inference_ops.bitmask_prefill(self._static(), x, bias, threads)
+                return inference_ops.bitmask_many_rows(self._static(), self.mask, self.values, x, bias, threads)
             return super().linear(x, bias, backend, threads)
         return torch.nn.functional.linear(x.float(), self.to_dense(), None if bias is None else bias.float())
 

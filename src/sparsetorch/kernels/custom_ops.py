@@ -50,7 +50,7 @@ def _bitmask(x, mask, row_start, values, scales, bias, in_features, out_features
              threads):
     static = inference_ops.bitmask_static(out_features, in_features, mask, row_start, values, scales, group, quantize_input)
     if x.shape[0] >= loader.BITMASK_MANY_ROWS and x.dim() == 2 and x.shape[1] == in_features:
-        return inference_ops.bitmask_prefill(static, x, bias, threads or None)
+        return inference_ops.bitmask_many_rows(static, mask, values, x, bias, threads or None)
     return _run("bitmask_linear", static, x, bias, threads)
 
 

@@ -256,6 +256,17 @@ def bitmask_prefill(static: tuple, x: torch.Tensor, bias: torch.Tensor | None, t
     return (bitmask_many if choice == "spmm" else bitmask_unpacked_gemm)(static, x, bias, threads)
 
 
+def bitmask_many_rows(static: tuple, mask: torch.Tensor | None, values: torch.Tensor, x: torch.Tensor,
+                      bias: torch.Tensor | None, threads: int | None = None) -> torch.Tensor:
+    """x [B, in] @ W^T + bias for many rows of a bitmask weight (``static`` from bitmask_static). A dense fp32
+    weight (no mask: its values are W, e.g. an lm_head) is one GEMM on its values, rather than a copy of W into
+    the scratch buffer that then stays allocated (250 MiB for a 32000 x 2048 lm_head); others bitmask_prefill."""
+    if mask is None and values.dtype == torch.float32:
+        w = values.view(static[0], static[1])
+        return torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float())
+    return bitmask_prefill(static, x, bias, threads)
+
+
 # Explicit entry points (tests, benchmarks). The tensors must stay alive and unchanged during the call.
 def csr_linear(x, indptr, indices, values, out_features, bias=None, **kw):
     """Y [B, out] = x [B, in] @ W^T + bias for W in CSR (indptr int64, indices int16-as-uint16 or int32)."""
