@@ -70,20 +70,25 @@ def worker(conn, spec: str, args) -> None:
     warnings.filterwarnings("ignore")
     ids = prompt(args)
     model = load(spec, args, ids)
-    long = torch.randint(0, 32000, (1, max(args.prefill, 1)), generator=torch.Generator().manual_seed(1))
+    long = None
+    if args.prefill:
+        long = torch.randint(0, 32000, (1, args.prefill), generator=torch.Generator().manual_seed(1))
     bd.timed_generate(model, ids[:1], 3)  # warm-up: first-call plans and allocations
-    with torch.no_grad():
-        model(long) if args.prefill else None  # the prefill kernels' first-call choices
+    if long is not None:
+        prefill_tok_s(model, long)  # warm-up: the prefill kernels' first-call choices
     conn.send("ready")
     while conn.recv() == "run":
         out, seconds = bd.timed_generate(model, ids[:1], args.new_tokens)
-        prefill = None
-        if args.prefill:
-            with torch.no_grad():
-                t0 = time.perf_counter()
-                model(long)
-                prefill = args.prefill / (time.perf_counter() - t0)
+        prefill = None if long is None else prefill_tok_s(model, long)
         conn.send(((args.new_tokens - 1) / seconds, out[0].tolist(), prefill))
+
+
+def prefill_tok_s(model, ids: torch.Tensor) -> float:
+    """Tokens per second of one forward over the prompt ``ids`` [1, T]."""
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model(ids)
+        return ids.shape[1] / (time.perf_counter() - t0)
 
 
 def prompt(args) -> torch.Tensor:

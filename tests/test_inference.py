@@ -238,7 +238,7 @@ def test_timing_torch_candidates_leaves_no_second_copy_of_the_weight():
 
     w = torch.randn(64, 128) * (torch.rand(64, 128) < 0.2)
     ours, theirs = CSRWeight.from_dense(w), CSRWeight.from_dense(w)
-    model = nn.Sequential(PackedLinear(128, 64, None, "csr", ours), PackedLinear(64, 64, None, "torch-csr", theirs))
+    model = nn.ModuleList([PackedLinear(128, 64, None, "csr", ours), PackedLinear(128, 64, None, "torch-csr", theirs)])
     x = torch.randn(3, 128)
     ours.linear(x, backend="torch")  # what timing the torch-csr candidate does to the shared weight
     theirs.linear(x, backend="torch")
