@@ -3,7 +3,7 @@ memory bandwidth does not skew.
 
 bench_decode.py times each model once, in a process of its own, minutes apart. On a shared VM the bandwidth a
 decode step gets drifts over those minutes: the same 2:4 model on the 1B preset took 116 to 164 ms per token in
-five back-to-back runs of one process (2-core AVX2 VM), and dense fp32 torch 3.93 and 4.56 tok/s at the start
+six back-to-back runs of one process (2-core AVX2 VM), and dense fp32 torch 3.93 and 4.56 tok/s at the start
 and end of one bench_decode run. Here every model lives in a process of its own, built and converted one after
 the other, and then all of them stay loaded while the parent asks each in turn for one timed greedy generation
 (a round; the order reverses every round). Each model's speed is its median over the rounds, and its ratio to
