@@ -210,13 +210,13 @@ def test_dense_fp32_prefill_is_one_gemm_on_the_values(monkeypatch):
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
 def test_sparse_times_dense_kernel_for_many_rows(values, group, threads, isa, monkeypatch):
     """bitmask_many (X^T panels, each kept weight broadcast into them) equals the dequantized weight's product
-    on every ISA this CPU runs: panel widths 16..64 and a partial last panel, inputs past one block of 1024,
-    strided rows, bias."""
+    on every ISA this CPU runs: panel widths 16..128 and a partial last panel, inputs past one block of 1024,
+    outputs past one tile of rows (SPMM_TILE_ROWS, 128) and a partial last tile, strided rows, bias."""
     level = ("generic", "avx2", "avx512").index(isa)
     if level > inference_ops.isa_level():
         pytest.skip(f"this CPU has no {isa}")
     monkeypatch.setattr(inference_ops, "isa_level", lambda: level)
-    for out, n, sparsity, rows in [(37, 1100, 0.7, 77), (16, 70, 0.0, 16), (5, 2100, 0.95, 130)]:
+    for out, n, sparsity, rows in [(37, 1100, 0.7, 77), (16, 70, 0.0, 16), (5, 2100, 0.95, 130), (300, 260, 0.5, 150)]:
         layer = BitmaskWeight.from_dense(_weight(out, n, sparsity), values, group_size=group)
         x = torch.randn(rows, n + 5)[:, :n]  # rows n + 5 apart
         bias = torch.randn(out)
