@@ -33,6 +33,8 @@ inline unsigned word_at(const Bitmask& w, int64_t o, int64_t c) {
 // (set: negative; 64 columns per word), scale [nb, groups] (x ~= +-code * scale). Sign and magnitude rather than
 // code + 128: twice the levels and no offset to correct; groups keep one outlier from coarsening a whole row.
 constexpr int64_t QX_GROUP = 256;
+// Columns per scale of the 16-bit activation codes of the dense int8 decode kernel on AVX2 (dense_rows_i16)
+constexpr int64_t I16_GROUP = 256;
 
 // Batch columns per panel of the many-rows (prefill) kernel, X^T laid out as [panels, in, width]: 128 from
 // 65 rows on (each broadcast weight and decoded offset serve 8 vectors: 1.15-1.25x over 64 at 512 rows), 64
@@ -76,6 +78,12 @@ struct ColBitmask {
   /* to SPMM_PANEL_MAX; 16 last_nv of them computed in the last): W xt + bias, W decoded once for all panels */ \
   void bitmask_spmm(const Bitmask& w, const float* xt, int64_t panels, int64_t pw, int last_nv, int64_t out,    \
                     const float* bias, float* yt, int64_t r0, int64_t r1);                                    \
+  /* 16-bit codes of x (a scale per batch row and I16_GROUP columns), and a dense int8 layer (no mask) over */ \
+  /* them (AVX2 only: the other ISAs' dense_rows_i16 does nothing; see bitmask_linear) */                     \
+  void int16_codes(const float* x, int64_t xs, int64_t nb, int64_t in, int16_t* codes, int64_t ld, float* scale, \
+                   int64_t groups);                                                                           \
+  void dense_rows_i16(const Bitmask& w, const int16_t* codes, int64_t ld, const float* scale, int64_t groups, \
+                      int64_t nb, const float* bias, float* y, int64_t ys, int64_t r0, int64_t r1);           \
   /* dense[o * in + c] = W[o, c] for rows [r0, r1) (float32, zeros in place) */                              \
   void bitmask_unpack(const Bitmask& w, float* dense, int64_t r0, int64_t r1);                               \
   /* quantize rows of x (QuantX): codes [nb, ld], signs [nb, ld / 64], scale [nb, ceil(in / QX_GROUP)] */  \

@@ -151,9 +151,23 @@ void decode_attention(int isa, int threads, const DecodeAttention& a) {
   });
 }
 
+// Batch rows up to which a dense int8 layer on AVX2 runs on 16-bit activation codes (decode_impl.inc,
+// rows_dense_i16_t): the decode steps, batch 1 to a few sequences.
+constexpr int64_t I16_ROWS = 8;
+
 void bitmask_linear(int isa, int threads, const Bitmask& w, int64_t out, const float* x, int64_t nb, int64_t xs,
                     const float* bias, float* y) {
   const RowsFn rows = kRows[isa];
+  if (isa == 1 && !w.mask && w.vtype == VALUES_I8 && nb <= I16_ROWS) {  // dense int8 decode on AVX2: 16-bit codes
+    const int64_t ld = (w.in + 15) / 16 * 16, groups = (w.in + I16_GROUP - 1) / I16_GROUP;
+    int16_t* codes = scratch<LAYER_SCRATCH, int16_t>((size_t)(nb * ld));
+    float* scale = scratch<LAYER_SCRATCH, float>((size_t)(nb * groups));
+    avx2::int16_codes(x, xs, nb, w.in, codes, ld, scale, groups);
+    over_rows(threads, w, out, nb, [&](int64_t r0, int64_t r1) {
+      avx2::dense_rows_i16(w, codes, ld, scale, groups, nb, bias, y, out, r0, r1);
+    });
+    return;
+  }
   over_rows(threads, w, out, nb, [&](int64_t r0, int64_t r1) { rows(w, x, xs, nb, bias, y, out, r0, r1); });
 }
 

@@ -65,7 +65,10 @@ def test_kernels_numpy_and_torch_agree_on_the_stored_weight(values, shape, densi
                 # in memory as stored: the mask words and the 16-bit / int8 values, no CSR, no float32 copy
                 assert lin.weight.kind == "bitmask" and lin.weight.values.dtype == STORED[values]
                 assert lin.weight.values is not None and not hasattr(lin, "dense")
-            np.testing.assert_allclose(lin(x), want, rtol=1e-5, atol=1e-5, err_msg=f"{backend} rows={rows}")
+            # a dense int8 layer at decode batch sizes runs on 16-bit activation codes on AVX2 (a scale per 256
+            # inputs): its error is bounded by the output's scale, ~2^-16 of it per input, not by each output's size
+            atol = 1e-4 * float(np.abs(want).max()) if values == "int8" and density == 1.0 else 1e-5
+            np.testing.assert_allclose(lin(x), want, rtol=1e-5, atol=atol, err_msg=f"{backend} rows={rows}")
         if bitmask_kernels() is not None:
             with torch.no_grad():
                 ext = twin.linear(torch.from_numpy(x), torch.from_numpy(bias), backend="ext").numpy()
