@@ -244,7 +244,8 @@ def test_prefill_times_both_kernels_once_and_keeps_the_faster():
 def test_dense_int8_decode_on_activation_codes_keeps_small_inputs():
     """A dense int8 layer at decode batch sizes runs on 16-bit activation codes on AVX2 (rows_dense_i16_t), a
     scale per 256 columns: inputs spanning four decades (an LLM's outlier features beside the rest) keep their
-    precision. Rows of 9000 inputs (a tail past the last 16), one weight scale per row and per 1024 columns."""
+    precision. Rows of 9000 inputs (a tail past the last 16), one weight scale per row and per 1024 columns; a
+    NaN input gives NaN outputs."""
     w = _weight(6, 9000, 0.0, seed=3)
     x = torch.randn(3, 9000, generator=torch.Generator().manual_seed(4)) * torch.logspace(-3, 1, 9000)
     for group in (None, 1024):
@@ -253,3 +254,6 @@ def test_dense_int8_decode_on_activation_codes_keeps_small_inputs():
             ref = torch.nn.functional.linear(x[:batch], p.to_dense())
             y = inference_ops.call("bitmask_linear", p._static(), x[:batch], None)
             torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    x[1, 4321] = float("nan")  # propagated as fp32 arithmetic would, not rounded away with the codes
+    p = BitmaskWeight.from_dense(w, "int8", dense=True)
+    assert inference_ops.call("bitmask_linear", p._static(), x[:2], None)[1].isnan().all()
