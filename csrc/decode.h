@@ -78,12 +78,6 @@ struct ColBitmask {
   /* to SPMM_PANEL_MAX; 16 last_nv of them computed in the last): W xt + bias, W decoded once for all panels */ \
   void bitmask_spmm(const Bitmask& w, const float* xt, int64_t panels, int64_t pw, int last_nv, int64_t out,    \
                     const float* bias, float* yt, int64_t r0, int64_t r1);                                    \
-  /* 16-bit codes of x (a scale per batch row and I16_GROUP columns), and a dense int8 layer (no mask) over */ \
-  /* them (AVX2 only: the other ISAs' dense_rows_i16 does nothing; see bitmask_linear) */                     \
-  void int16_codes(const float* x, int64_t xs, int64_t nb, int64_t in, int16_t* codes, int64_t ld, float* scale, \
-                   int64_t groups);                                                                           \
-  void dense_rows_i16(const Bitmask& w, const int16_t* codes, int64_t ld, const float* scale, int64_t groups, \
-                      int64_t nb, const float* bias, float* y, int64_t ys, int64_t r0, int64_t r1);           \
   /* dense[o * in + c] = W[o, c] for rows [r0, r1) (float32, zeros in place) */                              \
   void bitmask_unpack(const Bitmask& w, float* dense, int64_t r0, int64_t r1);                               \
   /* quantize rows of x (QuantX): codes [nb, ld], signs [nb, ld / 64], scale [nb, ceil(in / QX_GROUP)] */  \
@@ -108,6 +102,15 @@ struct ColBitmask {
 ST_DECLARE_DECODE(generic)
 ST_DECLARE_DECODE(avx2)
 ST_DECLARE_DECODE(avx512)
+
+namespace avx2 {
+// AVX2 only (decode_impl.inc; see bitmask_linear): 16-bit codes of x, a scale per batch row and I16_GROUP columns,
+// and a dense int8 layer (no mask) over them
+void int16_codes(const float* x, int64_t xs, int64_t nb, int64_t in, int16_t* codes, int64_t ld, float* scale,
+                 int64_t groups);
+void dense_rows_i16(const Bitmask& w, const int16_t* codes, int64_t ld, const float* scale, int64_t groups,
+                    int64_t nb, const float* bias, float* y, int64_t ys, int64_t r0, int64_t r1);
+}  // namespace avx2
 
 namespace vnni {
 // int8 weights x int8 activations (AVX-512 VNNI + VBMI2): y[b * ys + o] for rows [r0, r1), b < nb
